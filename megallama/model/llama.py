@@ -1,0 +1,246 @@
+"""Llama 2 on tensor-parallel layers. Reads like Meta's reference model.py, with the same
+parameter names (tok_embeddings, layers.N.attention.wq, feed_forward.w1, ...), so Meta checkpoints
+map one-to-one and only HF needs a name table and the q/k permutation.
+
+RoPE is Meta's interleaved form (pairs (x[2i], x[2i+1]) rotate together). The model is an ordered
+list of layers -- embedding, blocks, final norm, output head -- which :func:`layer_defs` exposes so
+that pipeline stages can be cut from it without building the layers a stage does not own.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from megallama.config import ConfigError, ModelConfig
+from megallama.parallel import mappings
+from megallama.parallel.cross_entropy import vocab_parallel_cross_entropy
+from megallama.parallel.layers import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    TensorParallel,
+    VocabParallelEmbedding,
+    padded_vocab_size,
+)
+
+
+def check_tp_layout(cfg: ModelConfig, tp: int) -> None:
+    """Raise one clear error when ``tp`` cannot split this model."""
+    if cfg.n_heads % tp:
+        raise ConfigError(f"parallel.tp={tp} does not divide n_heads={cfg.n_heads}")
+    if tp <= cfg.n_kv_heads and cfg.n_kv_heads % tp:
+        raise ConfigError(f"parallel.tp={tp} does not divide n_kv_heads={cfg.n_kv_heads}")
+    if tp > cfg.n_kv_heads and tp % cfg.n_kv_heads:
+        raise ConfigError(
+            f"parallel.tp={tp} > n_kv_heads={cfg.n_kv_heads} must be a multiple of it "
+            "(each KV head is then replicated on tp/n_kv_heads ranks)"
+        )
+    if cfg.ffn_hidden_dim % tp:
+        raise ConfigError(f"parallel.tp={tp} does not divide the FFN width {cfg.ffn_hidden_dim}")
+
+
+class RMSNorm(nn.Module):
+    """RMS normalisation in fp32 (as Meta and HF); under sequence parallelism each rank sees part of
+    the sequence, so the weight's gradient is summed over the TP group inside autograd."""
+
+    def __init__(self, dim: int, eps: float, tp: TensorParallel) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.sp_group = tp.group if tp.sequence_parallel else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        out = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x)
+        return out * mappings.copy_to_tp(self.weight, self.sp_group)
+
+
+def rope_cos_sin(cfg: ModelConfig, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotation angles, [seq_len, head_dim/2], fp32, with linear or dynamic
+    (NTK) scaling as transformers computes them."""
+    dim, base = cfg.head_dim, cfg.rope_theta
+    positions = torch.arange(seq_len, device=device, dtype=torch.float32)
+    scaling = cfg.rope_scaling
+    if scaling is not None and scaling.type == "dynamic" and seq_len > cfg.max_seq_len:
+        ratio = scaling.factor * seq_len / cfg.max_seq_len - (scaling.factor - 1)
+        base = base * ratio ** (dim / (dim - 2))
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, device=device, dtype=torch.int64).float() / dim))
+    if scaling is not None and scaling.type == "linear":
+        inv_freq = inv_freq / scaling.factor
+    angles = torch.outer(positions, inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs of x [b, s, heads, head_dim] (Meta's layout) in fp32."""
+    xf = x.float().unflatten(-1, (-1, 2))
+    x0, x1 = xf[..., 0], xf[..., 1]
+    c, s = cos[:, None, :], sin[:, None, :]
+    out = torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel, layer_id: int, seed: int) -> None:
+        super().__init__()
+        self.cfg, self.tp = cfg, tp
+        self.head_dim = cfg.head_dim
+        self.n_local_heads = cfg.n_heads // tp.size
+        self.n_local_kv_heads = max(1, cfg.n_kv_heads // tp.size)
+        self.n_rep = self.n_local_heads // self.n_local_kv_heads
+        kv_replicas = max(1, tp.size // cfg.n_kv_heads)
+        if kv_replicas != tp.kv_replicas:
+            raise ConfigError(f"TensorParallel.kv_group has {tp.kv_replicas} ranks, expected {kv_replicas}")
+        prefix, std, hd = f"layers.{layer_id}.attention", cfg.init_std, self.head_dim
+        out_std = std / math.sqrt(2 * cfg.n_layers)
+        self.wq = ColumnParallelLinear(cfg.dim, cfg.n_heads * hd, tp, seed=seed, key=f"{prefix}.wq.weight", std=std)
+        kv = dict(seed=seed, std=std, replicas=kv_replicas, replica_group=tp.kv_group)
+        self.wk = ColumnParallelLinear(cfg.dim, cfg.n_kv_heads * hd, tp, key=f"{prefix}.wk.weight", **kv)
+        self.wv = ColumnParallelLinear(cfg.dim, cfg.n_kv_heads * hd, tp, key=f"{prefix}.wv.weight", **kv)
+        self.wo = RowParallelLinear(cfg.n_heads * hd, cfg.dim, tp, seed=seed, key=f"{prefix}.wo.weight", std=out_std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.tp.enter(x)
+        bsz, seqlen, _ = x.shape
+        xq = self.wq(x).view(bsz, seqlen, self.n_local_heads, self.head_dim)
+        xk = self.wk(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
+        xv = self.wv(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
+        cos, sin = rope_cos_sin(self.cfg, seqlen, x.device)
+        xq, xk = apply_rotary(xq, cos, sin), apply_rotary(xk, cos, sin)
+        q = xq.transpose(1, 2)
+        k = xk.repeat_interleave(self.n_rep, dim=2).transpose(1, 2)
+        v = xv.repeat_interleave(self.n_rep, dim=2).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        out = out.transpose(1, 2).reshape(bsz, seqlen, -1)
+        return self.tp.exit(self.wo(out))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x), w1/w3 column-parallel, w2 row-parallel."""
+
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel, layer_id: int, seed: int) -> None:
+        super().__init__()
+        self.tp = tp
+        prefix, std, hidden = f"layers.{layer_id}.feed_forward", cfg.init_std, cfg.ffn_hidden_dim
+        self.w1 = ColumnParallelLinear(cfg.dim, hidden, tp, seed=seed, key=f"{prefix}.w1.weight", std=std)
+        self.w2 = RowParallelLinear(hidden, cfg.dim, tp, seed=seed, key=f"{prefix}.w2.weight",
+                                    std=std / math.sqrt(2 * cfg.n_layers))
+        self.w3 = ColumnParallelLinear(cfg.dim, hidden, tp, seed=seed, key=f"{prefix}.w3.weight", std=std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.tp.enter(x)
+        return self.tp.exit(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, layer_id: int, cfg: ModelConfig, tp: TensorParallel, seed: int = 0,
+                 activation_checkpointing: bool = False) -> None:
+        super().__init__()
+        self.layer_id = layer_id
+        self.attention = Attention(cfg, tp, layer_id, seed)
+        self.feed_forward = FeedForward(cfg, tp, layer_id, seed)
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps, tp)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps, tp)
+        self.activation_checkpointing = activation_checkpointing
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x))
+        return h + self.feed_forward(self.ffn_norm(h))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.activation_checkpointing and torch.is_grad_enabled():
+            return checkpoint(self._forward, x, use_reentrant=False)
+        return self._forward(x)
+
+
+class Embedding(VocabParallelEmbedding):
+    """tok_embeddings: token ids [b, s] -> hidden [b, s, dim] (a sequence chunk under SP)."""
+
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel, seed: int = 0) -> None:
+        super().__init__(cfg.vocab_size, padded_vocab_size(cfg.vocab_size, tp.size), cfg.dim, tp,
+                         seed=seed, key="tok_embeddings.weight", std=cfg.init_std,
+                         padding_idx=cfg.pad_token_id)
+
+
+class FinalNorm(RMSNorm):
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel, seed: int = 0) -> None:
+        super().__init__(cfg.dim, cfg.norm_eps, tp)
+
+
+class OutputHead(ColumnParallelLinear):
+    """Untied output projection; returns this rank's vocabulary slice of the logits, full sequence."""
+
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel, seed: int = 0) -> None:
+        padded = padded_vocab_size(cfg.vocab_size, tp.size)
+        super().__init__(cfg.dim, cfg.vocab_size, tp, seed=seed, key="output.weight",
+                         std=cfg.init_std, pad_rows_to=padded)
+        self.tp = tp
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(self.tp.enter(x))
+
+
+@dataclass
+class LayerDef:
+    """One entry of the model's ordered layer list: its checkpoint name prefix and how to build it."""
+
+    name: str
+    cls: type[nn.Module]
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def build(self) -> nn.Module:
+        return self.cls(*self.args, **self.kwargs)
+
+
+def layer_defs(cfg: ModelConfig, tp: TensorParallel, seed: int = 0,
+               activation_checkpointing: bool = False) -> list[LayerDef]:
+    """embedding, n_layers blocks, final norm, output head -- in forward order."""
+    check_tp_layout(cfg, tp.size)
+    defs = [LayerDef("tok_embeddings", Embedding, (cfg, tp, seed))]
+    defs += [LayerDef(f"layers.{i}", TransformerBlock, (i, cfg, tp, seed, activation_checkpointing))
+             for i in range(cfg.n_layers)]
+    defs += [LayerDef("norm", FinalNorm, (cfg, tp, seed)), LayerDef("output", OutputHead, (cfg, tp, seed))]
+    return defs
+
+
+class Transformer(nn.Module):
+    """The whole model on one pipeline stage; ``forward`` returns vocab-parallel logits."""
+
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel | None = None, seed: int = 0,
+                 activation_checkpointing: bool = False) -> None:
+        super().__init__()
+        self.cfg, self.tp = cfg, tp or TensorParallel()
+        defs = layer_defs(cfg, self.tp, seed, activation_checkpointing)
+        self.tok_embeddings = defs[0].build()
+        self.layers = nn.ModuleList(d.build() for d in defs[1:-2])
+        self.norm = defs[-2].build()
+        self.output = defs[-1].build()
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.tok_embeddings(tokens)
+        for layer in self.layers:
+            h = layer(h)
+        return self.output(self.norm(h))
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return vocab_parallel_cross_entropy(logits, labels, self.tp.group, self.cfg.vocab_size)
+
+    def full_logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits over the true vocabulary, gathered from all TP ranks (for evaluation/tests)."""
+        logits = mappings.gather_from_tp(self(tokens), self.tp.group)
+        return logits[..., : self.cfg.vocab_size]
+
+
+def make_loss_fn(cfg: ModelConfig, tp: TensorParallel) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The loss as a callable(logits, labels) -- what DeepSpeed's PipelineModule expects."""
+    def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return vocab_parallel_cross_entropy(logits, labels, tp.group, cfg.vocab_size)
+    return loss_fn

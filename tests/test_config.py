@@ -1,0 +1,66 @@
+"""Model config: Meta's FFN rule, presets, params.json and HF config.json round trips, errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from megallama.config import ConfigError, ModelConfig, preset
+
+
+@pytest.mark.parametrize("name,ffn,params_b", [
+    ("llama2_7b", 11008, 6.74), ("llama2_13b", 13824, 13.02), ("llama2_70b", 28672, 68.98),
+])
+def test_presets_match_meta(name, ffn, params_b):
+    cfg = preset(name)
+    assert cfg.ffn_hidden_dim == ffn
+    assert cfg.norm_eps == 1e-5 and cfg.max_seq_len == 4096 and cfg.rope_theta == 10000.0
+    assert abs(cfg.num_parameters() / 1e9 - params_b) < 0.01
+
+
+def test_70b_has_eight_kv_heads():
+    assert preset("llama2_70b").n_kv_heads == 8 and preset("llama2_7b").n_kv_heads == 32
+
+
+def test_meta_params_round_trip(tmp_path):
+    # Meta's published 70B params.json, vocab_size -1 (set from the tokenizer)
+    meta = {"dim": 8192, "multiple_of": 4096, "ffn_dim_multiplier": 1.3, "n_heads": 64,
+            "n_kv_heads": 8, "n_layers": 80, "norm_eps": 1e-05, "vocab_size": -1}
+    (tmp_path / "params.json").write_text(json.dumps(meta))
+    cfg = ModelConfig.from_meta_params_file(tmp_path / "params.json", vocab_size=32000)
+    assert cfg == preset("llama2_70b")
+    assert {**meta, "vocab_size": 32000} == cfg.to_meta_params()
+
+
+def test_meta_params_errors(tmp_path):
+    with pytest.raises(ConfigError, match="params.json not found"):
+        ModelConfig.from_meta_params_file(tmp_path / "params.json")
+    (tmp_path / "params.json").write_text(json.dumps({"dim": 64, "n_heads": 4, "n_layers": 1,
+                                                      "vocab_size": -1}))
+    with pytest.raises(ConfigError, match="vocab_size=-1"):
+        ModelConfig.from_meta_params_file(tmp_path / "params.json")
+
+
+@pytest.mark.parametrize("name", ["llama2_7b", "llama2_13b", "llama2_70b", "tiny_gqa", "tiny_70b_shape"])
+def test_hf_config_round_trip(name):
+    cfg = preset(name, rope_scaling={"type": "dynamic", "factor": 2.0})
+    back = ModelConfig.from_hf_config(cfg.to_hf_config())
+    assert back.ffn_hidden_dim == cfg.ffn_hidden_dim
+    assert back.to_hf_config() == cfg.to_hf_config()
+    assert cfg.to_hf_config()["rms_norm_eps"] == 1e-5
+
+
+def test_hf_config_loads_in_transformers():
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.LlamaConfig(**preset("llama2_70b").to_hf_config())
+    assert hf.num_key_value_heads == 8 and hf.intermediate_size == 28672 and hf.rms_norm_eps == 1e-5
+
+
+def test_bad_configs():
+    with pytest.raises(ConfigError, match="n_kv_heads"):
+        ModelConfig(dim=64, n_heads=4, n_kv_heads=3, vocab_size=10)
+    with pytest.raises(ConfigError, match="unknown model preset"):
+        preset("llama3_8b")
+    with pytest.raises(ConfigError, match="rope_scaling.type"):
+        preset("tiny", rope_scaling={"type": "yarn", "factor": 2.0})

@@ -1,0 +1,69 @@
+"""Single-process checks of the parallel building blocks and layout validation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megallama.config import ConfigError, ModelConfig, preset
+from megallama.model.llama import Transformer, check_tp_layout
+from megallama.parallel.cross_entropy import vocab_parallel_cross_entropy
+from megallama.parallel.init import full_normal
+from megallama.parallel.topology import Grid
+
+
+def test_cross_entropy_matches_torch_with_ignored_labels():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 9, 37, generator=g, requires_grad=True)
+    labels = torch.randint(0, 37, (2, 9), generator=g)
+    labels[0, ::2] = -100
+    ours = vocab_parallel_cross_entropy(logits, labels, None, 37)
+    (ours_grad,) = torch.autograd.grad(ours, logits)
+    ref = F.cross_entropy(logits.view(-1, 37), labels.view(-1), ignore_index=-100)
+    (ref_grad,) = torch.autograd.grad(ref, logits)
+    torch.testing.assert_close(ours, ref, rtol=1e-6, atol=0)
+    torch.testing.assert_close(ours_grad, ref_grad, rtol=1e-5, atol=1e-8)
+
+
+def test_tp_layout_errors():
+    with pytest.raises(ConfigError, match="does not divide n_heads=8"):
+        check_tp_layout(preset("tiny"), 3)
+    cfg = ModelConfig(dim=96, n_layers=1, n_heads=12, n_kv_heads=6, vocab_size=10, multiple_of=8)
+    with pytest.raises(ConfigError, match="does not divide n_kv_heads=6"):
+        check_tp_layout(cfg, 4)
+    with pytest.raises(ConfigError, match="must be a multiple of it"):
+        check_tp_layout(ModelConfig(dim=96, n_heads=12, n_kv_heads=4, vocab_size=10), 6)
+    check_tp_layout(preset("llama2_70b"), 16)  # 8 KV heads at tp=16: each replicated on 2 ranks
+
+
+def test_grid_rank_order_matches_deepspeed():
+    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+
+    grid = Grid(tp=2, pp=2, dp=3)
+    ds = PipeModelDataParallelTopology(num_pp=2, num_mp=2, num_dp=3)
+    for rank in range(grid.world_size):
+        tp_rank, dp_rank, pp_rank = grid.coords(rank)
+        c = ds.get_coord(rank)
+        assert (c.model, c.data, c.pipe) == (tp_rank, dp_rank, pp_rank)
+    assert sorted(map(sorted, ds.get_axis_comm_lists("model"))) == sorted(grid.tp_groups())
+    assert sorted(map(sorted, ds.get_axis_comm_lists("data"))) == sorted(grid.dp_groups())
+    assert sorted(map(sorted, ds.get_axis_comm_lists("pipe"))) == sorted(grid.pp_groups())
+    with pytest.raises(ConfigError, match="world size 8 != tp\\*pp\\*dp"):
+        Grid.from_world(8, tp=2, pp=2, dp=3)
+
+
+def test_init_is_seeded_by_name_and_seed():
+    a = full_normal((4, 4), 1.0, 1, "x")
+    assert torch.equal(a, full_normal((4, 4), 1.0, 1, "x"))
+    assert not torch.equal(a, full_normal((4, 4), 1.0, 2, "x"))
+    assert not torch.equal(a, full_normal((4, 4), 1.0, 1, "y"))
+
+
+def test_padding_index_embedding_is_zero_and_frozen():
+    cfg = preset("tiny", vocab_size=64, pad_token_id=0)
+    model = Transformer(cfg, seed=0)
+    assert model.tok_embeddings.weight[0].abs().sum() == 0
+    tokens = torch.tensor([[0, 5, 0, 7]])
+    model.loss(model(tokens)[:, :-1], tokens[:, 1:]).backward()
+    assert model.tok_embeddings.weight.grad[0].abs().sum() == 0
