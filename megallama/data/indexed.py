@@ -1,0 +1,239 @@
+"""The indexed token file: ``<prefix>.bin`` (all tokens) + ``<prefix>.idx`` (document index).
+
+``<prefix>.bin`` is the token ids of every document, concatenated, as raw little-endian
+``uint16`` (when ``vocab_size <= 65536``, so every id fits) or ``int32``; no header.
+
+``<prefix>.idx`` is little-endian binary:
+
+======  =====  ===========================================================
+offset  type   field
+======  =====  ===========================================================
+0       8 B    magic ``b"MLTOKIDX"``
+8       u32    format version (1)
+12      u32    bytes per token in ``.bin``: 2 (uint16) or 4 (int32)
+16      u64    vocab_size of the tokenizer that produced the tokens
+24      u64    num_docs
+32      u64    num_tokens (``.bin`` size is num_tokens * bytes per token)
+40      i64[]  doc_offsets, num_docs + 1 entries: document d is tokens
+               ``[doc_offsets[d], doc_offsets[d + 1])``; first 0, last num_tokens
+======  =====  ===========================================================
+
+so ``np.fromfile(idx, "<i8", offset=40)`` gives the offsets and ``np.memmap(bin, dtype)``
+the tokens. The writer creates both under temporary names and renames ``.bin`` then
+``.idx`` (after removing an older ``.idx``), so a reader never pairs a complete index with a
+partial token file; sizes are checked on open.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+
+import numpy as np
+
+MAGIC = b"MLTOKIDX"
+VERSION = 1
+_HEADER = struct.Struct("<8sIIQQQ")
+HEADER_BYTES = _HEADER.size  # 40
+
+
+class IndexedFormatError(ValueError):
+    """A token file pair that is missing, truncated or not in this format."""
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """``uint16`` when every id (< vocab_size) fits in it, else ``int32``."""
+    if vocab_size <= 0:
+        raise ValueError(f"vocab_size must be positive, got {vocab_size}")
+    if vocab_size > np.iinfo(np.int32).max:
+        raise ValueError(f"vocab_size {vocab_size} does not fit int32 token ids")
+    return np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<i4")
+
+
+def index_paths(prefix: str | Path) -> tuple[Path, Path]:
+    """``(<prefix>.bin, <prefix>.idx)``."""
+    return Path(f"{prefix}.bin"), Path(f"{prefix}.idx")
+
+
+class IndexedWriter:
+    """Appends documents to a new token file; ``finalize()`` publishes it atomically.
+
+    Use as a context manager: leaving the block normally finalizes, leaving it with an
+    exception removes the temporary files and leaves any previous files untouched.
+    """
+
+    def __init__(self, prefix: str | Path, vocab_size: int) -> None:
+        self.prefix = Path(prefix)
+        self.vocab_size = int(vocab_size)
+        self.dtype = token_dtype(self.vocab_size)
+        self.bin_path, self.idx_path = index_paths(self.prefix)
+        self.bin_path.parent.mkdir(parents=True, exist_ok=True)
+        tag = f".tmp-{os.getpid()}-{id(self):x}"
+        self._bin_tmp = self.bin_path.with_name(f".{self.bin_path.name}{tag}")
+        self._idx_tmp = self.idx_path.with_name(f".{self.idx_path.name}{tag}")
+        self._file = open(self._bin_tmp, "wb")
+        self._lengths: list[int] = []
+        self.num_tokens = 0
+        self._state = "open"
+
+    @property
+    def num_docs(self) -> int:
+        """Documents added so far."""
+        return len(self._lengths)
+
+    def add_document(self, ids: Sequence[int] | np.ndarray) -> None:
+        """Append one document's token ids (already including any BOS/EOS)."""
+        array = np.asarray(ids)
+        if array.ndim != 1:
+            raise ValueError(f"a document is a 1-D sequence of ids, got shape {array.shape}")
+        self.add_documents(array, [array.shape[0]])
+
+    def add_documents(self, tokens: np.ndarray, lengths: Sequence[int] | np.ndarray) -> None:
+        """Append several documents given as one concatenated id array and their lengths."""
+        if self._state != "open":
+            raise RuntimeError(f"writer for {self.prefix} is already {self._state}")
+        tokens = np.asarray(tokens)
+        lengths = [int(n) for n in np.asarray(lengths).reshape(-1)]
+        if sum(lengths) != tokens.shape[0] or any(n < 0 for n in lengths):
+            raise ValueError(f"lengths {sum(lengths)} do not add up to {tokens.shape[0]} tokens")
+        if tokens.size:
+            if not np.issubdtype(tokens.dtype, np.integer):
+                raise ValueError(f"token ids must be integers, got {tokens.dtype}")
+            low, high = int(tokens.min()), int(tokens.max())
+            if low < 0 or high >= self.vocab_size:
+                bad = low if low < 0 else high
+                raise ValueError(f"token id {bad} outside [0, {self.vocab_size}) for {self.prefix}")
+        self._file.write(tokens.astype(self.dtype, copy=False).tobytes())
+        self._lengths.extend(lengths)
+        self.num_tokens += tokens.shape[0]
+
+    def finalize(self) -> None:
+        """Write the index and rename both files into place."""
+        if self._state != "open":
+            raise RuntimeError(f"writer for {self.prefix} is already {self._state}")
+        try:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            offsets = np.zeros(len(self._lengths) + 1, dtype="<i8")
+            np.cumsum(self._lengths, out=offsets[1:])
+            header = _HEADER.pack(
+                MAGIC,
+                VERSION,
+                self.dtype.itemsize,
+                self.vocab_size,
+                self.num_docs,
+                self.num_tokens,
+            )
+            with open(self._idx_tmp, "wb") as f:
+                f.write(header)
+                f.write(offsets.tobytes())
+                f.flush()
+                os.fsync(f.fileno())
+            self.idx_path.unlink(missing_ok=True)
+            os.replace(self._bin_tmp, self.bin_path)
+            os.replace(self._idx_tmp, self.idx_path)
+        except BaseException:
+            self.abort()
+            raise
+        self._state = "finalized"
+
+    def abort(self) -> None:
+        """Discard everything written; previous files at the prefix stay as they were."""
+        if not self._file.closed:
+            self._file.close()
+        self._bin_tmp.unlink(missing_ok=True)
+        self._idx_tmp.unlink(missing_ok=True)
+        self._state = "aborted"
+
+    def __enter__(self) -> IndexedWriter:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is not None:
+            self.abort()
+        elif self._state == "open":
+            self.finalize()
+
+
+def read_index(idx_path: str | Path) -> tuple[np.dtype, int, np.ndarray]:
+    """Parse an ``.idx`` file: ``(token dtype, vocab_size, doc_offsets)``."""
+    idx_path = Path(idx_path)
+    if not idx_path.is_file():
+        raise IndexedFormatError(f"token index not found: {idx_path}")
+    data = idx_path.read_bytes()
+    if len(data) < HEADER_BYTES or data[:8] != MAGIC:
+        raise IndexedFormatError(f"{idx_path} is not a megallama token index (bad header)")
+    _, version, itemsize, vocab_size, num_docs, num_tokens = _HEADER.unpack_from(data)
+    if version != VERSION:
+        raise IndexedFormatError(f"{idx_path}: index version {version}, expected {VERSION}")
+    if itemsize not in (2, 4):
+        raise IndexedFormatError(f"{idx_path}: unsupported token size {itemsize} bytes")
+    expected = HEADER_BYTES + 8 * (num_docs + 1)
+    if len(data) != expected:
+        raise IndexedFormatError(
+            f"{idx_path} is truncated or corrupt: {len(data)} bytes, expected {expected} "
+            f"for {num_docs} documents"
+        )
+    offsets = np.frombuffer(data, dtype="<i8", offset=HEADER_BYTES).astype(np.int64)
+    if offsets[0] != 0 or offsets[-1] != num_tokens or np.any(np.diff(offsets) < 0):
+        raise IndexedFormatError(f"{idx_path}: document offsets are inconsistent")
+    dtype = np.dtype("<u2") if itemsize == 2 else np.dtype("<i4")
+    return dtype, int(vocab_size), offsets
+
+
+class IndexedTokens:
+    """Read side: the tokens of ``<prefix>.bin`` memory-mapped, with the document index."""
+
+    def __init__(self, prefix: str | Path) -> None:
+        self.prefix = Path(prefix)
+        self.bin_path, self.idx_path = index_paths(self.prefix)
+        self.dtype, self.vocab_size, self.doc_offsets = read_index(self.idx_path)
+        if not self.bin_path.is_file():
+            raise IndexedFormatError(f"token file not found: {self.bin_path}")
+        size = self.bin_path.stat().st_size
+        expected = self.num_tokens * self.dtype.itemsize
+        if size != expected:
+            what = "truncated" if size < expected else "longer than its index"
+            raise IndexedFormatError(
+                f"token file {self.bin_path} is {what}: {size} bytes, index {self.idx_path} "
+                f"says {self.num_tokens} tokens = {expected} bytes"
+            )
+        if self.num_tokens:
+            self.tokens: np.ndarray = np.memmap(self.bin_path, dtype=self.dtype, mode="r")
+        else:  # numpy cannot map an empty file
+            self.tokens = np.empty(0, dtype=self.dtype)
+
+    @property
+    def num_tokens(self) -> int:
+        """Total tokens over all documents."""
+        return int(self.doc_offsets[-1])
+
+    @property
+    def num_docs(self) -> int:
+        """Number of documents."""
+        return int(self.doc_offsets.shape[0] - 1)
+
+    def __len__(self) -> int:
+        return self.num_docs
+
+    def document(self, index: int) -> np.ndarray:
+        """The token ids of document ``index`` (a read-only view into the map)."""
+        if not -self.num_docs <= index < self.num_docs:
+            raise IndexError(f"document {index} out of range for {self.num_docs} documents")
+        index %= self.num_docs
+        return self.tokens[self.doc_offsets[index] : self.doc_offsets[index + 1]]
+
+    def __repr__(self) -> str:
+        return (
+            f"IndexedTokens({str(self.prefix)!r}, docs={self.num_docs}, "
+            f"tokens={self.num_tokens}, dtype={self.dtype.name}, vocab={self.vocab_size})"
+        )

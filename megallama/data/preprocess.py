@@ -1,0 +1,282 @@
+"""Tokenize text / JSONL corpora into an indexed token file (see ``indexed``).
+
+Each document becomes ``[BOS] + encode(text) + [EOS]`` (both on by default) so that packed
+training samples, which cross document boundaries, still see where documents start and
+end. Documents are read in the main process, sent in chunks to a pool of worker processes
+(each loads the tokenizer once) and written back in input order, so the output does not
+depend on the number of workers. With ``workers=1`` everything runs in-process.
+
+Outputs ``<prefix>.bin``, ``<prefix>.idx`` and ``<prefix>.summary.json`` are written under
+temporary names and renamed when complete: a failed run leaves no new files behind.
+
+CLI::
+
+    megallama-preprocess data/sotu/train.txt.gz --tokenizer tokenizer.model \\
+        --output-prefix runs/data/sotu_train --workers 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import multiprocessing as mp
+import os
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TextIO
+
+import numpy as np
+
+from megallama.data.indexed import IndexedWriter, token_dtype
+from megallama.data.sources import (
+    BadJsonPolicy,
+    DocumentReader,
+    SourceError,
+    empty_input_message,
+)
+from megallama.data.tokenizer import Tokenizer, TokenizerError
+
+CHUNK_CHARS = 1 << 18  # characters of text per task sent to a worker
+CHUNK_DOCS = 4096  # ... or this many documents, whichever comes first
+
+
+class _Encoder:
+    """Turns a list of texts into one id array plus per-document lengths."""
+
+    def __init__(self, tokenizer: Tokenizer, bos: bool, eos: bool) -> None:
+        self.tokenizer = tokenizer
+        self.bos = bos
+        self.eos = eos
+        self.dtype = token_dtype(tokenizer.vocab_size)
+
+    def __call__(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray, int]:
+        encoded = self.tokenizer.encode_batch(texts, bos=self.bos, eos=self.eos)
+        lengths = np.fromiter((len(ids) for ids in encoded), dtype=np.int64, count=len(encoded))
+        tokens = np.fromiter(
+            itertools.chain.from_iterable(encoded), dtype=self.dtype, count=int(lengths.sum())
+        )
+        nbytes = sum(len(text.encode("utf-8")) for text in texts)
+        return tokens, lengths, nbytes
+
+
+_WORKER_ENCODER: _Encoder | None = None
+
+
+def _init_worker(tokenizer_path: str, bos: bool, eos: bool) -> None:
+    global _WORKER_ENCODER
+    _WORKER_ENCODER = _Encoder(Tokenizer(tokenizer_path), bos, eos)
+
+
+def _encode_in_worker(texts: list[str]) -> tuple[np.ndarray, np.ndarray, int]:
+    assert _WORKER_ENCODER is not None, "worker not initialised"
+    return _WORKER_ENCODER(texts)
+
+
+class _Progress:
+    """A one-line progress report on stderr: a carriage-return bar on a terminal, else a
+    plain line every ``interval`` seconds (so logs stay readable)."""
+
+    def __init__(self, total_bytes: int, enabled: bool, stream: TextIO | None = None) -> None:
+        self.stream = stream or sys.stderr
+        self.enabled = enabled
+        self.total_bytes = max(1, total_bytes)
+        self.tty = self.stream.isatty()
+        self.interval = 0.2 if self.tty else 10.0
+        self.start = time.perf_counter()
+        self.last = self.start
+
+    def update(self, docs: int, tokens: int, done_bytes: int, final: bool = False) -> None:
+        now = time.perf_counter()
+        if not self.enabled or (not final and now - self.last < self.interval):
+            return
+        self.last = now
+        elapsed = max(now - self.start, 1e-9)
+        fraction = 1.0 if final else min(1.0, done_bytes / self.total_bytes)
+        filled = int(fraction * 20)
+        line = (
+            f"[preprocess] [{'#' * filled}{'.' * (20 - filled)}] {fraction:6.1%} "
+            f"{docs:,} docs {tokens:,} tokens {tokens / elapsed:,.0f} tok/s {elapsed:.1f}s"
+        )
+        end = "\n" if final or not self.tty else ""
+        self.stream.write(("\r" if self.tty else "") + line + end)
+        self.stream.flush()
+
+
+def _chunks(
+    readers: Sequence[DocumentReader], progress_stream: TextIO
+) -> Iterator[tuple[list[str], int]]:
+    """Chunks of documents from all readers in order, each with the bytes read so far."""
+    done_files = 0
+    for reader in readers:
+        texts: list[str] = []
+        chars = 0
+        for text in reader:
+            texts.append(text)
+            chars += len(text)
+            if chars >= CHUNK_CHARS or len(texts) >= CHUNK_DOCS:
+                yield texts, done_files + reader.position
+                texts, chars = [], 0
+        if texts:
+            yield texts, done_files + reader.size
+        for message in reader.bad_lines:
+            print(f"[preprocess] skipped malformed JSON: {message}", file=progress_stream)
+        if reader.num_bad_lines > len(reader.bad_lines):
+            extra = reader.num_bad_lines - len(reader.bad_lines)
+            print(f"[preprocess] ... and {extra} more in {reader.path}", file=progress_stream)
+        if reader.num_documents == 0:
+            raise SourceError(empty_input_message(reader))
+        done_files += reader.size
+
+
+def _default_start_method() -> str:
+    """``fork`` (workers start in milliseconds) when this process is a plain single-threaded
+    one, else ``spawn`` (about 0.3 s per pool): forking a process that runs other threads,
+    e.g. torch's, can copy a lock some thread holds and deadlock the child."""
+    single_threaded = threading.active_count() == 1 and "torch" not in sys.modules
+    if single_threaded and "fork" in mp.get_all_start_methods():
+        return "fork"
+    return "spawn"
+
+
+def _write_json_atomic(path: Path, payload: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def preprocess(
+    inputs: Sequence[str | Path],
+    output_prefix: str | Path,
+    tokenizer_path: str | Path,
+    workers: int = 1,
+    jsonl_key: str = "text",
+    on_bad_json: BadJsonPolicy = "fail",
+    append_eos: bool = True,
+    prepend_bos: bool = True,
+    progress: bool = True,
+    start_method: str | None = None,
+) -> dict:
+    """Tokenize ``inputs`` into ``<output_prefix>.bin/.idx`` and return the summary dict.
+
+    The summary (also written to ``<output_prefix>.summary.json``) has ``documents``,
+    ``tokens``, ``bytes`` (UTF-8 bytes of document text), ``seconds``, ``tokens_per_s`` and
+    the settings used. Raises SourceError for missing/empty/malformed inputs (JSONL errors
+    name ``file:line``) and TokenizerError for an unusable tokenizer. ``start_method`` is
+    the multiprocessing start method for ``workers > 1`` (default: see
+    ``_default_start_method``).
+    """
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    if not inputs:
+        raise SourceError("no input files given")
+    start = time.perf_counter()
+    tokenizer = Tokenizer(tokenizer_path)
+    readers = [DocumentReader(p, jsonl_key=jsonl_key, on_bad_json=on_bad_json) for p in inputs]
+    report = _Progress(sum(r.size for r in readers), progress)
+    docs = tokens = nbytes = 0
+
+    def consume(result: tuple[np.ndarray, np.ndarray, int], done_bytes: int) -> None:
+        nonlocal docs, tokens, nbytes
+        chunk_tokens, lengths, chunk_bytes = result
+        writer.add_documents(chunk_tokens, lengths)
+        docs += len(lengths)
+        tokens += len(chunk_tokens)
+        nbytes += chunk_bytes
+        report.update(docs, tokens, done_bytes)
+
+    with IndexedWriter(output_prefix, tokenizer.vocab_size) as writer:
+        chunks = _chunks(readers, report.stream)
+        if workers == 1:
+            encoder = _Encoder(tokenizer, prepend_bos, append_eos)
+            for texts, done_bytes in chunks:
+                consume(encoder(texts), done_bytes)
+        else:
+            context = mp.get_context(start_method or _default_start_method())
+            initargs = (str(tokenizer.path), prepend_bos, append_eos)
+            with context.Pool(workers, initializer=_init_worker, initargs=initargs) as pool:
+                pending: deque = deque()
+                for texts, done_bytes in chunks:
+                    pending.append((pool.apply_async(_encode_in_worker, (texts,)), done_bytes))
+                    if len(pending) >= 4 * workers:  # bounded memory, order preserved
+                        result, done = pending.popleft()
+                        consume(result.get(), done)
+                while pending:
+                    result, done = pending.popleft()
+                    consume(result.get(), done)
+    seconds = time.perf_counter() - start
+    report.update(docs, tokens, 0, final=True)
+    summary = {
+        "output_prefix": str(output_prefix),
+        "inputs": [str(p) for p in inputs],
+        "tokenizer": str(tokenizer.path),
+        "vocab_size": tokenizer.vocab_size,
+        "dtype": writer.dtype.name,
+        "bos": prepend_bos,
+        "eos": append_eos,
+        "workers": workers,
+        "documents": docs,
+        "tokens": tokens,
+        "bytes": nbytes,
+        "seconds": round(seconds, 3),
+        "tokens_per_s": round(tokens / max(seconds, 1e-9), 1),
+        "skipped_bad_json_lines": sum(r.num_bad_lines for r in readers),
+        "skipped_empty_documents": sum(r.num_empty for r in readers),
+    }
+    _write_json_atomic(Path(f"{output_prefix}.summary.json"), summary)
+    return summary
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line interface of ``megallama-preprocess``."""
+    parser = argparse.ArgumentParser(
+        prog="megallama-preprocess",
+        description="Tokenize text/JSONL corpora (.gz/.xz ok) into an indexed token file.",
+    )
+    parser.add_argument("inputs", nargs="+", type=Path, help="text or .jsonl/.json files")
+    parser.add_argument("--tokenizer", required=True, type=Path, help="SentencePiece .model")
+    parser.add_argument("--output-prefix", required=True, help="writes PREFIX.bin/.idx")
+    parser.add_argument("--workers", type=int, default=1, help="tokenizer processes")
+    parser.add_argument("--jsonl-key", default="text", help="JSONL field with the text")
+    parser.add_argument(
+        "--skip-bad-json",
+        action="store_true",
+        help="skip (and count) malformed JSONL lines instead of failing",
+    )
+    parser.add_argument("--no-eos", action="store_true", help="do not append EOS")
+    parser.add_argument("--no-bos", action="store_true", help="do not prepend BOS")
+    parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``megallama-preprocess``: prints the JSON summary on stdout."""
+    args = build_parser().parse_args(argv)
+    try:
+        summary = preprocess(
+            args.inputs,
+            args.output_prefix,
+            args.tokenizer,
+            workers=args.workers,
+            jsonl_key=args.jsonl_key,
+            on_bad_json="skip" if args.skip_bad_json else "fail",
+            append_eos=not args.no_eos,
+            prepend_bos=not args.no_bos,
+            progress=not args.quiet,
+        )
+    except (SourceError, TokenizerError) as exc:
+        print(f"megallama-preprocess: error: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

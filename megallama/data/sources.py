@@ -1,0 +1,189 @@
+"""Reading documents from the corpus formats that preprocessing and tokenizer training accept.
+
+Two formats, each optionally compressed (``.gz`` via gzip, ``.xz`` via lzma, chosen by suffix):
+
+- text (any suffix other than below): documents are separated by one or more blank lines
+  (lines that are empty or whitespace only); a document keeps its inner newlines and its
+  leading/trailing spaces, only the newline ending its last line is dropped. Line endings
+  are read in universal-newline mode, so ``\\r\\n`` becomes ``\\n``.
+- JSONL (``.jsonl`` or ``.json``): one JSON object per line whose string field ``key``
+  (default ``"text"``) is the document. Blank lines are ignored; malformed lines are an error
+  naming ``file:line``, or are skipped and counted when ``on_bad_json="skip"``.
+
+Documents with empty text are skipped and counted; they would only add BOS/EOS.
+Inputs are streamed line by line, so files larger than memory are fine.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import lzma
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO, Literal
+
+BadJsonPolicy = Literal["fail", "skip"]
+COMPRESSED_SUFFIXES = (".gz", ".xz")
+JSONL_SUFFIXES = (".jsonl", ".json")
+MAX_REPORTED_BAD_LINES = 20
+
+
+class SourceError(ValueError):
+    """An input file that cannot be read as a corpus (missing, malformed, not UTF-8, empty)."""
+
+
+def input_format(path: Path) -> Literal["text", "jsonl"]:
+    """The corpus format of ``path`` from its suffixes, ignoring a compression suffix."""
+    suffixes = [s.lower() for s in Path(path).suffixes]
+    if suffixes and suffixes[-1] in COMPRESSED_SUFFIXES:
+        suffixes = suffixes[:-1]
+    return "jsonl" if suffixes and suffixes[-1] in JSONL_SUFFIXES else "text"
+
+
+def _open_binary(raw: BinaryIO, path: Path) -> BinaryIO:
+    suffix = path.suffix.lower()
+    if suffix == ".gz":
+        return gzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[return-value]
+    if suffix == ".xz":
+        return lzma.LZMAFile(raw, mode="rb")  # type: ignore[return-value]
+    return raw
+
+
+class DocumentReader:
+    """Iterates over the documents of one input file and keeps counts for the summary.
+
+    ``position`` is how far the underlying (possibly compressed) file has been read, in bytes
+    of the file on disk, so that progress can be shown as a fraction of the input size.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        jsonl_key: str = "text",
+        on_bad_json: BadJsonPolicy = "fail",
+    ) -> None:
+        if on_bad_json not in ("fail", "skip"):
+            raise ValueError(f"on_bad_json must be 'fail' or 'skip', got {on_bad_json!r}")
+        self.path = Path(path)
+        self.format = input_format(self.path)
+        self.jsonl_key = jsonl_key
+        self.on_bad_json = on_bad_json
+        self.num_documents = 0
+        self.num_empty = 0
+        self.num_bad_lines = 0
+        self.bad_lines: list[str] = []  # the first MAX_REPORTED_BAD_LINES as "file:line: why"
+        self._raw: BinaryIO | None = None
+        if not self.path.is_file():
+            raise SourceError(f"input file not found: {self.path}")
+
+    @property
+    def size(self) -> int:
+        """Size of the file on disk in bytes."""
+        return self.path.stat().st_size
+
+    @property
+    def position(self) -> int:
+        """Bytes of the on-disk file consumed so far (0 before and after iteration)."""
+        raw = self._raw
+        if raw is None or raw.closed:
+            return 0
+        return raw.tell()
+
+    def __iter__(self) -> Iterator[str]:
+        with open(self.path, "rb") as raw:
+            self._raw = raw
+            stream = io.TextIOWrapper(_open_binary(raw, self.path), encoding="utf-8")
+            lines = self._numbered_lines(stream)
+            if self.format == "jsonl":
+                yield from self._jsonl_documents(lines)
+            else:
+                yield from self._text_documents(lines)
+
+    def _numbered_lines(self, stream: io.TextIOWrapper) -> Iterator[tuple[int, str]]:
+        lineno = 0
+        try:
+            for lineno, line in enumerate(stream, 1):
+                yield lineno, line
+        except UnicodeDecodeError as exc:
+            raise SourceError(
+                f"{self.path}:{lineno + 1}: not valid UTF-8 ({exc.reason} at byte {exc.start})"
+            ) from None
+        except (OSError, EOFError, lzma.LZMAError, zlib.error) as exc:
+            raise SourceError(f"{self.path}: cannot decompress/read: {exc}") from None
+
+    def _emit(self, text: str) -> bool:
+        if not text:
+            self.num_empty += 1
+            return False
+        self.num_documents += 1
+        return True
+
+    def _text_documents(self, lines: Iterator[tuple[int, str]]) -> Iterator[str]:
+        current: list[str] = []
+        for _, line in lines:
+            if line.strip():
+                current.append(line)
+            elif current:
+                text = "".join(current)
+                current = []
+                if self._emit(text.removesuffix("\n")):
+                    yield text.removesuffix("\n")
+        if current:
+            text = "".join(current).removesuffix("\n")
+            if self._emit(text):
+                yield text
+
+    def _bad_line(self, lineno: int, why: str) -> None:
+        message = f"{self.path}:{lineno}: {why}"
+        if self.on_bad_json == "fail":
+            raise SourceError(message + " (use on_bad_json='skip' / --skip-bad-json to skip)")
+        self.num_bad_lines += 1
+        if len(self.bad_lines) < MAX_REPORTED_BAD_LINES:
+            self.bad_lines.append(message)
+
+    def _jsonl_documents(self, lines: Iterator[tuple[int, str]]) -> Iterator[str]:
+        key = self.jsonl_key
+        for lineno, line in lines:
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                self._bad_line(
+                    lineno,
+                    f"invalid JSON ({exc.msg} at column {exc.colno}); "
+                    "expected one JSON object per line",
+                )
+                continue
+            if not isinstance(record, dict) or not isinstance(record.get(key), str):
+                self._bad_line(lineno, f"no string field {key!r} in this JSON line")
+                continue
+            text = record[key]
+            if self._emit(text):
+                yield text
+
+
+def iter_documents(
+    paths: list[Path] | list[str],
+    jsonl_key: str = "text",
+    on_bad_json: BadJsonPolicy = "fail",
+) -> Iterator[str]:
+    """All documents of ``paths`` in order; a file without any document is a SourceError."""
+    for path in paths:
+        reader = DocumentReader(path, jsonl_key=jsonl_key, on_bad_json=on_bad_json)
+        yield from reader
+        if reader.num_documents == 0:
+            raise SourceError(empty_input_message(reader))
+
+
+def empty_input_message(reader: DocumentReader) -> str:
+    """The one-line error for an input file that produced no documents."""
+    detail = "it is empty or contains only blank lines"
+    if reader.num_bad_lines:
+        detail = f"all {reader.num_bad_lines} non-blank lines were malformed JSON and skipped"
+    elif reader.num_empty:
+        detail = f"all {reader.num_empty} documents have empty text"
+    return f"input file {reader.path} contains no documents: {detail}"

@@ -1,0 +1,242 @@
+"""Preprocessing: text/JSONL (plain or compressed) -> indexed token file, token for token."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import lzma
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from megallama.data import preprocess as preprocess_module
+from megallama.data.indexed import IndexedTokens
+from megallama.data.preprocess import main, preprocess
+from megallama.data.sources import SourceError
+from megallama.data.tokenizer import Tokenizer, TokenizerError
+from megallama.data.tokenizer_trainer import train_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+LLAMA_MODEL = SHARED / "assets" / "llama2-tokenizer" / "tokenizer.model"
+SOTU_TRAIN = REPO / "data" / "sotu" / "train.txt.gz"
+
+DOCS = [
+    "The first document, on one line.",
+    "A document\nspanning three\nlines with a trailing space ",
+    "  Leading spaces, a\ttab, emoji 😀 and CJK 中文.",
+    "Numbers 1790 and 2021; symbols <>&\"'",
+    "x",
+]
+
+
+def _write_text(path: Path, docs: list[str]) -> Path:
+    # vary the separators: one blank line, several, a whitespace-only line
+    separators = ["\n\n", "\n\n\n", "\n \t\n"]
+    parts = [docs[0]]
+    for i, doc in enumerate(docs[1:]):
+        parts.append(separators[i % len(separators)] + doc)
+    path.write_text("".join(parts) + "\n", encoding="utf-8")
+    return path
+
+
+def _write_jsonl(path: Path, docs: list[str], opener=open) -> Path:
+    with opener(path, "wt", encoding="utf-8") as f:
+        for i, doc in enumerate(docs):
+            f.write(json.dumps({"id": i, "text": doc}) + "\n")
+            if i == 1:
+                f.write("\n")  # blank lines are ignored
+    return path
+
+
+@pytest.fixture(scope="module")
+def small_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("tok")
+    with gzip.open(SOTU_TRAIN, "rt", encoding="utf-8") as f:
+        text = f.read(100_000)
+    source = tmp / "slice.txt"
+    source.write_text(text[: text.rfind(" ")] + "\n", encoding="utf-8")
+    return train_tokenizer([source], tmp / "small", vocab_size=500)
+
+
+@pytest.fixture(params=["trained", "llama"])
+def model(request: pytest.FixtureRequest, small_model: Path) -> Path:
+    if request.param == "llama":
+        if not LLAMA_MODEL.is_file():
+            pytest.skip(f"real Llama 2 tokenizer not found at {LLAMA_MODEL}")
+        return LLAMA_MODEL
+    return small_model
+
+
+def _expected(model: Path, docs: list[str], bos: bool = True, eos: bool = True) -> list[list[int]]:
+    tok = Tokenizer(model)
+    return [tok.encode(d, bos=bos, eos=eos) for d in docs]
+
+
+def _documents(prefix: Path) -> list[list[int]]:
+    indexed = IndexedTokens(prefix)
+    return [indexed.document(i).tolist() for i in range(indexed.num_docs)]
+
+
+def _outputs(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir())
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_text_matches_direct_tokenization(model: Path, tmp_path: Path, workers: int) -> None:
+    source = _write_text(tmp_path / "corpus.txt", DOCS)
+    summary = preprocess([source], tmp_path / "out" / "c", model, workers=workers, progress=False)
+    expected = _expected(model, DOCS)
+    assert _documents(tmp_path / "out" / "c") == expected
+    assert summary["documents"] == len(DOCS)
+    assert summary["tokens"] == sum(map(len, expected))
+    assert summary["bytes"] == sum(len(d.encode("utf-8")) for d in DOCS)
+    assert summary["workers"] == workers
+    assert _outputs(tmp_path / "out") == ["c.bin", "c.idx", "c.summary.json"]
+
+
+def test_jsonl_matches_direct_tokenization(model: Path, tmp_path: Path) -> None:
+    paths = [_write_jsonl(tmp_path / "a.jsonl", DOCS), _write_jsonl(tmp_path / "b.json", DOCS[:2])]
+    preprocess(paths, tmp_path / "j", model, progress=False)
+    assert _documents(tmp_path / "j") == _expected(model, DOCS + DOCS[:2])
+
+
+def test_compressed_inputs_give_identical_tokens(small_model: Path, tmp_path: Path) -> None:
+    plain = _write_text(tmp_path / "c.txt", DOCS)
+    preprocess([plain], tmp_path / "plain", small_model, progress=False)
+    gz = tmp_path / "c.txt.gz"
+    gz.write_bytes(gzip.compress(plain.read_bytes()))
+    xz = tmp_path / "c.txt.xz"
+    xz.write_bytes(lzma.compress(plain.read_bytes()))
+    jsonl_gz = _write_jsonl(tmp_path / "c.jsonl.gz", DOCS, opener=gzip.open)
+    reference = (tmp_path / "plain.bin").read_bytes()
+    for path in (gz, xz, jsonl_gz):
+        preprocess([path], tmp_path / path.name, small_model, progress=False)
+        assert (tmp_path / f"{path.name}.bin").read_bytes() == reference, path.name
+
+
+def test_many_chunks_with_two_workers_keep_order(
+    small_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(preprocess_module, "CHUNK_DOCS", 3)  # chunking runs in this process
+    docs = [f"Document number {i}: " + "word " * (i % 17) for i in range(200)]
+    sources = [
+        _write_text(tmp_path / "p1.txt", docs[:120]),
+        _write_jsonl(tmp_path / "p2.jsonl", docs[120:]),
+    ]
+    summary = preprocess(sources, tmp_path / "m", small_model, workers=2, progress=False)
+    assert _documents(tmp_path / "m") == _expected(small_model, docs)
+    offsets = IndexedTokens(tmp_path / "m").doc_offsets
+    assert offsets[-1] == summary["tokens"] and len(offsets) == 201
+
+
+def test_bos_eos_options(small_model: Path, tmp_path: Path) -> None:
+    source = _write_text(tmp_path / "c.txt", DOCS)
+    preprocess([source], tmp_path / "n", small_model, append_eos=False, progress=False)
+    assert _documents(tmp_path / "n") == _expected(small_model, DOCS, eos=False)
+    preprocess([source], tmp_path / "m", small_model, prepend_bos=False, progress=False)
+    assert _documents(tmp_path / "m") == _expected(small_model, DOCS, bos=False)
+
+
+def test_cli_prints_and_writes_summary_with_progress(
+    small_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = _write_text(tmp_path / "c.txt", DOCS)
+    prefix = tmp_path / "cli"
+    argv = [str(source), "--tokenizer", str(small_model), "--output-prefix", str(prefix)]
+    assert main(argv) == 0
+    out = capsys.readouterr()
+    printed = json.loads(out.out)
+    written = json.loads(Path(f"{prefix}.summary.json").read_text())
+    assert printed == written
+    for key in ("documents", "tokens", "bytes", "seconds", "tokens_per_s"):
+        assert key in written
+    assert written["documents"] == len(DOCS) and written["tokens_per_s"] > 0
+    assert "tok/s" in out.err and "[preprocess]" in out.err
+    assert written["dtype"] == "uint16" and written["vocab_size"] == 500
+
+
+def test_bad_json_fails_with_file_and_line(small_model: Path, tmp_path: Path) -> None:
+    source = tmp_path / "bad.jsonl"
+    source.write_text('{"text": "ok"}\n\n{"text": "broken\n{"text": "fine"}\n', encoding="utf-8")
+    with pytest.raises(SourceError, match=rf"{source}:3: invalid JSON"):
+        preprocess([source], tmp_path / "out" / "b", small_model, progress=False)
+    assert not (tmp_path / "out").exists() or _outputs(tmp_path / "out") == []
+    missing_key = tmp_path / "key.jsonl"
+    missing_key.write_text('{"text": "ok"}\n{"body": "no text"}\n', encoding="utf-8")
+    with pytest.raises(SourceError, match=rf"{missing_key}:2: no string field 'text'"):
+        preprocess([missing_key], tmp_path / "k", small_model, progress=False)
+
+
+def test_bad_json_skip_counts_and_reports(
+    small_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = tmp_path / "bad.jsonl"
+    lines = ['{"text": "one"}', "not json", '{"text": "two"}', '["a list"]', '{"text": ""}']
+    source.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    summary = preprocess([source], tmp_path / "s", small_model, on_bad_json="skip")
+    assert summary["skipped_bad_json_lines"] == 2
+    assert summary["skipped_empty_documents"] == 1
+    assert _documents(tmp_path / "s") == _expected(small_model, ["one", "two"])
+    err = capsys.readouterr().err
+    assert f"{source}:2:" in err and f"{source}:4:" in err
+
+
+@pytest.mark.parametrize("content", ["", "\n\n  \n\t\n"])
+def test_empty_input_is_a_clear_error_and_writes_nothing(
+    small_model: Path, tmp_path: Path, content: str
+) -> None:
+    good = _write_text(tmp_path / "good.txt", DOCS)
+    empty = tmp_path / "empty.txt"
+    empty.write_text(content, encoding="utf-8")
+    out = tmp_path / "out"
+    with pytest.raises(SourceError, match=rf"{empty} contains no documents"):
+        preprocess([good, empty], out / "e", small_model, workers=2, progress=False)
+    assert not out.exists() or _outputs(out) == []  # no final and no temporary files
+
+
+def test_failed_run_keeps_previous_outputs(small_model: Path, tmp_path: Path) -> None:
+    good = _write_text(tmp_path / "good.txt", DOCS)
+    prefix = tmp_path / "out" / "p"
+    preprocess([good], prefix, small_model, progress=False)
+    before = {name: (tmp_path / "out" / name).read_bytes() for name in _outputs(tmp_path / "out")}
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{oops\n', encoding="utf-8")
+    with pytest.raises(SourceError, match=":2:"):
+        preprocess([good, bad], prefix, small_model, progress=False)
+    after = {name: (tmp_path / "out" / name).read_bytes() for name in _outputs(tmp_path / "out")}
+    assert after == before
+
+
+def test_missing_inputs_and_tokenizer(
+    small_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    good = _write_text(tmp_path / "good.txt", DOCS)
+    missing_model = tmp_path / "none" / "tokenizer.model"
+    with pytest.raises(TokenizerError, match=f"tokenizer model not found: {missing_model}"):
+        preprocess([good], tmp_path / "x", missing_model, progress=False)
+    with pytest.raises(SourceError, match="input file not found"):
+        preprocess([tmp_path / "nope.txt"], tmp_path / "x", small_model, progress=False)
+    argv = [str(good), "--tokenizer", str(missing_model), "--output-prefix", str(tmp_path / "x")]
+    assert main(argv) == 1
+    assert f"error: tokenizer model not found: {missing_model}" in capsys.readouterr().err
+    assert not list(tmp_path.glob("x*"))
+
+
+def test_invalid_utf8_names_file_and_line(small_model: Path, tmp_path: Path) -> None:
+    source = tmp_path / "latin1.txt"
+    source.write_bytes(b"fine line\n\nsecond doc caf\xe9\n")
+    with pytest.raises(SourceError, match=rf"{source}:\d+: not valid UTF-8"):
+        preprocess([source], tmp_path / "u", small_model, progress=False)
+
+
+def test_demo_corpus_preprocesses(small_model: Path, tmp_path: Path) -> None:
+    val = REPO / "data" / "sotu" / "val.txt.gz"
+    summary = preprocess([val], tmp_path / "val", small_model, workers=2, progress=False)
+    indexed = IndexedTokens(tmp_path / "val")
+    assert summary["documents"] == indexed.num_docs == 23
+    assert summary["bytes"] == 1_052_028 - 2 * 22 - 1  # minus blank-line separators, final \n
+    starts = indexed.tokens[indexed.doc_offsets[:-1]]
+    ends = indexed.tokens[indexed.doc_offsets[1:] - 1]
+    assert np.all(starts == 1) and np.all(ends == 2)
