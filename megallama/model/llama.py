@@ -230,6 +230,12 @@ class Transformer(nn.Module):
             h = layer(h)
         return self.output(self.norm(h))
 
+    def named_layers(self) -> list[tuple[str, nn.Module]]:
+        """(global name prefix, module) in forward order -- the same list pipeline stages cut."""
+        return ([("tok_embeddings", self.tok_embeddings)]
+                + [(f"layers.{i}", layer) for i, layer in enumerate(self.layers)]
+                + [("norm", self.norm), ("output", self.output)])
+
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return vocab_parallel_cross_entropy(logits, labels, self.tp.group, self.cfg.vocab_size)
 

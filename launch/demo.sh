@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The README's main job: on a fresh machine, set up, train the demo tokenizer, preprocess the
+# shipped State of the Union corpus, and train a tiny Llama with TP=2 x PP=2 (4 CPU ranks, gloo).
+# Extra arguments are Hydra overrides for the training run, e.g. `trainer.steps=100`.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+bash "$root/launch/setup.sh"
+cd "$root"
+py="$root/.venv/bin/python"
+data=runs/demo/data
+mkdir -p "$data"
+export OMP_NUM_THREADS=1
+if [ ! -f "$data/tokenizer.model" ]; then
+  echo "[demo] training the demo tokenizer (8000 pieces, Llama 2 settings)"
+  "$py" -m megallama.data.tokenizer_trainer --vocab-size 8000 --output-prefix "$data/tokenizer" \
+    data/sotu/train.txt.gz
+fi
+for split in train val; do
+  if [ ! -f "$data/sotu_$split.idx" ]; then
+    echo "[demo] preprocessing data/sotu/$split.txt.gz"
+    "$py" -m megallama.data.preprocess --tokenizer "$data/tokenizer.model" --workers 2 \
+      --output-prefix "$data/sotu_$split" "data/sotu/$split.txt.gz"
+  fi
+done
+echo "[demo] training: 4 ranks (tp=2 x pp=2), gloo on CPU"
+start=$(date +%s)
+"$root/.venv/bin/torchrun" --standalone --nproc-per-node 4 -m megallama.train experiment=tiny_cpu "$@"
+echo "[demo] training took $(( $(date +%s) - start )) s; outputs in runs/demo/train"

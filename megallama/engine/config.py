@@ -1,0 +1,77 @@
+"""The training configuration: dataclasses that Hydra fills from conf/ and command-line overrides.
+
+Defaults are the Llama 2 paper's recipe (AdamW 0.9/0.95, eps 1e-5, weight decay 0.1, cosine decay to
+10% of peak, gradient clipping 1.0).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from megallama.config import ModelConfig
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    pp: int = 1
+    dp: int | None = None  # derived from the world size; set only to assert it
+    sequence_parallel: bool = False
+    zero_stage: int = 1
+    micro_batch_size: int = 1
+    global_batch_size: int = 8
+    activation_checkpointing: bool = False
+    # "balanced": stage costs from FLOPs per layer (embedding and head included);
+    # "uniform": equal layer counts; "parameters": DeepSpeed's parameter counts.
+    partition_method: str = "balanced"
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 2000
+    decay_steps: int | None = None  # cosine length; None: trainer.steps
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-5
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0  # 0 disables; always passed to DeepSpeed explicitly
+
+
+@dataclass
+class DataConfig:
+    # Preprocessed token files (prefixes written by megallama-preprocess).
+    train: list[str] = field(default_factory=list)
+    train_weights: list[float] | None = None
+    valid: list[str] = field(default_factory=list)
+    tokenizer: str | None = None
+    seq_len: int = 256
+    valid_fraction: float = 0.0  # held-out tail of train when no valid files are given
+
+
+@dataclass
+class TrainerConfig:
+    steps: int = 100
+    log_interval: int = 10
+    eval_interval: int = 50
+    eval_iters: int = 10
+    save_interval: int = 0  # 0: save only at the end
+    seed: int = 1234
+    precision: str = "fp32"  # fp32 | bf16
+    device: str = "auto"  # auto | cpu | cuda
+    output_dir: str = "runs/default"
+    nonfinite: str = "skip"  # skip (count the step) | stop
+    tensorboard: bool = True
+    progress: bool = True
+    save_final: bool = True
+    keep_last: int = 3  # complete checkpoints kept; older ones are pruned
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)

@@ -1,0 +1,308 @@
+"""Training throughput accounting and reporting: FLOPs per token, device peaks (for MFU), peak
+memory, a TensorBoard writer, a console progress bar and the one-line log format.
+
+Only one rank reports: :class:`MetricsWriter` and :class:`Progress` take ``enabled`` so every rank
+can construct them unconditionally and the non-reporting ones do nothing.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import resource
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Any, TextIO
+
+import torch
+
+from megallama.config import ModelConfig
+
+GIB = 1024**3
+
+
+# ---- FLOPs and peaks ----------------------------------------------------------------------------
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs (forward + backward) per token: ``6 * N' + 12 * L * h * T``.
+
+    ``N'`` is every parameter except the input embedding (a lookup, no multiply; the output head
+    is a matmul and counts), ``6 N'`` the weight matmuls (2 forward + 4 backward per weight per
+    token), and ``12 L h T`` the attention score and value matmuls over a ``T``-token context
+    (``L`` layers, model width ``h``), without discounting the causal mask, as in the PaLM paper's
+    MFU definition. Activation recomputation is deliberately not counted: MFU measures useful work.
+    """
+    n_prime = cfg.num_parameters(include_embedding=False)
+    return 6.0 * n_prime + 12.0 * cfg.n_layers * cfg.dim * seq_len
+
+
+# Dense (no 2:4 sparsity) bf16 tensor-core peaks from NVIDIA's data sheets, FLOP/s, matched in
+# order against torch.cuda.get_device_name(), so the more specific variants come first.
+_BF16_PEAKS: tuple[tuple[str, float], ...] = (
+    (r"\bH100\b.*\bPCIe\b", 756e12),
+    (r"\bH100\b.*\bNVL\b", 835e12),
+    (r"\bH100\b", 989e12),  # SXM5, reported as "NVIDIA H100 80GB HBM3"
+    (r"\bH800\b.*\bPCIe\b", 756e12),
+    (r"\bH800\b", 989e12),
+    (r"\bH200\b.*\bNVL\b", 835e12),
+    (r"\bG?H200\b", 989e12),
+    (r"\bB200\b", 2250e12),
+    (r"\bA100\b", 312e12),
+    (r"\bA800\b", 312e12),
+    (r"\bL40S\b", 362e12),
+    (r"\bL40\b", 181e12),
+    (r"\bL4\b", 121e12),
+)
+
+
+def peak_flops_for_name(name: str) -> float | None:
+    """Dense bf16 peak FLOP/s of a GPU by its CUDA device name; None when it is not in the table."""
+    for pattern, flops in _BF16_PEAKS:
+        if re.search(pattern, name, flags=re.IGNORECASE):
+            return flops
+    return None
+
+
+def device_peak_flops(device: torch.device | str, precision: str) -> float | None:
+    """Peak FLOP/s for MFU, or None when there is no honest figure.
+
+    Known for bf16 on the GPUs in the table above (H100 SXM 989e12, H100 PCIe 756e12, H200 989e12,
+    A100 312e12, L40S 362e12, ...). None on CPU, on unknown GPUs, and for fp32: fp32 matmuls run as
+    TF32 or as true FP32 depending on ``torch.backends.cuda.matmul.allow_tf32``, peaks that differ
+    by about 8x, so no single number would make MFU meaningful.
+    """
+    device = torch.device(device)
+    if device.type != "cuda" or precision != "bf16" or not torch.cuda.is_available():
+        return None
+    return peak_flops_for_name(torch.cuda.get_device_name(device))
+
+
+def peak_memory_bytes(device: torch.device | str) -> int:
+    """Peak memory of this process on ``device``.
+
+    CUDA: ``torch.cuda.max_memory_allocated`` (tensors only; the caching allocator reserves more).
+    CPU: the process's peak resident set size (``ru_maxrss``), which includes the interpreter,
+    libraries and every allocation, not only tensors.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(maxrss if sys.platform == "darwin" else maxrss * 1024)  # bytes on macOS, else KiB
+
+
+# ---- one-line log -------------------------------------------------------------------------------
+def _gib(value: float) -> str:
+    return f"{value / GIB:.1f}GiB"
+
+
+def _count(value: float) -> str:
+    return str(int(value))
+
+
+# metric key -> (label, formatter); known keys print in this order, then any others as given.
+# Some quantities have two accepted keys (a unit in the name or not): tflops/tflops_per_device,
+# mem_bytes/peak_memory_gib, skipped/skipped_steps.
+METRIC_FORMATS: dict[str, tuple[str, Any]] = {
+    "loss": ("loss", "{:.4f}".format),
+    "val_loss": ("val_loss", "{:.4f}".format),
+    "val_ppl": ("val_ppl", "{:.2f}".format),
+    "lr": ("lr", "{:.2e}".format),
+    "grad_norm": ("grad_norm", "{:.3f}".format),
+    "tokens_per_s": ("tok/s", "{:.0f}".format),
+    "tflops": ("TFLOP/s", "{:.2f}".format),
+    "tflops_per_device": ("TFLOP/s", "{:.2f}".format),
+    "mfu": ("MFU", "{:.1%}".format),
+    "mem_bytes": ("mem", _gib),
+    "peak_memory_gib": ("mem", "{:.1f}GiB".format),
+    "step_time": ("step_time", "{:.2f}s".format),
+    "skipped": ("skipped", _count),
+    "skipped_steps": ("skipped", _count),
+}
+
+
+def format_metrics(step: int, total: int, metrics: Mapping[str, Any]) -> str:
+    """``step 10/300 | loss 5.1234 | lr 1.00e-03 | grad_norm 1.234 | tok/s 12345 | ...``.
+
+    Keys of :data:`METRIC_FORMATS` use their label and format (``tflops`` is TFLOP/s per device,
+    ``mfu`` a fraction, ``mem_bytes`` bytes); other keys follow as ``key value``. None is omitted.
+    Values may be Python numbers or 0-d tensors.
+    """
+    parts = [f"step {step}/{total}"]
+    for key, (label, fmt) in METRIC_FORMATS.items():
+        value = metrics.get(key)
+        if value is not None:
+            parts.append(f"{label} {fmt(float(value))}")
+    for key, value in metrics.items():
+        if key in METRIC_FORMATS or value is None:
+            continue
+        if isinstance(value, torch.Tensor):
+            value = value.item()
+        if isinstance(value, float):
+            parts.append(f"{key} {value:.4g}")
+        else:
+            parts.append(f"{key} {value}")
+    return " | ".join(parts)
+
+
+# ---- TensorBoard ---------------------------------------------------------------------------------
+class MetricsWriter:
+    """Scalars to TensorBoard event files under ``log_dir``.
+
+    Does nothing when not ``enabled`` (the ranks that do not report) or when ``log_dir`` is None
+    (TensorBoard switched off), so callers never branch on either.
+    """
+
+    def __init__(self, log_dir: Path | None, enabled: bool) -> None:
+        self.enabled = enabled and log_dir is not None
+        self._writer: Any = None
+        if self.enabled:
+            from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
+
+            Path(log_dir).mkdir(parents=True, exist_ok=True)
+            self._writer = SummaryWriter(log_dir=str(log_dir))
+
+    def scalars(self, step: int, values: Mapping[str, Any]) -> None:
+        """Record each value (numbers or 0-d tensors; None skipped) as a scalar at ``step``."""
+        if self._writer is None:
+            return
+        for tag, value in values.items():
+            if value is None:
+                continue
+            if isinstance(value, torch.Tensor):
+                value = value.item()
+            self._writer.add_scalar(tag, float(value), global_step=step)
+
+    def flush(self) -> None:
+        """Write pending events to disk (they are otherwise flushed every two minutes)."""
+        if self._writer is not None:
+            self._writer.flush()
+
+    def close(self) -> None:
+        """Flush and close; safe to call twice."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def __enter__(self) -> MetricsWriter:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+# ---- console progress ----------------------------------------------------------------------------
+def _hms(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class Progress:
+    """A console progress bar: steps done/total, percent, it/s, elapsed and ETA.
+
+    On a terminal the bar is redrawn in place (carriage return); otherwise (a log file, a pipe
+    under a job scheduler) a plain line is printed each time another ``every_percent`` of the run
+    completes, so logs stay readable. :meth:`log` prints a full line above the bar. ``initial``
+    is the step a resumed run starts from (rates count only steps taken in this process); with
+    ``bar=False`` only :meth:`log` lines are printed. Nothing is printed when not ``enabled``.
+    """
+
+    def __init__(
+        self,
+        total_steps: int,
+        enabled: bool,
+        stream: TextIO = sys.stderr,
+        *,
+        initial: int = 0,
+        every_percent: int = 10,
+        bar: bool = True,
+        width: int = 24,
+    ) -> None:
+        self.total = max(1, int(total_steps))
+        self.enabled = enabled
+        self.stream = stream
+        self.initial = self.step = int(initial)
+        self.every_percent = max(1, int(every_percent))
+        self.bar = bar
+        self.width = width
+        self.is_tty = bool(getattr(stream, "isatty", lambda: False)())
+        self._start = time.perf_counter()
+        self._last_draw = -math.inf
+        self._drawn = False  # a bar is on the current terminal line
+        self._last_bucket = self.initial * 100 // self.total // self.every_percent
+        self._final_printed = False
+
+    def render(self) -> str:
+        """The bar line for the current step (without control characters)."""
+        elapsed = time.perf_counter() - self._start
+        done = self.step - self.initial
+        rate = done / elapsed if done > 0 and elapsed > 0 else 0.0
+        eta = (self.total - self.step) / rate if rate > 0 else math.inf
+        fraction = min(1.0, self.step / self.total)
+        filled = int(round(fraction * self.width))
+        bar = "#" * filled + "." * (self.width - filled)
+        speed = f"{rate:.2f} it/s" if rate >= 1 or rate == 0 else f"{1 / rate:.2f} s/it"
+        return (
+            f"[{bar}] {self.step}/{self.total} {fraction:6.1%} | {speed} | "
+            f"elapsed {_hms(elapsed)} | ETA {_hms(eta)}"
+        )
+
+    def update(self, step: int) -> None:
+        """Record that ``step`` steps are done (absolute, not an increment) and redraw."""
+        self.step = int(step)
+        if not (self.enabled and self.bar):
+            return
+        if self.is_tty:
+            now = time.perf_counter()
+            if now - self._last_draw >= 0.1 or self.step >= self.total:
+                self._last_draw = now
+                self._write("\r\x1b[K" + self.render())
+                self._drawn = True
+            return
+        bucket = self.step * 100 // self.total // self.every_percent
+        final = self.step >= self.total
+        if bucket > self._last_bucket or (final and not self._final_printed):
+            self._last_bucket = bucket
+            self._final_printed = final
+            self._write(self.render() + "\n")
+
+    def log(self, line: str) -> None:
+        """Print ``line`` on its own line, keeping the bar (if any) below it."""
+        if not self.enabled:
+            return
+        if self.is_tty and self._drawn:
+            self._write("\r\x1b[K" + line + "\n" + self.render())
+        else:
+            self._write(line + "\n")
+
+    def close(self) -> None:
+        """End the bar's line on a terminal; safe to call twice."""
+        if self.enabled and self.is_tty and self._drawn:
+            self._write("\n")
+            self._drawn = False
+
+    def _write(self, text: str) -> None:
+        self.stream.write(text)
+        self.stream.flush()
+
+
+__all__ = [
+    "GIB",
+    "METRIC_FORMATS",
+    "MetricsWriter",
+    "Progress",
+    "device_peak_flops",
+    "flops_per_token",
+    "format_metrics",
+    "peak_flops_for_name",
+    "peak_memory_bytes",
+]

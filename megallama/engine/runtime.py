@@ -1,0 +1,61 @@
+"""Process start-up: pick the device (CUDA/NCCL or CPU/gloo) and initialise torch.distributed.
+
+The same code path serves a laptop and a cluster; only the backend and the device differ.
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib
+import os
+
+import torch
+
+from megallama.config import ConfigError
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` means CUDA when available, else CPU; ``cuda`` without a GPU is a config error."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"trainer.device={device!r}: expected auto, cpu or cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("trainer.device=cuda but no CUDA device is visible; use trainer.device=cpu")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def _skip_deepspeed_shm_build() -> None:
+    """DeepSpeed's CPU backend JIT-compiles a shared-memory comm op (~40 s) that gloo does not
+    need. ``deepspeed.comm.torch`` must be fetched with importlib: inside ``deepspeed.comm`` the
+    name ``torch`` is the real torch module, so a plain import would patch the wrong object."""
+    module = importlib.import_module("deepspeed.comm.torch")
+    module.build_shm_op = lambda: None
+
+
+def init_distributed(device: torch.device, timeout_s: float = 600.0) -> None:
+    """Initialise torch.distributed through DeepSpeed (so its comm layer is set up as well).
+
+    Works under torchrun and as a plain single process (world of one)."""
+    for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"),
+                       ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29599")):
+        os.environ.setdefault(key, value)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    else:
+        _skip_deepspeed_shm_build()
+    import deepspeed
+
+    deepspeed.init_distributed(
+        dist_backend="nccl" if device.type == "cuda" else "gloo",
+        timeout=datetime.timedelta(seconds=timeout_s),
+        verbose=False,
+    )
+
+
+def world_info() -> tuple[int, int]:
+    """(rank, world size) from the launcher's environment, valid before init."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))

@@ -1,0 +1,234 @@
+"""Check a TrainConfig against the world it will run in, before any collective.
+
+:func:`validate` runs on every rank right after the config is composed and before
+``init_process_group``'s first collective, DeepSpeed or the model: a bad layout or a missing file
+then fails as one :class:`~megallama.config.ConfigError` line that names the option and what to do,
+instead of a hang in a collective, a DeepSpeed assertion, or a traceback per rank. Checks are
+ordered cheap-first (numbers, then the layout, then files on disk).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from megallama.config import ConfigError, ModelConfig
+from megallama.engine.config import (
+    DataConfig,
+    OptimConfig,
+    ParallelConfig,
+    TrainConfig,
+    TrainerConfig,
+)
+from megallama.parallel.topology import Grid
+
+PRECISIONS = ("fp32", "bf16")
+DEVICES = ("auto", "cpu", "cuda")
+NONFINITE = ("skip", "stop")
+PARTITION_METHODS = ("balanced", "uniform", "parameters")
+
+
+def validate(cfg: TrainConfig, world_size: int) -> Grid:
+    """Raise ConfigError on the first inconsistency; return the rank grid for ``world_size``."""
+    check_trainer(cfg.trainer)
+    check_optim(cfg.optim)
+    grid = check_parallel(cfg.parallel, cfg.model, cfg.data.seq_len, world_size)
+    check_data(cfg.data, cfg.model, cfg.trainer)
+    return grid
+
+
+def check_trainer(t: TrainerConfig) -> None:
+    """Loop lengths, precision and device."""
+    if t.steps < 1:
+        raise ConfigError(f"trainer.steps={t.steps}: must be >= 1 (optimizer steps to run)")
+    if t.log_interval < 1:
+        raise ConfigError(f"trainer.log_interval={t.log_interval}: must be >= 1")
+    if t.eval_interval < 0:
+        raise ConfigError(f"trainer.eval_interval={t.eval_interval}: must be >= 0 (0 disables)")
+    if t.eval_interval > 0 and t.eval_iters < 1:
+        raise ConfigError(
+            f"trainer.eval_iters={t.eval_iters}: must be >= 1 when evaluating "
+            "(or set trainer.eval_interval=0)"
+        )
+    if t.save_interval < 0:
+        raise ConfigError(f"trainer.save_interval={t.save_interval}: must be >= 0 (0: at the end)")
+    if not t.output_dir:
+        raise ConfigError("trainer.output_dir is empty: give a directory for logs and checkpoints")
+    if t.nonfinite not in NONFINITE:
+        raise ConfigError(f"trainer.nonfinite={t.nonfinite!r}: choose one of {list(NONFINITE)}")
+    if t.precision not in PRECISIONS:
+        raise ConfigError(f"trainer.precision={t.precision!r}: choose one of {list(PRECISIONS)}")
+    if t.device not in DEVICES:
+        raise ConfigError(f"trainer.device={t.device!r}: choose one of {list(DEVICES)}")
+    if t.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            "trainer.device=cuda but no CUDA GPU is visible to this process; "
+            "set trainer.device=cpu (or auto) or check CUDA_VISIBLE_DEVICES"
+        )
+    if t.device != "cpu" and t.precision == "bf16" and torch.cuda.is_available():
+        if not torch.cuda.is_bf16_supported():
+            raise ConfigError(
+                f"trainer.precision=bf16 but {torch.cuda.get_device_name()} has no bf16 support; "
+                "set trainer.precision=fp32"
+            )
+
+
+def check_optim(o: OptimConfig) -> None:
+    """Learning-rate schedule and AdamW hyperparameters."""
+    if not (math.isfinite(o.lr) and o.lr > 0):
+        raise ConfigError(f"optim.lr={o.lr}: the peak learning rate must be > 0")
+    if o.warmup_steps < 0:
+        raise ConfigError(f"optim.warmup_steps={o.warmup_steps}: must be >= 0")
+    if not 0.0 <= o.min_lr_ratio <= 1.0:
+        raise ConfigError(
+            f"optim.min_lr_ratio={o.min_lr_ratio}: must be in [0, 1] (final lr = ratio * optim.lr)"
+        )
+    if o.decay_steps is not None and o.decay_steps <= o.warmup_steps:
+        raise ConfigError(
+            f"optim.decay_steps={o.decay_steps} <= warmup_steps={o.warmup_steps}: the cosine "
+            "would be empty; set decay_steps above warmup_steps or null (= trainer.steps)"
+        )
+    for name, value in (("beta1", o.beta1), ("beta2", o.beta2)):
+        if not 0.0 <= value < 1.0:
+            raise ConfigError(f"optim.{name}={value}: must be in [0, 1)")
+    if not o.eps > 0:
+        raise ConfigError(f"optim.eps={o.eps}: must be > 0")
+    if o.weight_decay < 0:
+        raise ConfigError(f"optim.weight_decay={o.weight_decay}: must be >= 0")
+    if o.grad_clip < 0:
+        raise ConfigError(f"optim.grad_clip={o.grad_clip}: must be >= 0 (0 disables clipping)")
+
+
+def check_parallel(p: ParallelConfig, model: ModelConfig, seq_len: int, world_size: int) -> Grid:
+    """The tp x dp x pp layout, the batch arithmetic and what DeepSpeed accepts."""
+    for name in ("tp", "pp"):
+        if getattr(p, name) < 1:
+            raise ConfigError(f"parallel.{name}={getattr(p, name)}: must be >= 1")
+    if p.dp is not None and p.dp < 1:
+        raise ConfigError(f"parallel.dp={p.dp}: must be >= 1 or null (derived from world size)")
+    grid = Grid.from_world(world_size, tp=p.tp, pp=p.pp, dp=p.dp)
+    if p.micro_batch_size < 1:
+        raise ConfigError(f"parallel.micro_batch_size={p.micro_batch_size}: must be >= 1")
+    per_step = p.micro_batch_size * grid.dp
+    if p.global_batch_size < 1 or p.global_batch_size % per_step:
+        suggestion = max(per_step, p.global_batch_size // per_step * per_step)
+        raise ConfigError(
+            f"parallel.global_batch_size={p.global_batch_size} is not a multiple of "
+            f"micro_batch_size*dp = {p.micro_batch_size}*{grid.dp} = {per_step}; "
+            f"set it to e.g. {suggestion}"
+        )
+    if p.pp > model.n_layers:
+        raise ConfigError(
+            f"parallel.pp={p.pp} > model.n_layers={model.n_layers}: every pipeline stage needs at "
+            "least one transformer block; lower parallel.pp"
+        )
+    from megallama.model.llama import check_tp_layout
+
+    check_tp_layout(model, p.tp)
+    if p.sequence_parallel and seq_len % p.tp:
+        raise ConfigError(
+            f"parallel.sequence_parallel with data.seq_len={seq_len} not divisible by "
+            f"tp={p.tp}: choose a seq_len that is a multiple of tp or disable sequence_parallel"
+        )
+    if p.zero_stage not in (1, 2, 3):
+        raise ConfigError(
+            f"parallel.zero_stage={p.zero_stage}: use 1, 2 or 3 (ZeRO's optimizer is what skips "
+            "steps with non-finite gradients on every rank)")
+    if p.zero_stage > 1 and p.pp > 1:
+        raise ConfigError(
+            f"parallel.zero_stage={p.zero_stage} with pp={p.pp}: DeepSpeed refuses ZeRO-2/3 with "
+            "pipeline parallelism; use zero_stage 1, or pp=1"
+        )
+    if p.partition_method not in PARTITION_METHODS:
+        raise ConfigError(
+            f"parallel.partition_method={p.partition_method!r}: choose one of "
+            f"{list(PARTITION_METHODS)}"
+        )
+    return grid
+
+
+def check_data(d: DataConfig, model: ModelConfig, t: TrainerConfig) -> None:
+    """Sequence length, blend weights, then the token files and tokenizer on disk."""
+    if d.seq_len < 1:
+        raise ConfigError(f"data.seq_len={d.seq_len}: must be >= 1")
+    if d.seq_len > model.max_seq_len:
+        raise ConfigError(
+            f"data.seq_len={d.seq_len} > model.max_seq_len={model.max_seq_len}: shorten "
+            "data.seq_len or raise model.max_seq_len"
+        )
+    if not d.train:
+        raise ConfigError(
+            "data.train is empty: give preprocessed token files, e.g. data.train=[path/prefix] "
+            "(the <prefix>.bin/.idx pair written by megallama-preprocess)"
+        )
+    if d.train_weights is not None:
+        if len(d.train_weights) != len(d.train):
+            raise ConfigError(
+                f"data.train_weights has {len(d.train_weights)} entries but data.train has "
+                f"{len(d.train)} prefixes: give one weight per prefix"
+            )
+        weights = d.train_weights
+        if any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
+            raise ConfigError(
+                f"data.train_weights={list(weights)}: need finite weights >= 0, not all 0"
+            )
+    if not 0.0 <= d.valid_fraction < 1.0:
+        raise ConfigError(f"data.valid_fraction={d.valid_fraction}: must be in [0, 1)")
+    if t.eval_interval > 0 and not d.valid and d.valid_fraction == 0:
+        raise ConfigError(
+            f"trainer.eval_interval={t.eval_interval} but there is no validation data: set "
+            "data.valid, or data.valid_fraction > 0, or trainer.eval_interval=0"
+        )
+    for option, prefixes in (("data.train", d.train), ("data.valid", d.valid)):
+        for i, prefix in enumerate(prefixes):
+            _check_token_file(f"{option}[{i}]", prefix, model.vocab_size, d.seq_len)
+    if d.tokenizer is not None:
+        _check_tokenizer(d.tokenizer, model.vocab_size)
+
+
+def _check_token_file(option: str, prefix: str, model_vocab: int, seq_len: int) -> None:
+    from megallama.data.indexed import IndexedTokens
+
+    try:
+        tokens = IndexedTokens(prefix)
+    except ValueError as exc:  # IndexedFormatError: missing, truncated or foreign files
+        raise ConfigError(
+            f"{option}={prefix}: {exc} (create it with megallama-preprocess)"
+        ) from None
+    vocab, num_tokens = tokens.vocab_size, tokens.num_tokens
+    del tokens  # release the memory map
+    if vocab != model_vocab:
+        raise ConfigError(
+            f"{option}={prefix} was tokenized with a {vocab}-piece vocabulary but "
+            f"model.vocab_size={model_vocab}; set model.vocab_size={vocab} or re-tokenize"
+        )
+    if num_tokens < seq_len + 1:
+        raise ConfigError(
+            f"{option}={prefix} holds {num_tokens} tokens, fewer than one sample of "
+            f"data.seq_len+1 = {seq_len + 1}; give more data or lower data.seq_len"
+        )
+
+
+def _check_tokenizer(path: str, model_vocab: int) -> None:
+    from megallama.data.tokenizer import Tokenizer, TokenizerError, check_vocab
+
+    try:
+        tokenizer = Tokenizer(Path(path))
+        check_vocab(tokenizer.vocab_size, model_vocab, path)
+    except TokenizerError as exc:
+        raise ConfigError(f"data.tokenizer: {exc}") from None
+
+
+__all__ = [
+    "DEVICES",
+    "NONFINITE",
+    "PARTITION_METHODS",
+    "PRECISIONS",
+    "check_data",
+    "check_optim",
+    "check_parallel",
+    "check_trainer",
+    "validate",
+]

@@ -1,0 +1,65 @@
+"""``python -m megallama.train [hydra overrides...]`` -- the training entry point (under torchrun).
+
+Order of events: compose and validate the config on every rank *before* any collective (a bad
+option stops every rank with the same one-line message, never a hang), initialise
+torch.distributed and the rank grid, build the engine, then loop: sample a global batch, run one
+DeepSpeed step, log, evaluate, save.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import signal
+import sys
+
+import torch
+
+from megallama.config import ConfigError
+from megallama.engine.config import TrainConfig
+from megallama.engine.runtime import init_distributed, resolve_device, world_info
+
+USAGE = """usage: torchrun --nproc-per-node N -m megallama.train [OVERRIDE ...]
+
+Hydra overrides, e.g.:  experiment=tiny_cpu parallel.tp=2 parallel.pp=2 trainer.steps=300
+Groups: model=llama2_7b|llama2_13b|llama2_70b|tiny|tiny_gqa|tiny_70b_shape, parallel, optim,
+data, trainer, experiment=tiny_cpu|llama2_7b_pretrain. Any field can be overridden (see conf/).
+"""
+
+
+def _fail(rank: int, message: str) -> int:
+    if rank == 0:
+        print(f"megallama.train: error: {message}", file=sys.stderr, flush=True)
+    return 2
+
+
+def prepare(overrides: list[str], world: int) -> tuple[TrainConfig, object, torch.device]:
+    """Config, grid and device, checked without touching torch.distributed."""
+    from megallama.engine.hydra_config import load_config
+    from megallama.engine.validate import validate
+
+    cfg = load_config(overrides)
+    grid = validate(cfg, world)
+    return cfg, grid, resolve_device(cfg.trainer.device)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in args):
+        print(USAGE)
+        return 0
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID` dumps stacks
+    rank, world = world_info()
+    try:
+        cfg, grid, device = prepare(args, world)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        return _fail(rank, str(e))
+    init_distributed(device)
+    from megallama.engine.loop import train
+
+    train(cfg, grid, device)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+

@@ -1,0 +1,65 @@
+"""Shared pieces of the engine parity tests: a tiny config, deterministic batches and the plain
+single-process torch reference (same init, same data, AdamW, clipping, LR schedule)."""
+
+from __future__ import annotations
+
+import torch
+
+from megallama.config import preset
+from megallama.engine.config import TrainConfig
+from megallama.engine.optim import lr_at, param_groups
+from megallama.model.llama import Transformer
+
+VOCAB, SEQ, STEPS = 1001, 16, 5
+
+
+def make_config(tp=1, pp=1, zero=1, sp=False, micro=2, global_batch=8, clip=0.3) -> TrainConfig:
+    cfg = TrainConfig()
+    cfg.model = preset("tiny_gqa", vocab_size=VOCAB)
+    cfg.parallel.tp, cfg.parallel.pp = tp, pp
+    cfg.parallel.zero_stage, cfg.parallel.sequence_parallel = zero, sp
+    cfg.parallel.micro_batch_size, cfg.parallel.global_batch_size = micro, global_batch
+    cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.grad_clip = 1e-2, 2, clip
+    cfg.trainer.steps, cfg.trainer.seed, cfg.data.seq_len = STEPS, 5, SEQ
+    return cfg
+
+
+def global_batch(step: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 + step)
+    seq = torch.randint(0, VOCAB, (size, SEQ + 1), generator=g)
+    labels = seq[:, 1:].clone()
+    labels[:, :2] = -100  # some ignored positions
+    return seq[:, :-1], labels
+
+
+def rank_micro_batches(step: int, cfg: TrainConfig, dp_rank: int, dp: int):
+    tokens, labels = global_batch(step, cfg.parallel.global_batch_size)
+    per_rank = cfg.parallel.global_batch_size // dp
+    lo = dp_rank * per_rank
+    m = cfg.parallel.micro_batch_size
+    return [(tokens[i:i + m], labels[i:i + m]) for i in range(lo, lo + per_rank, m)]
+
+
+def reference_run(cfg: TrainConfig) -> tuple[list[float], list[float]]:
+    """Losses and pre-clipping gradient norms of a plain torch run on one process."""
+    model = Transformer(cfg.model, seed=cfg.trainer.seed)
+    o = cfg.optim
+    opt = torch.optim.AdamW(param_groups(model.named_parameters(), o.weight_decay), lr=o.lr,
+                            betas=(o.beta1, o.beta2), eps=o.eps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, o, cfg.trainer.steps) / o.lr)
+    losses, norms = [], []
+    m = cfg.parallel.micro_batch_size
+    for step in range(cfg.trainer.steps):
+        tokens, labels = global_batch(step, cfg.parallel.global_batch_size)
+        n_micro = tokens.size(0) // m
+        opt.zero_grad()
+        total = 0.0
+        for i in range(0, tokens.size(0), m):
+            loss = model.loss(model(tokens[i:i + m]), labels[i:i + m])
+            (loss / n_micro).backward()
+            total += loss.item() / n_micro
+        norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip).item())
+        opt.step()
+        sched.step()
+        losses.append(total)
+    return losses, norms

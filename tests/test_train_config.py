@@ -1,0 +1,292 @@
+"""Training config: conf/ mirrors the presets and dataclass defaults, overrides are typed, errors
+are one clear line, validate() catches every bad layout/file before any collective."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import random
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from megallama.config import PRESETS, ConfigError, ModelConfig, preset
+from megallama.data.indexed import IndexedWriter
+from megallama.data.tokenizer_trainer import train_tokenizer
+from megallama.engine.config import (
+    DataConfig,
+    OptimConfig,
+    ParallelConfig,
+    TrainConfig,
+    TrainerConfig,
+)
+from megallama.engine.hydra_config import (
+    CONF_DIR_ENV,
+    config_from_yaml,
+    default_config_dir,
+    load_config,
+    load_saved_config,
+    save_config,
+    to_yaml,
+)
+from megallama.engine.validate import check_optim, check_parallel, validate
+from megallama.parallel.topology import Grid
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+# ---- composition ---------------------------------------------------------------------------------
+def test_default_config_dir_is_repo_conf():
+    assert default_config_dir().resolve() == CONF
+
+
+def test_model_group_has_exactly_the_presets():
+    assert {p.stem for p in (CONF / "model").glob("*.yaml")} == set(PRESETS)
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_model_yaml_equals_preset(name):
+    raw = OmegaConf.to_container(OmegaConf.load(CONF / "model" / f"{name}.yaml"))
+    assert set(raw) == {f.name for f in dataclasses.fields(ModelConfig)}  # every field spelled out
+    cfg = load_config([f"model={name}"])
+    assert isinstance(cfg.model, ModelConfig)
+    assert cfg.model == preset(name)
+
+
+def test_defaults_mirror_the_dataclasses():
+    cfg = load_config()
+    assert isinstance(cfg, TrainConfig)
+    assert cfg.model == preset("tiny")
+    assert cfg.parallel == ParallelConfig()
+    assert cfg.optim == OptimConfig()
+    assert cfg.data == DataConfig()
+    assert cfg.trainer == TrainerConfig()
+
+
+def test_llama2_recipe_in_adamw_yaml():
+    o = load_config().optim
+    assert (o.lr, o.warmup_steps, o.min_lr_ratio, o.weight_decay) == (3e-4, 2000, 0.1, 0.1)
+    assert (o.beta1, o.beta2, o.eps, o.grad_clip) == (0.9, 0.95, 1e-5, 1.0)
+
+
+def test_overrides_reach_the_dataclasses():
+    cfg = load_config(["parallel.tp=2", "optim.lr=1e-3", "model=llama2_70b", "model.n_layers=2",
+                       "data.train=[a,b]", "data.train_weights=[1,3]", "trainer.precision=bf16"])
+    assert cfg.parallel.tp == 2 and cfg.optim.lr == 1e-3
+    assert cfg.model == preset("llama2_70b", n_layers=2)
+    assert cfg.data.train == ["a", "b"] and cfg.data.train_weights == [1.0, 3.0]
+    assert cfg.trainer.precision == "bf16"
+    assert isinstance(cfg.parallel, ParallelConfig) and isinstance(cfg.data.train, list)
+
+
+def test_experiment_tiny_cpu():
+    cfg = load_config(["experiment=tiny_cpu"])
+    m, p, t = cfg.model, cfg.parallel, cfg.trainer
+    assert (m.dim, m.n_layers, m.n_heads, m.n_kv_heads, m.vocab_size) == (128, 4, 8, 2, 8000)
+    assert (p.tp, p.pp, p.micro_batch_size, p.global_batch_size) == (2, 2, 4, 16)
+    assert (t.steps, t.eval_interval, t.eval_iters, t.log_interval) == (300, 50, 4, 10)
+    assert (t.device, t.precision, t.output_dir) == ("cpu", "fp32", "runs/demo/train")
+    assert (cfg.optim.lr, cfg.optim.warmup_steps) == (1e-3, 30)
+    assert cfg.data.train == ["runs/demo/data/sotu_train"]
+    assert cfg.data.valid == ["runs/demo/data/sotu_val"]
+    assert cfg.data.tokenizer == "runs/demo/data/tokenizer.model"
+    assert check_parallel(p, m, cfg.data.seq_len, 4) == Grid(tp=2, pp=2, dp=1)
+    # command-line overrides win over the experiment
+    assert load_config(["experiment=tiny_cpu", "trainer.steps=20"]).trainer.steps == 20
+
+
+def test_experiment_llama2_7b_pretrain():
+    cfg = load_config(["experiment=llama2_7b_pretrain"])
+    assert cfg.model == preset("llama2_7b")
+    assert cfg.parallel.global_batch_size * cfg.data.seq_len == 1024 * 4096  # 4M tokens per step
+    assert (cfg.trainer.precision, cfg.trainer.steps) == ("bf16", 500000)
+    assert cfg.parallel.zero_stage == 1
+    assert cfg.parallel.activation_checkpointing and cfg.parallel.sequence_parallel
+    check_optim(cfg.optim)
+    for world in (8, 64):
+        grid = check_parallel(cfg.parallel, cfg.model, cfg.data.seq_len, world)
+        assert grid.world_size == world
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["model=llama3"], "unknown model preset 'llama3'; choose one of ['llama2_13b', "),
+    (["optim=sgd"], "unknown optim option 'sgd'; choose one of ['adamw']"),
+    (["experiment=nope"], "unknown experiment option 'nope'; choose one of"),
+    (["model.foo=1"], "unknown config key 'model.foo' (ModelConfig fields: dim,"),
+    (["+model.foo=1"], "unknown config key 'model.foo'"),
+    (["+foo=1"], "unknown config key 'foo' (TrainConfig fields"),
+    (["parallel.tp=abc"], "bad value for parallel.tp: Value 'abc' of type 'str' could not be"),
+    (["trainer.seed=1.5"], "bad value for trainer.seed"),
+    (["data.train=abc"], "bad value for data.train"),
+    (["model.dim=???"], "no value given for model.dim"),
+    (["model.n_heads=7"], "model: dim=128 is not divisible by n_heads=7"),
+    (["parallel.tp=="], "Error parsing override 'parallel.tp=='"),
+])
+def test_config_errors_are_one_clear_line(overrides, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides)
+    text = str(info.value)
+    assert message in text and "\n" not in text
+
+
+def test_conf_dir_from_env_and_argument(tmp_path, monkeypatch):
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF, conf)
+    trainer = conf / "trainer" / "default.yaml"
+    trainer.write_text(trainer.read_text().replace("steps: 100", "steps: 7"))
+    assert load_config(config_dir=conf).trainer.steps == 7
+    monkeypatch.setenv(CONF_DIR_ENV, str(conf))
+    assert load_config().trainer.steps == 7
+    with pytest.raises(ConfigError, match="has no config.yaml"):
+        load_config(config_dir=tmp_path / "nowhere")
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = load_config(["experiment=tiny_cpu", "model.rope_theta=5e5", "data.train_weights=[1]"])
+    path = save_config(cfg, tmp_path / "run" / "config.yaml")
+    assert [p.name for p in path.parent.iterdir()] == ["config.yaml"]  # no temp file left
+    assert load_saved_config(path) == cfg
+    assert config_from_yaml(to_yaml(cfg)) == cfg
+    with pytest.raises(ConfigError, match="unknown config key 'trainer.stepz'"):
+        config_from_yaml(to_yaml(cfg).replace("steps: 300", "stepz: 300"))
+    with pytest.raises(ConfigError, match="saved config not found"):
+        load_saved_config(tmp_path / "missing.yaml")
+
+
+def test_rope_scaling_from_yaml(tmp_path):
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF, conf)
+    (conf / "experiment" / "long.yaml").write_text(
+        "# @package _global_\nmodel:\n  rope_scaling:\n    type: linear\n    factor: 2.0\n")
+    cfg = load_config(["experiment=long", "model.rope_scaling.factor=4.0"], config_dir=conf)
+    assert cfg.model.rope_scaling.type == "linear" and cfg.model.rope_scaling.factor == 4.0
+    assert load_saved_config(save_config(cfg, tmp_path / "c.yaml")) == cfg
+    with pytest.raises(ConfigError, match="node that is null"):  # Hydra cannot do this one
+        load_config(["model.rope_scaling.factor=2"])
+
+
+# ---- validate --------------------------------------------------------------------------------
+VOCAB = 320
+
+
+def _write_tokens(prefix: Path, n_tokens: int, vocab: int = VOCAB) -> str:
+    rng = random.Random(0)
+    with IndexedWriter(prefix, vocab) as w:
+        for start in range(0, n_tokens, 100):
+            w.add_document([rng.randrange(vocab) for _ in range(min(100, n_tokens - start))])
+    return str(prefix)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("data")
+    words = "the of and to in a is that for it as was with be by on not he this are or his".split()
+    rng = random.Random(0)
+    corpus = root / "corpus.txt"
+    corpus.write_text("\n".join(" ".join(rng.choice(words) for _ in range(12)) + "."
+                                for _ in range(1000)))
+    out = {
+        "train": _write_tokens(root / "train", 3000),
+        "valid": _write_tokens(root / "valid", 500),
+        "short": _write_tokens(root / "short", 20),
+        "trunc": _write_tokens(root / "trunc", 500),
+        "tokenizer": str(train_tokenizer([corpus], root / "tok", VOCAB, num_threads=1)),
+        "other_tokenizer": str(train_tokenizer([corpus], root / "tok300", 300, num_threads=1)),
+        "root": str(root),
+    }
+    bin_path = root / "trunc.bin"
+    bin_path.write_bytes(bin_path.read_bytes()[:-10])
+    return out
+
+
+@pytest.fixture
+def good(files) -> TrainConfig:
+    return TrainConfig(
+        model=preset("tiny_gqa", vocab_size=VOCAB),
+        parallel=ParallelConfig(tp=2, pp=2, micro_batch_size=2, global_batch_size=8),
+        optim=OptimConfig(lr=1e-3, warmup_steps=10),
+        data=DataConfig(train=[files["train"]], valid=[files["valid"]],
+                        tokenizer=files["tokenizer"], seq_len=64),
+        trainer=TrainerConfig(steps=50, device="cpu"),
+    )
+
+
+def test_validate_accepts_a_good_config(good):
+    assert validate(good, 8) == Grid(tp=2, pp=2, dp=2)
+    single = copy.deepcopy(good)
+    single.parallel = ParallelConfig(tp=1, pp=1, sequence_parallel=True, global_batch_size=4)
+    single.data.valid, single.data.valid_fraction = [], 0.05
+    assert validate(single, 1) == Grid()
+
+
+def test_tiny_cpu_experiment_validates_with_real_files(files):
+    cfg = load_config(["experiment=tiny_cpu", f"model.vocab_size={VOCAB}",
+                       f"data.train=[{files['train']}]", f"data.valid=[{files['valid']}]",
+                       f"data.tokenizer={files['tokenizer']}"])
+    assert validate(cfg, 4) == Grid(tp=2, pp=2, dp=1)
+
+
+BAD = [  # (changes, world size, expected fragment of the one-line message)
+    ({}, 6, "world size 6 is not divisible by tp*pp = 2*2"),
+    ({"parallel.dp": 4}, 8, "world size 8 != tp*pp*dp = 2*2*4"),
+    ({"parallel.global_batch_size": 6}, 8, "parallel.global_batch_size=6 is not a multiple of "
+                                           "micro_batch_size*dp = 2*2 = 4; set it to e.g. 4"),
+    ({"parallel.micro_batch_size": 0}, 8, "parallel.micro_batch_size=0"),
+    ({"parallel.pp": 8}, 16, "parallel.pp=8 > model.n_layers=4"),
+    ({"parallel.tp": 3}, 12, "parallel.tp=3 does not divide n_heads=8"),
+    ({"parallel.tp": 0}, 8, "parallel.tp=0: must be >= 1"),
+    ({"parallel.sequence_parallel": True, "data.seq_len": 63}, 8, "parallel.sequence_parallel"),
+    ({"parallel.zero_stage": 4}, 8, "parallel.zero_stage=4"),
+    ({"parallel.zero_stage": 2}, 8, "DeepSpeed refuses ZeRO-2/3 with pipeline parallelism"),
+    ({"parallel.partition_method": "even"}, 8, "parallel.partition_method='even'"),
+    ({"trainer.precision": "fp16"}, 8, "trainer.precision='fp16': choose one of"),
+    ({"trainer.device": "tpu"}, 8, "trainer.device='tpu': choose one of"),
+    ({"trainer.device": "cuda"}, 8, "trainer.device=cuda but no CUDA GPU is visible"),
+    ({"trainer.nonfinite": "ignore"}, 8, "trainer.nonfinite='ignore'"),
+    ({"trainer.steps": 0}, 8, "trainer.steps=0"),
+    ({"trainer.log_interval": 0}, 8, "trainer.log_interval=0"),
+    ({"trainer.eval_iters": 0}, 8, "trainer.eval_iters=0"),
+    ({"data.seq_len": 512}, 8, "data.seq_len=512 > model.max_seq_len=256"),
+    ({"data.train": []}, 8, "data.train is empty"),
+    ({"data.valid": [], "data.valid_fraction": 0.0}, 8, "there is no validation data"),
+    ({"data.valid_fraction": 1.0}, 8, "data.valid_fraction=1.0"),
+    ({"data.train": ["{root}/nope"]}, 8, "data.train[0]={root}/nope: token index not found"),
+    ({"data.train": ["{trunc}"]}, 8, "is truncated"),
+    ({"data.valid": ["{root}/nope"]}, 8, "data.valid[0]={root}/nope"),
+    ({"data.train": ["{short}"]}, 8, "fewer than one sample of data.seq_len+1 = 65"),
+    ({"data.train_weights": [1.0, 2.0]}, 8, "data.train_weights has 2 entries but data.train has"),
+    ({"data.train_weights": [-1.0]}, 8, "data.train_weights=[-1.0]"),
+    ({"data.tokenizer": "{root}/missing.model"}, 8, "data.tokenizer: tokenizer model not found"),
+    ({"data.tokenizer": "{other_tokenizer}"}, 8,
+     f"data.tokenizer: model vocab_size {VOCAB} != tokenizer vocab_size 300"),
+    ({"model.vocab_size": 300, "data.tokenizer": None}, 8,
+     f"tokenized with a {VOCAB}-piece vocabulary but model.vocab_size=300"),
+    ({"optim.lr": 0.0}, 8, "optim.lr=0.0"),
+    ({"optim.warmup_steps": -1}, 8, "optim.warmup_steps=-1"),
+    ({"optim.min_lr_ratio": 1.5}, 8, "optim.min_lr_ratio=1.5"),
+    ({"optim.decay_steps": 10}, 8, "optim.decay_steps=10 <= warmup_steps=10"),
+    ({"optim.beta2": 1.0}, 8, "optim.beta2=1.0"),
+    ({"optim.eps": 0.0}, 8, "optim.eps=0.0"),
+]
+
+
+@pytest.mark.parametrize("changes,world,message", BAD, ids=[m[:40] for _, _, m in BAD])
+def test_validate_rejects(good, files, monkeypatch, changes, world, message):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg = copy.deepcopy(good)
+    for dotted, value in changes.items():
+        section, field = dotted.split(".")
+        if isinstance(value, str):
+            value = value.format(**files)
+        elif isinstance(value, list):
+            value = [v.format(**files) if isinstance(v, str) else v for v in value]
+        setattr(getattr(cfg, section), field, value)
+    with pytest.raises(ConfigError) as info:
+        validate(cfg, world)
+    text = str(info.value)
+    assert re.search(re.escape(message.format(**files)), text), text
+    assert "\n" not in text
