@@ -60,9 +60,7 @@ def shard_file_name(pp_rank: int, tp_rank: int) -> str:
 def named_layers(model: Transformer) -> list[tuple[str, nn.Module]]:
     """The (global prefix, module) list of a whole single-stage :class:`Transformer`: what a
     pipeline stage passes for its own layers, here for all of them."""
-    out: list[tuple[str, nn.Module]] = [("tok_embeddings", model.tok_embeddings)]
-    out += [(f"layers.{i}", layer) for i, layer in enumerate(model.layers)]
-    return out + [("norm", model.norm), ("output", model.output)]
+    return model.named_layers()
 
 
 def _named_params(layers: Layers) -> list[tuple[str, nn.Parameter]]:

@@ -9,7 +9,9 @@ optimizer on every rank (so zero_stage >= 1 is required).
 
 from __future__ import annotations
 
+import contextlib
 import math
+import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -76,15 +78,27 @@ class TopologyMPU:
         return self.topo.dp_group
 
 
+class _Loss:
+    """The vocab-parallel loss; ``poison`` makes the next steps' loss NaN (fault injection for
+    tests of the non-finite policy, see MEGALLAMA_FAULT in megallama.engine.loop)."""
+
+    def __init__(self, fn) -> None:
+        self.fn, self.poison = fn, False
+
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        loss = self.fn(logits, labels)
+        return loss * float("nan") if self.poison else loss
+
+
 class _SingleStage(nn.Module):
     """pp == 1: the whole model plus its loss, as DeepSpeed's plain engine expects."""
 
-    def __init__(self, model: Transformer) -> None:
+    def __init__(self, model: Transformer, loss_fn: _Loss) -> None:
         super().__init__()
-        self.model = model
+        self.model, self.loss_fn = model, loss_fn
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return self.model.loss(self.model(tokens), labels)
+        return self.loss_fn(self.model(tokens), labels)
 
 
 @dataclass
@@ -99,6 +113,11 @@ class Engine:
     """Builds the model for this rank's stage and runs training/eval steps through DeepSpeed."""
 
     def __init__(self, cfg: TrainConfig, topo: Topology, device: torch.device) -> None:
+        # DeepSpeed prints its stage partition with print(): keep stdout for our own results.
+        with contextlib.redirect_stdout(sys.stderr):
+            self._build(cfg, topo, device)
+
+    def _build(self, cfg: TrainConfig, topo: Topology, device: torch.device) -> None:
         import deepspeed
 
         self.cfg, self.topo, self.device = cfg, topo, device
@@ -106,17 +125,19 @@ class Engine:
         self.gas = p.global_batch_size // (p.micro_batch_size * grid.dp)
         self.tp = topo.tensor_parallel(cfg.model.n_kv_heads, p.sequence_parallel)
         seed = cfg.trainer.seed
+        self.loss_fn = _Loss(make_loss_fn(cfg.model, self.tp))
         if grid.pp > 1:
             from megallama.engine.pipeline import LlamaPipeline, layer_costs
 
             defs = layer_defs(cfg.model, self.tp, seed, p.activation_checkpointing)
             module: nn.Module = LlamaPipeline(
-                defs, make_loss_fn(cfg.model, self.tp), pp=grid.pp, tp=grid.tp, dp=grid.dp,
+                defs, self.loss_fn, pp=grid.pp, tp=grid.tp, dp=grid.dp,
                 costs=layer_costs(cfg.model, cfg.data.seq_len, [d.name for d in defs]),
                 partition_method=p.partition_method)
             mpu = None
         else:
-            module = _SingleStage(Transformer(cfg.model, self.tp, seed, p.activation_checkpointing))
+            model = Transformer(cfg.model, self.tp, seed, p.activation_checkpointing)
+            module = _SingleStage(model, self.loss_fn)
             mpu = TopologyMPU(topo)
         module.to(device)
         total = cfg.trainer.steps

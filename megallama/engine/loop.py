@@ -7,6 +7,7 @@ last pipeline stage to every stage, so global rank 0 (first stage) can report it
 from __future__ import annotations
 
 import math
+import os
 import time
 from pathlib import Path
 
@@ -79,6 +80,26 @@ def _save(engine: Engine, cfg: TrainConfig, topo: Topology, step: int) -> Path |
     return root / f"step_{step:08d}"
 
 
+def parse_fault(spec: str | None) -> tuple[str, int] | None:
+    """MEGALLAMA_FAULT=crash@STEP (the last rank raises at STEP) or nan@STEP (the loss of STEP is
+    NaN): fault injection so tests can exercise failure handling through the real entry point."""
+    if not spec:
+        return None
+    kind, _, step = spec.partition("@")
+    if kind not in ("crash", "nan") or not step.isdigit():
+        raise ValueError(f"MEGALLAMA_FAULT={spec!r}: expected crash@STEP or nan@STEP")
+    return kind, int(step)
+
+
+def _inject(fault: tuple[str, int] | None, step: int, engine: Engine, topo: Topology) -> None:
+    if fault is None:
+        return
+    kind, at = fault
+    if kind == "crash" and step == at and topo.rank == topo.grid.world_size - 1:
+        raise RuntimeError(f"injected crash at step {step} (MEGALLAMA_FAULT)")
+    engine.loss_fn.poison = kind == "nan" and step == at
+
+
 def train(cfg: TrainConfig, grid: Grid, device: torch.device) -> dict:
     """Run the configured training; returns the final metrics (on every rank)."""
     topo = build_topology(grid, kv_replicas_for(cfg.model.n_kv_heads, grid.tp))
@@ -102,12 +123,17 @@ def train(cfg: TrainConfig, grid: Grid, device: torch.device) -> dict:
     progress = Progress(t.steps, enabled=is_logger, bar=t.progress)
     final: dict = {}
     window_t, window_steps = time.perf_counter(), 0
+    fault = parse_fault(os.environ.get("MEGALLAMA_FAULT"))
     for step in range(1, t.steps + 1):
+        _inject(fault, step, engine, topo)
         result = engine.train_step(source.next_step(load=engine.needs_data()))
         if result.skipped or not math.isfinite(result.loss):
             if t.nonfinite == "stop":
-                raise FloatingPointError(f"non-finite loss/gradients at step {step}; stopping "
-                                         "(trainer.nonfinite=skip would skip such steps)")
+                raise FloatingPointError(
+                    f"non-finite loss or gradients at step {step} (the update was not applied); "
+                    "stopping as trainer.nonfinite=stop asks")
+            progress.log(f"step {step}: non-finite loss or gradients, update skipped "
+                         f"({engine.skipped_steps} skipped so far)")
         window_steps += 1
         if step % t.log_interval == 0 or step == t.steps:
             if device.type == "cuda":

@@ -1,0 +1,131 @@
+"""The training and evaluation entry points under torchrun, end to end on CPU/gloo.
+
+Checks: Hydra overrides reach the run (saved config, engine batch arithmetic), the TensorBoard
+scalars exist, a bf16 run lowers the loss, evaluation gives the same numbers at every layout, a
+config error stops every rank at once with one message, a crashing rank brings the job down, and
+non-finite steps are skipped (counted) or stop the run naming the step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from megallama.data.indexed import IndexedWriter
+
+REPO = Path(__file__).resolve().parents[2]
+VOCAB = 256
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def token_files(tmp_path_factory) -> Path:
+    """Learnable synthetic documents: arithmetic progressions mod 250 (BOS=1, EOS=2)."""
+    root = tmp_path_factory.mktemp("tokens")
+    rng = np.random.default_rng(0)
+    for split, docs in (("train", 400), ("val", 60)):
+        with IndexedWriter(root / split, VOCAB) as w:
+            for _ in range(docs):
+                a, d, n = rng.integers(0, 250), rng.integers(1, 6), rng.integers(40, 120)
+                w.add_document([1, *((a + d * np.arange(n)) % 250 + 3), 2])
+    return root
+
+
+def torchrun(nproc: int, module: str, args: list[str], env: dict | None = None, timeout=240):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={nproc}", "-m", module, *args]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    start = time.monotonic()
+    proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True,
+                          timeout=timeout)
+    return proc, time.monotonic() - start
+
+
+def overrides(token_files: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "model=tiny_gqa", f"model.vocab_size={VOCAB}", "model.n_layers=2",
+        f"data.train=[{token_files / 'train'}]", f"data.valid=[{token_files / 'val'}]",
+        "data.seq_len=32", "parallel.micro_batch_size=2", "parallel.global_batch_size=8",
+        "optim.lr=3e-3", "optim.warmup_steps=3", "trainer.log_interval=2",
+        "trainer.eval_interval=15", "trainer.eval_iters=2", "trainer.device=cpu",
+        f"trainer.output_dir={out}", *extra,
+    ]
+
+
+def read_scalars(logdir: Path) -> dict[str, list[float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(logdir))
+    acc.Reload()
+    return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_bf16_pipeline_run_logs_and_evaluates(token_files, tmp_path):
+    out = tmp_path / "run"
+    proc, _ = torchrun(2, "megallama.train", overrides(
+        token_files, out, "parallel.pp=2", "trainer.steps=30", "trainer.precision=bf16", "optim.lr=1e-2",
+        "optim.weight_decay=0.05"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    saved = (out / "config.yaml").read_text()
+    assert "weight_decay: 0.05" in saved and "pp: 2" in saved and "precision: bf16" in saved
+    scalars = read_scalars(out / "tensorboard")
+    for tag in ("loss", "lr", "grad_norm", "tokens_per_s", "tflops_per_device",
+                "peak_memory_gib", "skipped_steps"):
+        assert f"train/{tag}" in scalars, sorted(scalars)
+    assert scalars["valid/loss"] and scalars["valid/perplexity"]
+    losses = scalars["train/loss"]
+    assert losses[-1] < losses[0] - 0.5, f"bf16 loss did not fall: {losses}"
+    assert scalars["train/skipped_steps"][-1] == 0
+
+    results = []
+    for nproc, layout in ((1, []), (2, ["--pp", "2"]), (2, ["--tp", "2"])):
+        proc, _ = torchrun(nproc, "megallama.evaluate", [
+            "--checkpoint", str(out), "--data", str(token_files / "val"), "--batch-size", "4",
+            "--max-batches", "3", *layout])
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    assert results[0]["tokens"] == 3 * 4 * 32
+    for r in results[1:]:
+        assert abs(r["val_loss"] - results[0]["val_loss"]) < 1e-5 * results[0]["val_loss"]
+
+
+def test_config_error_stops_every_rank_fast(token_files, tmp_path):
+    proc, seconds = torchrun(2, "megallama.train", overrides(
+        token_files, tmp_path / "bad", "parallel.global_batch_size=7"), timeout=120)
+    assert proc.returncode != 0
+    assert seconds < 60, f"took {seconds:.0f} s"
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("megallama.train: error:")]
+    assert len(errors) == 1 and "global_batch_size" in errors[0], proc.stderr[-2000:]
+
+
+def test_crash_on_one_rank_brings_job_down(token_files, tmp_path):
+    proc, seconds = torchrun(2, "megallama.train", overrides(
+        token_files, tmp_path / "crash", "parallel.pp=2", "trainer.steps=50"),
+        env={"MEGALLAMA_FAULT": "crash@3"}, timeout=180)
+    assert proc.returncode != 0
+    assert "injected crash at step 3" in proc.stderr
+    assert seconds < 120, f"job took {seconds:.0f} s to go down"
+
+
+@pytest.mark.parametrize("policy", ["skip", "stop"])
+def test_nonfinite_policy(token_files, tmp_path, policy):
+    out = tmp_path / policy
+    proc, _ = torchrun(1, "megallama.train", overrides(
+        token_files, out, "trainer.steps=6", f"trainer.nonfinite={policy}",
+        "trainer.eval_interval=0", "data.valid=[]", "trainer.save_final=false"),
+        env={"MEGALLAMA_FAULT": "nan@4"})
+    if policy == "stop":
+        assert proc.returncode != 0
+        assert "non-finite loss or gradients at step 4" in proc.stderr
+    else:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        scalars = read_scalars(out / "tensorboard")
+        assert scalars["train/skipped_steps"][-1] == 1
+        assert np.isfinite(scalars["train/loss"][-1])
