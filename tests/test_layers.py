@@ -67,3 +67,17 @@ def test_padding_index_embedding_is_zero_and_frozen():
     tokens = torch.tensor([[0, 5, 0, 7]])
     model.loss(model(tokens)[:, :-1], tokens[:, 1:]).backward()
     assert model.tok_embeddings.weight.grad[0].abs().sum() == 0
+
+
+def test_pipeline_cuts_balance_cost_and_keep_a_block_per_stage():
+    from megallama.engine.pipeline import balanced_cuts
+
+    # tiny demo shape: the head costs more than four blocks, yet each stage keeps a block
+    assert balanced_cuts([1, 10, 10, 10, 10, 1, 54], [0, 1, 1, 1, 1, 0, 0], 2) == [0, 4, 7]
+    assert balanced_cuts([1, 10, 10, 10, 10, 1, 5], [0, 1, 1, 1, 1, 0, 0], 4) == [0, 2, 3, 4, 7]
+    costs, blocks = [1] + [10] * 32 + [1, 30], [0] + [1] * 32 + [0, 0]
+    cuts = balanced_cuts(costs, blocks, 4)
+    stage_costs = [sum(costs[a:b]) for a, b in zip(cuts, cuts[1:], strict=False)]
+    assert max(stage_costs) - min(stage_costs) <= 30 and cuts == [0, 9, 18, 27, 35]
+    with pytest.raises(ValueError, match="need at least 3 blocks"):
+        balanced_cuts([1, 10, 10, 1], [0, 1, 1, 0], 3)

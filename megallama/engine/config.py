@@ -22,7 +22,7 @@ class ParallelConfig:
     global_batch_size: int = 8
     activation_checkpointing: bool = False
     # "balanced": stage costs from FLOPs per layer (embedding and head included);
-    # "uniform": equal layer counts; "parameters": DeepSpeed's parameter counts.
+    # "uniform": equal layer counts. Either way every stage holds at least one block.
     partition_method: str = "balanced"
 
 

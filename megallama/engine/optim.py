@@ -25,11 +25,10 @@ def param_groups(
 ) -> list[dict[str, Any]]:
     """Split trainable parameters into a decayed group (ndim >= 2) and an undecayed one (ndim < 2).
 
-    Frozen parameters (``requires_grad=False``) are left out. Both groups are always returned, even
-    when one is empty (a pipeline stage holding only the output head has no norm weights):
-    DeepSpeed's ZeRO issues one collective per group when computing the global gradient norm, so
-    every rank must have the same number of groups or the job deadlocks. Groups hold only torch's
-    own keys. The
+    Frozen parameters (``requires_grad=False``) are left out; empty groups are dropped (DeepSpeed
+    drops them too). DeepSpeed's ZeRO issues one collective per group for the gradient norm, so
+    every rank must end up with the same groups: the pipeline partitioner guarantees it by giving
+    every stage at least one block (matrices and norm weights). Groups hold only torch's own keys. The
     names are not needed for the split (it goes by shape) but keep the signature that of
     ``model.named_parameters()``.
     """
@@ -48,7 +47,7 @@ def param_groups(
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    return groups
+    return [g for g in groups if g["params"]]
 
 
 def lr_at(step: int, cfg: OptimConfig, total_steps: int) -> float:

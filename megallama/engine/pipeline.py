@@ -72,18 +72,17 @@ class LlamaPipeline(PipelineModule):
         object.__setattr__(self, "_layer_costs", costs)
         object.__setattr__(self, "_layer_names", [d.name for d in defs])
         object.__setattr__(self, "_is_block", [d.name.startswith("layers.") for d in defs])
-        method = {"balanced": "balanced", "uniform": "uniform", "parameters": "parameters"}
+        if partition_method == "uniform":
+            object.__setattr__(self, "_layer_costs", [1] * len(defs))
         super().__init__(
             layers=[LayerSpec(d.cls, *d.args, **d.kwargs) for d in defs],
             loss_fn=loss_fn,
             topology=PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=dp),
-            partition_method=method[partition_method],
+            partition_method="balanced",
             activation_checkpoint_interval=0,  # blocks checkpoint themselves
         )
 
-    def _partition_layers(self, method: str = "uniform") -> None:
-        if method != "balanced":
-            return super()._partition_layers(method)
+    def _partition_layers(self, method: str = "balanced") -> None:
         self.parts = balanced_cuts(self._layer_costs, self._is_block, self.num_stages)
         stage = self._topo.get_coord(self.global_rank).pipe
         self._set_bounds(start=self.parts[stage], stop=self.parts[stage + 1])

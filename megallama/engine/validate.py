@@ -27,7 +27,7 @@ from megallama.parallel.topology import Grid
 PRECISIONS = ("fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 NONFINITE = ("skip", "stop")
-PARTITION_METHODS = ("balanced", "uniform", "parameters")
+PARTITION_METHODS = ("balanced", "uniform")
 
 
 def validate(cfg: TrainConfig, world_size: int) -> Grid:

@@ -20,14 +20,14 @@ TOL = 1e-5
 
 def _worker(rank: int, world: int, layouts) -> None:
     init_distributed(torch.device("cpu"))
-    for tp, pp, zero, sp in layouts:
-        cfg = make_config(tp=tp, pp=pp, zero=zero, sp=sp)
+    for tp, pp, zero, sp, *micro in layouts:
+        cfg = make_config(tp=tp, pp=pp, zero=zero, sp=sp, micro=micro[0] if micro else 2)
         grid = Grid.from_world(world, tp=tp, pp=pp)
         topo = build_topology(grid, kv_replicas_for(cfg.model.n_kv_heads, tp))
         engine = Engine(cfg, topo, torch.device("cpu"))
         ref_losses, ref_norms = reference_run(cfg)
         assert max(ref_norms) > cfg.optim.grad_clip, "clipping must be active in this test"
-        what = f"tp={tp} pp={pp} dp={grid.dp} zero={zero} sp={sp}"
+        what = f"tp={tp} pp={pp} dp={grid.dp} zero={zero} sp={sp} micro={cfg.parallel.micro_batch_size}"
         for step in range(cfg.trainer.steps):
             batches = rank_micro_batches(step, cfg, topo.dp_rank, grid.dp)
             out = engine.train_step(batches)
@@ -39,8 +39,9 @@ def _worker(rank: int, world: int, layouts) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("world,layouts", [
-    (1, [(1, 1, 1, False)]),
-    (2, [(2, 1, 1, False), (1, 2, 1, False), (1, 1, 1, False), (1, 1, 2, False), (1, 1, 3, False)]),
+    # micro-batch size 1, 2 and 4 (8, 4 and 2 micro-batches per step) give the same losses
+    (1, [(1, 1, 1, False), (1, 1, 1, False, 4), (1, 1, 1, False, 1)]),
+    (2, [(2, 1, 1, False), (1, 2, 1, False), (1, 2, 1, False, 1), (1, 1, 1, False), (1, 1, 2, False), (1, 1, 3, False)]),
     (4, [(2, 2, 1, False), (2, 2, 1, True), (1, 4, 1, False), (2, 1, 2, False), (2, 1, 3, False)]),
     (8, [(2, 2, 1, True)]),
 ], ids=["world1", "world2", "world4", "world8"])
