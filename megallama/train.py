@@ -34,11 +34,13 @@ def _fail(rank: int, message: str) -> int:
 
 def prepare(overrides: list[str], world: int) -> tuple[TrainConfig, object, torch.device]:
     """Config, grid and device, checked without touching torch.distributed."""
+    from megallama.engine.checkpointing import resolve_resume
     from megallama.engine.hydra_config import load_config
     from megallama.engine.validate import validate
 
     cfg = load_config(overrides)
     grid = validate(cfg, world)
+    resolve_resume(cfg)  # a bad trainer.resume path fails here, before any collective
     return cfg, grid, resolve_device(cfg.trainer.device)
 
 

@@ -66,6 +66,7 @@ class TrainerConfig:
     progress: bool = True
     save_final: bool = True
     keep_last: int = 3  # complete checkpoints kept; older ones are pruned
+    resume: str = "auto"  # auto (latest of this run, if any) | none | PATH
 
 
 @dataclass

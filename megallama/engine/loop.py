@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import torch.distributed as dist
 
 from megallama.data.dataset import BlendedDataset, PackedDataset, build_train_valid, collate
 from megallama.data.sampler import DataSampler
+from megallama.engine.checkpointing import resolve_resume, resume, save_checkpoint
 from megallama.engine.config import TrainConfig
 from megallama.engine.engine import Engine, MicroBatch, perplexity
 from megallama.engine.metrics import (
@@ -71,13 +73,24 @@ def evaluate(engine: Engine, dataset, cfg: TrainConfig, topo: Topology) -> float
     return engine.eval_loss(batches)
 
 
-def _save(engine: Engine, cfg: TrainConfig, topo: Topology, step: int) -> Path | None:
-    from megallama.checkpoint.weights import checkpoint_writer, save_model_weights
+class StopSignal:
+    """SIGTERM (e.g. SLURM preemption, torchrun shutting down) asks for a save and a clean exit.
+    The flag is combined over ranks every step on a CPU (gloo) group, so all ranks stop together
+    even if only some received the signal."""
 
-    root = Path(cfg.trainer.output_dir) / "checkpoints"
-    with checkpoint_writer(root, step, keep_last=cfg.trainer.keep_last) as tmp:
-        save_model_weights(engine.local_layers(), engine.tp, topo, tmp, cfg.model)
-    return root / f"step_{step:08d}"
+    def __init__(self) -> None:
+        self.flag = False
+        self.group = dist.new_group(backend="gloo") if dist.is_initialized() else None
+        signal.signal(signal.SIGTERM, self._handler)
+
+    def _handler(self, signum, frame) -> None:
+        self.flag = True
+
+    def requested(self) -> bool:
+        value = torch.tensor([1.0 if self.flag else 0.0])
+        if self.group is not None:
+            dist.all_reduce(value, op=dist.ReduceOp.MAX, group=self.group)
+        return bool(value.item())
 
 
 def parse_fault(spec: str | None) -> tuple[str, int] | None:
@@ -95,7 +108,8 @@ def _inject(fault: tuple[str, int] | None, step: int, engine: Engine, topo: Topo
     if fault is None:
         return
     kind, at = fault
-    if kind == "crash" and step == at and topo.rank == topo.grid.world_size - 1:
+    first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+    if kind == "crash" and step == at and first_attempt and topo.rank == topo.grid.world_size - 1:
         raise RuntimeError(f"injected crash at step {step} (MEGALLAMA_FAULT)")
     engine.loss_fn.poison = kind == "nan" and step == at
 
@@ -114,17 +128,25 @@ def train(cfg: TrainConfig, grid: Grid, device: torch.device) -> dict:
     train_set, valid_set = build_datasets(cfg)
     engine = Engine(cfg, topo, device)
     source = BatchSource(train_set, cfg, topo)
+    start = 0
+    resume_from = resolve_resume(cfg)
+    if resume_from is not None:
+        start = resume(engine, cfg, topo, resume_from, source.sampler)
+        if is_logger:
+            print(f"resumed from {resume_from} at step {start}", flush=True)
+    stop = StopSignal()
 
     t = cfg.trainer
     tokens_per_step = cfg.parallel.global_batch_size * cfg.data.seq_len
     fpt = flops_per_token(cfg.model, cfg.data.seq_len)
     peak = device_peak_flops(device, t.precision)
     writer = MetricsWriter(out_dir / "tensorboard" if t.tensorboard else None, enabled=is_logger)
-    progress = Progress(t.steps, enabled=is_logger, bar=t.progress)
+    progress = Progress(t.steps, enabled=is_logger, bar=t.progress, initial=start)
     final: dict = {}
     window_t, window_steps = time.perf_counter(), 0
     fault = parse_fault(os.environ.get("MEGALLAMA_FAULT"))
-    for step in range(1, t.steps + 1):
+    step = start
+    for step in range(start + 1, t.steps + 1):
         _inject(fault, step, engine, topo)
         result = engine.train_step(source.next_step(load=engine.needs_data()))
         if result.skipped or not math.isfinite(result.loss):
@@ -158,13 +180,17 @@ def train(cfg: TrainConfig, grid: Grid, device: torch.device) -> dict:
                          f"perplexity {perplexity(val):.2f}")
             final["valid_loss"] = val
             window_t = time.perf_counter()  # evaluation time is not training throughput
+        if stop.requested():
+            progress.log(f"SIGTERM: saving step {step} and exiting")
+            final["checkpoint"] = str(save_checkpoint(engine, cfg, topo, step, source.sampler))
+            final["preempted_at"] = step
+            break
         if t.save_interval and step % t.save_interval == 0 and step != t.steps:
-            _save(engine, cfg, topo, step)
+            save_checkpoint(engine, cfg, topo, step, source.sampler)
         progress.update(step)
     progress.close()
-    if t.save_final:
-        path = _save(engine, cfg, topo, t.steps)
-        final["checkpoint"] = str(path)
+    if t.save_final and "preempted_at" not in final and step > start:
+        final["checkpoint"] = str(save_checkpoint(engine, cfg, topo, step, source.sampler))
     writer.close()
     if is_logger:
         print(f"TensorBoard logs: {out_dir / 'tensorboard'}  (tensorboard --logdir {out_dir})",

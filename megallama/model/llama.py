@@ -245,6 +245,16 @@ class Transformer(nn.Module):
         return logits[..., : self.cfg.vocab_size]
 
 
+def compile_blocks(module: nn.Module) -> nn.Module:
+    """Optional fast path: ``torch.compile`` each transformer block in place (the blocks share one
+    compiled graph). Inductor fuses the fp32 RMSNorm, RoPE and SwiGLU element-wise work into a few
+    kernels and keeps fewer activations for backward; the arithmetic is the same as eager."""
+    for block in module.modules():
+        if isinstance(block, TransformerBlock):
+            block.compile()
+    return module
+
+
 def make_loss_fn(cfg: ModelConfig, tp: TensorParallel) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """The loss as a callable(logits, labels) -- what DeepSpeed's PipelineModule expects."""
     def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

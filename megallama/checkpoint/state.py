@@ -1,0 +1,208 @@
+"""Training state beside the weights: fp32 master weights and Adam moments, RNG, sampler, step.
+
+The optimizer state is stored in the *same* layout-independent format as the weights: for each
+of ``fp32`` (master weights), ``exp_avg`` and ``exp_avg_sq`` a sub-directory holds safetensors
+shards and an index keyed by the parameters' global names. DeepSpeed's ZeRO partitions are
+assembled per parameter (``safe_get_full_*``, a collective over DP) before writing and scattered
+back (``safe_set_full_*``) after reading, so a checkpoint saved at one (tp, pp, dp) resumes at any
+other: the same loader reshards weights and optimizer state alike.
+
+Directory of one step::
+
+    step_00000100/
+      model.index.json, model-ppXX-tpYY.safetensors   model weights (training dtype)
+      optim/{fp32,exp_avg,exp_avg_sq}/...              same format, fp32
+      trainer_state.json                               step, sampler, scheduler, Adam step, layout
+      rng/rank00000.json ...                           RNG states of every rank
+      config.yaml                                      the resolved run config
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from megallama.checkpoint.atomic import CheckpointError, write_text_atomic
+from megallama.checkpoint.weights import load_model_weights, save_model_weights
+from megallama.config import ModelConfig
+from megallama.parallel.layers import TensorParallel
+from megallama.parallel.topology import Topology
+
+OPTIM_KEYS = ("fp32", "exp_avg", "exp_avg_sq")
+STATE_NAME = "trainer_state.json"
+Layers = list[tuple[str, nn.Module]]
+
+
+class TensorSet:
+    """Stands in for a module in the weights writer/reader: named tensors with a parameter's TP
+    attributes, e.g. the Adam moments of that module's parameters."""
+
+    def __init__(self, items: list[tuple[str, nn.Parameter]]) -> None:
+        self.items = items
+
+    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        return iter(self.items)
+
+
+def _like(p: nn.Parameter, value: torch.Tensor) -> nn.Parameter:
+    view = nn.Parameter(value, requires_grad=False)
+    for attr in ("partition_dim", "tp_replicas"):
+        if hasattr(p, attr):
+            setattr(view, attr, getattr(p, attr))
+    return view
+
+
+def _full_shape(p: nn.Parameter) -> torch.Size:
+    return getattr(p, "ds_shape", p.shape)  # ZeRO-3 keeps only a partition in p
+
+
+def _views(layers: Layers, fetch: Callable[[nn.Parameter], torch.Tensor]) -> Layers:
+    return [(prefix, TensorSet([(n, _like(p, fetch(p))) for n, p in m.named_parameters()]))
+            for prefix, m in layers]  # type: ignore[misc]
+
+
+def _getter(key: str) -> Callable[[nn.Parameter], torch.Tensor]:
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    def fetch(p: nn.Parameter) -> torch.Tensor:
+        value = (safe_get_full_fp32_param(p) if key == "fp32"
+                 else safe_get_full_optimizer_state(p, key))
+        if value is None:
+            raise CheckpointError(f"DeepSpeed holds no {key} state for a parameter of shape "
+                                  f"{tuple(_full_shape(p))} (ZeRO stage >= 1 is required)")
+        return value.detach().float().cpu()
+    return fetch
+
+
+def link_zero_state(ds_optimizer: Any) -> None:
+    """Point every parameter's ZeRO fragment mapping at its Adam moments.
+
+    DeepSpeed links them lazily inside the first step, while it has narrowed the optimizer to one
+    parameter group, so only the first group gets linked (norm weights would have no readable
+    moments). Linking all groups here is idempotent."""
+    from deepspeed.utils.mixed_precision_linkage import lazy_init_hp_params_optimizer_state
+
+    groups = getattr(ds_optimizer, "bit16_groups", None)
+    flat = getattr(ds_optimizer, "single_partition_of_fp32_groups", None)
+    if groups is None or flat is None:
+        return  # ZeRO-3 keeps its own per-parameter mapping
+    for lp_params, hp in zip(groups, flat, strict=True):
+        lazy_init_hp_params_optimizer_state(lp_params, hp, ds_optimizer.optimizer.state)
+
+
+def save_optimizer_state(layers: Layers, tp: TensorParallel, topo: Topology, ckpt_dir: Path,
+                         cfg: ModelConfig, ds_optimizer: Any) -> None:
+    """Write fp32 master weights and Adam moments (collective: every rank calls it)."""
+    ensure_adam_state(ds_optimizer.optimizer)
+    link_zero_state(ds_optimizer)
+    for key in OPTIM_KEYS:
+        views = _views(layers, _getter(key))
+        save_model_weights(views, tp, topo, ckpt_dir / "optim" / key, cfg)
+        del views
+
+
+def ensure_adam_state(optimizer: torch.optim.Optimizer) -> None:
+    """Create torch AdamW's lazily initialised state (step, moments) without changing anything:
+    one step with zero gradients at lr 0 (DeepSpeed's setters need the state to exist)."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    if all(p in optimizer.state and "exp_avg" in optimizer.state[p] for p in params):
+        return
+    lrs = [g["lr"] for g in optimizer.param_groups]
+    for g in optimizer.param_groups:
+        g["lr"] = 0.0
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    for g, lr in zip(optimizer.param_groups, lrs, strict=True):
+        g["lr"] = lr
+    for p in params:
+        p.grad = None
+
+
+def set_adam_step(optimizer: torch.optim.Optimizer, step: int) -> None:
+    for state in optimizer.state.values():
+        if "step" in state:
+            state["step"].fill_(float(step))
+
+
+def adam_step(optimizer: torch.optim.Optimizer) -> int:
+    steps = {int(s["step"]) for s in optimizer.state.values() if "step" in s}
+    if len(steps) > 1:
+        raise CheckpointError(f"optimizer parameters disagree on the Adam step: {sorted(steps)}")
+    return steps.pop() if steps else 0
+
+
+def load_optimizer_state(layers: Layers, tp: TensorParallel, ckpt_dir: Path, cfg: ModelConfig,
+                         ds_optimizer: Any) -> None:
+    """Read master weights and moments from any saved layout into DeepSpeed's partitions."""
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    ensure_adam_state(ds_optimizer.optimizer)
+    link_zero_state(ds_optimizer)
+    for key in OPTIM_KEYS:
+        views = _views(layers, lambda p: torch.zeros(_full_shape(p), dtype=torch.float32))
+        load_model_weights(views, tp, ckpt_dir / "optim" / key, cfg)
+        for (_, module), (_, view) in zip(layers, views, strict=True):
+            for (_, p), (_, v) in zip(module.named_parameters(), view.named_parameters(),
+                                      strict=True):
+                value = v.data.to(p.device)
+                if key == "fp32":
+                    safe_set_full_fp32_param(p, value)
+                else:
+                    safe_set_full_optimizer_state(p, value, key)
+
+
+# ---- RNG and trainer state ---------------------------------------------------------------------
+def rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state().tolist(),
+        "numpy": [x.tolist() if isinstance(x, np.ndarray) else x for x in np.random.get_state()],
+        "python": [list(x) if isinstance(x, tuple) else x for x in random.getstate()],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state().tolist()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
+
+
+def save_rng(ckpt_dir: Path, rank: int) -> None:
+    (ckpt_dir / "rng").mkdir(parents=True, exist_ok=True)
+    write_text_atomic(ckpt_dir / "rng" / f"rank{rank:05d}.json", json.dumps(rng_state()))
+
+
+def load_rng(ckpt_dir: Path, rank: int, same_layout: bool) -> None:
+    """Restore this rank's RNG when the layout is unchanged (ranks then mean the same thing)."""
+    path = ckpt_dir / "rng" / f"rank{rank:05d}.json"
+    if same_layout and path.is_file():
+        set_rng_state(json.loads(path.read_text()))
+
+
+def write_trainer_state(ckpt_dir: Path, state: dict[str, Any]) -> None:
+    write_text_atomic(ckpt_dir / STATE_NAME, json.dumps(state, indent=1) + "\n")
+
+
+def read_trainer_state(ckpt_dir: Path) -> dict[str, Any]:
+    path = ckpt_dir / STATE_NAME
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not found; {ckpt_dir} holds weights only, not a "
+                              "resumable training state")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: corrupted ({e})") from None
