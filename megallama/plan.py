@@ -213,7 +213,7 @@ class States(NamedTuple):
 
 
 def optimizer_states(p: int, dp: int, precision: str, zero: int, device: str,
-                     largest_layer: int = 0) -> States:
+                     largest_layer: int = 0, pipeline: bool = False) -> States:
     """What DeepSpeed keeps for ``p`` local parameters on the optimizer path it picks for this
     precision and ZeRO stage (docs/PLANNER.md, "Model states"), with ``dp``-way sharding."""
     shard, cpu = -(-p // dp), device == "cpu"
@@ -234,6 +234,7 @@ def optimizer_states(p: int, dp: int, precision: str, zero: int, device: str,
     keep, bucket = (0 if cpu else 4 * DS_BUCKET), (4 * touched if cpu else 0)
     if zero == 1:  # grads -> bucket -> grads_in_partition staging -> flat copy of the partition
         step = bucket + 4 * shard + max(4 * p, 4 * shard + adam_tmp)
+        keep += 4 * shard if pipeline else 0  # measured: the PipelineEngine keeps one more
         return States(4 * p, keep, 4 * p, bucket, master, adam, step)
     weights = 4 * p if zero == 2 else 4 * shard + 4 * largest_layer
     return States(weights, keep + 4 * shard, 0, bucket, master, adam, bucket + 4 * shard + adam_tmp)
@@ -245,13 +246,22 @@ def bubble_fraction(pp: int, micro_batches: int) -> float:
 
 
 # ---- the estimate ------------------------------------------------------------------------------
-def estimate(model_cfg: ModelConfig, layout: Layout, *, seq_len: int, global_batch: int,
-             precision: str = "bf16", zero_stage: int = 1, activation_checkpointing: bool = False,
-             sequence_parallel: bool = False, overhead_bytes: int | None = None,
-             device: str = "cuda", capacity_bytes: int = 80 * GIB,
-             partition_method: str = "balanced") -> MemoryEstimate:
-    """Peak memory per GPU of ``layout`` training ``model_cfg``: the maximum over pipeline stages of
-    weights + master + Adam + persistent grads + overhead + max(forward/backward, optimizer step).
+def estimate(model_cfg: ModelConfig, layout: Layout, **kwargs: Any) -> MemoryEstimate:
+    """The worst stage of :func:`estimate_stages` (same arguments); ``tp_comm`` is the busiest
+    stage's."""
+    stages = estimate_stages(model_cfg, layout, **kwargs)
+    worst = max(stages, key=lambda r: r.total)
+    return dataclasses.replace(worst, tp_comm=max(r.tp_comm for r in stages))
+
+
+def estimate_stages(model_cfg: ModelConfig, layout: Layout, *, seq_len: int, global_batch: int,
+                    precision: str = "bf16", zero_stage: int = 1,
+                    activation_checkpointing: bool = False, sequence_parallel: bool = False,
+                    overhead_bytes: int | None = None, device: str = "cuda",
+                    capacity_bytes: int = 80 * GIB,
+                    partition_method: str = "balanced") -> list[MemoryEstimate]:
+    """Peak memory per GPU of each pipeline stage of ``layout`` training ``model_cfg``: weights +
+    master + Adam + persistent grads + overhead + max(forward/backward, optimizer step).
 
     Forward/backward holds the activations of the micro-batches in flight on the stage under 1F1B
     (stage s: min(pp - s, gas)), the logits working set on the last stage and a backward workspace;
@@ -291,15 +301,14 @@ def estimate(model_cfg: ModelConfig, layout: Layout, *, seq_len: int, global_bat
     boundary = e * ts * h  # one [micro, seq(/tp), dim] tensor crossing a stage boundary
     bounds = stage_bounds(cfg, lay.pp, tp=t, seq_len=seq_len, method=partition_method)
     names = layer_names(cfg)
-    best: MemoryEstimate | None = None
-    tp_comm = 0
+    out = []
     for s in range(lay.pp):
         mine = names[bounds[s]:bounds[s + 1]]
         first, last = s == 0, s == lay.pp - 1
         blocks = sum(n.startswith("layers.") for n in mine)
         params = sum(sizes.get(n, sizes["block"]) for n in mine)
         largest = max((sizes.get(n, sizes["block"]) for n in mine), default=0)
-        st = optimizer_states(params, lay.dp, precision, zero_stage, device, largest)
+        st = optimizer_states(params, lay.dp, precision, zero_stage, device, largest, lay.pp > 1)
         k = min(lay.pp - s, gas)
         per_mb = blocks * stored
         if not first:  # DeepSpeed keeps each received input until its backward
@@ -322,18 +331,13 @@ def estimate(model_cfg: ModelConfig, layout: Layout, *, seq_len: int, global_bat
         total = fixed + max(start, end, st.step)
         per_layer_comm = 8 + (4 if activation_checkpointing else 0)
         comm = (per_layer_comm * blocks + 2 * first + 2 * ("output" in mine)) * e * tokens * h
-        tp_comm = max(tp_comm, gas * comm * (t - 1) // t)
-        cand = MemoryEstimate(
+        out.append(MemoryEstimate(
             lay, activation_checkpointing, sp, gas, s, blocks, params, k, st.weights,
             st.grads_keep + st.grads_accum + st.grads_bucket, st.master, st.adam,
             acts + workspace, logits, st.step, overhead_bytes, total,
-            "bwd" if max(start, end) >= st.step else "step", bubble_fraction(lay.pp, gas), 0,
-            capacity_bytes)
-        if best is None or cand.total > best.total:
-            best = cand
-    assert best is not None
-    best.tp_comm = tp_comm
-    return best
+            "bwd" if max(start, end) >= st.step else "step", bubble_fraction(lay.pp, gas),
+            gas * comm * (t - 1) // t, capacity_bytes))
+    return out
 
 
 def candidate_layouts(model_cfg: ModelConfig, gpus: int, *, global_batch: int,

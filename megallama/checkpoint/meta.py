@@ -89,8 +89,9 @@ def load_mmap(path: Path) -> dict[str, torch.Tensor]:
     try:
         sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except pickle.UnpicklingError as e:
-        m = re.search(r"Unsupported global: (GLOBAL \S+)|Unsupported operand \S+", str(e))
-        what = m.group(0) if m else str(e).splitlines()[0]
+        m = re.search(r"(?:unsupported|Unsupported global:) (GLOBAL [\w.]+)", str(e))
+        lines = [x for x in str(e).splitlines() if x.strip()]
+        what = m.group(1) if m else (lines[1] if len(lines) > 1 else lines[0] if lines else "")
         raise CheckpointError(f"{path}: refused to unpickle, it references code ({what}); "
                               "only plain tensor checkpoints are read") from None
     except (RuntimeError, OSError, EOFError, ValueError) as e:

@@ -31,7 +31,7 @@ import torch
 
 from megallama.checkpoint.atomic import CheckpointError, fsync_dir, fsync_file, write_text_atomic
 from megallama.checkpoint.hf import HFSink, HFSource, SafetensorsStream, nbytes_of
-from megallama.checkpoint.meta import MetaSink, MetaSource, default_mp
+from megallama.checkpoint.meta import MetaSink, MetaSource, check_mp, default_mp
 from megallama.checkpoint.names import model_tensor_shapes, tp_split_dim
 from megallama.checkpoint.weights import (
     FORMAT,
@@ -142,12 +142,6 @@ class MegallamaSink:
 
     def __init__(self, out: Path, cfg: ModelConfig, dtype: torch.dtype, tp: int, pp: int,
                  seq_len: int | None = None, extra: dict[str, Any] | None = None) -> None:
-        from megallama.model.llama import check_tp_layout
-
-        try:
-            check_tp_layout(cfg, tp)
-        except ConfigError as e:
-            raise CheckpointError(f"{out}: --tp {tp}: {e}") from None
         self.out, self.cfg, self.dtype, self.tp, self.pp = Path(out), cfg, dtype, tp, pp
         self.extra = extra or {}
         cuts = stage_cuts(cfg, pp, seq_len)
@@ -249,6 +243,22 @@ class Progress:
             sys.stderr.flush()
 
 
+def check_layout(fmt: str, where: Path, cfg: ModelConfig, tp: int, pp: int,
+                 mp: int | None) -> None:
+    """Refuse an output layout that cannot split this model, before anything is written."""
+    from megallama.model.llama import check_tp_layout
+
+    if fmt == "meta":
+        check_mp(cfg, mp or default_mp(cfg), where)
+    elif fmt == "megallama":
+        try:
+            check_tp_layout(cfg, tp)
+        except ConfigError as e:
+            raise CheckpointError(f"{where}: --tp {tp}: {e}") from None
+        if not 1 <= pp <= cfg.n_layers:
+            raise CheckpointError(f"{where}: --pp {pp}: need 1 <= pp <= n_layers={cfg.n_layers}")
+
+
 def convert(src: str, dst: str, *, tp: int = 1, pp: int = 1, mp: int | None = None,
             dtype: str | None = None, max_shard_size: int = 5 * 10**9,
             tokenizer: Path | None = None, seq_len: int | None = None,
@@ -269,6 +279,7 @@ def convert(src: str, dst: str, *, tp: int = 1, pp: int = 1, mp: int | None = No
     source = open_source(src_fmt, src_path)
     cfg = source.config
     out_dtype = DTYPES[dtype] if dtype else source.declared_dtype
+    check_layout(dst_fmt, dst_path, cfg, tp, pp, mp)
     tmp = dst_path.with_name(f".{dst_path.name}.tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)

@@ -27,6 +27,7 @@ from megallama.checkpoint.state import (
 from megallama.checkpoint.weights import INDEX_NAME, load_model_weights, save_model_weights
 from megallama.config import ConfigError
 from megallama.data.sampler import DataSampler
+from megallama.engine import faults
 from megallama.engine.config import TrainConfig
 from megallama.engine.engine import Engine
 from megallama.parallel.topology import Topology
@@ -63,6 +64,8 @@ def save_checkpoint(engine: Engine, cfg: TrainConfig, topo: Topology, step: int,
     layers = engine.local_layers()
     with checkpoint_writer(root, step, keep_last=cfg.trainer.keep_last) as tmp:
         save_model_weights(layers, engine.tp, topo, tmp, cfg.model, extra={"step": step})
+        if faults.armed("killsave", step, topo.rank, topo.grid.world_size):
+            faults.kill_self()
         save_optimizer_state(layers, engine.tp, topo, tmp, cfg.model, engine.ds_optimizer)
         save_rng(tmp, topo.rank)
         if topo.rank == 0:

@@ -21,6 +21,7 @@ class ParallelConfig:
     micro_batch_size: int = 1
     global_batch_size: int = 8
     activation_checkpointing: bool = False
+    compile_blocks: bool = False  # torch.compile each transformer block (fast path on GPU)
     # "balanced": stage costs from FLOPs per layer (embedding and head included);
     # "uniform": equal layer counts. Either way every stage holds at least one block.
     partition_method: str = "balanced"

@@ -21,7 +21,7 @@ from torch import nn
 
 from megallama.engine.config import TrainConfig
 from megallama.engine.optim import lr_at, param_groups
-from megallama.model.llama import Transformer, layer_defs, make_loss_fn
+from megallama.model.llama import Transformer, compile_blocks, layer_defs, make_loss_fn
 from megallama.parallel.topology import Topology
 
 MicroBatch = tuple[torch.Tensor, torch.Tensor]  # tokens [b, s], labels [b, s]
@@ -122,6 +122,7 @@ class Engine:
 
     def _build(self, cfg: TrainConfig, topo: Topology, device: torch.device) -> None:
         import deepspeed
+        from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
 
         self.cfg, self.topo, self.device = cfg, topo, device
         p, grid = cfg.parallel, topo.grid
@@ -142,6 +143,8 @@ class Engine:
             model = Transformer(cfg.model, self.tp, seed, p.activation_checkpointing)
             module = _SingleStage(model, self.loss_fn)
             mpu = TopologyMPU(topo)
+        if p.compile_blocks:
+            compile_blocks(module)
         module.to(device)
         total = cfg.trainer.steps
         self.optimizer = torch.optim.AdamW(
@@ -157,6 +160,10 @@ class Engine:
         self.ds, self.ds_optimizer, _, self.scheduler = deepspeed.initialize(
             model=module, optimizer=self.optimizer, lr_scheduler=schedule, mpu=mpu,
             config=deepspeed_config(cfg, grid.dp), dist_init_required=False)
+        if grid.dp == 1 and isinstance(self.ds.optimizer, BF16_Optimizer):
+            # a 1-rank all-reduce is the identity, but DeepSpeed's bf16 optimizer would still copy
+            # every fp32 gradient through a bucket and back (ZeRO's fp32 path needs that call)
+            self.ds.enable_backward_allreduce = False
         self.module = module
         self._skipped_before = 0
 

@@ -7,7 +7,6 @@ last pipeline stage to every stage, so global rank 0 (first stage) can report it
 from __future__ import annotations
 
 import math
-import os
 import signal
 import time
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch.distributed as dist
 
 from megallama.data.dataset import BlendedDataset, PackedDataset, build_train_valid, collate
 from megallama.data.sampler import DataSampler
+from megallama.engine import faults
 from megallama.engine.checkpointing import resolve_resume, resume, save_checkpoint
 from megallama.engine.config import TrainConfig
 from megallama.engine.engine import Engine, MicroBatch, perplexity
@@ -93,25 +93,12 @@ class StopSignal:
         return bool(value.item())
 
 
-def parse_fault(spec: str | None) -> tuple[str, int] | None:
-    """MEGALLAMA_FAULT=crash@STEP (the last rank raises at STEP) or nan@STEP (the loss of STEP is
-    NaN): fault injection so tests can exercise failure handling through the real entry point."""
-    if not spec:
-        return None
-    kind, _, step = spec.partition("@")
-    if kind not in ("crash", "nan") or not step.isdigit():
-        raise ValueError(f"MEGALLAMA_FAULT={spec!r}: expected crash@STEP or nan@STEP")
-    return kind, int(step)
-
-
-def _inject(fault: tuple[str, int] | None, step: int, engine: Engine, topo: Topology) -> None:
-    if fault is None:
-        return
-    kind, at = fault
-    first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
-    if kind == "crash" and step == at and first_attempt and topo.rank == topo.grid.world_size - 1:
+def _inject(step: int, engine: Engine, topo: Topology) -> None:
+    """Test-only faults (see megallama.engine.faults)."""
+    world = topo.grid.world_size
+    if faults.armed("crash", step, topo.rank, world):
         raise RuntimeError(f"injected crash at step {step} (MEGALLAMA_FAULT)")
-    engine.loss_fn.poison = kind == "nan" and step == at
+    engine.loss_fn.poison = faults.armed("nan", step, topo.rank, world, every_rank=True)
 
 
 def train(cfg: TrainConfig, grid: Grid, device: torch.device) -> dict:
@@ -144,10 +131,9 @@ def train(cfg: TrainConfig, grid: Grid, device: torch.device) -> dict:
     progress = Progress(t.steps, enabled=is_logger, bar=t.progress, initial=start)
     final: dict = {}
     window_t, window_steps = time.perf_counter(), 0
-    fault = parse_fault(os.environ.get("MEGALLAMA_FAULT"))
     step = start
     for step in range(start + 1, t.steps + 1):
-        _inject(fault, step, engine, topo)
+        _inject(step, engine, topo)
         result = engine.train_step(source.next_step(load=engine.needs_data()))
         if result.skipped or not math.isfinite(result.loss):
             if t.nonfinite == "stop":

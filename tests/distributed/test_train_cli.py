@@ -9,62 +9,13 @@ non-finite steps are skipped (counted) or stop the run naming the step.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from megallama.data.indexed import IndexedWriter
+from tests.distributed.cli import overrides, read_scalars, torchrun
 
-REPO = Path(__file__).resolve().parents[2]
-VOCAB = 256
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def token_files(tmp_path_factory) -> Path:
-    """Learnable synthetic documents: arithmetic progressions mod 250 (BOS=1, EOS=2)."""
-    root = tmp_path_factory.mktemp("tokens")
-    rng = np.random.default_rng(0)
-    for split, docs in (("train", 400), ("val", 60)):
-        with IndexedWriter(root / split, VOCAB) as w:
-            for _ in range(docs):
-                a, d, n = rng.integers(0, 250), rng.integers(1, 6), rng.integers(40, 120)
-                w.add_document([1, *((a + d * np.arange(n)) % 250 + 3), 2])
-    return root
-
-
-def torchrun(nproc: int, module: str, args: list[str], env: dict | None = None, timeout=240):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc-per-node={nproc}", "-m", module, *args]
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    start = time.monotonic()
-    proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True,
-                          timeout=timeout)
-    return proc, time.monotonic() - start
-
-
-def overrides(token_files: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        "model=tiny_gqa", f"model.vocab_size={VOCAB}", "model.n_layers=2",
-        f"data.train=[{token_files / 'train'}]", f"data.valid=[{token_files / 'val'}]",
-        "data.seq_len=32", "parallel.micro_batch_size=2", "parallel.global_batch_size=8",
-        "optim.lr=3e-3", "optim.warmup_steps=3", "trainer.log_interval=2",
-        "trainer.eval_interval=15", "trainer.eval_iters=2", "trainer.device=cpu",
-        f"trainer.output_dir={out}", *extra,
-    ]
-
-
-def read_scalars(logdir: Path) -> dict[str, list[float]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(logdir))
-    acc.Reload()
-    return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
 def test_bf16_pipeline_run_logs_and_evaluates(token_files, tmp_path):
