@@ -22,6 +22,8 @@ for split in train val; do
       --output-prefix "$data/sotu_$split" "data/sotu/$split.txt.gz"
   fi
 done
+baseline=$("$py" tools/unigram_baseline.py "$data/sotu_train" "$data/sotu_val")
+echo "[demo] unigram baseline on the validation split: $baseline (the model must go well below it)"
 echo "[demo] training: 4 ranks (tp=2 x pp=2), gloo on CPU"
 start=$(date +%s)
 "$root/.venv/bin/torchrun" --standalone --nproc-per-node 4 -m megallama.train experiment=tiny_cpu "$@"
