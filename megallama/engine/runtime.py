@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime
 import importlib
 import os
+import socket
 
 import torch
 
@@ -40,8 +41,12 @@ def init_distributed(device: torch.device, timeout_s: float = 600.0) -> None:
     """Initialise torch.distributed through DeepSpeed (so its comm layer is set up as well).
 
     Works under torchrun and as a plain single process (world of one)."""
+    if "MASTER_PORT" not in os.environ:  # a plain single process: any free port will do
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
     for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"),
-                       ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29599")):
+                       ("MASTER_ADDR", "127.0.0.1")):
         os.environ.setdefault(key, value)
     if device.type == "cuda":
         torch.cuda.set_device(device)
