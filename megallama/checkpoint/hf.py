@@ -122,8 +122,8 @@ class HFSource:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self.config, raw = read_hf_config(self.path)
-        self.declared_dtype = _hf_dtype(raw.get("torch_dtype") or raw.get("dtype"))
+        self.config, _ = read_hf_config(self.path)
+        stored: dict[str, str] = {}
         self.files = self._weight_map()
         expected = {meta_to_hf_name(n): s for n, s in model_tensor_shapes(self.config)}
         self.names = list(expected)
@@ -139,7 +139,8 @@ class HFSource:
                         if self.files.get(key) != fname:
                             raise CheckpointError(f"{fpath}: {key}: not listed for this file in "
                                                   f"{INDEX_FILE}")
-                        shape = list(f.get_slice(key).get_shape())
+                        view = f.get_slice(key)
+                        shape, stored[key] = list(view.get_shape()), view.get_dtype()
                         if shape != expected[key]:
                             raise CheckpointError(f"{fpath}: {key}: shape {shape}, config.json "
                                                   f"implies {expected[key]}")
@@ -148,12 +149,21 @@ class HFSource:
             except Exception as e:  # SafetensorError / OSError
                 raise CheckpointError(f"{fpath}: not a readable safetensors file "
                                       f"({str(e).splitlines()[0]})") from None
-        missing = [n for n in self.names if n not in self.files]
+        missing = [n for n in self.names if n not in stored]
         if missing:
-            where = self.path / (INDEX_FILE if len(set(self.files.values())) > 1 else SINGLE_FILE)
-            raise CheckpointError(f"{where}: {missing[0]}: missing ({len(missing)} tensor(s) "
-                                  "missing in all)")
-        self.nbytes = sum(nbytes_of(s, self.declared_dtype) for s in expected.values())
+            name = missing[0]
+            where = (self.path / self.files[name] if name in self.files else
+                     self.path / (INDEX_FILE if (self.path / INDEX_FILE).is_file() else SINGLE_FILE))
+            raise CheckpointError(f"{where}: {name}: missing ({len(missing)} tensor(s) missing "
+                                  "in all)")
+        # the output default is what is stored (config.json's torch_dtype can disagree with it)
+        first = stored[self.names[0]]
+        if first not in ST_TO_TORCH:
+            raise CheckpointError(f"{self.path / self.files[self.names[0]]}: {self.names[0]}: "
+                                  f"dtype {first} is not F32/BF16/F16")
+        self.declared_dtype = ST_TO_TORCH[first]
+        self.nbytes = sum(nbytes_of(s, ST_TO_TORCH.get(stored[n], torch.float32))
+                          for n, s in expected.items())
 
     def _weight_map(self) -> dict[str, str]:
         index = self.path / INDEX_FILE
@@ -180,15 +190,6 @@ class HFSource:
                 t = f.get_tensor(hf_name)
             name, t = hf_tensor_to_meta(hf_name, t, self.config)
             yield name, t.contiguous(), str(fpath)
-
-
-def _hf_dtype(name: str | None) -> torch.dtype:
-    if name in (None, "auto"):
-        return torch.float32
-    dtype = getattr(torch, str(name).removeprefix("torch."), None)
-    if dtype not in HF_DTYPE_NAMES:
-        raise CheckpointError(f"config.json: torch_dtype {name!r} is not float32/bfloat16/float16")
-    return dtype
 
 
 # ---- writer --------------------------------------------------------------------------------------

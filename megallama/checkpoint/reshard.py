@@ -52,6 +52,9 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 class Source(Protocol):
+    """A validated input: its config, the dtype an output keeps by default, its size in bytes,
+    and (Meta name, full tensor in Meta layout, file it came from) in model order."""
+
     config: ModelConfig
     declared_dtype: torch.dtype
     nbytes: int
@@ -60,6 +63,8 @@ class Source(Protocol):
 
 
 class Sink(Protocol):
+    """An output planned from the config: takes every tensor once, in model order."""
+
     def write(self, name: str, t: torch.Tensor) -> None: ...
 
     def finish(self) -> None: ...
@@ -100,11 +105,16 @@ class MegallamaSource:
             yield name, read_full_tensor(self.path, name), str(self.path / INDEX_NAME)
 
 
+def layer_names(cfg: ModelConfig) -> list[str]:
+    """The model's ordered layer list, as ``layer_defs`` names it."""
+    return ["tok_embeddings"] + [f"layers.{i}" for i in range(cfg.n_layers)] + ["norm", "output"]
+
+
 def stage_cuts(cfg: ModelConfig, pp: int, seq_len: int | None = None) -> list[int]:
     """The trainer's pipeline stage boundaries over [embedding, blocks..., norm, head]."""
     from megallama.engine.pipeline import balanced_cuts, layer_costs  # imports deepspeed
 
-    names = ["tok_embeddings"] + [f"layers.{i}" for i in range(cfg.n_layers)] + ["norm", "output"]
+    names = layer_names(cfg)
     costs = layer_costs(cfg, seq_len or cfg.max_seq_len, names)
     try:
         return balanced_cuts(costs, [n.startswith("layers.") for n in names], pp)
@@ -146,8 +156,7 @@ class MegallamaSink:
         self.extra = extra or {}
         cuts = stage_cuts(cfg, pp, seq_len)
         layer_stage = {}
-        names = ["tok_embeddings"] + [f"layers.{i}" for i in range(cfg.n_layers)] + ["norm",
-                                                                                       "output"]
+        names = layer_names(cfg)
         for stage in range(pp):
             for i in range(cuts[stage], cuts[stage + 1]):
                 layer_stage[names[i]] = stage
@@ -236,7 +245,8 @@ class Progress:
             rate = self.done / max(now - self.start, 1e-9)
             frac = self.done / max(self.total, 1)
             bar = "#" * int(frac * 30)
-            sys.stderr.write(f"\r[{bar:<30}] {self.done / 1e9:7.2f}/{self.total / 1e9:.2f} GB "
+            unit, div = ("GB", 1e9) if self.total >= 1e9 else ("MB", 1e6)
+            sys.stderr.write(f"\r[{bar:<30}] {self.done / div:7.2f}/{self.total / div:.2f} {unit} "
                              f"{rate / 1e6:8.1f} MB/s  {name[:40]:<40}")
             if self.done >= self.total:
                 sys.stderr.write("\n")
@@ -250,6 +260,9 @@ def check_layout(fmt: str, where: Path, cfg: ModelConfig, tp: int, pp: int,
 
     if fmt == "meta":
         check_mp(cfg, mp or default_mp(cfg), where)
+        if cfg.rope_scaling is not None:  # Meta's params.json has no field for it
+            raise CheckpointError(f"{where}: rope_scaling {cfg.rope_scaling} cannot be expressed "
+                                  "in Meta's params.json; convert to hf or megallama instead")
     elif fmt == "megallama":
         try:
             check_tp_layout(cfg, tp)

@@ -1,0 +1,393 @@
+"""megallama-reshard: bit-exact round trips between Meta, HF and megallama layouts, format parity
+with ``save_model_weights``, an HF export that transformers loads with equal logits, a converted
+checkpoint that trains, and one-line errors for bad inputs.
+
+Meta inputs are written with plain ``torch.save`` of fairscale-style slices and HF inputs with
+transformers' ``save_pretrained``, so the readers are checked against independent writers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from megallama.checkpoint.atomic import CheckpointError
+from megallama.checkpoint.meta import ROPE_FREQS, rope_freqs
+from megallama.checkpoint.names import meta_split_dim, meta_tensor_to_hf, model_tensor_shapes
+from megallama.checkpoint.reshard import convert, stage_cuts
+from megallama.checkpoint.weights import (
+    _local_shard,
+    _named_params,
+    load_model_weights,
+    read_index,
+    shard_file_name,
+)
+from megallama.config import preset
+from megallama.model.llama import Transformer
+from megallama.parallel.layers import TensorParallel
+from megallama.reshard import main, parse_size
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matmuls: extra threads only contend on a loaded machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def random_state(cfg, dtype=torch.bfloat16, seed=0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {n: torch.randn(s, generator=g).to(dtype) for n, s in model_tensor_shapes(cfg)}
+
+
+def write_meta(path: Path, cfg, state: dict[str, torch.Tensor], k: int) -> Path:
+    """A consolidated checkpoint as Meta ships it: fairscale slices, rope.freqs, vocab_size -1."""
+    path.mkdir(parents=True)
+    for i in range(k):
+        sd = {ROPE_FREQS: rope_freqs(cfg, torch.bfloat16)}
+        for name, t in state.items():
+            dim = meta_split_dim(name)
+            sd[name] = t.clone() if dim is None else t.chunk(k, dim)[i].clone()
+        torch.save(sd, path / f"consolidated.{i:02d}.pth")
+    params = {**cfg.to_meta_params(), "vocab_size": -1}
+    (path / "params.json").write_text(json.dumps(params))
+    return path
+
+
+def load_meta(path: Path) -> list[dict[str, torch.Tensor]]:
+    files = sorted(path.glob("consolidated.*.pth"))
+    return [torch.load(f, weights_only=True, mmap=True) for f in files]
+
+
+def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert set(a) == set(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+
+
+def hf_tensors(path: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(path.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def test_meta_hf_meta_round_trip_is_bit_exact(tmp_path):
+    cfg = preset("tiny_gqa", vocab_size=1000)
+    state = random_state(cfg)
+    src = write_meta(tmp_path / "meta", cfg, state, k=2)
+    convert(f"meta:{src}", f"hf:{tmp_path / 'hf'}", max_shard_size=400_000, progress=False)
+    shards = sorted((tmp_path / "hf").glob("model-*-of-*.safetensors"))
+    index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
+    assert len(shards) > 2 and set(index["weight_map"].values()) == {p.name for p in shards}
+    assert all(p.stat().st_size < 400_000 + 4096 for p in shards)  # data <= 400 kB + header
+    hf = hf_tensors(tmp_path / "hf")  # q/k permuted per head (k with the KV-head count)
+    assert_same(hf, dict(meta_tensor_to_hf(n, t, cfg) for n, t in state.items()))
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["num_key_value_heads"] == 2 and config["torch_dtype"] == "bfloat16"
+    convert(f"hf:{tmp_path / 'hf'}", f"meta:{tmp_path / 'back'}", mp=2, progress=False)
+    for orig, back in zip(load_meta(src), load_meta(tmp_path / "back"), strict=True):
+        assert_same(orig, back)
+    params = json.loads((tmp_path / "back" / "params.json").read_text())
+    assert params == {**cfg.to_meta_params()}
+    assert not list(tmp_path.glob(".*tmp*"))  # temporary directories renamed away
+
+
+@pytest.fixture(scope="module")
+def hf_gqa(tmp_path_factory) -> tuple[Path, object]:
+    """An HF checkpoint written by transformers itself (fp32, vocab 1001: padded at tp=2)."""
+    transformers = pytest.importorskip("transformers")
+    cfg = preset("tiny_gqa", vocab_size=1001)
+    torch.manual_seed(3)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg.to_hf_config()))
+    path = tmp_path_factory.mktemp("hf") / "src"
+    model.save_pretrained(path)
+    return path, cfg
+
+
+@dataclass(frozen=True)
+class RankTP(TensorParallel):
+    """The TP view of one rank of a tp-sized group, without processes (for building its slices)."""
+
+    n: int = 1
+    r: int = 0
+    kv: int = 1
+
+    @property
+    def size(self) -> int:
+        return self.n
+
+    @property
+    def rank(self) -> int:
+        return self.r
+
+    @property
+    def kv_replicas(self) -> int:
+        return self.kv
+
+
+def test_hf_megallama_hf_round_trip_and_save_model_weights_parity(hf_gqa, tmp_path):
+    src, cfg = hf_gqa
+    mg = tmp_path / "mg"
+    convert(f"hf:{src}", f"megallama:{mg}", tp=2, pp=2, progress=False)
+    convert(f"megallama:{mg}", f"hf:{tmp_path / 'hf'}", progress=False)
+    assert_same(hf_tensors(src), hf_tensors(tmp_path / "hf"))
+    index = read_index(mg)
+    assert index["saved_layout"] == {"tp": 2, "pp": 2, "dp": 1}
+    # every shard holds exactly what save_model_weights would write from that (stage, tp rank)
+    cuts = stage_cuts(cfg, 2)
+    for r in range(2):
+        tp = RankTP(n=2, r=r, kv=1)
+        model = Transformer(cfg, tp, seed=99)
+        load_model_weights(model.named_layers(), tp, mg, cfg)
+        layers = model.named_layers()
+        for stage in range(2):
+            want, entries = _local_shard(_named_params(layers[cuts[stage]:cuts[stage + 1]]), tp,
+                                         cfg.vocab_size)
+            fname = shard_file_name(stage, r)
+            assert_same(want, load_file(mg / fname))
+            for name, e in entries.items():
+                entry = index["tensors"][name]
+                assert [entry[k] for k in ("shape", "dtype", "split_dim")] == [
+                    e["shape"], e["dtype"], e["split_dim"]]
+                assert {"file": fname, "offset": e["offset"], "length": e["length"]} in entry["pieces"]
+    with safe_open(mg / shard_file_name(1, 1), framework="pt") as f:
+        assert f.metadata() == {"format": "pt", "writer": "megallama-weights"}
+        assert f.get_slice("output.weight").get_shape() == [500, 128]  # the padding row is not stored
+
+
+def test_70b_shaped_gqa_meta8_megallama_tp4_pp2_meta8_and_hf(tmp_path):
+    cfg = preset("tiny_70b_shape", vocab_size=512)
+    state = random_state(cfg, seed=5)
+    src = write_meta(tmp_path / "meta", cfg, state, k=8)
+    mg = tmp_path / "mg"
+    convert(f"meta:{src}", f"megallama:{mg}", tp=4, pp=2, progress=False)
+    wk = read_index(mg)["tensors"]["layers.0.attention.wk.weight"]
+    # 8 KV heads of width 4 over 4 ranks: two heads each
+    assert [(p["offset"], p["length"]) for p in wk["pieces"]] == [(0, 8), (8, 8), (16, 8), (24, 8)]
+    convert(f"megallama:{mg}", f"meta:{tmp_path / 'back'}", mp=8, progress=False)
+    for orig, back in zip(load_meta(src), load_meta(tmp_path / "back"), strict=True):
+        assert_same(orig, back)
+    convert(f"megallama:{mg}", f"hf:{tmp_path / 'hf'}", progress=False)
+    assert_same(hf_tensors(tmp_path / "hf"),
+                dict(meta_tensor_to_hf(n, t, cfg) for n, t in state.items()))
+
+
+def test_kv_replicated_slices_stored_once(tmp_path):
+    cfg = preset("tiny_gqa", vocab_size=1000)  # 2 KV heads at tp=4: each held by 2 ranks
+    src = write_meta(tmp_path / "meta", cfg, random_state(cfg, torch.float32), k=1)
+    convert(f"meta:{src}", f"megallama:{tmp_path / 'mg'}", tp=4, pp=1, progress=False)
+    wv = read_index(tmp_path / "mg")["tensors"]["layers.3.attention.wv.weight"]
+    assert [(p["file"], p["offset"]) for p in wv["pieces"]] == [
+        (shard_file_name(0, 0), 0), (shard_file_name(0, 2), 16)]  # 2 heads of width 16
+
+
+def test_hf_export_loads_in_transformers_with_equal_logits(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    cfg = preset("tiny_gqa", vocab_size=512)
+    model = Transformer(cfg, seed=7).eval()
+    meta = tmp_path / "meta"
+    meta.mkdir()
+    torch.save(model.state_dict(), meta / "consolidated.00.pth")
+    (meta / "params.json").write_text(json.dumps(cfg.to_meta_params()))
+    convert(f"meta:{meta}", f"hf:{tmp_path / 'hf'}", progress=False)
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="eager")
+    tokens = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours, theirs = model.full_logits(tokens), hf.eval()(tokens).logits
+    assert theirs.dtype == torch.float32
+    assert ((ours - theirs).norm() / theirs.norm()).item() < 1e-5
+
+
+def test_converted_checkpoint_resumes_training(hf_gqa, tmp_path):
+    """Transformer + AdamW (the engine's optimizer on one rank): load the converted weights at the
+    checkpoint's config, take steps on a fixed batch, the loss goes down."""
+    from megallama.evaluate import resolve_checkpoint
+
+    src, cfg = hf_gqa
+    mg = tmp_path / "mg"
+    convert(f"hf:{src}", f"megallama:{mg}", tp=2, pp=2, progress=False)
+    assert resolve_checkpoint(mg)[0] == mg
+    model = Transformer(cfg, seed=1)
+    load_model_weights(model.named_layers(), model.tp, mg, cfg)
+    hf = hf_tensors(src)
+    assert torch.equal(model.norm.weight, hf["model.norm.weight"])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 33), generator=torch.Generator().manual_seed(1))
+    losses = []
+    for _ in range(3):
+        loss = model.loss(model(tokens[:, :-1]), tokens[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+
+# ---- bad inputs ----------------------------------------------------------------------------------
+@pytest.fixture
+def meta2(tmp_path) -> Path:
+    cfg = preset("tiny_gqa", vocab_size=1000)
+    return write_meta(tmp_path / "meta", cfg, random_state(cfg), k=2)
+
+
+def _error(src: str, dst: str, **kw) -> str:
+    with pytest.raises(CheckpointError) as info:
+        convert(src, dst, progress=False, **kw)
+    msg = str(info.value)
+    assert "\n" not in msg
+    assert not list(Path(dst.split(":", 1)[1]).parent.glob(".*tmp*"))
+    return msg
+
+
+def _edit(path: Path, fn) -> None:
+    sd = torch.load(path, weights_only=True)
+    fn(sd)
+    torch.save(sd, path)
+
+
+def test_missing_and_extra_keys(meta2, tmp_path):
+    shard = meta2 / "consolidated.01.pth"
+    _edit(shard, lambda sd: sd.pop("layers.2.feed_forward.w3.weight"))
+    msg = _error(f"meta:{meta2}", f"hf:{tmp_path / 'o1'}")
+    assert f"{shard}: layers.2.feed_forward.w3.weight: missing" in msg
+    _edit(shard, lambda sd: sd.update({"layers.2.feed_forward.w3.weight": sd["layers.2.feed_forward.w1.weight"],
+                                       "layers.9.attention.wq.weight": torch.zeros(1)}))
+    msg = _error(f"meta:{meta2}", f"hf:{tmp_path / 'o2'}")
+    assert f"{shard}: layers.9.attention.wq.weight: unexpected" in msg
+
+
+def test_shard_count_mismatch(meta2, tmp_path):
+    os.rename(meta2 / "consolidated.01.pth", meta2 / "consolidated.02.pth")
+    assert "a shard is missing" in _error(f"meta:{meta2}", f"hf:{tmp_path / 'o1'}")
+    os.remove(meta2 / "consolidated.02.pth")  # one half-width shard left
+    msg = _error(f"meta:{meta2}", f"hf:{tmp_path / 'o2'}")
+    assert f"{meta2 / 'consolidated.00.pth'}: tok_embeddings.weight: shape [1000, 64]" in msg
+
+
+def test_gqa_head_counts_that_do_not_divide(meta2, tmp_path):
+    params = json.loads((meta2 / "params.json").read_text())
+    assert "n_kv_heads=2" in _error(f"meta:{meta2}", f"meta:{tmp_path / 'o'}", mp=4)
+    msg = _error(f"meta:{meta2}", f"megallama:{tmp_path / 'o'}", tp=3)
+    assert msg.startswith(f"{tmp_path / 'o'}: --tp 3: ") and "n_heads=8" in msg
+    (meta2 / "params.json").write_text(json.dumps({**params, "n_kv_heads": 3}))
+    msg = _error(f"meta:{meta2}", f"hf:{tmp_path / 'o'}")
+    assert msg.startswith(f"{meta2 / 'params.json'}: ") and "n_kv_heads=3" in msg
+
+
+def test_lossy_dtype_needs_dtype_flag(meta2, tmp_path):
+    shard = meta2 / "consolidated.00.pth"
+    for path in (shard, meta2 / "consolidated.01.pth"):  # a replicated tensor: in both
+        _edit(path, lambda sd: sd.update(
+            {"layers.1.ffn_norm.weight": sd["layers.1.ffn_norm.weight"].float() + 1e-3}))
+    msg = _error(f"meta:{meta2}", f"hf:{tmp_path / 'o'}")
+    assert f"{shard}: layers.1.ffn_norm.weight: stored as float32" in msg and "--dtype" in msg
+    # widening is lossless; narrowing is accepted when asked for
+    convert(f"meta:{meta2}", f"hf:{tmp_path / 'fp32'}", dtype="fp32", progress=False)
+    convert(f"hf:{tmp_path / 'fp32'}", f"meta:{tmp_path / 'bf16'}", dtype="bf16", mp=2,
+            progress=False)
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_pickle_with_code_is_refused(meta2, tmp_path):
+    shard = meta2 / "consolidated.01.pth"
+    sd = torch.load(shard, weights_only=True)
+    sd["payload"] = _Exploit()
+    torch.save(sd, shard)
+    msg = _error(f"meta:{meta2}", f"hf:{tmp_path / 'o'}")
+    assert msg.startswith(f"{shard}: refused to unpickle") and "GLOBAL posix.system" in msg
+
+
+def test_hf_shape_and_config_errors(hf_gqa, tmp_path):
+    src, _ = hf_gqa
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "model.safetensors").symlink_to(src / "model.safetensors")
+    config = json.loads((src / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**config, "intermediate_size": 512}))
+    msg = _error(f"hf:{bad}", f"meta:{tmp_path / 'o'}")
+    assert msg.startswith(f"{bad / 'model.safetensors'}: model.layers.") and "[128, 512]" in msg
+    (bad / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 5}))
+    msg = _error(f"hf:{bad}", f"meta:{tmp_path / 'o'}")
+    assert msg.startswith(f"{bad / 'model.safetensors'}: model.layers.4.") and "missing" in msg
+    scaled = {**config, "rope_scaling": {"rope_type": "linear", "factor": 2.0}}
+    (bad / "config.json").write_text(json.dumps(scaled))
+    assert "rope_scaling" in _error(f"hf:{bad}", f"meta:{tmp_path / 'o'}")
+    (bad / "config.json").write_text(json.dumps({**config, "num_key_value_heads": 3}))
+    assert _error(f"hf:{bad}", f"meta:{tmp_path / 'o'}").startswith(f"{bad / 'config.json'}: ")
+
+
+def test_cli(meta2, tmp_path, capsys):
+    assert parse_size("5GB") == 5 * 10**9 and parse_size("2MiB") == 2 * 2**20
+    out = tmp_path / "mg"
+    assert main(["--src", f"meta:{meta2}", "--dst", f"megallama:{out}", "--tp", "2", "--pp", "2",
+                 "--no-progress"]) == 0
+    assert "39 tensors" in capsys.readouterr().out
+    assert main(["--src", f"meta:{meta2}", "--dst", f"megallama:{out}", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "already exists" in err
+
+
+def _rss_file_kb() -> int:
+    with open("/proc/self/status") as f:
+        return int(next(line for line in f if line.startswith("RssFile")).split()[1])
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="needs Linux /proc")
+def test_meta_reader_drops_mapped_pages(tmp_path):
+    """Streaming a mapped .pth must not keep every page it touched: the file-backed resident set
+    stays near one tensor, not the file size."""
+    from megallama.checkpoint.meta import MetaSource
+
+    cfg = preset("tiny", dim=512, n_layers=6, n_heads=8, n_kv_heads=8, vocab_size=1024)
+    src = write_meta(tmp_path / "meta", cfg, random_state(cfg, torch.float32), k=1)
+    size_kb = (src / "consolidated.00.pth").stat().st_size // 1024
+    largest_kb = max(torch.Size(s).numel() for _, s in model_tensor_shapes(cfg)) * 4 // 1024
+    base, peak = _rss_file_kb(), 0
+    for _name, t, _ in MetaSource(src):
+        peak = max(peak, _rss_file_kb() - base)
+        del t
+    assert size_kb > 10 * largest_kb and peak < 2 * largest_kb + 1024, (size_kb, largest_kb, peak)
+
+
+def test_pth_writer_is_byte_identical_to_torch_save(tmp_path):
+    from megallama.checkpoint.meta import TorchZipStream
+
+    tensors = {"a": torch.randn(4, 6).to(torch.bfloat16), "b": torch.randn(8, 3)[4:],
+               "c": torch.randn(5).half()}
+    (tmp_path / "ours").mkdir()
+    (tmp_path / "torch").mkdir()
+    stream = TorchZipStream(tmp_path / "ours" / "c.pth",
+                            [(k, v.dtype, list(v.shape)) for k, v in tensors.items()])
+    for k, v in tensors.items():
+        stream.write(k, v)  # "b" is a view with an offset: written as its own storage
+    stream.close()
+    torch.save({k: v.clone() for k, v in tensors.items()}, tmp_path / "torch" / "c.pth")
+    assert (tmp_path / "ours" / "c.pth").read_bytes() == (tmp_path / "torch" / "c.pth").read_bytes()
+
+
+def test_tokenizer_shipped_with_hf_and_meta_outputs(meta2, tmp_path, llama_tokenizer_path):
+    transformers = pytest.importorskip("transformers")
+    sentencepiece = pytest.importorskip("sentencepiece")
+    convert(f"meta:{meta2}", f"hf:{tmp_path / 'hf'}", tokenizer=llama_tokenizer_path,
+            progress=False)
+    convert(f"hf:{tmp_path / 'hf'}", f"meta:{tmp_path / 'meta_out'}", mp=2,
+            tokenizer=llama_tokenizer_path, progress=False)
+    assert (tmp_path / "meta_out" / "tokenizer.model").read_bytes() == llama_tokenizer_path.read_bytes()
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(llama_tokenizer_path))
+    text = "The State of the Union is strong, said the President in 2024."
+    assert tok(text)["input_ids"] == [sp.bos_id()] + sp.encode(text)
