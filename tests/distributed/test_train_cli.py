@@ -9,6 +9,8 @@ non-finite steps are skipped (counted) or stop the run naming the step.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -80,3 +82,24 @@ def test_nonfinite_policy(token_files, tmp_path, policy):
         scalars = read_scalars(out / "tensorboard")
         assert scalars["train/skipped_steps"][-1] == 1
         assert np.isfinite(scalars["train/loss"][-1])
+
+
+def test_converted_checkpoint_resumes_training(token_files, tmp_path):
+    """megallama -> hf -> megallama(tp=2) with megallama-reshard, then training starts from it."""
+    first = tmp_path / "first"
+    proc, _ = torchrun(1, "megallama.train", overrides(
+        token_files, first, "trainer.steps=2", "trainer.eval_interval=0", "data.valid=[]"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    step_dir = first / "checkpoints" / "step_00000002"
+    hf, back = tmp_path / "hf", tmp_path / "megallama_tp2"
+    for src, dst, extra in ((f"megallama:{step_dir}", f"hf:{hf}", []),
+                            (f"hf:{hf}", f"megallama:{back}", ["--tp", "2"])):
+        conv = subprocess.run([sys.executable, "-m", "megallama.reshard", "--src", src, "--dst", dst,
+                               "--no-progress", *extra], capture_output=True, text=True)
+        assert conv.returncode == 0, conv.stderr[-2000:]
+    out = tmp_path / "continued"
+    proc, _ = torchrun(2, "megallama.train", overrides(
+        token_files, out, "parallel.tp=2", "trainer.steps=2", "trainer.eval_interval=0",
+        "data.valid=[]", f"trainer.resume={back}"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"resumed from {back} at step 0" in proc.stdout
