@@ -89,8 +89,10 @@ def link_zero_state(ds_optimizer: Any) -> None:
     moments). Linking all groups here is idempotent."""
     from deepspeed.utils.mixed_precision_linkage import lazy_init_hp_params_optimizer_state
 
-    groups = getattr(ds_optimizer, "bit16_groups", None)
-    flat = getattr(ds_optimizer, "single_partition_of_fp32_groups", None)
+    # ZeRO-1/2 optimizer, or DeepSpeed's BF16_Optimizer (bf16 with ZeRO-1)
+    groups = getattr(ds_optimizer, "bit16_groups", getattr(ds_optimizer, "bf16_groups", None))
+    flat = getattr(ds_optimizer, "single_partition_of_fp32_groups",
+                   getattr(ds_optimizer, "fp32_groups_flat_partition", None))
     if groups is None or flat is None:
         return  # ZeRO-3 keeps its own per-parameter mapping
     for lp_params, hp in zip(groups, flat, strict=True):

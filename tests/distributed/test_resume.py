@@ -108,3 +108,16 @@ def test_sigterm_saves_and_exits(token_files, tmp_path):
     ckpt = latest_checkpoint(out / "checkpoints")
     assert ckpt is not None and (ckpt / "trainer_state.json").is_file()
     assert 3 <= json.loads((ckpt / "trainer_state.json").read_text())["step"] < 500
+
+
+def test_bf16_resume_matches(token_files, tmp_path):
+    """bf16 with ZeRO-1 runs on DeepSpeed's BF16_Optimizer: its fp32 master weights and Adam
+    moments must round-trip too (same layout: identical losses)."""
+    ref, out = tmp_path / "bf16_ref", tmp_path / "bf16_resumed"
+    common = ("parallel.pp=2", "trainer.precision=bf16")
+    proc = run(token_files, ref, 2, *common, "trainer.save_interval=3")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run(token_files, out, 2, *common,
+               f"trainer.resume={ref / 'checkpoints' / 'step_00000003'}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert losses(out) == losses(ref)[3:]
