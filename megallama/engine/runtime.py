@@ -11,6 +11,7 @@ import os
 import socket
 
 import torch
+import torch.distributed as dist
 
 from megallama.config import ConfigError
 
@@ -37,6 +38,22 @@ def _skip_deepspeed_shm_build() -> None:
     module.build_shm_op = lambda: None
 
 
+def _init_on_agent_store(backend: str, timeout_s: float) -> None:
+    """Join the process group through torchrun's agent store under a per-attempt prefix.
+
+    After ``torchrun --max-restarts`` restarts the workers, the default env:// rendezvous let
+    gloo read the previous attempt's peer addresses from the agent store and fail to connect
+    ("connectFullMesh ... Connection refused", torch 2.13); a prefix naming the restart attempt
+    keeps every attempt's keys apart."""
+    timeout = datetime.timedelta(seconds=timeout_s)
+    world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
+    base = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                         is_master=False, timeout=timeout)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    store = dist.PrefixStore(f"megallama/attempt_{attempt}", base)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
+
+
 def init_distributed(device: torch.device, timeout_s: float = 600.0) -> None:
     """Initialise torch.distributed through DeepSpeed (so its comm layer is set up as well).
 
@@ -52,10 +69,13 @@ def init_distributed(device: torch.device, timeout_s: float = 600.0) -> None:
         torch.cuda.set_device(device)
     else:
         _skip_deepspeed_shm_build()
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        _init_on_agent_store(backend, timeout_s)
     import deepspeed
 
-    deepspeed.init_distributed(
-        dist_backend="nccl" if device.type == "cuda" else "gloo",
+    deepspeed.init_distributed(  # sets up DeepSpeed's comm layer; reuses an existing group
+        dist_backend=backend,
         timeout=datetime.timedelta(seconds=timeout_s),
         verbose=False,
     )

@@ -77,9 +77,6 @@ def test_kill_during_save_keeps_previous_checkpoint(token_files, tmp_path, refer
     assert losses(out)[-1] == ref[-1]
 
 
-@pytest.mark.skip(reason="known gap: after torchrun restarts the workers, gloo's process-group "
-                  "init intermittently fails ('connectFullMesh ... Connection refused') or hangs "
-                  "on this 2-core machine; resume itself is covered by the tests above")
 def test_torchrun_restarts_after_a_crash(token_files, tmp_path, reference):
     _, ref = reference
     out = tmp_path / "restarted"
