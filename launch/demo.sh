@@ -28,3 +28,7 @@ echo "[demo] training: 4 ranks (tp=2 x pp=2), gloo on CPU"
 start=$(date +%s)
 "$root/.venv/bin/torchrun" --standalone --nproc-per-node 4 -m megallama.train experiment=tiny_cpu "$@"
 echo "[demo] training took $(( $(date +%s) - start )) s; outputs in runs/demo/train"
+echo "[demo] a sample from the freshly trained model (KV-cache decoding, top-p 0.9):"
+"$py" -m megallama.generate --checkpoint runs/demo/train \
+  --prompt "Mr. Speaker, the state of the Union is" \
+  --temperature 0.7 --top-p 0.9 --seed 0 --max-new-tokens 40

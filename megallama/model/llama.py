@@ -79,18 +79,62 @@ def rope_cos_sin(cfg: ModelConfig, seq_len: int, device: torch.device) -> tuple[
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs of x [b, s, heads, head_dim] (Meta's layout) in fp32."""
+    """Rotate interleaved pairs of x [b, s, heads, head_dim] (Meta's layout) in fp32. cos/sin are
+    [s, head_dim/2] (positions 0..s-1, training) or [b, s, head_dim/2] (per-sequence positions)."""
     xf = x.float().unflatten(-1, (-1, 2))
     x0, x1 = xf[..., 0], xf[..., 1]
-    c, s = cos[:, None, :], sin[:, None, :]
+    c, s = cos.unsqueeze(-2), sin.unsqueeze(-2)
     out = torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1)
     return out.flatten(-2).type_as(x)
+
+
+class KVCache:
+    """Keys and values of the tokens seen so far, for incremental decoding (generation only).
+
+    Holds, per layer, this rank's (TP-sharded) KV heads for ``batch`` sequences of up to
+    ``max_len`` tokens. Before each forward the caller sets, for the new tokens, their RoPE
+    positions (per sequence, so left-padded prompts start at 0) and a boolean attention mask
+    [b, 1, new, seen + new] (True = attend); the forward then appends the new keys/values.
+    """
+
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel, batch: int, max_len: int,
+                 device: torch.device, dtype: torch.dtype) -> None:
+        kv_heads = max(1, cfg.n_kv_heads // tp.size)
+        shape = (cfg.n_layers, batch, max_len, kv_heads, cfg.head_dim)
+        self.cfg, self.max_len = cfg, max_len
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0
+        self.mask: torch.Tensor | None = None
+        self.cos = self.sin = torch.empty(0)
+
+    def prepare(self, positions: torch.Tensor, mask: torch.Tensor) -> None:
+        """Set the positions [b, s] and mask [b, 1, s, length + s] of the next s tokens."""
+        n = positions.shape[1]
+        if self.length + n > self.max_len:
+            raise ValueError(f"KV cache full: {self.length} + {n} tokens > {self.max_len}")
+        if mask.shape[-1] != self.length + n:
+            raise ValueError(f"mask covers {mask.shape[-1]} keys, expected {self.length + n}")
+        # one table for all layers; its length is what the no-cache forward would use
+        cos, sin = rope_cos_sin(self.cfg, self.length + n, positions.device)
+        self.cos, self.sin, self.mask = cos[positions], sin[positions], mask
+
+    def update(self, layer_id: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this layer's new k/v [b, s, heads, hd]; return all keys/values so far."""
+        end = self.length + k.shape[1]
+        self.k[layer_id, :, self.length:end] = k
+        self.v[layer_id, :, self.length:end] = v
+        return self.k[layer_id, :, :end], self.v[layer_id, :, :end]
+
+    def advance(self, n: int) -> None:
+        """Mark the n tokens of the last forward as cached."""
+        self.length += n
 
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, tp: TensorParallel, layer_id: int, seed: int) -> None:
         super().__init__()
-        self.cfg, self.tp = cfg, tp
+        self.cfg, self.tp, self.layer_id = cfg, tp, layer_id
         self.head_dim = cfg.head_dim
         self.n_local_heads = cfg.n_heads // tp.size
         self.n_local_kv_heads = max(1, cfg.n_kv_heads // tp.size)
@@ -106,18 +150,28 @@ class Attention(nn.Module):
         self.wv = ColumnParallelLinear(cfg.dim, cfg.n_kv_heads * hd, tp, key=f"{prefix}.wv.weight", **kv)
         self.wo = RowParallelLinear(cfg.n_heads * hd, cfg.dim, tp, seed=seed, key=f"{prefix}.wo.weight", std=out_std)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Causal self-attention over x; with ``cache`` (generation), over the cached tokens and
+        x, at the cache's positions and under its mask, appending x's keys/values to it."""
         x = self.tp.enter(x)
         bsz, seqlen, _ = x.shape
         xq = self.wq(x).view(bsz, seqlen, self.n_local_heads, self.head_dim)
         xk = self.wk(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
         xv = self.wv(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
-        cos, sin = rope_cos_sin(self.cfg, seqlen, x.device)
+        if cache is None:
+            cos, sin = rope_cos_sin(self.cfg, seqlen, x.device)
+        else:
+            cos, sin = cache.cos, cache.sin
         xq, xk = apply_rotary(xq, cos, sin), apply_rotary(xk, cos, sin)
+        if cache is not None:
+            xk, xv = cache.update(self.layer_id, xk, xv)
         q = xq.transpose(1, 2)
         k = xk.repeat_interleave(self.n_rep, dim=2).transpose(1, 2)
         v = xv.repeat_interleave(self.n_rep, dim=2).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if cache is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=cache.mask)
         out = out.transpose(1, 2).reshape(bsz, seqlen, -1)
         return self.tp.exit(self.wo(out))
 
@@ -150,14 +204,14 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps, tp)
         self.activation_checkpointing = activation_checkpointing
 
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x))
+    def _forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cache)
         return h + self.feed_forward(self.ffn_norm(h))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.activation_checkpointing and torch.is_grad_enabled():
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        if cache is None and self.activation_checkpointing and torch.is_grad_enabled():
             return checkpoint(self._forward, x, use_reentrant=False)
-        return self._forward(x)
+        return self._forward(x, cache)
 
 
 class Embedding(VocabParallelEmbedding):
@@ -224,11 +278,16 @@ class Transformer(nn.Module):
         self.norm = defs[-2].build()
         self.output = defs[-1].build()
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Vocab-parallel logits of ``tokens``; with a prepared ``cache``, tokens continue the
+        cached ones (see :class:`KVCache`) and are appended to it."""
         h = self.tok_embeddings(tokens)
         for layer in self.layers:
-            h = layer(h)
-        return self.output(self.norm(h))
+            h = layer(h) if cache is None else layer(h, cache)
+        logits = self.output(self.norm(h))
+        if cache is not None:
+            cache.advance(tokens.shape[1])
+        return logits
 
     def named_layers(self) -> list[tuple[str, nn.Module]]:
         """(global name prefix, module) in forward order -- the same list pipeline stages cut."""
