@@ -1,0 +1,258 @@
+"""The layout planner (megallama.plan): model states computed by hand, the activation and logits
+formulas checked against what autograd really keeps, the bubble, the effect of sequence
+parallelism / checkpointing / pipeline depth, the table and JSON output, and clear errors."""
+
+from __future__ import annotations
+
+import json
+import weakref
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map_only
+
+from megallama import plan
+from megallama.config import ConfigError, preset
+from megallama.model.llama import TransformerBlock
+from megallama.parallel import cross_entropy
+from megallama.parallel.layers import TensorParallel
+
+GIB = 1024**3
+
+
+def run(argv: list[str], capsys) -> tuple[int, str, str]:
+    rc = plan.main(argv)
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+# ---- model states by hand ------------------------------------------------------------------------
+def test_llama2_7b_tp2_pp2_dp2_states_by_hand():
+    # A 7B block: wq, wk, wv, wo are 4096 x 4096, w1, w2, w3 are 4096 x 11008; tp=2 splits them,
+    # the two RMSNorm weights (4096 each) are replicated. Embedding and head: 32000/2 rows of 4096.
+    block = (4 * 4096 * 4096 + 3 * 4096 * 11008) // 2 + 2 * 4096
+    table = 16000 * 4096
+    assert (block, table) == (101_195_776, 65_536_000)
+    stages = plan.estimate_stages(preset("llama2_7b"), plan.Layout(tp=2, pp=2, dp=2),
+                                  seq_len=4096, global_batch=1024)
+    # FLOP-balanced cut: per-token costs are 438.3M per block, 262.3M for the head, ~8.8M for the
+    # embedding, so embedding + 16 blocks | 16 blocks + norm + head minimises the larger stage.
+    assert [(r.stage, r.blocks) for r in stages] == [(0, 16), (1, 16)]
+    p0, p1 = table + 16 * block, 16 * block + 4096 + table
+    assert [r.params for r in stages] == [p0, p1]
+    for r, p in zip(stages, (p0, p1), strict=True):
+        assert r.weights == 2 * p  # bf16 parameters
+        assert r.master == 4 * p // 2  # fp32 master copy, sharded over dp=2 by ZeRO-1
+        assert r.optimizer == 8 * p // 2  # Adam m and v in fp32, sharded
+        # BF16_Optimizer: an unsharded fp32 accumulator, plus one fresh bf16 gradient (the
+        # largest tensor: the embedding / head shard) before it is added in
+        assert r.gradients == 4 * p + 2 * table
+        assert r.gas == 1024 // (1 * 2) and r.in_flight == 2 - r.stage
+    assert plan.optimizer_states(p0, 2, "bf16", 1, "cuda") == plan.States(
+        2 * p0, 4 * p0, 0, 0, False, 2 * p0, 4 * p0, 4 * 500_000_000)  # dp>1: all-reduce copy
+
+
+def test_fp32_cpu_single_process_states_by_hand():
+    cfg = preset("tiny")
+    n = cfg.num_parameters()  # tp=1: no vocabulary padding, every parameter on the one rank
+    r = plan.estimate(cfg, plan.Layout(1, 1, 1, 1), seq_len=64, global_batch=2, precision="fp32",
+                      device="cpu", overhead_bytes=123)
+    assert (r.params, r.weights, r.master, r.optimizer) == (n, 4 * n, 4 * n, 8 * n)
+    assert r.overhead == 123 and r.gas == 2
+    # step: ZeRO-1's staging copy of the gradients, then the flat gradient partition with CPU
+    # AdamW's two temporaries (sqrt(v) and sqrt(v)/c)
+    assert r.step == 4 * n + max(4 * n, 4 * n + 8 * n)
+
+
+# ---- activations and logits against autograd ---------------------------------------------------
+def test_block_activations_by_hand():
+    # 'tiny' (dim 128, 8 heads of 16, FFN 352), fp32, 2 x 64 tokens, per token:
+    # norms 2*(4+4)*128 + 2*4, linear inputs 2*4*128, SDPA q,k,v,out 4*4*128 + lse 4*8,
+    # SwiGLU 4*4*352; plus RoPE cos/sin 4*64*16 bytes once.
+    per_token = 2 * 8 * 128 + 8 + 2 * 4 * 128 + 4 * 4 * 128 + 4 * 8 + 4 * 4 * 352
+    expected = 128 * per_token + 4 * 64 * 16
+    assert expected == 1_385_472
+    assert plan.block_activation_bytes(preset("tiny"), tokens=128, seq_len=64, tp=1,
+                                       sequence_parallel=False, element=4) == expected
+
+
+@pytest.mark.parametrize("name,dtype", [("tiny", torch.float32), ("tiny_gqa", torch.bfloat16)])
+def test_block_activations_match_saved_tensors(name, dtype):
+    cfg = preset(name)
+    block = TransformerBlock(0, cfg, TensorParallel()).to(dtype)
+    x = torch.randn(2, 64, cfg.dim, dtype=dtype, requires_grad=True)
+    weights = {p.untyped_storage().data_ptr() for p in block.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in weights:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        block(x)
+    element = 4 if dtype == torch.float32 else 2
+    assert sum(saved.values()) == plan.block_activation_bytes(
+        cfg, tokens=128, seq_len=64, tp=1, sequence_parallel=False, element=element)
+
+
+class LiveBytes(TorchDispatchMode):
+    """Bytes of tensor storages created inside the mode and still alive, and their peak."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live: set[int] = set()
+        self.now = self.peak = 0
+
+    def _add(self, t: torch.Tensor) -> None:
+        storage = t.untyped_storage()
+        key, size = storage.data_ptr(), storage.nbytes()
+        if key in self.live or not size:
+            return
+        self.live.add(key)
+        self.now += size
+        self.peak = max(self.peak, self.now)
+        weakref.finalize(storage, self._drop, key, size)
+
+    def _drop(self, key: int, size: int) -> None:
+        self.live.discard(key)
+        self.now -= size
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        tree_map_only(torch.Tensor, self._add, out)
+        return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("chunk", [1 << 25, 16 * 1000])  # one chunk / four chunks of 16 rows
+def test_logits_bytes_cover_cross_entropy_peak(dtype, chunk, monkeypatch):
+    monkeypatch.setattr(cross_entropy, "CHUNK_ELEMENTS", chunk)
+    vocab, tokens, width = 1000, 64, 8
+    cfg = preset("tiny", vocab_size=vocab)
+    h = torch.randn(tokens, width, dtype=dtype, requires_grad=True)
+    w = torch.randn(vocab, width, dtype=dtype, requires_grad=True)
+    labels = torch.randint(0, vocab, (tokens,))
+    with LiveBytes() as live:  # head matmul + loss, forward and backward
+        loss = cross_entropy.vocab_parallel_cross_entropy(h @ w.t(), labels, None, vocab)
+        loss.backward()
+    element = 4 if dtype == torch.float32 else 2
+    measured = live.peak - 2 * w.numel() * element  # minus the small head/input gradients
+    est = plan.logits_bytes(cfg, tokens=tokens, tp=1, element=element, pipeline=False)
+    assert measured <= est <= 1.1 * measured
+
+
+# ---- bubble, sequence parallelism, checkpointing, pipeline depth ------------------------------
+def test_bubble_fraction():
+    assert plan.bubble_fraction(1, 7) == 0
+    assert plan.bubble_fraction(8, 128) == pytest.approx(7 / 135)
+    r = plan.estimate(preset("llama2_70b"), plan.Layout(tp=8, pp=8, dp=8), seq_len=4096,
+                      global_batch=1024)
+    assert r.gas == 128 and r.bubble == pytest.approx(7 / (128 + 8 - 1))
+
+
+def test_sequence_parallel_splits_the_norm_region_over_tp():
+    cfg, tokens, tp = preset("llama2_7b"), 4096, 8
+    full, split = (plan.block_activation_bytes(cfg, tokens=tokens, seq_len=tokens, tp=tp,
+                                               sequence_parallel=sp, element=2)
+                   for sp in (False, True))
+    # the two RMSNorms keep an fp32 input, a bf16 output and an fp32 rsqrt per token, sequence-split
+    # under SP; the all-gathered inputs of the column-parallel matmuls stay full length
+    norms = 2 * (4 + 2) * tokens * 4096 + 2 * 4 * tokens
+    assert full - split == norms - norms // tp
+    lay = plan.Layout(tp=8, pp=1, dp=1)
+    on, off = (plan.estimate(cfg, lay, seq_len=4096, global_batch=8, sequence_parallel=sp)
+               for sp in (True, False))
+    assert on.activations < off.activations and on.sequence_parallel
+
+
+def test_checkpointing_keeps_only_block_inputs():
+    cfg, lay = preset("llama2_7b"), plan.Layout(tp=1, pp=1, dp=8)
+    full, ckpt = (plan.estimate(cfg, lay, seq_len=4096, global_batch=64,
+                                activation_checkpointing=c) for c in (False, True))
+    block = plan.block_activation_bytes(cfg, tokens=4096, seq_len=4096, tp=1,
+                                        sequence_parallel=False, element=2)
+    inputs = 32 * 2 * 4096 * 4096  # one bf16 [seq, dim] input per block
+    assert full.activations - ckpt.activations == 32 * block - inputs - block  # + 1 recomputed
+    assert ckpt.total < full.total
+
+
+def test_more_pipeline_stages_hold_fewer_weights():
+    cfg = preset("llama2_70b")
+    weights = [plan.estimate(cfg, plan.Layout(8, pp, 512 // (8 * pp)), seq_len=4096,
+                             global_batch=1024).weights for pp in (1, 2, 4, 8, 16)]
+    assert weights == sorted(weights, reverse=True) and weights[0] > 12 * weights[-1]
+
+
+def test_layouts_that_do_not_fit_are_flagged(capsys):
+    r = plan.estimate(preset("llama2_70b"), plan.Layout(tp=8, pp=1, dp=1), seq_len=4096,
+                      global_batch=8)
+    assert not r.fits and r.total > 80 * GIB
+    rc, out, _ = run(["model=llama2_70b", "gpus=8"], capsys)
+    assert rc == 0 and "0 of" in out
+    rows = [line for line in out.splitlines() if line.startswith(("yes", "NO"))]
+    assert rows and all(line.startswith("NO") for line in rows)
+
+
+# ---- command line ------------------------------------------------------------------------------
+def test_cli_prints_table_and_writes_json(capsys, tmp_path):
+    path = tmp_path / "plan.jsonl"
+    rc, out, err = run(["model=llama2_7b", "gpus=8", "top=5", f"json={path}"], capsys)
+    assert rc == 0, err
+    lines = out.splitlines()
+    assert "6.74B parameters" in lines[0] and "fits  tp  pp" in out
+    rows = [line for line in lines if line.startswith(("yes", "NO"))]
+    assert len(rows) == 5
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(records) > 5 and {"tp", "pp", "dp", "total", "fits", "bubble"} <= set(records[0])
+    assert [r["fits"] for r in records] == sorted((r["fits"] for r in records), reverse=True)
+    first = records[0]
+    assert first["tp"] * first["pp"] * first["dp"] == 8
+
+
+def test_cli_model_overrides_and_fp32_cpu(capsys):
+    rc, out, err = run(["model=tiny", "model.n_layers=2", "gpus=2", "precision=fp32",
+                        "device=cpu", "seq_len=64", "global_batch=4", "micro_batch=1",
+                        "overhead_gib=0.5", "gpu_mem_gib=4"], capsys)
+    assert rc == 0, err
+    assert "2 layers" in out and "(cpu)" in out and "fp32" in out
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["model=llama2_7b", "gpus=8", "tp=3"], "does not divide n_heads=32"),
+    (["model=llama2_nope", "gpus=8"], "unknown model 'llama2_nope'"),
+    (["model=llama2_7b", "gpus=12", "tp=8", "pp=1"], "no layout of gpus=12"),
+    (["model=llama2_7b", "gpus=8", "colour=blue"], "unknown option 'colour'"),
+    (["model=llama2_7b", "gpus=eight"], "gpus='eight': expected an integer"),
+    (["model=llama2_7b", "gpus=8", "model.n_heds=4"], "unknown model field"),
+    (["model=llama2_7b", "gpus=8", "zero_stage=0"], "zero_stage=0"),
+    (["model=llama2_7b", "gpus=8", "pp=2", "zero_stage=2"], "ZeRO-2/3 with pipeline"),
+    (["gpus=8"], "model=... and gpus=... are required"),
+])
+def test_cli_errors_are_one_clear_line(argv, message, capsys):
+    rc, out, err = run(argv, capsys)
+    assert rc == 2 and message in err and err.count("\n") == 1 and not out
+
+
+def test_estimate_rejects_what_the_trainer_rejects():
+    cfg = preset("llama2_7b")
+    with pytest.raises(ConfigError, match="not a multiple of micro_batch_size"):
+        plan.estimate(cfg, plan.Layout(1, 1, 3), seq_len=4096, global_batch=1024)
+    with pytest.raises(ConfigError, match="sequence_parallel"):
+        plan.estimate(cfg, plan.Layout(8, 1, 1), seq_len=4100, global_batch=8,
+                      sequence_parallel=True)
+    with pytest.raises(ConfigError, match="precision"):
+        plan.estimate(cfg, plan.Layout(1, 1, 1), seq_len=4096, global_batch=8, precision="fp16")
+
+
+def test_load_model_from_meta_params_json(tmp_path):
+    path = tmp_path / "params.json"
+    path.write_text(json.dumps({"dim": 4096, "multiple_of": 256, "n_heads": 32, "n_layers": 32,
+                                "norm_eps": 1e-5, "vocab_size": -1}))
+    with pytest.raises(ConfigError, match="model.vocab_size=32000"):
+        plan.load_model(str(path))
+    cfg = plan.load_model(str(path), {"vocab_size": 32000, "n_layers": 40})
+    assert cfg.n_layers == 40 and cfg.ffn_hidden_dim == 11008
+    assert plan.load_model(str(path), {"vocab_size": 32000}) == preset("llama2_7b")
