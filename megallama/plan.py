@@ -165,7 +165,7 @@ class States(NamedTuple):
 
 
 def optimizer_states(p: int, dp: int, precision: str, zero: int, device: str, *,
-                     largest_layer: int = 0, pipeline: bool = False) -> States:
+                     largest_layer: int = 0) -> States:
     """What DeepSpeed keeps for ``p`` local parameters on the optimizer path it takes for this
     precision and ZeRO stage (docs/PLANNER.md, "Model states"), with ``dp``-way sharding."""
     shard, cpu = -(-p // dp), device == "cpu"
@@ -181,9 +181,9 @@ def optimizer_states(p: int, dp: int, precision: str, zero: int, device: str, *,
     bucket = e * (touched if cpu else DS_BUCKET)  # released before the optimizer step
     if zero == 1:  # fp32 ZeRO-1: .grad, then bucket -> staging -> flat copy of the partition
         step = 4 * shard + max(4 * p, 4 * shard + adam_tmp)
-        keep = 4 * shard if pipeline else 0  # measured: the PipelineEngine keeps one more
-        return States(4 * p, keep, 4 * p, bucket, not cpu, master, adam, step)
-    weights = e * p if zero == 2 else e * shard + e * largest_layer  # ZeRO-3 gathers a layer
+        return States(4 * p, 0, 4 * p, bucket, not cpu, master, adam, step)
+    # ZeRO-3 (coarse): the shard twice (measured at dp=1 on CPU) and one layer gathered
+    weights = e * p if zero == 2 else 2 * e * shard + e * largest_layer
     return States(weights, 4 * shard, 0, bucket, not cpu, master, adam, 4 * shard + adam_tmp)
 
 
@@ -228,8 +228,8 @@ def estimate_stages(model_cfg: ModelConfig, layout: Layout, *, seq_len: int, glo
     if overhead_bytes is None:
         overhead_bytes = int(DEFAULT_OVERHEAD_GIB[device] * GIB)
     gas = global_batch // (lay.micro_batch * lay.dp)
-    t, h, tokens, sp, ckpt = lay.tp, cfg.dim, lay.micro_batch * seq_len, sequence_parallel, \
-        activation_checkpointing
+    t, h, tokens = lay.tp, cfg.dim, lay.micro_batch * seq_len
+    sp, ckpt = sequence_parallel, activation_checkpointing
     ts = tokens // t if sp else tokens
     sizes = layer_params(cfg, t)
     block = block_activation_bytes(cfg, tokens=tokens, seq_len=seq_len, tp=t,
@@ -245,10 +245,12 @@ def estimate_stages(model_cfg: ModelConfig, layout: Layout, *, seq_len: int, glo
         first, last = s == 0, s == lay.pp - 1
         blocks = sum(n.startswith("layers.") for n in mine)
         params = sum(sizes.get(n, sizes["block"]) for n in mine)
-        tensors = [sizes["tok_embeddings"]] * (first or last) + [h * cfg.ffn_hidden_dim // t]
-        st = optimizer_states(params, lay.dp, precision, zero_stage, device, pipeline=lay.pp > 1,
+        st = optimizer_states(params, lay.dp, precision, zero_stage, device,
                               largest_layer=max(sizes.get(n, sizes["block"]) for n in mine))
-        fresh = e * max(tensors)  # a weight's new gradient before it is added to .grad / buffer
+        # a weight's new gradient before it is added to .grad / the fp32 buffer: the head's comes
+        # early in backward, the embedding's last, a w1/w2/w3 shard's anywhere
+        table, w1 = sizes["output"], h * cfg.ffn_hidden_dim // t
+        fresh_early, fresh = e * max(w1, table * last), e * max(w1, table * (first or last))
         k = min(lay.pp - s, gas)
         per_mb = blocks * stored + (0 if first else boundary) + (0 if last else sent)
         if last:  # final RMSNorm and the head's (gathered) input
@@ -256,11 +258,13 @@ def estimate_stages(model_cfg: ModelConfig, layout: Layout, *, seq_len: int, glo
         acts = k * per_mb + (block if ckpt else 0) + (0 if first else sent) + (0 if last else sent)
         logits = logits_bytes(cfg, tokens=tokens, tp=t, element=e, pipeline=lay.pp > 1) \
             if last else 0
-        start = acts + max(logits, fresh) + workspace + (st.grads_accum if gas > k else 0) \
+        start = acts + max(logits, fresh_early) + workspace + (st.grads_accum if gas > k else 0) \
             + (st.bucket if st.bucket_early else 0)
         end = st.grads_accum + st.bucket + (k - 1) * per_mb + block + workspace + fresh
         fixed = st.weights + st.master + st.adam + st.grads_keep + overhead_bytes
-        comm = (8 + 4 * ckpt) * blocks + 2 * first + 2 * last  # [tokens, h] all-reduces x 2
+        # TP collectives of [tokens, h] per micro-batch, in units of (t-1)/t of it (one ring
+        # all-reduce = 2): 4 all-reduces per block (+2 recomputed), 1 for embedding and head each
+        comm = (8 + 4 * ckpt) * blocks + 2 * first + 2 * last
         out.append(MemoryEstimate(
             lay, ckpt, sp, gas, s, blocks, params, k, st.weights,
             st.grads_keep + st.grads_accum + st.bucket + fresh, st.master, st.adam,
