@@ -26,15 +26,16 @@ def _load():
 def test_tiny_bench_runs_on_cpu(tmp_path, capsys):
     bench = _load()
     out = tmp_path / "bench.jsonl"
-    rc = bench.main(["--tiny", "--variants", "ml_base,ml_eager,hf_eager", "--steps", "1",
+    rc = bench.main(["--tiny", "--variants", "ml_base,ml_eager,ml_fused_eager,hf_eager", "--steps", "1",
                      "--out", str(out)])
     assert rc == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [r["variant"] for r in rows] == ["ml_base", "ml_eager", "hf_eager"]
+    assert [r["variant"] for r in rows] == ["ml_base", "ml_eager", "ml_fused_eager", "hf_eager"]
     for r in rows:
         assert r["tokens_per_s"] > 0 and r["step_ms_median"] > 0 and r["flops_per_token"] > 0
         assert len(r["losses"]) == r["warmup"] + r["steps_timed"]
     # the optimised megallama path computes the same losses as the first one (fp32-exact on CPU
     # up to bf16 rounding of the model)
     assert rows[1]["loss_max_abs_diff_vs_base"] < 1e-2
+    assert rows[2]["loss_max_abs_diff_vs_base"] < 1e-2  # megallama's fused optimizer
     assert "tokens/s" in capsys.readouterr().out

@@ -20,6 +20,9 @@ Variants:
   ml_compile  ml_eager with parallel.compile_blocks=true (every block under torch.compile)
   ml_compile_mem  ml_compile with torch._functorch.config.activation_memory_budget = --mem-budget
               (default 0.5: Inductor recomputes more in backward to keep fewer activations)
+  ml_fused    ml_compile with optim.impl=fused parallel.zero_stage=0: megallama's one-pass
+              master-weight AdamW (Triton) instead of DeepSpeed's bf16 optimizer
+  ml_fused_eager  ml_fused with eager blocks
   hf_eager    LlamaForCausalLM, fp32 params, bf16 autocast, SDPA attention, fused torch AdamW
   hf_compile  the same with torch.compile(model)
   hf_bf16     LlamaForCausalLM with bf16 params and bf16 AdamW states (no fp32 master), eager
@@ -39,7 +42,8 @@ import time
 from pathlib import Path
 
 H100_BF16_PEAK = 989e12  # dense bf16 FLOP/s of an H100 SXM
-ML_VARIANTS = ("ml_base", "ml_eager", "ml_compile", "ml_compile_mem")
+ML_VARIANTS = ("ml_base", "ml_eager", "ml_compile", "ml_compile_mem", "ml_fused", "ml_fused_eager")
+COMPILED = ("ml_compile", "ml_compile_mem", "ml_fused")
 HF_VARIANTS = ("hf_eager", "hf_bf16", "hf_compile")
 MARK = "BENCH_RESULT "
 
@@ -70,7 +74,7 @@ def variants_of(args) -> list[str]:
     if args.variants == "all":
         names = list(ML_VARIANTS + HF_VARIANTS)
         if args.tiny:  # torch.compile on CPU costs ~40 s per process: not in the smoke test
-            names = [n for n in names if "compile" not in n]
+            names = [n for n in names if n not in COMPILED and "compile" not in n]
         return names
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
     bad = [n for n in names if n not in ML_VARIANTS + HF_VARIANTS]
@@ -208,7 +212,9 @@ def run_megallama(name: str, args, device) -> dict:
             ds["bf16"].pop("immediate_grad_update", None)
             return ds
         engine_mod.deepspeed_config = deepspeed_config
-    cfg.parallel.compile_blocks = "compile" in name
+    cfg.parallel.compile_blocks = name in COMPILED
+    if name.startswith("ml_fused"):
+        cfg.optim.impl, cfg.parallel.zero_stage = "fused", 0
     if name == "ml_compile_mem":
         import torch._functorch.config
 

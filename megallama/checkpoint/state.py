@@ -68,12 +68,15 @@ def _views(layers: Layers, fetch: Callable[[nn.Parameter], torch.Tensor]) -> Lay
             for prefix, m in layers]  # type: ignore[misc]
 
 
-def _getter(key: str) -> Callable[[nn.Parameter], torch.Tensor]:
+def _getter(key: str, optimizer: Any) -> Callable[[nn.Parameter], torch.Tensor]:
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     def fetch(p: nn.Parameter) -> torch.Tensor:
-        value = (safe_get_full_fp32_param(p) if key == "fp32"
-                 else safe_get_full_optimizer_state(p, key))
+        if hasattr(optimizer, "full_state"):  # megallama's fused optimizer: nothing partitioned
+            value = optimizer.full_state(p, key)
+        else:
+            value = (safe_get_full_fp32_param(p) if key == "fp32"
+                     else safe_get_full_optimizer_state(p, key))
         if value is None:
             raise CheckpointError(f"DeepSpeed holds no {key} state for a parameter of shape "
                                   f"{tuple(_full_shape(p))} (ZeRO stage >= 1 is required)")
@@ -102,10 +105,10 @@ def link_zero_state(ds_optimizer: Any) -> None:
 def save_optimizer_state(layers: Layers, tp: TensorParallel, topo: Topology, ckpt_dir: Path,
                          cfg: ModelConfig, ds_optimizer: Any) -> None:
     """Write fp32 master weights and Adam moments (collective: every rank calls it)."""
-    ensure_adam_state(ds_optimizer.optimizer)
+    ensure_adam_state(getattr(ds_optimizer, "optimizer", ds_optimizer))
     link_zero_state(ds_optimizer)
     for key in OPTIM_KEYS:
-        views = _views(layers, _getter(key))
+        views = _views(layers, _getter(key, ds_optimizer))
         save_model_weights(views, tp, topo, ckpt_dir / "optim" / key, cfg)
         del views
 
@@ -143,10 +146,11 @@ def adam_step(optimizer: torch.optim.Optimizer) -> int:
 
 def load_optimizer_state(layers: Layers, tp: TensorParallel, ckpt_dir: Path, cfg: ModelConfig,
                          ds_optimizer: Any) -> None:
-    """Read master weights and moments from any saved layout into DeepSpeed's partitions."""
+    """Read master weights and moments from any saved layout into DeepSpeed's partitions (or the
+    fused optimizer's unpartitioned state)."""
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
-    ensure_adam_state(ds_optimizer.optimizer)
+    ensure_adam_state(getattr(ds_optimizer, "optimizer", ds_optimizer))
     link_zero_state(ds_optimizer)
     for key in OPTIM_KEYS:
         views = _views(layers, lambda p: torch.zeros(_full_shape(p), dtype=torch.float32))
@@ -155,7 +159,9 @@ def load_optimizer_state(layers: Layers, tp: TensorParallel, ckpt_dir: Path, cfg
             for (_, p), (_, v) in zip(module.named_parameters(), view.named_parameters(),
                                       strict=True):
                 value = v.data.to(p.device)
-                if key == "fp32":
+                if hasattr(ds_optimizer, "set_full_state"):
+                    ds_optimizer.set_full_state(p, key, value)
+                elif key == "fp32":
                     safe_set_full_fp32_param(p, value)
                 else:
                     safe_set_full_optimizer_state(p, value, key)

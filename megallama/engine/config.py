@@ -38,6 +38,10 @@ class OptimConfig:
     eps: float = 1e-5
     weight_decay: float = 0.1
     grad_clip: float = 1.0  # 0 disables; always passed to DeepSpeed explicitly
+    # deepspeed: torch AdamW wrapped by DeepSpeed's ZeRO / bf16 optimizer (state sharded over DP);
+    # fused: megallama's one-pass master-weight AdamW (needs parallel.zero_stage=0; faster, not
+    # sharded). See megallama/engine/fused_adamw.py and docs/PERFORMANCE.md.
+    impl: str = "deepspeed"
 
 
 @dataclass

@@ -3,8 +3,10 @@ pp == 1 (so ZeRO-2/3 stay selectable), both over the same layer list and the sam
 
 DeepSpeed's defaults are never relied on silently: gradient clipping, batch arithmetic, precision,
 the fp32 gradient-accumulation dtype and the non-finite-gradient check are always written into
-its config. A step whose global gradient norm is not finite is skipped by DeepSpeed's ZeRO
-optimizer on every rank (so zero_stage >= 1 is required).
+its config. A step whose global gradient norm is not finite is skipped on every rank: by
+DeepSpeed's ZeRO optimizer (``optim.impl=deepspeed``, zero_stage >= 1), or by megallama's fused
+master-weight AdamW (``optim.impl=fused``, zero_stage 0), which then also does the clipping and the
+data-parallel gradient reduction itself.
 """
 
 from __future__ import annotations
@@ -29,16 +31,19 @@ MicroBatch = tuple[torch.Tensor, torch.Tensor]  # tokens [b, s], labels [b, s]
 
 def deepspeed_config(cfg: TrainConfig, dp: int) -> dict:
     p = cfg.parallel
+    fused = cfg.optim.impl == "fused"
     return {
         "train_batch_size": p.global_batch_size,
         "train_micro_batch_size_per_gpu": p.micro_batch_size,
         "gradient_accumulation_steps": p.global_batch_size // (p.micro_batch_size * dp),
-        "gradient_clipping": cfg.optim.grad_clip,  # explicit: DeepSpeed's default is 1.0
+        # explicit: DeepSpeed's default is 1.0 (the fused optimizer clips by itself)
+        "gradient_clipping": 0.0 if fused else cfg.optim.grad_clip,
         "zero_optimization": {"stage": p.zero_stage},
         # immediate_grad_update: each bf16 gradient is added into the fp32 buffer as soon as it is
         # ready and then freed, instead of all of them living until the step (2 bytes/param less).
-        "bf16": {"enabled": cfg.trainer.precision == "bf16", "check_grad_overflow": True,
-                 "immediate_grad_update": True},
+        # With the fused optimizer DeepSpeed sees plain parameters (cast to bf16 by the Engine).
+        "bf16": {"enabled": cfg.trainer.precision == "bf16" and not fused,
+                 "check_grad_overflow": True, "immediate_grad_update": True},
         "data_types": {"grad_accum_dtype": "fp32"},
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
@@ -147,10 +152,7 @@ class Engine:
             compile_blocks(module)
         module.to(device)
         total = cfg.trainer.steps
-        self.optimizer = torch.optim.AdamW(
-            param_groups(module.named_parameters(), cfg.optim.weight_decay), lr=cfg.optim.lr,
-            betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps,
-            **({"fused": True} if device.type == "cuda" else {}))
+        self.optimizer = self._make_optimizer(module, cfg, topo, device)
         peak = cfg.optim.lr
 
         def schedule(optimizer):  # built on DeepSpeed's wrapped optimizer (its own groups)
@@ -160,12 +162,33 @@ class Engine:
         self.ds, self.ds_optimizer, _, self.scheduler = deepspeed.initialize(
             model=module, optimizer=self.optimizer, lr_scheduler=schedule, mpu=mpu,
             config=deepspeed_config(cfg, grid.dp), dist_init_required=False)
-        if grid.dp == 1 and isinstance(self.ds.optimizer, BF16_Optimizer):
+        if self.fused or (grid.dp == 1 and isinstance(self.ds.optimizer, BF16_Optimizer)):
             # a 1-rank all-reduce is the identity, but DeepSpeed's bf16 optimizer would still copy
-            # every fp32 gradient through a bucket and back (ZeRO's fp32 path needs that call)
+            # every fp32 gradient through a bucket and back (ZeRO's fp32 path needs that call);
+            # the fused optimizer reduces gradients over DP itself, in fp32
             self.ds.enable_backward_allreduce = False
+            if self.fused and grid.pp > 1:
+                self.ds.pipeline_enable_backward_allreduce = False
         self.module = module
         self._skipped_before = 0
+
+    def _make_optimizer(self, module: nn.Module, cfg: TrainConfig, topo: Topology,
+                        device: torch.device) -> torch.optim.Optimizer:
+        o = cfg.optim
+        groups = param_groups(module.named_parameters(), o.weight_decay)
+        self.fused = o.impl == "fused"
+        if not self.fused:
+            return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+                                     **({"fused": True} if device.type == "cuda" else {}))
+        from megallama.engine.fused_adamw import MasterWeightAdamW
+
+        if cfg.trainer.precision == "bf16":  # what DeepSpeed's bf16 mode does: params, not buffers
+            for param in module.parameters():
+                param.data = param.data.to(torch.bfloat16)
+        # bf16 gradients need an fp32 buffer only when they are summed (micro-batches or DP ranks)
+        accumulate = self.gas > 1 or topo.grid.dp > 1
+        return MasterWeightAdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+                                 max_grad_norm=o.grad_clip, topo=topo, accumulate=accumulate)
 
     # ---- structure ---------------------------------------------------------------------------
     @property

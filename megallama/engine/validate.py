@@ -28,6 +28,7 @@ PRECISIONS = ("fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 NONFINITE = ("skip", "stop")
 PARTITION_METHODS = ("balanced", "uniform")
+OPTIM_IMPLS = ("deepspeed", "fused")
 
 
 def validate(cfg: TrainConfig, world_size: int) -> Grid:
@@ -35,6 +36,7 @@ def validate(cfg: TrainConfig, world_size: int) -> Grid:
     check_trainer(cfg.trainer)
     check_optim(cfg.optim)
     grid = check_parallel(cfg.parallel, cfg.model, cfg.data.seq_len, world_size)
+    check_optimizer_impl(cfg.optim, cfg.parallel)
     check_data(cfg.data, cfg.model, cfg.trainer)
     return grid
 
@@ -101,6 +103,21 @@ def check_optim(o: OptimConfig) -> None:
         raise ConfigError(f"optim.grad_clip={o.grad_clip}: must be >= 0 (0 disables clipping)")
 
 
+def check_optimizer_impl(o: OptimConfig, p: ParallelConfig) -> None:
+    """Which optimizer path runs, and the ZeRO stage it needs."""
+    if o.impl not in OPTIM_IMPLS:
+        raise ConfigError(f"optim.impl={o.impl!r}: choose one of {list(OPTIM_IMPLS)}")
+    if o.impl == "deepspeed" and p.zero_stage == 0:
+        raise ConfigError(
+            "parallel.zero_stage=0 with optim.impl=deepspeed: use 1, 2 or 3 (ZeRO's optimizer is "
+            "what skips steps with non-finite gradients on every rank), or optim.impl=fused")
+    if o.impl == "fused" and p.zero_stage != 0:
+        raise ConfigError(
+            f"optim.impl=fused with parallel.zero_stage={p.zero_stage}: the fused optimizer keeps "
+            "the whole optimizer state on every rank; set parallel.zero_stage=0 (or use "
+            "optim.impl=deepspeed for ZeRO sharding)")
+
+
 def check_parallel(p: ParallelConfig, model: ModelConfig, seq_len: int, world_size: int) -> Grid:
     """The tp x dp x pp layout, the batch arithmetic and what DeepSpeed accepts."""
     for name in ("tp", "pp"):
@@ -132,10 +149,8 @@ def check_parallel(p: ParallelConfig, model: ModelConfig, seq_len: int, world_si
             f"parallel.sequence_parallel with data.seq_len={seq_len} not divisible by "
             f"tp={p.tp}: choose a seq_len that is a multiple of tp or disable sequence_parallel"
         )
-    if p.zero_stage not in (1, 2, 3):
-        raise ConfigError(
-            f"parallel.zero_stage={p.zero_stage}: use 1, 2 or 3 (ZeRO's optimizer is what skips "
-            "steps with non-finite gradients on every rank)")
+    if p.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"parallel.zero_stage={p.zero_stage}: use 0 (optim.impl=fused), 1, 2 or 3")
     if p.zero_stage > 1 and p.pp > 1:
         raise ConfigError(
             f"parallel.zero_stage={p.zero_stage} with pp={p.pp}: DeepSpeed refuses ZeRO-2/3 with "

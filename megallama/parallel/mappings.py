@@ -1,4 +1,5 @@
-"""Every collective the model issues, as named autograd functions.
+"""Every collective the model issues, as named autograd functions (and, at the end, the two
+plain reductions the fused optimizer issues on gradients).
 
 This module is the only place that calls torch.distributed inside forward or backward. Activations
 are laid out [batch, seq, hidden]: "sequence" collectives act on dim 1, tensor-parallel
@@ -206,3 +207,38 @@ def all_reduce_max(x: torch.Tensor, group: Group) -> torch.Tensor:
 def all_gather_tensor(x: torch.Tensor, dim: int, group: Group) -> torch.Tensor:
     """Concatenate every rank's tensor along ``dim``; not differentiable (checkpoints, tests)."""
     return _all_gather(x, dim, group)
+
+
+# ---- optimizer-side reductions (no autograd; called from MasterWeightAdamW.step) -----------------
+@torch.no_grad()
+def all_reduce_sum_(x: torch.Tensor, group: Group) -> torch.Tensor:
+    """In-place sum over ranks (partial squared gradient norms over TP and PP)."""
+    if group_size(group) > 1:
+        dist.all_reduce(x, group=group)
+    return x
+
+
+@torch.no_grad()
+def all_reduce_mean_(tensors: list[torch.Tensor], group: Group,
+                     bucket_bytes: int = 256 << 20) -> None:
+    """In-place mean over data-parallel ranks of gradients, flattened into buckets of one dtype so
+    that a few large collectives replace one per tensor."""
+    n = group_size(group)
+    if n == 1:
+        return
+    bucket: list[torch.Tensor] = []
+    size = 0
+    for t in tensors + [None]:  # type: ignore[operator]
+        flush = t is None or (bucket and (t.dtype != bucket[0].dtype
+                                          or size + t.numel() * t.element_size() > bucket_bytes))
+        if flush and bucket:
+            flat = torch._utils._flatten_dense_tensors(bucket)
+            dist.all_reduce(flat, group=group)
+            flat.div_(n)
+            for dst, src in zip(bucket, torch._utils._unflatten_dense_tensors(flat, bucket),
+                                strict=True):
+                dst.copy_(src)
+            bucket, size = [], 0
+        if t is not None:
+            bucket.append(t)
+            size += t.numel() * t.element_size()

@@ -14,7 +14,9 @@ VOCAB, SEQ, STEPS = 1001, 16, 5
 
 
 def make_config(tp=1, pp=1, zero=1, sp=False, micro=2, global_batch=8, clip=0.3) -> TrainConfig:
+    """zero=0 selects megallama's fused optimizer (optim.impl=fused), which needs ZeRO off."""
     cfg = TrainConfig()
+    cfg.optim.impl = "fused" if zero == 0 else "deepspeed"
     cfg.model = preset("tiny_gqa", vocab_size=VOCAB)
     cfg.parallel.tp, cfg.parallel.pp = tp, pp
     cfg.parallel.zero_stage, cfg.parallel.sequence_parallel = zero, sp

@@ -40,10 +40,14 @@ def _worker(rank: int, world: int, layouts) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("world,layouts", [
     # micro-batch size 1, 2 and 4 (8, 4 and 2 micro-batches per step) give the same losses
-    (1, [(1, 1, 1, False), (1, 1, 1, False, 4), (1, 1, 1, False, 1)]),
-    (2, [(2, 1, 1, False), (1, 2, 1, False), (1, 2, 1, False, 1), (1, 1, 1, False), (1, 1, 2, False), (1, 1, 3, False)]),
-    (4, [(2, 2, 1, False), (2, 2, 1, True), (1, 4, 1, False), (2, 1, 2, False), (2, 1, 3, False)]),
-    (8, [(2, 2, 1, True)]),
+    # zero=0 is megallama's fused optimizer (its own clipping, norm and DP reduction)
+    (1, [(1, 1, 1, False), (1, 1, 1, False, 4), (1, 1, 1, False, 1), (1, 1, 0, False),
+         (1, 1, 0, False, 8)]),
+    (2, [(2, 1, 1, False), (1, 2, 1, False), (1, 2, 1, False, 1), (1, 1, 1, False), (1, 1, 2, False), (1, 1, 3, False),
+         (2, 1, 0, False), (1, 2, 0, False), (1, 1, 0, False)]),
+    (4, [(2, 2, 1, False), (2, 2, 1, True), (1, 4, 1, False), (2, 1, 2, False), (2, 1, 3, False),
+         (2, 2, 0, True), (2, 1, 0, False)]),
+    (8, [(2, 2, 1, True), (2, 2, 0, True)]),
 ], ids=["world1", "world2", "world4", "world8"])
 def test_engine_matches_reference(world, layouts):
     run_world(world, _worker, layouts)

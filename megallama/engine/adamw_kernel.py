@@ -1,0 +1,125 @@
+"""One AdamW update of one parameter, in fp32 against a master copy: the torch reference (any
+device) and a fused Triton kernel (CUDA).
+
+Both compute exactly torch's ``AdamW`` (decoupled weight decay, bias-corrected moments) on fp32
+values, with the gradient first multiplied by the clipping coefficient:
+
+    g = float(grad) * coef
+    p = p * (1 - lr * wd)
+    m = lerp(m, g, 1 - beta1);  v = beta2 * v + (1 - beta2) * g * g
+    p = p - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
+
+``p`` is the fp32 master weight; when the model parameter is bf16 it receives ``p`` rounded. The
+Triton kernel does all of it in one pass over memory (it reads the bf16 gradient, the master and
+both moments, and writes them back plus the bf16 weight: 28 bytes per parameter), which is what
+makes it faster than a DeepSpeed-style sequence of cast, accumulate, clip, step and copy-back passes.
+It also zeroes an fp32 accumulation buffer when the gradient came from one, saving another pass.
+
+``coef`` and ``ok`` are 0-d device tensors (clip coefficient, and 1.0 when the global gradient
+norm is finite): the kernel reads them on the device, so the update needs no host sync, and a
+non-finite step leaves every tensor untouched.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class AdamWScalars:
+    lr: float
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+    step: int  # 1-based Adam step of this update
+
+    @property
+    def step_size(self) -> float:
+        return self.lr / (1.0 - self.beta1 ** self.step)
+
+    @property
+    def sqrt_bc2(self) -> float:
+        return math.sqrt(1.0 - self.beta2 ** self.step)
+
+
+@torch.no_grad()
+def adamw_reference(weight: torch.Tensor, grad: torch.Tensor, master: torch.Tensor | None,
+                    exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, coef: torch.Tensor,
+                    s: AdamWScalars) -> None:
+    """The update with torch ops, op for op as torch's single-tensor AdamW (the oracle of the
+    kernel, and the path on CPU). The caller skips it when the step is not finite."""
+    p = weight if master is None else master
+    g = grad.float() * coef
+    p.mul_(1.0 - s.lr * s.weight_decay)
+    exp_avg.lerp_(g, 1.0 - s.beta1)
+    exp_avg_sq.mul_(s.beta2).addcmul_(g, g, value=1.0 - s.beta2)
+    denom = (exp_avg_sq.sqrt() / s.sqrt_bc2).add_(s.eps)
+    p.addcdiv_(exp_avg, denom, value=-s.step_size)
+    if master is not None:
+        weight.copy_(master)
+
+
+def _build_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def adamw_kernel(w_ptr, g_ptr, p_ptr, m_ptr, v_ptr, coef_ptr, ok_ptr, n,
+                     lr, beta1, beta2, eps, decay, step_size, sqrt_bc2,
+                     HAS_MASTER: tl.constexpr, ZERO_GRAD: tl.constexpr, BLOCK: tl.constexpr):
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        live = offs < n
+        ok = tl.load(ok_ptr) != 0.0
+        coef = tl.load(coef_ptr)
+        g = tl.load(g_ptr + offs, mask=live, other=0.0).to(tl.float32) * coef
+        if HAS_MASTER:
+            p = tl.load(p_ptr + offs, mask=live, other=0.0)
+        else:
+            p = tl.load(w_ptr + offs, mask=live, other=0.0).to(tl.float32)
+        m = tl.load(m_ptr + offs, mask=live, other=0.0)
+        v = tl.load(v_ptr + offs, mask=live, other=0.0)
+        p = p * decay
+        m = m + (1.0 - beta1) * (g - m)
+        v = v * beta2 + (1.0 - beta2) * g * g
+        p = p - step_size * (m / (tl.sqrt(v) / sqrt_bc2 + eps))
+        store = live & ok
+        tl.store(m_ptr + offs, m, mask=store)
+        tl.store(v_ptr + offs, v, mask=store)
+        if HAS_MASTER:
+            tl.store(p_ptr + offs, p, mask=store)
+        tl.store(w_ptr + offs, p.to(w_ptr.dtype.element_ty), mask=store)
+        if ZERO_GRAD:
+            tl.store(g_ptr + offs, tl.zeros_like(g).to(g_ptr.dtype.element_ty), mask=live)
+
+    return adamw_kernel
+
+
+_KERNEL = None
+BLOCK = 2048
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def adamw_fused(weight: torch.Tensor, grad: torch.Tensor, master: torch.Tensor | None,
+                exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, coef: torch.Tensor,
+                ok: torch.Tensor, s: AdamWScalars, zero_grad: bool = False) -> None:
+    """The update as one Triton kernel launch (all tensors contiguous on one CUDA device)."""
+    global _KERNEL
+    if _KERNEL is None:
+        _KERNEL = _build_kernel()
+    n = weight.numel()
+    grid = (max(1, -(-n // BLOCK)),)
+    _KERNEL[grid](weight, grad, master if master is not None else weight, exp_avg, exp_avg_sq,
+                  coef, ok, n, s.lr, s.beta1, s.beta2, s.eps, 1.0 - s.lr * s.weight_decay,
+                  s.step_size, s.sqrt_bc2, HAS_MASTER=master is not None,
+                  ZERO_GRAD=zero_grad, BLOCK=BLOCK, num_warps=8)

@@ -1,0 +1,157 @@
+"""megallama's fused master-weight AdamW against torch's AdamW (the oracle), on one process.
+
+The multi-rank behaviour (DP mean, TP/PP-aware norm, accumulation under the real Engine) is in
+tests/distributed/test_engine_parity.py (fp32, exact) and test_fused_optimizer.py (bf16).
+The Triton kernel is compared with the torch reference on a GPU only.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megallama.engine.adamw_kernel import AdamWScalars, adamw_fused, adamw_reference
+from megallama.engine.fused_adamw import MasterWeightAdamW
+from megallama.parallel.topology import Grid, build_topology
+
+LR, BETAS, EPS, WD = 1e-2, (0.9, 0.95), 1e-5, 0.1
+
+
+def _params(dtype: torch.dtype, seed: int = 0) -> list[torch.nn.Parameter]:
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(16, 8), (8,), (33, 5)]
+    return [torch.nn.Parameter(torch.randn(s, generator=g).to(dtype)) for s in shapes]
+
+
+def _groups(params):
+    return [{"params": [p for p in params if p.ndim > 1], "weight_decay": WD},
+            {"params": [p for p in params if p.ndim == 1], "weight_decay": 0.0}]
+
+
+def _fused(params, clip=0.0, accumulate=False):
+    return MasterWeightAdamW(_groups(params), lr=LR, betas=BETAS, eps=EPS, max_grad_norm=clip,
+                             topo=build_topology(Grid.from_world(1)), accumulate=accumulate)
+
+
+def _grads(step: int, params, scale: float = 1.0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(100 + step)
+    return [(torch.randn(p.shape, generator=g) * scale).to(p.dtype) for p in params]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_matches_torch_adamw_on_the_master(dtype):
+    """bf16 params: the fp32 master follows torch AdamW run on fp32 copies fed the same (bf16)
+    gradients bit for bit, and the bf16 weight is the master rounded; fp32 params: identical."""
+    params = _params(dtype)
+    ref = [torch.nn.Parameter(p.detach().float().clone()) for p in params]
+    opt = _fused(params)
+    ref_opt = torch.optim.AdamW(_groups(ref), lr=LR, betas=BETAS, eps=EPS, foreach=False)
+    for step in range(4):
+        for p, r, g in zip(params, ref, _grads(step, params), strict=True):
+            p.grad, r.grad = g, g.float()
+        opt.step()
+        ref_opt.step()
+    for p, r in zip(params, ref, strict=True):
+        assert torch.equal(opt.full_state(p, "fp32"), r.detach())
+        assert torch.equal(p.detach(), r.detach().to(dtype))
+        assert torch.equal(opt.full_state(p, "exp_avg"), ref_opt.state[r]["exp_avg"])
+        assert torch.equal(opt.full_state(p, "exp_avg_sq"), ref_opt.state[r]["exp_avg_sq"])
+    assert int(opt.step_count) == 4
+
+
+def test_clipping_and_norm_match_torch():
+    params = _params(torch.float32)
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt = _fused(params, clip=0.5)
+    ref_opt = torch.optim.AdamW(_groups(ref), lr=LR, betas=BETAS, eps=EPS, foreach=False)
+    for step in range(3):
+        for p, r, g in zip(params, ref, _grads(step, params, scale=3.0), strict=True):
+            p.grad, r.grad = g.clone(), g.clone()
+        opt.step()
+        norm = torch.nn.utils.clip_grad_norm_(ref, 0.5).item()
+        ref_opt.step()
+        assert opt._global_grad_norm == pytest.approx(norm, rel=1e-6)
+        assert norm > 0.5  # clipping was active
+    for p, r in zip(params, ref, strict=True):
+        torch.testing.assert_close(p.detach(), r.detach(), rtol=1e-6, atol=1e-7)
+
+
+def test_nonfinite_step_changes_nothing():
+    params = _params(torch.bfloat16)
+    opt = _fused(params, clip=1.0)
+    for p, g in zip(params, _grads(0, params), strict=True):
+        p.grad = g
+    opt.step()
+    before = {k: [opt.full_state(p, k).clone() for p in params] for k in ("fp32", "exp_avg")}
+    weights = [p.detach().clone() for p in params]
+    for p, g in zip(params, _grads(1, params), strict=True):
+        p.grad = g
+    params[1].grad[3] = float("inf")
+    opt.step()
+    assert opt.overflow and opt._global_grad_norm == float("inf")
+    assert int(opt.step_count) == 1
+    for k, values in before.items():
+        for p, v in zip(params, values, strict=True):
+            assert torch.equal(opt.full_state(p, k), v)
+    assert all(torch.equal(p.detach(), w) for p, w in zip(params, weights, strict=True))
+
+
+def test_accumulation_sums_bf16_gradients_in_fp32():
+    """With accumulate=True each bf16 gradient is moved into an fp32 buffer by a hook, so many
+    small micro-batch gradients do not lose bits to bf16 sums."""
+    w = torch.nn.Parameter(torch.ones(4, dtype=torch.bfloat16))
+    opt = MasterWeightAdamW([{"params": [w], "weight_decay": 0.0}], lr=LR, betas=BETAS, eps=EPS,
+                            max_grad_norm=0.0, topo=build_topology(Grid.from_world(1)),
+                            accumulate=True)
+    for _ in range(256):  # a bf16 running sum of 2^-9 steps stops at 0.25 (half an ulp)
+        (w.float() * (1.0 / 512)).sum().backward()
+        assert w.grad is None
+    main = opt.state[w]["main_grad"]
+    assert torch.allclose(main, torch.full((4,), 0.5))
+    opt.step()
+    assert torch.count_nonzero(main) == 0  # zeroed for the next step
+
+
+def test_checkpoint_state_round_trip():
+    params = _params(torch.bfloat16)
+    opt = _fused(params)
+    for p, g in zip(params, _grads(0, params), strict=True):
+        p.grad = g
+    opt.step()
+    fresh = _params(torch.bfloat16, seed=7)
+    opt2 = _fused(fresh)
+    for p, q in zip(params, fresh, strict=True):
+        for key in ("fp32", "exp_avg", "exp_avg_sq"):
+            opt2.set_full_state(q, key, opt.full_state(p, key))
+        assert torch.equal(q.detach(), p.detach())  # the bf16 weight follows the master
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernel needs a CUDA GPU")
+@pytest.mark.parametrize("weight_dtype,grad_dtype", [(torch.bfloat16, torch.bfloat16),
+                                                     (torch.bfloat16, torch.float32),
+                                                     (torch.float32, torch.float32)])
+def test_triton_kernel_matches_reference(weight_dtype, grad_dtype):
+    pytest.importorskip("triton")
+    torch.manual_seed(0)
+    n = 3 * 2048 + 77  # a ragged last block
+    w = torch.randn(n, device="cuda").to(weight_dtype)
+    has_master = weight_dtype != torch.float32
+    master = w.float() + 1e-3 * torch.randn(n, device="cuda") if has_master else None
+    m, v = torch.randn(n, device="cuda"), torch.rand(n, device="cuda")
+    g = torch.randn(n, device="cuda").to(grad_dtype)
+    s = AdamWScalars(3e-4, 0.9, 0.95, 1e-5, 0.1, step=7)
+    coef, ok = torch.tensor(0.37, device="cuda"), torch.tensor(1.0, device="cuda")
+    ref = [t.clone() if t is not None else None for t in (w, master, m, v)]
+    adamw_reference(ref[0], g, ref[1], ref[2], ref[3], coef, s)
+    out = [t.clone() if t is not None else None for t in (w, master, m, v)]
+    gz = g.clone()
+    adamw_fused(out[0], gz, out[1], out[2], out[3], coef, ok, s, zero_grad=True)
+    for got, want in zip(out, ref, strict=True):
+        if want is not None:
+            torch.testing.assert_close(got.float(), want.float(), rtol=2e-6, atol=1e-7)
+    assert torch.count_nonzero(gz) == 0
+    keep = [t.clone() if t is not None else None for t in (w, master, m, v)]
+    adamw_fused(keep[0], g.clone(), keep[1], keep[2], keep[3], coef, torch.zeros_like(ok), s)
+    for got, want in zip(keep, (w, master, m, v), strict=True):
+        if want is not None:
+            assert torch.equal(got, want)  # ok = 0: a skipped step writes nothing
