@@ -30,6 +30,7 @@ from megallama.parallel.layers import padded_vocab_size
 
 GIB = 1024**3
 DS_BUCKET = 500_000_000  # DeepSpeed's reduce_bucket_size / MEMORY_OPT_ALLREDUCE_SIZE (elements)
+FUSED_BUCKET = 256 << 20  # bytes of the fused optimizer's DP all-reduce bucket (parallel.mappings)
 DEFAULT_OVERHEAD_GIB = {"cuda": 3.0, "cpu": 0.0}
 ELEMENT = {"bf16": 2, "fp32": 4}
 
@@ -128,22 +129,23 @@ def block_activation_bytes(cfg: ModelConfig, *, tokens: int, seq_len: int, tp: i
             + 2 * e * tokens * h                # inputs of wq/wk/wv and w1/w3 (full seq under SP)
             + 4 * e * tokens * hq               # SDPA q, k and v (repeated to query heads), output
             + 4 * tokens * heads                # SDPA logsumexp (fp32)
-            + 4 * e * tokens * ffn              # SwiGLU: w1 out, silu out, w3 out, product
-            + 4 * seq_len * cfg.head_dim)       # RoPE cos/sin tables (fp32)
+            + 4 * e * tokens * ffn)             # SwiGLU: w1 out, silu out, w3 out, product
+    # (RoPE cos/sin are slices of a per-block fp32 buffer, 4 * max_seq_len * head_dim bytes: not
+    # activations, and < 0.1% of a block's weights)
 
 
 def logits_bytes(cfg: ModelConfig, *, tokens: int, tp: int, element: int, pipeline: bool) -> int:
     """Peak of the output head's logits and the chunked vocab-parallel cross-entropy: the logits
-    (saved for backward), their gradient (backward), one or two fp32 chunks in flight (plus the
-    previous chunk when there are several), and under the PipelineEngine the previous
+    (saved for backward), their gradient (backward), one or two fp32 chunks in flight, and under
+    the PipelineEngine the previous
     micro-batch's logits, which its output buffer still holds."""
     vocab = padded_vocab_size(cfg.vocab_size, tp) // tp
     padded = padded_vocab_size(cfg.vocab_size, tp) > cfg.vocab_size  # the last rank masks a copy
-    rows = min(tokens, max(1, cross_entropy.CHUNK_ELEMENTS // vocab))
-    chunk, several = 4 * rows * vocab, rows < tokens
+    rows = max(hi - lo for lo, hi in cross_entropy._chunks(tokens, vocab))
+    chunk = 4 * rows * vocab
     held = element * tokens * vocab
-    forward = (1 + pipeline) * held + (2 + several) * chunk
-    backward = (2 + pipeline) * held + (1 + (element != 4 or padded) + several) * chunk
+    forward = (1 + pipeline) * held + 2 * chunk
+    backward = (2 + pipeline) * held + (1 + (element != 4 or padded)) * chunk
     return max(forward, backward)
 
 
@@ -165,13 +167,22 @@ class States(NamedTuple):
 
 
 def optimizer_states(p: int, dp: int, precision: str, zero: int, device: str, *,
-                     largest_layer: int = 0) -> States:
+                     largest_layer: int = 0, gas: int = 1) -> States:
     """What DeepSpeed keeps for ``p`` local parameters on the optimizer path it takes for this
-    precision and ZeRO stage (docs/PLANNER.md, "Model states"), with ``dp``-way sharding."""
+    precision and ZeRO stage (docs/PLANNER.md, "Model states"), with ``dp``-way sharding;
+    ``zero=0`` is megallama's fused optimizer (``optim.impl=fused``)."""
     shard, cpu = -(-p // dp), device == "cpu"
     touched = min(DS_BUCKET, p)  # CPU: only the pages a bucket copy touches become resident
     adam_tmp = 8 * shard if cpu else 0  # CPU AdamW's sqrt(v) and sqrt(v)/c; fused CUDA has none
     master, adam = 4 * shard, 8 * shard
+    if zero == 0:  # megallama's fused optimizer: nothing sharded, updated in place
+        bucket = min(FUSED_BUCKET, 4 * p) if dp > 1 else 0  # its DP all-reduce flattens a bucket
+        tmp = 8 * largest_layer if cpu else 0  # the torch reference path: fp32 g and denom
+        if precision == "bf16":
+            summed = gas > 1 or dp > 1  # then an fp32 buffer per parameter takes each .grad
+            return States(2 * p, 4 * p if summed else 0, 0 if summed else 2 * p, 0, False,
+                          4 * p, 8 * p, bucket + tmp)
+        return States(4 * p, 0, 4 * p, 0, False, 0, 8 * p, bucket + tmp)
     if precision == "bf16" and zero == 1:
         # BF16_Optimizer: full fp32 accumulator; immediate_grad_update frees each bf16 .grad once
         # added; with dp > 1 the all-reduce copies the fp32 grads through a bucket
@@ -245,7 +256,7 @@ def estimate_stages(model_cfg: ModelConfig, layout: Layout, *, seq_len: int, glo
         first, last = s == 0, s == lay.pp - 1
         blocks = sum(n.startswith("layers.") for n in mine)
         params = sum(sizes.get(n, sizes["block"]) for n in mine)
-        st = optimizer_states(params, lay.dp, precision, zero_stage, device,
+        st = optimizer_states(params, lay.dp, precision, zero_stage, device, gas=gas,
                               largest_layer=max(sizes.get(n, sizes["block"]) for n in mine))
         # a weight's new gradient before it is added to .grad / the fp32 buffer: the head's comes
         # early in backward, the embedding's last, a w1/w2/w3 shard's anywhere
@@ -330,7 +341,7 @@ def plan(model_cfg: ModelConfig, gpus: int, *, seq_len: int, global_batch: int,
 
 # ---- command line --------------------------------------------------------------------------------
 USAGE = """usage: megallama-plan model=NAME|params.json gpus=N [seq_len=4096] [global_batch=1024]
-  [gpu_mem_gib=80] [precision=bf16|fp32] [zero_stage=1] [micro_batch=1,2] [tp=1,2,4,8] [pp=...]
+  [gpu_mem_gib=80] [precision=bf16|fp32] [zero_stage=1 (0 = optim.impl=fused)] [micro_batch=1,2] [tp=1,2,4,8] [pp=...]
   [activation_checkpointing=both|on|off] [sequence_parallel=both|on|off] [device=cuda|cpu]
   [overhead_gib=3 (cuda) / 0 (cpu)] [max_tp=8] [partition_method=balanced] [top=20] [json=PATH]
   [model.FIELD=VALUE ...]   (formulas: docs/PLANNER.md)"""

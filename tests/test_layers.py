@@ -26,6 +26,40 @@ def test_cross_entropy_matches_torch_with_ignored_labels():
     torch.testing.assert_close(ours_grad, ref_grad, rtol=1e-5, atol=1e-8)
 
 
+def test_cross_entropy_pointwise_gradient_equals_in_place_form():
+    """The scatter-free gradient (the form torch.compile fuses) equals the eager in-place one, with
+    padded columns, ignored and foreign (other-rank) labels."""
+    from megallama.parallel import cross_entropy as ce
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(6, 40, generator=g).to(torch.bfloat16)
+    pad = torch.arange(40) >= 37
+    row_max = ce._chunk_max(x, pad)
+    idx = torch.randint(0, 37, (6,), generator=g)
+    owned = torch.tensor([True, True, False, True, True, False])
+    sum_exp, _ = ce._chunk_stats(x, row_max, idx, pad)
+    scale = torch.rand(6, generator=g)
+    out = torch.empty_like(x)
+    ce._chunk_grad(x, row_max, sum_exp, idx, owned, scale, pad, out=out)
+    assert torch.equal(ce._chunk_grad_pointwise(x, row_max, sum_exp, idx, owned, scale, pad), out)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled loss kernels: GPU only")
+def test_compiled_cross_entropy_matches_eager_on_gpu():
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(2, 300, 1001, generator=g).to("cuda", torch.bfloat16)
+    labels = torch.randint(0, 1000, (2, 300), generator=g).cuda()
+    labels[0, :7] = -100
+    out = []
+    for compiled in (False, True):
+        x = logits.clone().requires_grad_()
+        loss = vocab_parallel_cross_entropy(x, labels, None, 1000, compiled=compiled)
+        loss.backward()
+        out.append((loss.detach(), x.grad))
+    torch.testing.assert_close(out[1][0], out[0][0], rtol=1e-6, atol=0)
+    torch.testing.assert_close(out[1][1].float(), out[0][1].float(), rtol=1e-2, atol=1e-6)
+
+
 def test_tp_layout_errors():
     with pytest.raises(ConfigError, match="does not divide n_heads=8"):
         check_tp_layout(preset("tiny"), 3)

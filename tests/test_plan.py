@@ -69,10 +69,10 @@ def test_fp32_cpu_single_process_states_by_hand():
 def test_block_activations_by_hand():
     # 'tiny' (dim 128, 8 heads of 16, FFN 352), fp32, 2 x 64 tokens, per token:
     # norms 2*(4+4)*128 + 2*4, linear inputs 2*4*128, SDPA q,k,v,out 4*4*128 + lse 4*8,
-    # SwiGLU 4*4*352; plus RoPE cos/sin 4*64*16 bytes once.
+    # SwiGLU 4*4*352 (RoPE cos/sin are slices of a buffer, not activations).
     per_token = 2 * 8 * 128 + 8 + 2 * 4 * 128 + 4 * 4 * 128 + 4 * 8 + 4 * 4 * 352
-    expected = 128 * per_token + 4 * 64 * 16
-    assert expected == 1_385_472
+    expected = 128 * per_token
+    assert expected == 1_381_376
     assert plan.block_activation_bytes(preset("tiny"), tokens=128, seq_len=64, tp=1,
                                        sequence_parallel=False, element=4) == expected
 
@@ -80,9 +80,11 @@ def test_block_activations_by_hand():
 @pytest.mark.parametrize("name,dtype", [("tiny", torch.float32), ("tiny_gqa", torch.bfloat16)])
 def test_block_activations_match_saved_tensors(name, dtype):
     cfg = preset(name)
-    block = TransformerBlock(0, cfg, TensorParallel()).to(dtype)
+    block = TransformerBlock(0, cfg, TensorParallel())
+    for p in block.parameters():  # as training casts: parameters only, buffers stay fp32
+        p.data = p.data.to(dtype)
     x = torch.randn(2, 64, cfg.dim, dtype=dtype, requires_grad=True)
-    weights = {p.untyped_storage().data_ptr() for p in block.parameters()}
+    weights = {t.untyped_storage().data_ptr() for t in (*block.parameters(), *block.buffers())}
     saved: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -227,7 +229,7 @@ def test_cli_model_overrides_and_fp32_cpu(capsys):
     (["model=llama2_7b", "gpus=8", "colour=blue"], "unknown option 'colour'"),
     (["model=llama2_7b", "gpus=eight"], "gpus='eight': expected an integer"),
     (["model=llama2_7b", "gpus=8", "model.n_heds=4"], "unknown model field"),
-    (["model=llama2_7b", "gpus=8", "zero_stage=0"], "zero_stage=0"),
+    (["model=llama2_7b", "gpus=8", "zero_stage=4"], "zero_stage=4"),
     (["model=llama2_7b", "gpus=8", "pp=2", "zero_stage=2"], "ZeRO-2/3 with pipeline"),
     (["gpus=8"], "model=... and gpus=... are required"),
 ])
@@ -256,3 +258,15 @@ def test_load_model_from_meta_params_json(tmp_path):
     cfg = plan.load_model(str(path), {"vocab_size": 32000, "n_layers": 40})
     assert cfg.n_layers == 40 and cfg.ffn_hidden_dim == 11008
     assert plan.load_model(str(path), {"vocab_size": 32000}) == preset("llama2_7b")
+
+
+def test_fused_optimizer_states():
+    """zero_stage=0 (optim.impl=fused): bf16 weights and gradients, fp32 master and moments, all
+    unsharded (16 bytes/param); an fp32 gradient buffer once gradients are summed (gas or dp > 1)."""
+    p = 1_000_000
+    st = plan.optimizer_states(p, 1, "bf16", 0, "cuda", gas=1)
+    assert st.weights + st.grads_keep + st.grads_accum + st.master + st.adam == 16 * p
+    summed = plan.optimizer_states(p, 2, "bf16", 0, "cuda", gas=1)
+    assert summed.grads_keep == 4 * p and summed.grads_accum == 0 and summed.adam == 8 * p
+    fp32 = plan.optimizer_states(p, 1, "fp32", 0, "cuda", gas=4)
+    assert (fp32.weights, fp32.master, fp32.grads_accum) == (4 * p, 0, 4 * p)

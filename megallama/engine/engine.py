@@ -134,7 +134,7 @@ class Engine:
         self.gas = p.global_batch_size // (p.micro_batch_size * grid.dp)
         self.tp = topo.tensor_parallel(cfg.model.n_kv_heads, p.sequence_parallel)
         seed = cfg.trainer.seed
-        self.loss_fn = _Loss(make_loss_fn(cfg.model, self.tp))
+        self.loss_fn = _Loss(make_loss_fn(cfg.model, self.tp, compiled=p.compile_blocks))
         if grid.pp > 1:
             from megallama.engine.pipeline import LlamaPipeline, layer_costs
 

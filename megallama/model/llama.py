@@ -149,6 +149,20 @@ class Attention(nn.Module):
         self.wk = ColumnParallelLinear(cfg.dim, cfg.n_kv_heads * hd, tp, key=f"{prefix}.wk.weight", **kv)
         self.wv = ColumnParallelLinear(cfg.dim, cfg.n_kv_heads * hd, tp, key=f"{prefix}.wv.weight", **kv)
         self.wo = RowParallelLinear(cfg.n_heads * hd, cfg.dim, tp, seed=seed, key=f"{prefix}.wo.weight", std=out_std)
+        # RoPE table for positions < max_seq_len, computed once (not per forward, and not inside a
+        # compiled block, where Inductor would evaluate cos/sin once per head); not in checkpoints
+        cos, sin = rope_cos_sin(cfg, cfg.max_seq_len, torch.device("cpu"))
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def rope(self, seqlen: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin for positions 0..seqlen-1: a prefix of the table (the angles do not depend on
+        the length up to max_seq_len), else computed (dynamic scaling, or a table cast away from
+        fp32 by a whole-module dtype change)."""
+        cos, sin = self.rope_cos, self.rope_sin
+        if seqlen <= cos.shape[0] and cos.dtype == torch.float32 and cos.device == device:
+            return cos[:seqlen], sin[:seqlen]
+        return rope_cos_sin(self.cfg, seqlen, device)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """Causal self-attention over x; with ``cache`` (generation), over the cached tokens and
@@ -159,7 +173,7 @@ class Attention(nn.Module):
         xk = self.wk(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
         xv = self.wv(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
         if cache is None:
-            cos, sin = rope_cos_sin(self.cfg, seqlen, x.device)
+            cos, sin = self.rope(seqlen, x.device)
         else:
             cos, sin = cache.cos, cache.sin
         xq, xk = apply_rotary(xq, cos, sin), apply_rotary(xk, cos, sin)
@@ -314,8 +328,11 @@ def compile_blocks(module: nn.Module) -> nn.Module:
     return module
 
 
-def make_loss_fn(cfg: ModelConfig, tp: TensorParallel) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """The loss as a callable(logits, labels) -- what DeepSpeed's PipelineModule expects."""
+def make_loss_fn(cfg: ModelConfig, tp: TensorParallel,
+                 compiled: bool = False) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The loss as a callable(logits, labels) -- what DeepSpeed's PipelineModule expects.
+    ``compiled`` fuses its per-chunk math with torch.compile (with ``compile_blocks``)."""
     def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return vocab_parallel_cross_entropy(logits, labels, tp.group, cfg.vocab_size)
+        return vocab_parallel_cross_entropy(logits, labels, tp.group, cfg.vocab_size,
+                                            compiled=compiled)
     return loss_fn
