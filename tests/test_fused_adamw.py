@@ -155,3 +155,16 @@ def test_triton_kernel_matches_reference(weight_dtype, grad_dtype):
     for got, want in zip(keep, (w, master, m, v), strict=True):
         if want is not None:
             assert torch.equal(got, want)  # ok = 0: a skipped step writes nothing
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernel needs a CUDA GPU")
+def test_triton_sum_of_squares_matches_torch():
+    pytest.importorskip("triton")
+    from megallama.engine.adamw_kernel import sum_of_squares
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    ts = [torch.randn(n, device="cuda", generator=g).to(dt)
+          for n, dt in ((5, torch.bfloat16), (3 * 8192 + 11, torch.bfloat16), (777, torch.float32))]
+    want = sum(t.double().square().sum() for t in ts)
+    torch.testing.assert_close(sum_of_squares(ts).double(), want, rtol=1e-5, atol=0)
+    assert torch.equal(sum_of_squares(ts), sum_of_squares(ts))  # deterministic

@@ -141,6 +141,47 @@ def profile(step_fn, device, path, n: int = 3) -> None:
     with open(path, "w") as f:
         f.write(f"wall per profiled step {wall * 1e3:.1f} ms; kernel time per step {busy * 1e3:.1f} ms\n")
         f.write(ka.table(sort_by=key, row_limit=45, max_name_column_width=70))
+        if device.type == "cuda":
+            trace = path + ".trace.json"
+            prof.export_chrome_trace(trace)
+            f.write("\n" + gap_report(trace, n))
+            os.remove(trace)
+
+
+def gap_report(trace_path: str, n_steps: int, top: int = 25) -> str:
+    """Where the GPU idles: gaps between consecutive kernels, attributed to the host op that
+    launched the kernel after the gap (late launch = the host was the bottleneck)."""
+    import bisect
+    from collections import defaultdict
+
+    events = json.load(open(trace_path))["traceEvents"]
+    kernels = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")),
+                     key=lambda e: e["ts"])
+    launches = {e["args"].get("correlation"): e for e in events
+                if e.get("cat") == "cuda_runtime" and "args" in e}
+    ops = sorted((e for e in events if e.get("cat") in ("cpu_op", "user_annotation", "python_function")),
+                 key=lambda e: e["ts"])
+    starts = [e["ts"] for e in ops]
+    by_op: dict[str, float] = defaultdict(float)
+    total, late = 0.0, 0.0
+    for prev, nxt in zip(kernels, kernels[1:], strict=False):
+        gap = nxt["ts"] - (prev["ts"] + prev.get("dur", 0))
+        if gap <= 5:
+            continue
+        total += gap
+        launch = launches.get(nxt.get("args", {}).get("correlation"))
+        where = "?"
+        if launch is not None:
+            late += gap if launch["ts"] > prev["ts"] + prev.get("dur", 0) else 0
+            i = bisect.bisect_right(starts, launch["ts"])
+            inner = [o for o in ops[max(0, i - 400):i] if o["ts"] + o.get("dur", 0) >= launch["ts"]]
+            where = " > ".join(o["name"][:40] for o in inner[-3:]) or "?"
+        by_op[where] += gap
+    lines = [f"GPU idle between kernels: {total / 1e3 / n_steps:.2f} ms/step "
+             f"({late / 1e3 / n_steps:.2f} ms/step with the next kernel launched late)"]
+    for where, gap in sorted(by_op.items(), key=lambda kv: -kv[1])[:top]:
+        lines.append(f"{gap / 1e3 / n_steps:8.3f} ms/step  {where}")
+    return "\n".join(lines) + "\n"
 
 
 def memory_stats(device) -> dict:

@@ -63,7 +63,7 @@ def adamw_reference(weight: torch.Tensor, grad: torch.Tensor, master: torch.Tens
         weight.copy_(master)
 
 
-def _build_kernel():
+def _build_kernels():
     import triton
     import triton.language as tl
 
@@ -95,11 +95,39 @@ def _build_kernel():
         if ZERO_GRAD:
             tl.store(g_ptr + offs, tl.zeros_like(g).to(g_ptr.dtype.element_ty), mask=live)
 
-    return adamw_kernel
+    @triton.jit
+    def sumsq_kernel(g_ptr, out_ptr, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        g = tl.load(g_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
+        tl.store(out_ptr + tl.program_id(0), tl.sum(g * g, axis=0))
+
+    return adamw_kernel, sumsq_kernel
 
 
-_KERNEL = None
+_KERNELS = None
 BLOCK = 2048
+NUM_WARPS = 8
+NORM_BLOCK = 8192
+
+
+def _kernels():
+    global _KERNELS
+    if _KERNELS is None:
+        _KERNELS = _build_kernels()
+    return _KERNELS
+
+
+def sum_of_squares(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """sum(t^2) over all elements of all tensors, in fp32, as a 0-d tensor: one Triton launch per
+    tensor writing per-block partial sums (no atomics, so the result is deterministic)."""
+    kernel = _kernels()[1]
+    blocks = [max(1, -(-t.numel() // NORM_BLOCK)) for t in tensors]
+    partial = torch.empty(sum(blocks), dtype=torch.float32, device=tensors[0].device)
+    start = 0
+    for t, nb in zip(tensors, blocks, strict=True):
+        kernel[(nb,)](t, partial[start:], t.numel(), BLOCK=NORM_BLOCK, num_warps=8)
+        start += nb
+    return partial.sum()
 
 
 def triton_available() -> bool:
@@ -114,12 +142,9 @@ def adamw_fused(weight: torch.Tensor, grad: torch.Tensor, master: torch.Tensor |
                 exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, coef: torch.Tensor,
                 ok: torch.Tensor, s: AdamWScalars, zero_grad: bool = False) -> None:
     """The update as one Triton kernel launch (all tensors contiguous on one CUDA device)."""
-    global _KERNEL
-    if _KERNEL is None:
-        _KERNEL = _build_kernel()
     n = weight.numel()
     grid = (max(1, -(-n // BLOCK)),)
-    _KERNEL[grid](weight, grad, master if master is not None else weight, exp_avg, exp_avg_sq,
+    _kernels()[0][grid](weight, grad, master if master is not None else weight, exp_avg, exp_avg_sq,
                   coef, ok, n, s.lr, s.beta1, s.beta2, s.eps, 1.0 - s.lr * s.weight_decay,
                   s.step_size, s.sqrt_bc2, HAS_MASTER=master is not None,
-                  ZERO_GRAD=zero_grad, BLOCK=BLOCK, num_warps=8)
+                  ZERO_GRAD=zero_grad, BLOCK=BLOCK, num_warps=NUM_WARPS)

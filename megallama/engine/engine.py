@@ -47,6 +47,9 @@ def deepspeed_config(cfg: TrainConfig, dp: int) -> dict:
         "data_types": {"grad_accum_dtype": "fp32"},
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
+        # DeepSpeed's throughput timer synchronises the device at every forward and step; we
+        # measure throughput ourselves (megallama.engine.metrics)
+        "timers": {"throughput": {"enabled": False}},
         "zero_allow_untested_optimizer": True,
         # DeepSpeed may send 1/tp of each inter-stage activation and all-gather it on arrival,
         # which assumes activations are replicated over TP; under sequence parallelism each TP
@@ -227,14 +230,15 @@ class Engine:
         return self.ds.skipped_steps
 
     def _train_single(self, it: Iterator[MicroBatch]) -> torch.Tensor:
-        total = torch.zeros((), device=self.device)
+        total: torch.Tensor | None = None
         for _ in range(self.gas):
             tokens, labels = next(it)
             loss = self.ds(tokens.to(self.device), labels.to(self.device))
             self.ds.backward(loss)
             self.ds.step()
-            total += loss.detach().float()
-        total /= self.gas
+            total = loss.detach().float() if total is None else total + loss.detach().float()
+        assert total is not None
+        total = total / self.gas
         if self.topo.grid.dp > 1:
             dist.all_reduce(total, group=self.topo.dp_group)
             total /= self.topo.grid.dp

@@ -32,6 +32,7 @@ from megallama.engine.adamw_kernel import (
     AdamWScalars,
     adamw_fused,
     adamw_reference,
+    sum_of_squares,
     triton_available,
 )
 from megallama.parallel.mappings import all_reduce_mean_, all_reduce_sum_
@@ -89,7 +90,9 @@ class MasterWeightAdamW(torch.optim.Optimizer):
         counted = [self._grad(p) for p in params
                    if getattr(p, "model_parallel", False) or tp_rank == 0]
         device = params[0].device
-        if counted:
+        if counted and self.use_kernel:
+            sq = sum_of_squares(counted)
+        elif counted:
             sq = torch.stack(torch._foreach_norm(counted, 2.0, dtype=torch.float32)).square().sum()
         else:
             sq = torch.zeros((), device=device)
