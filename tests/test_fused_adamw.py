@@ -10,7 +10,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megallama.engine.adamw_kernel import AdamWScalars, adamw_fused, adamw_reference
+from megallama.engine.adamw_kernel import (
+    AdamWScalars,
+    adamw_fused,
+    adamw_reference,
+    join_fp32,
+    split_fp32,
+)
 from megallama.engine.fused_adamw import MasterWeightAdamW
 from megallama.parallel.topology import Grid, build_topology
 
@@ -41,7 +47,8 @@ def _grads(step: int, params, scale: float = 1.0) -> list[torch.Tensor]:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_matches_torch_adamw_on_the_master(dtype):
     """bf16 params: the fp32 master follows torch AdamW run on fp32 copies fed the same (bf16)
-    gradients bit for bit, and the bf16 weight is the master rounded; fp32 params: identical."""
+    gradients bit for bit, and the bf16 weight is the master rounded to nearest (ties away from
+    zero, see split_fp32); fp32 params: identical."""
     params = _params(dtype)
     ref = [torch.nn.Parameter(p.detach().float().clone()) for p in params]
     opt = _fused(params)
@@ -53,7 +60,8 @@ def test_matches_torch_adamw_on_the_master(dtype):
         ref_opt.step()
     for p, r in zip(params, ref, strict=True):
         assert torch.equal(opt.full_state(p, "fp32"), r.detach())
-        assert torch.equal(p.detach(), r.detach().to(dtype))
+        want = r.detach() if dtype == torch.float32 else split_fp32(r.detach())[0]
+        assert torch.equal(p.detach(), want)
         assert torch.equal(opt.full_state(p, "exp_avg"), ref_opt.state[r]["exp_avg"])
         assert torch.equal(opt.full_state(p, "exp_avg_sq"), ref_opt.state[r]["exp_avg_sq"])
     assert int(opt.step_count) == 4
@@ -134,27 +142,47 @@ def test_triton_kernel_matches_reference(weight_dtype, grad_dtype):
     pytest.importorskip("triton")
     torch.manual_seed(0)
     n = 3 * 2048 + 77  # a ragged last block
-    w = torch.randn(n, device="cuda").to(weight_dtype)
-    has_master = weight_dtype != torch.float32
-    master = w.float() + 1e-3 * torch.randn(n, device="cuda") if has_master else None
+    split = weight_dtype != torch.float32
+    master = torch.randn(n, device="cuda")
+    w, lo = split_fp32(master) if split else (master.clone(), None)
     m, v = torch.randn(n, device="cuda"), torch.rand(n, device="cuda")
     g = torch.randn(n, device="cuda").to(grad_dtype)
     s = AdamWScalars(3e-4, 0.9, 0.95, 1e-5, 0.1, step=7)
     coef, ok = torch.tensor(0.37, device="cuda"), torch.tensor(1.0, device="cuda")
-    ref = [t.clone() if t is not None else None for t in (w, master, m, v)]
+
+    def copies():
+        return [t.clone() if t is not None else None for t in (w, lo, m, v)]
+
+    def value(ts):
+        return join_fp32(ts[0], ts[1]) if split else ts[0]
+
+    ref = copies()
     adamw_reference(ref[0], g, ref[1], ref[2], ref[3], coef, s)
-    out = [t.clone() if t is not None else None for t in (w, master, m, v)]
-    gz = g.clone()
+    out, gz = copies(), g.clone()
     adamw_fused(out[0], gz, out[1], out[2], out[3], coef, ok, s, zero_grad=True)
-    for got, want in zip(out, ref, strict=True):
-        if want is not None:
-            torch.testing.assert_close(got.float(), want.float(), rtol=2e-6, atol=1e-7)
+    torch.testing.assert_close(value(out), value(ref), rtol=2e-6, atol=1e-7)
+    for got, want in zip(out[2:], ref[2:], strict=True):
+        torch.testing.assert_close(got, want, rtol=2e-6, atol=1e-7)
+    if split:  # the weight is the master's upper half, as split_fp32 defines it
+        assert torch.equal(out[0], split_fp32(value(out))[0])
     assert torch.count_nonzero(gz) == 0
-    keep = [t.clone() if t is not None else None for t in (w, master, m, v)]
+    keep = copies()
     adamw_fused(keep[0], g.clone(), keep[1], keep[2], keep[3], coef, torch.zeros_like(ok), s)
-    for got, want in zip(keep, (w, master, m, v), strict=True):
+    for got, want in zip(keep, (w, lo, m, v), strict=True):
         if want is not None:
             assert torch.equal(got, want)  # ok = 0: a skipped step writes nothing
+
+
+def test_split_fp32_is_exact_and_rounds_to_nearest():
+    x = torch.randn(100_000) * torch.logspace(-30, 30, 100_000)
+    x[:4] = torch.tensor([0.0, -0.0, 1.0, -3.0e38])
+    hi, lo = split_fp32(x)
+    assert torch.equal(join_fp32(hi, lo).view(torch.int32), x.view(torch.int32))
+    ties = (x.view(torch.int32) & 0xFFFF) == 0x8000
+    rne = x.to(torch.bfloat16)
+    assert torch.equal(hi[~ties], rne[~ties])
+    tie = torch.tensor([1.0 + 2**-8])  # exactly half a bf16 ulp above 1
+    assert split_fp32(tie)[0].item() == 1.0 + 2**-7  # away from zero (round-to-even gives 1.0)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernel needs a CUDA GPU")

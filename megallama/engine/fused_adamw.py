@@ -4,10 +4,11 @@ gradient clipping by the global norm and non-finite-step skipping, as one pass p
 Why: with bf16 training DeepSpeed wraps the optimizer in its bf16 optimizer (ZeRO-1), which copies
 every gradient into an fp32 buffer, clips it, steps torch's AdamW on the fp32 master and copies the
 weights back: five passes over memory and 4 bytes/param of extra resident buffer. This optimizer
-reads the bf16 gradient directly in one fused kernel (megallama.engine.adamw_kernel). DeepSpeed still
-runs the model, the 1F1B schedule and the LR scheduler; only the optimizer state is not sharded
-(``parallel.zero_stage=0``), which is the trade: speed and 16 bytes/param instead of ZeRO's memory
-saving over data-parallel ranks.
+reads the bf16 gradient directly in one fused kernel (megallama.engine.adamw_kernel), and keeps the
+fp32 master as the bf16 weight plus a 16-bit remainder (exact, see there). DeepSpeed still runs the
+model, the 1F1B schedule and the LR scheduler; only the optimizer state is not sharded
+(``parallel.zero_stage=0``), which is the trade: speed and 12 bytes/param of optimizer state plus
+2 of gradient, instead of ZeRO's sharding over data-parallel ranks.
 
 Gradients go where DeepSpeed's own path sends them, with the same numerics:
 * fp32 params, or bf16 params with one micro-batch per step on one DP rank: ``p.grad`` is read as is;
@@ -32,6 +33,8 @@ from megallama.engine.adamw_kernel import (
     AdamWScalars,
     adamw_fused,
     adamw_reference,
+    join_fp32,
+    split_fp32,
     sum_of_squares,
     triton_available,
 )
@@ -69,7 +72,11 @@ class MasterWeightAdamW(torch.optim.Optimizer):
         state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
         state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
         if p.dtype != torch.float32:
-            state["master"] = p.detach().float().contiguous()
+            if p.dtype != torch.bfloat16 or not p.is_contiguous():
+                raise TypeError(f"MasterWeightAdamW takes fp32 or contiguous bf16 parameters, "
+                                f"got {p.dtype}")
+            # the fp32 master is (p, master_lo): p holds its upper half (see adamw_kernel)
+            state["master_lo"] = torch.zeros_like(p, dtype=torch.int16)
             if self._accumulate:
                 state["main_grad"] = torch.zeros_like(p, dtype=torch.float32)
                 p.register_post_accumulate_grad_hook(self._move_grad)
@@ -138,7 +145,7 @@ class MasterWeightAdamW(torch.optim.Optimizer):
                 state, grad = self.state[p], self._grad(p)
                 if grad is None:
                     continue
-                adamw_fused(p.data, grad, state.get("master"), state["exp_avg"],
+                adamw_fused(p.data, grad, state.get("master_lo"), state["exp_avg"],
                             state["exp_avg_sq"], coef, ok, s, zero_grad="main_grad" in state)
 
     def _update_reference(self, coef: torch.Tensor, ok: bool, step: int) -> None:
@@ -149,7 +156,7 @@ class MasterWeightAdamW(torch.optim.Optimizer):
                 if grad is None:
                     continue
                 if ok:
-                    adamw_reference(p.data, grad, state.get("master"), state["exp_avg"],
+                    adamw_reference(p.data, grad, state.get("master_lo"), state["exp_avg"],
                                     state["exp_avg_sq"], coef, s)
                 if "main_grad" in state:
                     state["main_grad"].zero_()
@@ -164,17 +171,20 @@ class MasterWeightAdamW(torch.optim.Optimizer):
     def full_state(self, p: nn.Parameter, key: str) -> torch.Tensor:
         """``fp32`` (master weight), ``exp_avg`` or ``exp_avg_sq`` of ``p``, as an fp32 tensor."""
         if key == "fp32":
-            return self.state[p].get("master", p.data).float()
+            lo = self.state[p].get("master_lo")
+            return p.data.float() if lo is None else join_fp32(p.data, lo)
         return self.state[p][key]
 
     @torch.no_grad()
     def set_full_state(self, p: nn.Parameter, key: str, value: torch.Tensor) -> None:
-        if key == "fp32":
-            target = self.state[p].get("master", p.data)
-            target.copy_(value)
-            p.data.copy_(target)
-        else:
+        if key != "fp32":
             self.state[p][key].copy_(value)
+        elif "master_lo" in self.state[p]:
+            hi, lo = split_fp32(value.to(p.device, torch.float32))
+            p.data.copy_(hi)
+            self.state[p]["master_lo"].copy_(lo)
+        else:
+            p.data.copy_(value)
 
 
 def _copy_to_host(x: torch.Tensor) -> Callable[[], torch.Tensor]:
