@@ -1,4 +1,5 @@
-"""optim.impl=fused in bf16 trains like DeepSpeed's bf16 optimizer (ZeRO-1) at every layout.
+"""optim.impl=fused in bf16 trains like DeepSpeed's bf16 optimizer (ZeRO-1) at every layout, and
+skips a non-finite step the same way.
 
 Both keep fp32 master weights and moments, accumulate bf16 gradients in fp32, reduce them over DP
 in fp32 and clip by the TP/PP-aware global norm; they differ only in rounding order (and in the
@@ -31,6 +32,17 @@ def _run(world: int, tp: int, pp: int, zero: int) -> list[tuple[float, float]]:
     for step in range(STEPS):
         r = engine.train_step(rank_micro_batches(step, cfg, topo.dp_rank, grid.dp))
         out.append((r.loss, r.grad_norm))
+    # a NaN loss: the step is skipped on every rank, weights and LR untouched, then training goes on
+    weights = [p.detach().clone() for p in engine.module.parameters()]
+    lr = engine.optimizer.param_groups[0]["lr"]
+    engine.loss_fn.poison = True
+    r = engine.train_step(rank_micro_batches(STEPS, cfg, topo.dp_rank, grid.dp))
+    engine.loss_fn.poison = False
+    assert r.skipped and engine.skipped_steps == 1, f"zero={zero}: NaN step not skipped"
+    assert all(torch.equal(p, w) for p, w in zip(engine.module.parameters(), weights, strict=True))
+    assert engine.optimizer.param_groups[0]["lr"] == lr
+    r = engine.train_step(rank_micro_batches(STEPS, cfg, topo.dp_rank, grid.dp))
+    assert not r.skipped and r.grad_norm is not None and r.grad_norm < float("inf")
     return out
 
 
