@@ -37,8 +37,8 @@ from megallama.checkpoint.weights import (
     FORMAT,
     INDEX_NAME,
     VOCAB_PADDED,
-    _build_index,
-    _dtype_name,
+    build_index,
+    dtype_name,
     read_full_tensor,
     read_index,
     shard_file_name,
@@ -171,7 +171,7 @@ class MegallamaSink:
                 local[0 if dim is None else dim] = length
                 self.plans.setdefault(key, []).append((name, dtype, local))
                 self.entries.setdefault(key, {})[name] = {
-                    "shape": shape, "dtype": _dtype_name(dtype), "split_dim": dim,
+                    "shape": shape, "dtype": dtype_name(dtype), "split_dim": dim,
                     "offset": offset, "length": length}
                 self.routes.setdefault(name, []).append((key, dim, offset, length))
         self._open: dict[tuple[int, int], SafetensorsStream] = {}
@@ -200,7 +200,7 @@ class MegallamaSink:
         for key in list(self._open):
             self._close(key)
         topo = SimpleNamespace(grid=Grid(tp=self.tp, pp=self.pp, dp=1))
-        index = _build_index(self._metas, self.cfg, topo, self.extra, self.out)  # type: ignore
+        index = build_index(self._metas, self.cfg, topo, self.extra, self.out)  # type: ignore
         write_text_atomic(self.out / INDEX_NAME, json.dumps(index, indent=1) + "\n")
 
     def abort(self) -> None:
@@ -312,8 +312,8 @@ def convert(src: str, dst: str, *, tp: int = 1, pp: int = 1, mp: int | None = No
             if t.dtype != out_dtype:
                 if dtype is None and loses_information(t.dtype, out_dtype):
                     raise CheckpointError(
-                        f"{where}: {name}: stored as {_dtype_name(t.dtype)}, the output is "
-                        f"{_dtype_name(out_dtype)}: the cast would lose information; pass --dtype "
+                        f"{where}: {name}: stored as {dtype_name(t.dtype)}, the output is "
+                        f"{dtype_name(out_dtype)}: the cast would lose information; pass --dtype "
                         "to accept it")
                 t = t.to(out_dtype)
             sink.write(name, t)

@@ -96,7 +96,8 @@ def _global_shape(name: str, p: nn.Parameter, dim: int | None, parts: int, vocab
     return shape
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
+def dtype_name(dtype: torch.dtype) -> str:
+    """The index's name of a dtype ("bfloat16", "float32", ...)."""
     return str(dtype).removeprefix("torch.")
 
 
@@ -122,7 +123,7 @@ def _local_shard(params: list[tuple[str, nn.Parameter]], tp: TensorParallel,
                 continue  # the whole slice is vocabulary padding
             t = t.narrow(dim, 0, length)
         tensors[name] = t.to("cpu", copy=True).contiguous()  # own storage: params may share one
-        entries[name] = {"shape": shape, "dtype": _dtype_name(p.dtype), "split_dim": dim,
+        entries[name] = {"shape": shape, "dtype": dtype_name(p.dtype), "split_dim": dim,
                          "offset": offset, "length": length}
     return tensors, entries
 
@@ -146,8 +147,10 @@ def _check_pieces(name: str, entry: dict[str, Any], where: Path | str) -> None:
                               f"along dim {dim} (a layer saved twice or by no stage?)")
 
 
-def _build_index(metas: list[Any], cfg: ModelConfig, topo: Topology,
+def build_index(metas: list[Any], cfg: ModelConfig, topo: Topology,
                  extra: dict[str, Any] | None, where: Path) -> dict[str, Any]:
+    """The index of a checkpoint from every writer's file metadata (also used by the resharder,
+    which writes files of a layout it does not run)."""
     files: dict[str, Any] = {}
     tensors: dict[str, Any] = {}
     for meta in metas:
@@ -207,7 +210,7 @@ def save_model_weights(layers: Layers, tp: TensorParallel, topo: Topology, ckpt_
         if failed:
             rank, msg = failed[0]
             raise CheckpointError(f"saving weights to {ckpt_dir}: rank {rank}: {msg}")
-        index = _build_index([m for m, _ in outcomes], model_cfg, topo, extra, ckpt_dir)
+        index = build_index([m for m, _ in outcomes], model_cfg, topo, extra, ckpt_dir)
         write_text_atomic(ckpt_dir / INDEX_NAME, json.dumps(index, indent=1) + "\n")
 
     try:
@@ -413,7 +416,8 @@ def iter_full_tensors(ckpt_dir: Path, names: Iterable[str] | None = None
 
 
 __all__ = [  # the commit protocol is re-exported so a trainer needs one import
-    "FORMAT", "FORMAT_VERSION", "INDEX_NAME", "CheckpointError", "checkpoint_writer",
+    "FORMAT", "FORMAT_VERSION", "INDEX_NAME", "CheckpointError", "build_index",
+    "checkpoint_writer", "dtype_name",
     "iter_full_tensors", "latest_checkpoint", "load_model_weights", "named_layers",
     "read_full_tensor", "read_index", "save_checkpoint_dir", "save_model_weights",
     "shard_file_name",
