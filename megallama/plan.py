@@ -21,8 +21,11 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import torch
+
 from megallama.config import PRESETS, ConfigError, ModelConfig, preset
 from megallama.engine.config import ParallelConfig
+from megallama.engine.fused_adamw import needs_fp32_grad_buffer
 from megallama.engine.validate import check_parallel
 from megallama.model.llama import check_tp_layout
 from megallama.parallel import cross_entropy
@@ -179,7 +182,7 @@ def optimizer_states(p: int, dp: int, precision: str, zero: int, device: str, *,
         bucket = min(FUSED_BUCKET, 4 * p) if dp > 1 else 0  # its DP all-reduce flattens a bucket
         tmp = 8 * largest_layer if cpu else 0  # the torch reference path: fp32 g and denom
         if precision == "bf16":
-            summed = gas > 1 or dp > 1  # then an fp32 buffer per parameter takes each .grad
+            summed = needs_fp32_grad_buffer(torch.bfloat16, gas, dp)  # fp32 buffer takes .grad
             return States(2 * p, 4 * p if summed else 0, 0 if summed else 2 * p, 0, False,
                           4 * p, 8 * p, bucket + tmp)
         return States(4 * p, 0, 4 * p, 0, False, 0, 8 * p, bucket + tmp)

@@ -34,9 +34,9 @@ def _groups(params):
             {"params": [p for p in params if p.ndim == 1], "weight_decay": 0.0}]
 
 
-def _fused(params, clip=0.0, accumulate=False):
+def _fused(params, clip=0.0):
     return MasterWeightAdamW(_groups(params), lr=LR, betas=BETAS, eps=EPS, max_grad_norm=clip,
-                             topo=build_topology(Grid.from_world(1)), accumulate=accumulate)
+                             topo=build_topology(Grid.from_world(1)), gas=1)
 
 
 def _grads(step: int, params, scale: float = 1.0) -> list[torch.Tensor]:
@@ -105,12 +105,12 @@ def test_nonfinite_step_changes_nothing():
 
 
 def test_accumulation_sums_bf16_gradients_in_fp32():
-    """With accumulate=True each bf16 gradient is moved into an fp32 buffer by a hook, so many
-    small micro-batch gradients do not lose bits to bf16 sums."""
+    """With several micro-batches per step each bf16 gradient is moved into an fp32 buffer by a
+    hook, so many small micro-batch gradients do not lose bits to bf16 sums."""
     w = torch.nn.Parameter(torch.ones(4, dtype=torch.bfloat16))
     opt = MasterWeightAdamW([{"params": [w], "weight_decay": 0.0}], lr=LR, betas=BETAS, eps=EPS,
                             max_grad_norm=0.0, topo=build_topology(Grid.from_world(1)),
-                            accumulate=True)
+                            gas=256)
     for _ in range(256):  # a bf16 running sum of 2^-9 steps stops at 0.25 (half an ulp)
         (w.float() * (1.0 / 512)).sum().backward()
         assert w.grad is None

@@ -188,10 +188,8 @@ class Engine:
         if cfg.trainer.precision == "bf16":  # what DeepSpeed's bf16 mode does: params, not buffers
             for param in module.parameters():
                 param.data = param.data.to(torch.bfloat16)
-        # bf16 gradients need an fp32 buffer only when they are summed (micro-batches or DP ranks)
-        accumulate = self.gas > 1 or topo.grid.dp > 1
         return MasterWeightAdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
-                                 max_grad_norm=o.grad_clip, topo=topo, accumulate=accumulate)
+                                 max_grad_norm=o.grad_clip, topo=topo, gas=self.gas)
 
     # ---- structure ---------------------------------------------------------------------------
     @property

@@ -41,14 +41,18 @@ from megallama.engine.adamw_kernel import (
 from megallama.parallel.mappings import all_reduce_mean_, all_reduce_sum_
 from megallama.parallel.topology import Topology
 
-STATE_KEYS = ("fp32", "exp_avg", "exp_avg_sq")
+
+def needs_fp32_grad_buffer(param_dtype: torch.dtype, gas: int, dp: int) -> bool:
+    """Whether gradients go through an fp32 ``main_grad`` buffer: when a low-precision gradient
+    is summed (over micro-batches or DP ranks), the sum must be taken in fp32."""
+    return param_dtype != torch.float32 and (gas > 1 or dp > 1)
 
 
 class MasterWeightAdamW(torch.optim.Optimizer):
     """AdamW over (possibly bf16) parameters with fp32 master weights and moments."""
 
     def __init__(self, groups: Iterable[dict[str, Any]], *, lr: float, betas: tuple[float, float],
-                 eps: float, max_grad_norm: float, topo: Topology, accumulate: bool,
+                 eps: float, max_grad_norm: float, topo: Topology, gas: int,
                  use_kernel: bool | None = None) -> None:
         super().__init__(list(groups), {"lr": lr, "betas": betas, "eps": eps, "weight_decay": 0.0})
         self.max_grad_norm = max_grad_norm
@@ -56,7 +60,7 @@ class MasterWeightAdamW(torch.optim.Optimizer):
         self.step_count = torch.zeros(())  # shared as every parameter's state["step"], like AdamW's
         self.overflow = False
         self._global_grad_norm: float | None = None
-        self._accumulate = accumulate
+        self.gas = gas  # micro-batches per step on this rank
         for p in self._params():
             self._init_state(p)
         if use_kernel is None:
@@ -77,7 +81,7 @@ class MasterWeightAdamW(torch.optim.Optimizer):
                                 f"got {p.dtype}")
             # the fp32 master is (p, master_lo): p holds its upper half (see adamw_kernel)
             state["master_lo"] = torch.zeros_like(p, dtype=torch.int16)
-            if self._accumulate:
+            if needs_fp32_grad_buffer(p.dtype, self.gas, self.topo.grid.dp):
                 state["main_grad"] = torch.zeros_like(p, dtype=torch.float32)
                 p.register_post_accumulate_grad_hook(self._move_grad)
 
@@ -125,10 +129,7 @@ class MasterWeightAdamW(torch.optim.Optimizer):
         norm_host = _copy_to_host(norm)
         self.step_count += 1
         step = int(self.step_count)
-        if self.use_kernel:
-            self._update_kernel(coef, ok, step)
-        else:
-            self._update_reference(coef, bool(ok), step)
+        self._update(coef, ok, step)
         self._global_grad_norm = float(norm_host())
         self.overflow = not math.isfinite(self._global_grad_norm)
         if self.overflow:
@@ -138,26 +139,23 @@ class MasterWeightAdamW(torch.optim.Optimizer):
         b1, b2 = group["betas"]
         return AdamWScalars(group["lr"], b1, b2, group["eps"], group["weight_decay"], step)
 
-    def _update_kernel(self, coef: torch.Tensor, ok: torch.Tensor, step: int) -> None:
+    def _update(self, coef: torch.Tensor, ok: torch.Tensor, step: int) -> None:
+        """One AdamW update per parameter: the Triton kernel reads ``ok`` on the device; the
+        torch reference is skipped from the host (one sync, CPU or a GPU without Triton)."""
+        apply = self.use_kernel or bool(ok)
         for group in self.param_groups:
             s = self._scalars(group, step)
             for p in group["params"]:
                 state, grad = self.state[p], self._grad(p)
                 if grad is None:
                     continue
-                adamw_fused(p.data, grad, state.get("master_lo"), state["exp_avg"],
-                            state["exp_avg_sq"], coef, ok, s, zero_grad="main_grad" in state)
-
-    def _update_reference(self, coef: torch.Tensor, ok: bool, step: int) -> None:
-        for group in self.param_groups:
-            s = self._scalars(group, step)
-            for p in group["params"]:
-                state, grad = self.state[p], self._grad(p)
-                if grad is None:
+                tensors = (p.data, grad, state.get("master_lo"), state["exp_avg"],
+                           state["exp_avg_sq"], coef)
+                if self.use_kernel:
+                    adamw_fused(*tensors, ok, s, zero_grad="main_grad" in state)
                     continue
-                if ok:
-                    adamw_reference(p.data, grad, state.get("master_lo"), state["exp_avg"],
-                                    state["exp_avg_sq"], coef, s)
+                if apply:
+                    adamw_reference(*tensors, s)
                 if "main_grad" in state:
                     state["main_grad"].zero_()
 
