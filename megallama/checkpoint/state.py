@@ -68,20 +68,38 @@ def _views(layers: Layers, fetch: Callable[[nn.Parameter], torch.Tensor]) -> Lay
             for prefix, m in layers]  # type: ignore[misc]
 
 
-def _getter(key: str, optimizer: Any) -> Callable[[nn.Parameter], torch.Tensor]:
-    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+class DeepSpeedState:
+    """Per-parameter access to DeepSpeed's (possibly ZeRO-partitioned) fp32 master and Adam
+    moments: the interface megallama's fused optimizer has natively (``full_state`` /
+    ``set_full_state``), so the writer and reader below handle both the same way."""
 
-    def fetch(p: nn.Parameter) -> torch.Tensor:
-        if hasattr(optimizer, "full_state"):  # megallama's fused optimizer: nothing partitioned
-            value = optimizer.full_state(p, key)
-        else:
-            value = (safe_get_full_fp32_param(p) if key == "fp32"
-                     else safe_get_full_optimizer_state(p, key))
+    def __init__(self, ds_optimizer: Any) -> None:
+        self.ds_optimizer = ds_optimizer
+        ensure_adam_state(ds_optimizer.optimizer)  # DeepSpeed's setters need the state to exist
+        link_zero_state(ds_optimizer)
+
+    def full_state(self, p: nn.Parameter, key: str) -> torch.Tensor:
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+        value = (safe_get_full_fp32_param(p) if key == "fp32"
+                 else safe_get_full_optimizer_state(p, key))
         if value is None:
             raise CheckpointError(f"DeepSpeed holds no {key} state for a parameter of shape "
                                   f"{tuple(_full_shape(p))} (ZeRO stage >= 1 is required)")
-        return value.detach().float().cpu()
-    return fetch
+        return value
+
+    def set_full_state(self, p: nn.Parameter, key: str, value: torch.Tensor) -> None:
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+        if key == "fp32":
+            safe_set_full_fp32_param(p, value)
+        else:
+            safe_set_full_optimizer_state(p, value, key)
+
+
+def state_access(optimizer: Any) -> Any:
+    """The optimizer itself when it exposes full states (optim.impl=fused), else DeepSpeed's."""
+    return optimizer if hasattr(optimizer, "full_state") else DeepSpeedState(optimizer)
 
 
 def link_zero_state(ds_optimizer: Any) -> None:
@@ -105,10 +123,9 @@ def link_zero_state(ds_optimizer: Any) -> None:
 def save_optimizer_state(layers: Layers, tp: TensorParallel, topo: Topology, ckpt_dir: Path,
                          cfg: ModelConfig, ds_optimizer: Any) -> None:
     """Write fp32 master weights and Adam moments (collective: every rank calls it)."""
-    ensure_adam_state(getattr(ds_optimizer, "optimizer", ds_optimizer))
-    link_zero_state(ds_optimizer)
+    access = state_access(ds_optimizer)
     for key in OPTIM_KEYS:
-        views = _views(layers, _getter(key, ds_optimizer))
+        views = _views(layers, lambda p, k=key: access.full_state(p, k).detach().float().cpu())
         save_model_weights(views, tp, topo, ckpt_dir / "optim" / key, cfg)
         del views
 
@@ -148,23 +165,14 @@ def load_optimizer_state(layers: Layers, tp: TensorParallel, ckpt_dir: Path, cfg
                          ds_optimizer: Any) -> None:
     """Read master weights and moments from any saved layout into DeepSpeed's partitions (or the
     fused optimizer's unpartitioned state)."""
-    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-
-    ensure_adam_state(getattr(ds_optimizer, "optimizer", ds_optimizer))
-    link_zero_state(ds_optimizer)
+    access = state_access(ds_optimizer)
     for key in OPTIM_KEYS:
         views = _views(layers, lambda p: torch.zeros(_full_shape(p), dtype=torch.float32))
         load_model_weights(views, tp, ckpt_dir / "optim" / key, cfg)
         for (_, module), (_, view) in zip(layers, views, strict=True):
             for (_, p), (_, v) in zip(module.named_parameters(), view.named_parameters(),
                                       strict=True):
-                value = v.data.to(p.device)
-                if hasattr(ds_optimizer, "set_full_state"):
-                    ds_optimizer.set_full_state(p, key, value)
-                elif key == "fp32":
-                    safe_set_full_fp32_param(p, value)
-                else:
-                    safe_set_full_optimizer_state(p, value, key)
+                access.set_full_state(p, key, v.data.to(p.device))
 
 
 # ---- RNG and trainer state ---------------------------------------------------------------------
