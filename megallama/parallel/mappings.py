@@ -226,19 +226,19 @@ def all_reduce_mean_(tensors: list[torch.Tensor], group: Group,
     n = group_size(group)
     if n == 1:
         return
-    bucket: list[torch.Tensor] = []
+    buckets: list[list[torch.Tensor]] = []
     size = 0
-    for t in tensors + [None]:  # type: ignore[operator]
-        flush = t is None or (bucket and (t.dtype != bucket[0].dtype
-                                          or size + t.numel() * t.element_size() > bucket_bytes))
-        if flush and bucket:
-            flat = torch._utils._flatten_dense_tensors(bucket)
-            dist.all_reduce(flat, group=group)
-            flat.div_(n)
-            for dst, src in zip(bucket, torch._utils._unflatten_dense_tensors(flat, bucket),
-                                strict=True):
-                dst.copy_(src)
-            bucket, size = [], 0
-        if t is not None:
-            bucket.append(t)
-            size += t.numel() * t.element_size()
+    for t in tensors:
+        nbytes = t.numel() * t.element_size()
+        if not buckets or t.dtype != buckets[-1][0].dtype or size + nbytes > bucket_bytes:
+            buckets.append([])
+            size = 0
+        buckets[-1].append(t)
+        size += nbytes
+    for bucket in buckets:
+        flat = torch._utils._flatten_dense_tensors(bucket)
+        dist.all_reduce(flat, group=group)
+        flat.div_(n)
+        for dst, src in zip(bucket, torch._utils._unflatten_dense_tensors(flat, bucket),
+                            strict=True):
+            dst.copy_(src)
