@@ -196,3 +196,30 @@ def test_triton_sum_of_squares_matches_torch():
     want = sum(t.double().square().sum() for t in ts)
     torch.testing.assert_close(sum_of_squares(ts).double(), want, rtol=1e-5, atol=0)
     assert torch.equal(sum_of_squares(ts), sum_of_squares(ts))  # deterministic
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernel needs a CUDA GPU")
+def test_optimizer_on_gpu_matches_cpu_reference():
+    """The whole optimizer (Triton norm, clipping on the device, fused updates, skipped NaN
+    step) on the GPU against the same optimizer's torch reference path on CPU."""
+    pytest.importorskip("triton")
+    cpu = _params(torch.bfloat16)
+    gpu = [torch.nn.Parameter(p.detach().cuda()) for p in cpu]
+    opt_cpu, opt_gpu = _fused(cpu, clip=0.5), _fused(gpu, clip=0.5)
+    assert opt_gpu.use_kernel and not opt_cpu.use_kernel
+    for step in range(4):
+        grads = _grads(step, cpu, scale=3.0)
+        if step == 2:
+            grads[0][0, 0] = float("nan")
+        for c, g_, grad in zip(cpu, gpu, grads, strict=True):
+            c.grad, g_.grad = grad.clone(), grad.cuda()
+        opt_cpu.step()
+        opt_gpu.step()
+        assert opt_gpu.overflow == opt_cpu.overflow == (step == 2)
+        if step != 2:
+            assert opt_gpu._global_grad_norm == pytest.approx(opt_cpu._global_grad_norm, rel=1e-5)
+    for c, g_ in zip(cpu, gpu, strict=True):
+        for key in ("fp32", "exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(opt_gpu.full_state(g_, key).cpu(), opt_cpu.full_state(c, key),
+                                       rtol=1e-5, atol=1e-7)
+    assert int(opt_gpu.step_count) == int(opt_cpu.step_count) == 3
