@@ -135,6 +135,7 @@ class Engine:
         self.cfg, self.topo, self.device = cfg, topo, device
         p, grid = cfg.parallel, topo.grid
         self.gas = p.global_batch_size // (p.micro_batch_size * grid.dp)
+        self.fused = cfg.optim.impl == "fused"  # megallama's optimizer instead of DeepSpeed's
         self.tp = topo.tensor_parallel(cfg.model.n_kv_heads, p.sequence_parallel)
         seed = cfg.trainer.seed
         self.loss_fn = _Loss(make_loss_fn(cfg.model, self.tp, compiled=p.compile_blocks))
@@ -179,7 +180,6 @@ class Engine:
                         device: torch.device) -> torch.optim.Optimizer:
         o = cfg.optim
         groups = param_groups(module.named_parameters(), o.weight_decay)
-        self.fused = o.impl == "fused"
         if not self.fused:
             return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
                                      **({"fused": True} if device.type == "cuda" else {}))
