@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 from megallama.config import ConfigError, ModelConfig
-from megallama.engine.config import TrainConfig
-from megallama.engine.runtime import init_distributed, resolve_device, world_info
+from megallama.config.training import TrainConfig
+from megallama.parallel.runtime import init_distributed, resolve_device, world_info
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,7 +64,7 @@ def _is_prefix(path: str) -> bool:
 def plan(args: argparse.Namespace) -> tuple[TrainConfig, Path]:
     """Everything checkable before torch.distributed starts."""
     from megallama.checkpoint.weights import read_index
-    from megallama.engine.hydra_config import load_saved_config
+    from megallama.config.compose import load_saved_config
 
     step_dir, run_config = resolve_checkpoint(Path(args.checkpoint))
     model = ModelConfig(**read_index(step_dir)["model_config"])
@@ -83,7 +83,7 @@ def plan(args: argparse.Namespace) -> tuple[TrainConfig, Path]:
         if not _is_prefix(item) and not (cfg.data.tokenizer and Path(cfg.data.tokenizer).is_file()):
             raise ConfigError(f"--data {item} is text: pass --tokenizer (the run's was "
                               f"{cfg.data.tokenizer!r})")
-    from megallama.engine.validate import check_parallel
+    from megallama.config.validate import check_parallel
 
     check_parallel(p, cfg.model, cfg.data.seq_len, world_info()[1])
     if args.batch_size % (args.micro_batch_size * (world_info()[1] // (args.tp * args.pp))):
@@ -105,7 +105,7 @@ def evaluate_files(cfg: TrainConfig, step_dir: Path, data: list[str], max_batche
     """Token-weighted loss over all files, at the current layout (collective)."""
     from megallama.checkpoint.weights import load_model_weights
     from megallama.data.dataset import PackedDataset, collate
-    from megallama.engine.engine import Engine, perplexity
+    from megallama.engine.deepspeed_engine import Engine, perplexity
     from megallama.parallel.topology import Grid, build_topology, kv_replicas_for
 
     world = world_info()[1]

@@ -25,13 +25,13 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
-from megallama.config import ConfigError, ModelConfig
-from megallama.model.llama import KVCache, Transformer, check_tp_layout
+from megallama.config import ConfigError, ModelConfig, check_tp_layout
+from megallama.model.llama import KVCache, Transformer
 from megallama.parallel import mappings
 from megallama.parallel.layers import TensorParallel
 
 if TYPE_CHECKING:
-    from megallama.checkpoint.reshard import Source
+    from megallama.checkpoint.convert import Source
 
 B_INST, E_INST = "[INST]", "[/INST]"
 B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
@@ -217,12 +217,12 @@ def resolve_model(fmt: str, path: Path) -> tuple[ModelConfig, Path | None, Path 
         cfg = ModelConfig(**read_index(step_dir)["model_config"])
         tokenizer = None
         if run_config is not None:
-            from megallama.engine.hydra_config import load_saved_config
+            from megallama.config.compose import load_saved_config
 
             saved = load_saved_config(run_config).data.tokenizer
             tokenizer = Path(saved) if saved else None
         return cfg, tokenizer, step_dir
-    from megallama.checkpoint.reshard import open_source
+    from megallama.checkpoint.convert import open_source
 
     source = open_source(fmt, path)
     tok = path / "tokenizer.model"
@@ -270,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _world() -> tuple[int, int]:
-    from megallama.engine.runtime import world_info
+    from megallama.parallel.runtime import world_info
 
     return world_info()
 
@@ -321,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     rank, _ = _world()
     from megallama.checkpoint.atomic import CheckpointError
     from megallama.data.tokenizer import Tokenizer, TokenizerError, check_vocab
-    from megallama.engine.runtime import resolve_device
+    from megallama.parallel.runtime import resolve_device
 
     try:
         sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)

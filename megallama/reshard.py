@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from megallama.checkpoint.reshard import convert
+    from megallama.checkpoint.convert import convert
 
     try:
         report = convert(args.src, args.dst, tp=args.tp, pp=args.pp, mp=args.mp, dtype=args.dtype,

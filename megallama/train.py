@@ -15,8 +15,8 @@ import sys
 import torch
 
 from megallama.config import ConfigError
-from megallama.engine.config import TrainConfig
-from megallama.engine.runtime import init_distributed, resolve_device, world_info
+from megallama.config.training import TrainConfig
+from megallama.parallel.runtime import init_distributed, resolve_device, world_info
 
 USAGE = """usage: torchrun --nproc-per-node N -m megallama.train [OVERRIDE ...]
 
@@ -34,9 +34,9 @@ def _fail(rank: int, message: str) -> int:
 
 def prepare(overrides: list[str], world: int) -> tuple[TrainConfig, object, torch.device]:
     """Config, grid and device, checked without touching torch.distributed."""
-    from megallama.engine.checkpointing import resolve_resume
-    from megallama.engine.hydra_config import load_config
-    from megallama.engine.validate import validate
+    from megallama.config.compose import load_config
+    from megallama.config.validate import validate
+    from megallama.training.train_state import resolve_resume
 
     cfg = load_config(overrides)
     grid = validate(cfg, world)
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError, FileNotFoundError) as e:
         return _fail(rank, str(e))
     init_distributed(device)
-    from megallama.engine.loop import train
+    from megallama.training.loop import train
 
     train(cfg, grid, device)
     return 0

@@ -10,14 +10,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megallama.engine.adamw_kernel import (
+from megallama.optim.adamw_kernel import (
     AdamWScalars,
     adamw_fused,
     adamw_reference,
     join_fp32,
     split_fp32,
 )
-from megallama.engine.fused_adamw import MasterWeightAdamW
+from megallama.optim.fused_adamw import MasterWeightAdamW
 from megallama.parallel.topology import Grid, build_topology
 
 LR, BETAS, EPS, WD = 1e-2, (0.9, 0.95), 1e-5, 0.1
@@ -188,7 +188,7 @@ def test_split_fp32_is_exact_and_rounds_to_nearest():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernel needs a CUDA GPU")
 def test_triton_sum_of_squares_matches_torch():
     pytest.importorskip("triton")
-    from megallama.engine.adamw_kernel import sum_of_squares
+    from megallama.optim.adamw_kernel import sum_of_squares
 
     g = torch.Generator(device="cuda").manual_seed(0)
     ts = [torch.randn(n, device="cuda", generator=g).to(dt)

@@ -139,7 +139,7 @@ def _hf_dir(tmp: Path, vocab: int) -> tuple[Transformer, Path]:
 
 
 def test_cli_hf_and_megallama_checkpoints(tmp_path, capsys, llama_tokenizer_path) -> None:
-    from megallama.checkpoint.reshard import convert
+    from megallama.checkpoint.convert import convert
     from megallama.data.tokenizer import Tokenizer
 
     model, hf_dir = _hf_dir(tmp_path, 32000)

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megallama.config import ConfigError, ModelConfig, preset
-from megallama.model.llama import Transformer, check_tp_layout
+from megallama.config import ConfigError, ModelConfig, check_tp_layout, preset
+from megallama.model.llama import Transformer
 from megallama.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megallama.parallel.init import full_normal
 from megallama.parallel.topology import Grid

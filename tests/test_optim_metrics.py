@@ -10,9 +10,11 @@ import torch
 from torch import nn
 
 from megallama.config import preset
+from megallama.config.training import OptimConfig
 from megallama.engine import metrics
-from megallama.engine.config import OptimConfig
-from megallama.engine.metrics import (
+from megallama.model.llama import Transformer
+from megallama.optim.schedule import build_optimizer, lr_at, param_groups
+from megallama.training.metrics import (
     MetricsWriter,
     Progress,
     device_peak_flops,
@@ -21,8 +23,6 @@ from megallama.engine.metrics import (
     peak_flops_for_name,
     peak_memory_bytes,
 )
-from megallama.engine.optim import build_optimizer, lr_at, param_groups
-from megallama.model.llama import Transformer
 
 # ---- schedule ----------------------------------------------------------------------------------
 CFG = OptimConfig(lr=1e-3, warmup_steps=10, min_lr_ratio=0.1)  # decay end: total_steps = 110

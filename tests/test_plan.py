@@ -1,4 +1,4 @@
-"""The layout planner (megallama.plan): model states computed by hand, the activation and logits
+"""The layout planner (megallama.training.planner): model states computed by hand, the activation and logits
 formulas checked against what autograd really keeps, the bubble, the effect of sequence
 parallelism / checkpointing / pipeline depth, the table and JSON output, and clear errors."""
 
@@ -17,6 +17,7 @@ from megallama.config import ConfigError, preset
 from megallama.model.llama import TransformerBlock
 from megallama.parallel import cross_entropy
 from megallama.parallel.layers import TensorParallel
+from megallama.training import planner
 
 GIB = 1024**3
 
@@ -34,7 +35,7 @@ def test_llama2_7b_tp2_pp2_dp2_states_by_hand():
     block = (4 * 4096 * 4096 + 3 * 4096 * 11008) // 2 + 2 * 4096
     table = 16000 * 4096
     assert (block, table) == (101_195_776, 65_536_000)
-    stages = plan.estimate_stages(preset("llama2_7b"), plan.Layout(tp=2, pp=2, dp=2),
+    stages = planner.estimate_stages(preset("llama2_7b"), planner.Layout(tp=2, pp=2, dp=2),
                                   seq_len=4096, global_batch=1024)
     # FLOP-balanced cut: per-token costs are 438.3M per block, 262.3M for the head, ~8.8M for the
     # embedding, so embedding + 16 blocks | 16 blocks + norm + head minimises the larger stage.
@@ -49,14 +50,14 @@ def test_llama2_7b_tp2_pp2_dp2_states_by_hand():
         # largest tensor: the embedding / head shard) before it is added in
         assert r.gradients == 4 * p + 2 * table
         assert r.gas == 1024 // (1 * 2) and r.in_flight == 2 - r.stage
-    assert plan.optimizer_states(p0, 2, "bf16", 1, "cuda") == plan.States(
+    assert planner.optimizer_states(p0, 2, "bf16", 1, "cuda") == planner.States(
         2 * p0, 4 * p0, 0, 0, False, 2 * p0, 4 * p0, 4 * 500_000_000)  # dp>1: all-reduce copy
 
 
 def test_fp32_cpu_single_process_states_by_hand():
     cfg = preset("tiny")
     n = cfg.num_parameters()  # tp=1: no vocabulary padding, every parameter on the one rank
-    r = plan.estimate(cfg, plan.Layout(1, 1, 1, 1), seq_len=64, global_batch=2, precision="fp32",
+    r = planner.estimate(cfg, planner.Layout(1, 1, 1, 1), seq_len=64, global_batch=2, precision="fp32",
                       device="cpu", overhead_bytes=123)
     assert (r.params, r.weights, r.master, r.optimizer) == (n, 4 * n, 4 * n, 8 * n)
     assert r.overhead == 123 and r.gas == 2
@@ -73,7 +74,7 @@ def test_block_activations_by_hand():
     per_token = 2 * 8 * 128 + 8 + 2 * 4 * 128 + 4 * 4 * 128 + 4 * 8 + 4 * 4 * 352
     expected = 128 * per_token
     assert expected == 1_381_376
-    assert plan.block_activation_bytes(preset("tiny"), tokens=128, seq_len=64, tp=1,
+    assert planner.block_activation_bytes(preset("tiny"), tokens=128, seq_len=64, tp=1,
                                        sequence_parallel=False, element=4) == expected
 
 
@@ -96,7 +97,7 @@ def test_block_activations_match_saved_tensors(name, dtype):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         block(x)
     element = 4 if dtype == torch.float32 else 2
-    assert sum(saved.values()) == plan.block_activation_bytes(
+    assert sum(saved.values()) == planner.block_activation_bytes(
         cfg, tokens=128, seq_len=64, tp=1, sequence_parallel=False, element=element)
 
 
@@ -142,39 +143,39 @@ def test_logits_bytes_cover_cross_entropy_peak(dtype, chunk, monkeypatch):
         loss.backward()
     element = 4 if dtype == torch.float32 else 2
     measured = live.peak - 2 * w.numel() * element  # minus the small head/input gradients
-    est = plan.logits_bytes(cfg, tokens=tokens, tp=1, element=element, pipeline=False)
+    est = planner.logits_bytes(cfg, tokens=tokens, tp=1, element=element, pipeline=False)
     assert measured <= est <= 1.1 * measured
 
 
 # ---- bubble, sequence parallelism, checkpointing, pipeline depth ------------------------------
 def test_bubble_fraction():
-    assert plan.bubble_fraction(1, 7) == 0
-    assert plan.bubble_fraction(8, 128) == pytest.approx(7 / 135)
-    r = plan.estimate(preset("llama2_70b"), plan.Layout(tp=8, pp=8, dp=8), seq_len=4096,
+    assert planner.bubble_fraction(1, 7) == 0
+    assert planner.bubble_fraction(8, 128) == pytest.approx(7 / 135)
+    r = planner.estimate(preset("llama2_70b"), planner.Layout(tp=8, pp=8, dp=8), seq_len=4096,
                       global_batch=1024)
     assert r.gas == 128 and r.bubble == pytest.approx(7 / (128 + 8 - 1))
 
 
 def test_sequence_parallel_splits_the_norm_region_over_tp():
     cfg, tokens, tp = preset("llama2_7b"), 4096, 8
-    full, split = (plan.block_activation_bytes(cfg, tokens=tokens, seq_len=tokens, tp=tp,
+    full, split = (planner.block_activation_bytes(cfg, tokens=tokens, seq_len=tokens, tp=tp,
                                                sequence_parallel=sp, element=2)
                    for sp in (False, True))
     # the two RMSNorms keep an fp32 input, a bf16 output and an fp32 rsqrt per token, sequence-split
     # under SP; the all-gathered inputs of the column-parallel matmuls stay full length
     norms = 2 * (4 + 2) * tokens * 4096 + 2 * 4 * tokens
     assert full - split == norms - norms // tp
-    lay = plan.Layout(tp=8, pp=1, dp=1)
-    on, off = (plan.estimate(cfg, lay, seq_len=4096, global_batch=8, sequence_parallel=sp)
+    lay = planner.Layout(tp=8, pp=1, dp=1)
+    on, off = (planner.estimate(cfg, lay, seq_len=4096, global_batch=8, sequence_parallel=sp)
                for sp in (True, False))
     assert on.activations < off.activations and on.sequence_parallel
 
 
 def test_checkpointing_keeps_only_block_inputs():
-    cfg, lay = preset("llama2_7b"), plan.Layout(tp=1, pp=1, dp=8)
-    full, ckpt = (plan.estimate(cfg, lay, seq_len=4096, global_batch=64,
+    cfg, lay = preset("llama2_7b"), planner.Layout(tp=1, pp=1, dp=8)
+    full, ckpt = (planner.estimate(cfg, lay, seq_len=4096, global_batch=64,
                                 activation_checkpointing=c) for c in (False, True))
-    block = plan.block_activation_bytes(cfg, tokens=4096, seq_len=4096, tp=1,
+    block = planner.block_activation_bytes(cfg, tokens=4096, seq_len=4096, tp=1,
                                         sequence_parallel=False, element=2)
     inputs = 32 * 2 * 4096 * 4096  # one bf16 [seq, dim] input per block
     assert full.activations - ckpt.activations == 32 * block - inputs - block  # + 1 recomputed
@@ -183,13 +184,13 @@ def test_checkpointing_keeps_only_block_inputs():
 
 def test_more_pipeline_stages_hold_fewer_weights():
     cfg = preset("llama2_70b")
-    weights = [plan.estimate(cfg, plan.Layout(8, pp, 512 // (8 * pp)), seq_len=4096,
+    weights = [planner.estimate(cfg, planner.Layout(8, pp, 512 // (8 * pp)), seq_len=4096,
                              global_batch=1024).weights for pp in (1, 2, 4, 8, 16)]
     assert weights == sorted(weights, reverse=True) and weights[0] > 12 * weights[-1]
 
 
 def test_layouts_that_do_not_fit_are_flagged(capsys):
-    r = plan.estimate(preset("llama2_70b"), plan.Layout(tp=8, pp=1, dp=1), seq_len=4096,
+    r = planner.estimate(preset("llama2_70b"), planner.Layout(tp=8, pp=1, dp=1), seq_len=4096,
                       global_batch=8)
     assert not r.fits and r.total > 80 * GIB
     rc, out, _ = run(["model=llama2_70b", "gpus=8"], capsys)
@@ -241,12 +242,12 @@ def test_cli_errors_are_one_clear_line(argv, message, capsys):
 def test_estimate_rejects_what_the_trainer_rejects():
     cfg = preset("llama2_7b")
     with pytest.raises(ConfigError, match="not a multiple of micro_batch_size"):
-        plan.estimate(cfg, plan.Layout(1, 1, 3), seq_len=4096, global_batch=1024)
+        planner.estimate(cfg, planner.Layout(1, 1, 3), seq_len=4096, global_batch=1024)
     with pytest.raises(ConfigError, match="sequence_parallel"):
-        plan.estimate(cfg, plan.Layout(8, 1, 1), seq_len=4100, global_batch=8,
+        planner.estimate(cfg, planner.Layout(8, 1, 1), seq_len=4100, global_batch=8,
                       sequence_parallel=True)
     with pytest.raises(ConfigError, match="precision"):
-        plan.estimate(cfg, plan.Layout(1, 1, 1), seq_len=4096, global_batch=8, precision="fp16")
+        planner.estimate(cfg, planner.Layout(1, 1, 1), seq_len=4096, global_batch=8, precision="fp16")
 
 
 def test_load_model_from_meta_params_json(tmp_path):
@@ -264,9 +265,9 @@ def test_fused_optimizer_states():
     """zero_stage=0 (optim.impl=fused): bf16 weights and gradients, fp32 master and moments, all
     unsharded (16 bytes/param); an fp32 gradient buffer once gradients are summed (gas or dp > 1)."""
     p = 1_000_000
-    st = plan.optimizer_states(p, 1, "bf16", 0, "cuda", gas=1)
+    st = planner.optimizer_states(p, 1, "bf16", 0, "cuda", gas=1)
     assert st.weights + st.grads_keep + st.grads_accum + st.master + st.adam == 16 * p
-    summed = plan.optimizer_states(p, 2, "bf16", 0, "cuda", gas=1)
+    summed = planner.optimizer_states(p, 2, "bf16", 0, "cuda", gas=1)
     assert summed.grads_keep == 4 * p and summed.grads_accum == 0 and summed.adam == 8 * p
-    fp32 = plan.optimizer_states(p, 1, "fp32", 0, "cuda", gas=4)
+    fp32 = planner.optimizer_states(p, 1, "fp32", 0, "cuda", gas=4)
     assert (fp32.weights, fp32.master, fp32.grads_accum) == (4 * p, 0, 4 * p)

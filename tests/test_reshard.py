@@ -19,9 +19,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from megallama.checkpoint.atomic import CheckpointError
+from megallama.checkpoint.convert import convert, stage_cuts
 from megallama.checkpoint.meta import ROPE_FREQS, rope_freqs
 from megallama.checkpoint.names import meta_split_dim, meta_tensor_to_hf, model_tensor_shapes
-from megallama.checkpoint.reshard import convert, stage_cuts
 from megallama.checkpoint.weights import (
     _local_shard,
     _named_params,

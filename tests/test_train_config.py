@@ -15,16 +15,7 @@ import torch
 from omegaconf import OmegaConf
 
 from megallama.config import PRESETS, ConfigError, ModelConfig, preset
-from megallama.data.indexed import IndexedWriter
-from megallama.data.tokenizer_trainer import train_tokenizer
-from megallama.engine.config import (
-    DataConfig,
-    OptimConfig,
-    ParallelConfig,
-    TrainConfig,
-    TrainerConfig,
-)
-from megallama.engine.hydra_config import (
+from megallama.config.compose import (
     CONF_DIR_ENV,
     config_from_yaml,
     default_config_dir,
@@ -33,7 +24,16 @@ from megallama.engine.hydra_config import (
     save_config,
     to_yaml,
 )
-from megallama.engine.validate import check_optim, check_parallel, validate
+from megallama.config.training import (
+    DataConfig,
+    OptimConfig,
+    ParallelConfig,
+    TrainConfig,
+    TrainerConfig,
+)
+from megallama.config.validate import check_optim, check_parallel, validate
+from megallama.data.indexed import IndexedWriter
+from megallama.data.tokenizer_trainer import train_tokenizer
 from megallama.parallel.topology import Grid
 
 CONF = Path(__file__).resolve().parents[1] / "conf"

@@ -24,12 +24,12 @@ def dir_bytes(path: Path) -> int:
 
 def run(args: argparse.Namespace) -> dict:
     from megallama.config import preset
+    from megallama.config.training import TrainConfig
     from megallama.data.sampler import DataSampler
-    from megallama.engine.checkpointing import resume, save_checkpoint
-    from megallama.engine.config import TrainConfig
-    from megallama.engine.engine import Engine
-    from megallama.engine.runtime import init_distributed
+    from megallama.engine.deepspeed_engine import Engine
+    from megallama.parallel.runtime import init_distributed
     from megallama.parallel.topology import Grid, build_topology
+    from megallama.training.train_state import resume, save_checkpoint
 
     device = torch.device("cpu")
     init_distributed(device)

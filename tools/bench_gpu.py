@@ -227,10 +227,10 @@ def plain_cross_entropy(logits, labels, vocab_size, ignore_index=-100):
 def run_megallama(name: str, args, device) -> dict:
     import torch
 
-    import megallama.engine.engine as engine_mod
+    import megallama.engine.deepspeed_engine as engine_mod
     from megallama.config import preset
-    from megallama.engine.config import TrainConfig
-    from megallama.engine.runtime import init_distributed
+    from megallama.config.training import TrainConfig
+    from megallama.parallel.runtime import init_distributed
     from megallama.parallel.topology import Grid, build_topology, kv_replicas_for
 
     init_distributed(device)

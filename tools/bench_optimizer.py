@@ -1,4 +1,4 @@
-"""Memory bandwidth of the fused optimizer kernels (megallama.engine.adamw_kernel) on a GPU.
+"""Memory bandwidth of the fused optimizer kernels (megallama.optim.adamw_kernel) on a GPU.
 
     python3 tools/bench_optimizer.py [--numel 268435456]
 

@@ -142,7 +142,7 @@ def main() -> None:
     gen_s = time.monotonic() - t0
     hwm = work / "hwm"
     results: dict[str, dict[str, float]] = {}
-    results["import only"] = run_child("-c", "import megallama.checkpoint.reshard", [], hwm)
+    results["import only"] = run_child("-c", "import megallama.checkpoint.convert", [], hwm)
     steps = [("meta -> hf", ["--src", f"meta:{work / 'meta'}", "--dst", f"hf:{work / 'hf'}"]),
              ("hf -> megallama tp2 pp2", ["--src", f"hf:{work / 'hf'}", "--dst",
                                           f"megallama:{work / 'mg'}", "--tp", "2", "--pp", "2"])]

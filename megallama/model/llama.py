@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from megallama.config import ConfigError, ModelConfig
+from megallama.config import ConfigError, ModelConfig, check_tp_layout
 from megallama.parallel import mappings
 from megallama.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megallama.parallel.layers import (
@@ -29,21 +29,6 @@ from megallama.parallel.layers import (
     VocabParallelEmbedding,
     padded_vocab_size,
 )
-
-
-def check_tp_layout(cfg: ModelConfig, tp: int) -> None:
-    """Raise one clear error when ``tp`` cannot split this model."""
-    if cfg.n_heads % tp:
-        raise ConfigError(f"parallel.tp={tp} does not divide n_heads={cfg.n_heads}")
-    if tp <= cfg.n_kv_heads and cfg.n_kv_heads % tp:
-        raise ConfigError(f"parallel.tp={tp} does not divide n_kv_heads={cfg.n_kv_heads}")
-    if tp > cfg.n_kv_heads and tp % cfg.n_kv_heads:
-        raise ConfigError(
-            f"parallel.tp={tp} > n_kv_heads={cfg.n_kv_heads} must be a multiple of it "
-            "(each KV head is then replicated on tp/n_kv_heads ranks)"
-        )
-    if cfg.ffn_hidden_dim % tp:
-        raise ConfigError(f"parallel.tp={tp} does not divide the FFN width {cfg.ffn_hidden_dim}")
 
 
 class RMSNorm(nn.Module):

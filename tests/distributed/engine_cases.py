@@ -6,9 +6,9 @@ from __future__ import annotations
 import torch
 
 from megallama.config import preset
-from megallama.engine.config import TrainConfig
-from megallama.engine.optim import lr_at, param_groups
+from megallama.config.training import TrainConfig
 from megallama.model.llama import Transformer
+from megallama.optim.schedule import lr_at, param_groups
 
 VOCAB, SEQ, STEPS = 1001, 16, 5
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megallama.engine.engine import Engine
-from megallama.engine.runtime import init_distributed
+from megallama.engine.deepspeed_engine import Engine
+from megallama.parallel.runtime import init_distributed
 from megallama.parallel.topology import Grid, build_topology, kv_replicas_for
 from tests.distributed.engine_cases import STEPS, make_config, rank_micro_batches
 from tests.distributed.harness import run_world

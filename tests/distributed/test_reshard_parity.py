@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megallama.checkpoint.reshard import convert
+from megallama.checkpoint.convert import convert
 from megallama.checkpoint.weights import load_model_weights, read_index
 from megallama.config import ModelConfig, preset
 from megallama.model.llama import Transformer

@@ -15,13 +15,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megallama.config.training import TrainConfig
 from megallama.data.dataset import BlendedDataset, PackedDataset, build_train_valid, collate
 from megallama.data.sampler import DataSampler
 from megallama.engine import faults
-from megallama.engine.checkpointing import resolve_resume, resume, save_checkpoint
-from megallama.engine.config import TrainConfig
-from megallama.engine.engine import Engine, MicroBatch, perplexity
-from megallama.engine.metrics import (
+from megallama.engine.deepspeed_engine import Engine, MicroBatch, perplexity
+from megallama.parallel.topology import Grid, Topology, build_topology, kv_replicas_for
+from megallama.training.metrics import (
     MetricsWriter,
     Progress,
     device_peak_flops,
@@ -29,7 +29,7 @@ from megallama.engine.metrics import (
     format_metrics,
     peak_memory_bytes,
 )
-from megallama.parallel.topology import Grid, Topology, build_topology, kv_replicas_for
+from megallama.training.train_state import resolve_resume, resume, save_checkpoint
 
 
 def build_datasets(cfg: TrainConfig):
@@ -108,7 +108,7 @@ def train(cfg: TrainConfig, grid: Grid, device: torch.device) -> dict:
     is_logger = topo.rank == 0
     out_dir = Path(cfg.trainer.output_dir)
     if is_logger:
-        from megallama.engine.hydra_config import save_config
+        from megallama.config.compose import save_config
 
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out_dir / "config.yaml")

@@ -2,7 +2,7 @@
 
 Hydra's compose API is used rather than ``@hydra.main``: under torchrun every rank would run the
 decorated main and create its own output directory, and the run directory is ``trainer.output_dir``
-anyway. The dataclass tree of :mod:`megallama.engine.config` is registered in Hydra's ConfigStore as
+anyway. The dataclass tree of :mod:`megallama.config.training` is registered in Hydra's ConfigStore as
 ``train_schema`` (the first entry of ``conf/config.yaml``'s defaults list), so every override is
 type-checked against it and unknown keys fail. Every Hydra/OmegaConf error is turned into one
 :class:`~megallama.config.ConfigError` line that names the option, so a typo on a 64-rank launch
@@ -25,7 +25,7 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 
 import megallama
 from megallama.config import ConfigError
-from megallama.engine.config import TrainConfig
+from megallama.config.training import TrainConfig
 
 SCHEMA_NAME = "train_schema"
 CONF_DIR_ENV = "MEGALLAMA_CONF_DIR"

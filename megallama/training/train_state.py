@@ -26,10 +26,10 @@ from megallama.checkpoint.state import (
 )
 from megallama.checkpoint.weights import INDEX_NAME, load_model_weights, save_model_weights
 from megallama.config import ConfigError
+from megallama.config.training import TrainConfig
 from megallama.data.sampler import DataSampler
 from megallama.engine import faults
-from megallama.engine.config import TrainConfig
-from megallama.engine.engine import Engine
+from megallama.engine.deepspeed_engine import Engine
 from megallama.parallel.topology import Topology
 
 
@@ -58,7 +58,7 @@ def resolve_resume(cfg: TrainConfig) -> Path | None:
 def save_checkpoint(engine: Engine, cfg: TrainConfig, topo: Topology, step: int,
                     sampler: DataSampler) -> Path:
     """Write weights, optimizer state, RNG, sampler and step for ``step`` (collective)."""
-    from megallama.engine.hydra_config import save_config
+    from megallama.config.compose import save_config
 
     root = checkpoint_root(cfg)
     layers = engine.local_layers()

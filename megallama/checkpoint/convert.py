@@ -44,8 +44,8 @@ from megallama.checkpoint.weights import (
     shard_file_name,
 )
 from megallama.config import ConfigError, ModelConfig
+from megallama.config.grid import Grid
 from megallama.parallel.layers import padded_vocab_size
-from megallama.parallel.topology import Grid
 
 FORMATS = ("meta", "hf", "megallama")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -256,7 +256,7 @@ class Progress:
 def check_layout(fmt: str, where: Path, cfg: ModelConfig, tp: int, pp: int,
                  mp: int | None) -> None:
     """Refuse an output layout that cannot split this model, before anything is written."""
-    from megallama.model.llama import check_tp_layout
+    from megallama.config import check_tp_layout
 
     if fmt == "meta":
         check_mp(cfg, mp or default_mp(cfg), where)

@@ -21,9 +21,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from megallama.engine.config import TrainConfig
-from megallama.engine.optim import lr_at, param_groups
+from megallama.config.training import TrainConfig
 from megallama.model.llama import Transformer, compile_blocks, layer_defs, make_loss_fn
+from megallama.optim.schedule import lr_at, param_groups
 from megallama.parallel.topology import Topology
 
 MicroBatch = tuple[torch.Tensor, torch.Tensor]  # tokens [b, s], labels [b, s]
@@ -48,7 +48,7 @@ def deepspeed_config(cfg: TrainConfig, dp: int) -> dict:
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
         # DeepSpeed's throughput timer synchronises the device at every forward and step; we
-        # measure throughput ourselves (megallama.engine.metrics)
+        # measure throughput ourselves (megallama.training.metrics)
         "timers": {"throughput": {"enabled": False}},
         "zero_allow_untested_optimizer": True,
         # DeepSpeed may send 1/tp of each inter-stage activation and all-gather it on arrival,
@@ -91,7 +91,7 @@ class TopologyMPU:
 
 class _Loss:
     """The vocab-parallel loss; ``poison`` makes the next steps' loss NaN (fault injection for
-    tests of the non-finite policy, see MEGALLAMA_FAULT in megallama.engine.loop)."""
+    tests of the non-finite policy, see MEGALLAMA_FAULT in megallama.training.loop)."""
 
     def __init__(self, fn) -> None:
         self.fn, self.poison = fn, False
@@ -183,7 +183,7 @@ class Engine:
         if not self.fused:
             return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
                                      **({"fused": True} if device.type == "cuda" else {}))
-        from megallama.engine.fused_adamw import MasterWeightAdamW
+        from megallama.optim.fused_adamw import MasterWeightAdamW
 
         if cfg.trainer.precision == "bf16":  # what DeepSpeed's bf16 mode does: params, not buffers
             for param in module.parameters():

@@ -4,7 +4,7 @@ gradient clipping by the global norm and non-finite-step skipping, as one pass p
 Why: with bf16 training DeepSpeed wraps the optimizer in its bf16 optimizer (ZeRO-1), which copies
 every gradient into an fp32 buffer, clips it, steps torch's AdamW on the fp32 master and copies the
 weights back: five passes over memory and 4 bytes/param of extra resident buffer. This optimizer
-reads the bf16 gradient directly in one fused kernel (megallama.engine.adamw_kernel), and keeps the
+reads the bf16 gradient directly in one fused kernel (megallama.optim.adamw_kernel), and keeps the
 fp32 master as the bf16 weight plus a 16-bit remainder (exact, see there). DeepSpeed still runs the
 model, the 1F1B schedule and the LR scheduler; only the optimizer state is not sharded
 (``parallel.zero_stage=0``), which is the trade: speed and 12 bytes/param of optimizer state plus
@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from megallama.engine.adamw_kernel import (
+from megallama.optim.adamw_kernel import (
     AdamWScalars,
     adamw_fused,
     adamw_reference,

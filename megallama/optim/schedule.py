@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from megallama.engine.config import OptimConfig
+from megallama.config.training import OptimConfig
 
 
 def param_groups(

@@ -220,6 +220,26 @@ def _solve_ffn(dim: int, intermediate: int) -> tuple[int, float | None]:
     raise ConfigError(f"intermediate_size={intermediate} cannot be expressed for hidden_size={dim}")
 
 
+def check_tp_layout(cfg: ModelConfig, tp: int) -> None:
+    """Raise one clear error when ``tp`` cannot split this model."""
+    if cfg.n_heads % tp:
+        raise ConfigError(f"parallel.tp={tp} does not divide n_heads={cfg.n_heads}")
+    if tp <= cfg.n_kv_heads and cfg.n_kv_heads % tp:
+        raise ConfigError(f"parallel.tp={tp} does not divide n_kv_heads={cfg.n_kv_heads}")
+    if tp > cfg.n_kv_heads and tp % cfg.n_kv_heads:
+        raise ConfigError(
+            f"parallel.tp={tp} > n_kv_heads={cfg.n_kv_heads} must be a multiple of it "
+            "(each KV head is then replicated on tp/n_kv_heads ranks)"
+        )
+    if cfg.ffn_hidden_dim % tp:
+        raise ConfigError(f"parallel.tp={tp} does not divide the FFN width {cfg.ffn_hidden_dim}")
+
+
+def kv_replicas_for(n_kv_heads: int, tp: int) -> int:
+    """How many TP ranks share one KV head: 1 when tp <= n_kv_heads."""
+    return max(1, tp // n_kv_heads)
+
+
 # ---- presets ------------------------------------------------------------------------------------
 PRESETS: dict[str, dict[str, Any]] = {
     "llama2_7b": dict(dim=4096, n_layers=32, n_heads=32),
@@ -245,4 +265,5 @@ def preset(name: str, **overrides: Any) -> ModelConfig:
     return ModelConfig(**{**PRESETS[name], **overrides})
 
 
-__all__ = ["ConfigError", "ModelConfig", "RopeScaling", "PRESETS", "preset"]
+__all__ = ["ConfigError", "ModelConfig", "RopeScaling", "PRESETS", "check_tp_layout",
+           "kv_replicas_for", "preset"]

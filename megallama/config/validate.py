@@ -15,14 +15,14 @@ from pathlib import Path
 import torch
 
 from megallama.config import ConfigError, ModelConfig
-from megallama.engine.config import (
+from megallama.config.grid import Grid
+from megallama.config.training import (
     DataConfig,
     OptimConfig,
     ParallelConfig,
     TrainConfig,
     TrainerConfig,
 )
-from megallama.parallel.topology import Grid
 
 PRECISIONS = ("fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -141,7 +141,7 @@ def check_parallel(p: ParallelConfig, model: ModelConfig, seq_len: int, world_si
             f"parallel.pp={p.pp} > model.n_layers={model.n_layers}: every pipeline stage needs at "
             "least one transformer block; lower parallel.pp"
         )
-    from megallama.model.llama import check_tp_layout
+    from megallama.config import check_tp_layout
 
     check_tp_layout(model, p.tp)
     if p.sequence_parallel and seq_len % p.tp:

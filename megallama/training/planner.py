@@ -1,0 +1,340 @@
+"""Layout planner: per-GPU memory of every TP x PP x DP layout, and its pipeline bubble.
+
+``megallama-plan model=llama2_70b gpus=512`` lists each candidate layout with the memory of its
+worst pipeline stage split into weights, gradients, fp32 master weights, Adam moments, activations,
+logits, optimizer-step buffers and a fixed overhead, so that a layout is chosen before a job is
+queued rather than by trial and OOM. Layout rules, stage cuts and the cross-entropy chunk size are
+imported from the trainer itself (validate.check_parallel, pipeline.balanced_cuts, ...), so the
+planner cannot accept a layout the trainer refuses or cut stages differently. Every formula, and
+what DeepSpeed keeps on each optimizer path, is derived (and checked against measurements) in
+docs/PLANNER.md. Activations are those of eager blocks (parallel.compile_blocks=false).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import sys
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, NamedTuple
+
+import torch
+
+from megallama.config import ConfigError, ModelConfig, check_tp_layout
+from megallama.config.training import ParallelConfig
+from megallama.config.validate import check_parallel
+from megallama.optim.fused_adamw import needs_fp32_grad_buffer
+from megallama.parallel import cross_entropy
+from megallama.parallel.layers import padded_vocab_size
+
+GIB = 1024**3
+DS_BUCKET = 500_000_000  # DeepSpeed's reduce_bucket_size / MEMORY_OPT_ALLREDUCE_SIZE (elements)
+FUSED_BUCKET = 256 << 20  # bytes of the fused optimizer's DP all-reduce bucket (parallel.mappings)
+DEFAULT_OVERHEAD_GIB = {"cuda": 3.0, "cpu": 0.0}
+ELEMENT = {"bf16": 2, "fp32": 4}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A parallel layout: ``tp * pp * dp`` GPUs, ``micro_batch`` sequences per micro-batch."""
+
+    tp: int
+    pp: int
+    dp: int
+    micro_batch: int = 1
+
+
+@dataclass
+class MemoryEstimate:
+    """Bytes per GPU of one pipeline stage. ``total`` is the peak over a training step (see
+    :func:`estimate_stages`), so it is not the plain sum of the components; ``bubble`` is the idle
+    fraction of 1F1B and ``tp_comm`` the bytes a GPU sends in TP collectives per optimizer step."""
+
+    layout: Layout
+    activation_checkpointing: bool
+    sequence_parallel: bool
+    gas: int
+    stage: int
+    blocks: int
+    params: int
+    in_flight: int
+    weights: int
+    gradients: int
+    master: int
+    optimizer: int
+    activations: int
+    logits: int
+    step: int
+    overhead: int
+    total: int
+    peak_phase: str
+    bubble: float
+    tp_comm: int
+    capacity: int
+
+    @property
+    def fits(self) -> bool:
+        return self.total <= self.capacity
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out.update(out.pop("layout"), fits=self.fits)
+        return out
+
+
+# ---- parameters and stages ---------------------------------------------------------------------
+def layer_names(cfg: ModelConfig) -> list[str]:
+    """The trainer's layer list (megallama.model.llama.layer_defs): pipeline stages cut it."""
+    return ["tok_embeddings", *(f"layers.{i}" for i in range(cfg.n_layers)), "norm", "output"]
+
+
+def layer_params(cfg: ModelConfig, tp: int) -> dict[str, int]:
+    """Parameters one TP rank holds per layer kind (KV heads replicated when tp > n_kv_heads,
+    vocabulary padded to a multiple of tp)."""
+    d, hd, f = cfg.dim, cfg.head_dim, cfg.ffn_hidden_dim
+    kv_local = max(1, cfg.n_kv_heads // tp) * hd
+    block = 2 * d * cfg.n_heads * hd // tp + 2 * d * kv_local + 3 * d * f // tp + 2 * d
+    table = padded_vocab_size(cfg.vocab_size, tp) // tp * d
+    return {"tok_embeddings": table, "block": block, "norm": d, "output": table}
+
+
+@lru_cache(maxsize=256)
+def _cuts(cfg_json: str, pp: int, seq_len: int, method: str) -> tuple[int, ...]:
+    with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed logs its accelerator on import
+        from megallama.engine.pipeline import balanced_cuts, layer_costs
+
+    cfg = ModelConfig(**json.loads(cfg_json))
+    names = layer_names(cfg)
+    costs = layer_costs(cfg, seq_len, names) if method == "balanced" else [1] * len(names)
+    return tuple(balanced_cuts(costs, [n.startswith("layers.") for n in names], pp))
+
+
+def stage_bounds(cfg: ModelConfig, pp: int, *, seq_len: int, method: str = "balanced") -> list[int]:
+    """Index in :func:`layer_names` where each stage starts, plus the end: LlamaPipeline's cuts."""
+    if pp == 1:
+        return [0, cfg.n_layers + 3]
+    return list(_cuts(json.dumps(dataclasses.asdict(cfg), sort_keys=True), pp, seq_len, method))
+
+
+# ---- activations -------------------------------------------------------------------------------
+def block_activation_bytes(cfg: ModelConfig, *, tokens: int, seq_len: int, tp: int,
+                           sequence_parallel: bool, element: int) -> int:
+    """Bytes one transformer block's autograd graph keeps for one micro-batch of ``tokens``
+    (= micro_batch * seq_len) on one TP rank, term by term as docs/PLANNER.md derives them."""
+    h, e = cfg.dim, element
+    hq, heads, ffn = cfg.n_heads * cfg.head_dim // tp, cfg.n_heads // tp, cfg.ffn_hidden_dim // tp
+    ts = tokens // tp if sequence_parallel else tokens  # tokens of the sequence-split region
+    return (2 * (4 + e) * ts * h + 2 * 4 * ts   # 2 RMSNorms: fp32 input, normalised, rsqrt
+            + 2 * e * tokens * h                # inputs of wq/wk/wv and w1/w3 (full seq under SP)
+            + 4 * e * tokens * hq               # SDPA q, k and v (repeated to query heads), output
+            + 4 * tokens * heads                # SDPA logsumexp (fp32)
+            + 4 * e * tokens * ffn)             # SwiGLU: w1 out, silu out, w3 out, product
+    # (RoPE cos/sin are slices of a per-block fp32 buffer, 4 * max_seq_len * head_dim bytes: not
+    # activations, and < 0.1% of a block's weights)
+
+
+def logits_bytes(cfg: ModelConfig, *, tokens: int, tp: int, element: int, pipeline: bool) -> int:
+    """Peak of the output head's logits and the chunked vocab-parallel cross-entropy: the logits
+    (saved for backward), their gradient (backward), one or two fp32 chunks in flight, and under
+    the PipelineEngine the previous
+    micro-batch's logits, which its output buffer still holds."""
+    vocab = padded_vocab_size(cfg.vocab_size, tp) // tp
+    padded = padded_vocab_size(cfg.vocab_size, tp) > cfg.vocab_size  # the last rank masks a copy
+    rows = max(hi - lo for lo, hi in cross_entropy._chunks(tokens, vocab))
+    chunk = 4 * rows * vocab
+    held = element * tokens * vocab
+    forward = (1 + pipeline) * held + 2 * chunk
+    backward = (2 + pipeline) * held + (1 + (element != 4 or padded)) * chunk
+    return max(forward, backward)
+
+
+# ---- model states --------------------------------------------------------------------------------
+class States(NamedTuple):
+    """Bytes of one optimizer path: ``grads_keep`` lives all step, ``grads_accum`` (the model's
+    .grad) from a micro-batch's backward to the optimizer step, ``bucket`` (ZeRO's reduce bucket)
+    through backward (``bucket_early``: allocated whole at its start, as on a GPU; else resident
+    as it fills); ``step`` is what the optimizer step adds once activations are gone."""
+
+    weights: int
+    grads_keep: int
+    grads_accum: int
+    bucket: int
+    bucket_early: bool
+    master: int
+    adam: int
+    step: int
+
+
+def optimizer_states(p: int, dp: int, precision: str, zero: int, device: str, *,
+                     largest_layer: int = 0, gas: int = 1) -> States:
+    """What DeepSpeed keeps for ``p`` local parameters on the optimizer path it takes for this
+    precision and ZeRO stage (docs/PLANNER.md, "Model states"), with ``dp``-way sharding;
+    ``zero=0`` is megallama's fused optimizer (``optim.impl=fused``)."""
+    shard, cpu = -(-p // dp), device == "cpu"
+    touched = min(DS_BUCKET, p)  # CPU: only the pages a bucket copy touches become resident
+    adam_tmp = 8 * shard if cpu else 0  # CPU AdamW's sqrt(v) and sqrt(v)/c; fused CUDA has none
+    master, adam = 4 * shard, 8 * shard
+    if zero == 0:  # megallama's fused optimizer: nothing sharded, updated in place
+        bucket = min(FUSED_BUCKET, 4 * p) if dp > 1 else 0  # its DP all-reduce flattens a bucket
+        tmp = 8 * largest_layer if cpu else 0  # the torch reference path: fp32 g and denom
+        if precision == "bf16":
+            summed = needs_fp32_grad_buffer(torch.bfloat16, gas, dp)  # fp32 buffer takes .grad
+            return States(2 * p, 4 * p if summed else 0, 0 if summed else 2 * p, 0, False,
+                          4 * p, 8 * p, bucket + tmp)
+        return States(4 * p, 0, 4 * p, 0, False, 0, 8 * p, bucket + tmp)
+    if precision == "bf16" and zero == 1:
+        # BF16_Optimizer: full fp32 accumulator; immediate_grad_update frees each bf16 .grad once
+        # added; with dp > 1 the all-reduce copies the fp32 grads through a bucket
+        step = (4 * touched if dp > 1 else 0) + adam_tmp
+        return States(2 * p, 4 * p, 0, 0, False, master, adam, step)
+    e = ELEMENT[precision]
+    bucket = e * (touched if cpu else DS_BUCKET)  # released before the optimizer step
+    if zero == 1:  # fp32 ZeRO-1: .grad, then bucket -> staging -> flat copy of the partition
+        step = 4 * shard + max(4 * p, 4 * shard + adam_tmp)
+        return States(4 * p, 0, 4 * p, bucket, not cpu, master, adam, step)
+    # ZeRO-3 (coarse): the shard twice (measured at dp=1 on CPU) and one layer gathered
+    weights = e * p if zero == 2 else 2 * e * shard + e * largest_layer
+    return States(weights, 4 * shard, 0, bucket, not cpu, master, adam, 4 * shard + adam_tmp)
+
+
+def bubble_fraction(pp: int, micro_batches: int) -> float:
+    """Idle fraction of a 1F1B pipeline: (p - 1) / (m + p - 1)."""
+    return (pp - 1) / (micro_batches + pp - 1)
+
+
+# ---- the estimate ------------------------------------------------------------------------------
+def estimate(model_cfg: ModelConfig, layout: Layout, **kwargs: Any) -> MemoryEstimate:
+    """The worst stage of :func:`estimate_stages` (same arguments), with the busiest stage's
+    ``tp_comm``."""
+    stages = estimate_stages(model_cfg, layout, **kwargs)
+    worst = max(stages, key=lambda r: r.total)
+    return dataclasses.replace(worst, tp_comm=max(r.tp_comm for r in stages))
+
+
+def estimate_stages(model_cfg: ModelConfig, layout: Layout, *, seq_len: int, global_batch: int,
+                    precision: str = "bf16", zero_stage: int = 1,
+                    activation_checkpointing: bool = False, sequence_parallel: bool = False,
+                    overhead_bytes: int | None = None, device: str = "cuda",
+                    capacity_bytes: int = 80 * GIB,
+                    partition_method: str = "balanced") -> list[MemoryEstimate]:
+    """Peak bytes per GPU of every pipeline stage of ``layout`` training ``model_cfg``.
+
+    total = weights + master + Adam + persistent grads + overhead + the largest of: the start of a
+    backward (activations of the min(pp - s, gas) micro-batches in flight on stage s under 1F1B,
+    logits on the last stage, a backward workspace, and the accumulated grads when an earlier
+    micro-batch already ran backward), the end of a backward (all grads, one block's activations)
+    and the optimizer step. Raises ConfigError, with the trainer's message, for any layout that
+    megallama.config.validate would refuse.
+    """
+    cfg, lay, e = model_cfg, layout, ELEMENT.get(precision, 0)
+    if not e or device not in DEFAULT_OVERHEAD_GIB:
+        raise ConfigError(f"precision={precision!r} / device={device!r}: choose "
+                          f"{' or '.join(ELEMENT)} / {' or '.join(DEFAULT_OVERHEAD_GIB)}")
+    par = ParallelConfig(tp=lay.tp, pp=lay.pp, dp=lay.dp, sequence_parallel=sequence_parallel,
+                         zero_stage=zero_stage, micro_batch_size=lay.micro_batch,
+                         global_batch_size=global_batch, partition_method=partition_method,
+                         activation_checkpointing=activation_checkpointing)
+    check_parallel(par, cfg, seq_len, lay.tp * lay.pp * lay.dp)
+    if overhead_bytes is None:
+        overhead_bytes = int(DEFAULT_OVERHEAD_GIB[device] * GIB)
+    gas = global_batch // (lay.micro_batch * lay.dp)
+    t, h, tokens = lay.tp, cfg.dim, lay.micro_batch * seq_len
+    sp, ckpt = sequence_parallel, activation_checkpointing
+    ts = tokens // t if sp else tokens
+    sizes = layer_params(cfg, t)
+    block = block_activation_bytes(cfg, tokens=tokens, seq_len=seq_len, tp=t,
+                                   sequence_parallel=sp, element=e)
+    stored = e * ts * h if ckpt else block  # per block per micro-batch
+    workspace = max(2 * e * tokens * cfg.ffn_hidden_dim // t + e * ts * h, 16 * ts * h)
+    boundary = e * ts * h  # one [micro, seq(/tp), dim] activation crossing a stage boundary
+    sent = boundary // t if t > 1 and not sp else boundary  # DeepSpeed's pipe_partitioned
+    bounds = stage_bounds(cfg, lay.pp, seq_len=seq_len, method=partition_method)
+    names, out = layer_names(cfg), []
+    for s in range(lay.pp):
+        mine = names[bounds[s]:bounds[s + 1]]
+        first, last = s == 0, s == lay.pp - 1
+        blocks = sum(n.startswith("layers.") for n in mine)
+        params = sum(sizes.get(n, sizes["block"]) for n in mine)
+        st = optimizer_states(params, lay.dp, precision, zero_stage, device, gas=gas,
+                              largest_layer=max(sizes.get(n, sizes["block"]) for n in mine))
+        # a weight's new gradient before it is added to .grad / the fp32 buffer: the head's comes
+        # early in backward, the embedding's last, a w1/w2/w3 shard's anywhere
+        table, w1 = sizes["output"], h * cfg.ffn_hidden_dim // t
+        fresh_early, fresh = e * max(w1, table * last), e * max(w1, table * (first or last))
+        k = min(lay.pp - s, gas)
+        per_mb = blocks * stored + (0 if first else boundary) + (0 if last else sent)
+        if last:  # final RMSNorm and the head's (gathered) input
+            per_mb += (4 + e) * ts * h + 4 * ts + e * tokens * h
+        acts = k * per_mb + (block if ckpt else 0) + (0 if first else sent) + (0 if last else sent)
+        logits = logits_bytes(cfg, tokens=tokens, tp=t, element=e, pipeline=lay.pp > 1) \
+            if last else 0
+        start = acts + max(logits, fresh_early) + workspace + (st.grads_accum if gas > k else 0) \
+            + (st.bucket if st.bucket_early else 0)
+        end = st.grads_accum + st.bucket + (k - 1) * per_mb + block + workspace + fresh
+        fixed = st.weights + st.master + st.adam + st.grads_keep + overhead_bytes
+        # TP collectives of [tokens, h] per micro-batch, in units of (t-1)/t of it (one ring
+        # all-reduce = 2): 4 all-reduces per block (+2 recomputed), 1 for embedding and head each
+        comm = (8 + 4 * ckpt) * blocks + 2 * first + 2 * last
+        out.append(MemoryEstimate(
+            lay, ckpt, sp, gas, s, blocks, params, k, st.weights,
+            st.grads_keep + st.grads_accum + st.bucket + fresh, st.master, st.adam,
+            acts + workspace, logits, st.step, overhead_bytes, fixed + max(start, end, st.step),
+            "bwd" if max(start, end) >= st.step else "step", bubble_fraction(lay.pp, gas),
+            gas * comm * e * tokens * h * (t - 1) // t, capacity_bytes))
+    return out
+
+
+def candidate_layouts(model_cfg: ModelConfig, gpus: int, *, global_batch: int,
+                      tp: list[int] | None = None, pp: list[int] | None = None,
+                      micro_batch: list[int] = (1, 2), max_tp: int = 8) -> list[Layout]:
+    """Every (tp, pp, dp, micro) with tp * pp * dp = gpus and global_batch divisible by micro * dp.
+    Explicit tp / pp / micro values must each be valid for the model (else ConfigError); the
+    default tp list (powers of two up to ``max_tp``: one node) and pp list (1..n_layers) are
+    filtered silently."""
+    if gpus < 1:
+        raise ConfigError(f"gpus={gpus}: must be >= 1")
+    if tp is None:
+        tp = [x for x in (1, 2, 4, 8, 16, 32, 64) if x <= max_tp and _tp_ok(model_cfg, x)]
+    for x in tp:
+        check_tp_layout(model_cfg, x)
+    if pp is None:
+        pp = list(range(1, model_cfg.n_layers + 1))
+    if any(x < 1 or x > model_cfg.n_layers for x in pp) or any(m < 1 for m in micro_batch):
+        raise ConfigError(f"pp={pp} / micro_batch={list(micro_batch)}: pp must be in "
+                          f"1..n_layers={model_cfg.n_layers}, micro_batch >= 1")
+    out = [Layout(t, p, gpus // (t * p), m) for t in tp for p in pp for m in micro_batch
+           if gpus % (t * p) == 0 and global_batch % (m * (gpus // (t * p))) == 0]
+    if not out:
+        raise ConfigError(
+            f"no layout of gpus={gpus} with tp in {tp}, pp in {pp} and micro_batch in "
+            f"{list(micro_batch)} has tp*pp dividing gpus and global_batch={global_batch} "
+            "divisible by micro_batch*dp; change gpus, global_batch or the lists")
+    return out
+
+
+def _tp_ok(cfg: ModelConfig, tp: int) -> bool:
+    try:
+        check_tp_layout(cfg, tp)
+    except ConfigError:
+        return False
+    return True
+
+
+def plan(model_cfg: ModelConfig, gpus: int, *, seq_len: int, global_batch: int,
+         tp: list[int] | None = None, pp: list[int] | None = None,
+         micro_batch: list[int] = (1, 2), max_tp: int = 8,
+         activation_checkpointing: tuple[bool, ...] = (False, True),
+         sequence_parallel: tuple[bool, ...] = (False, True),
+         **kwargs: Any) -> list[MemoryEstimate]:
+    """:func:`estimate` for every candidate layout x checkpointing x SP choice (SP only where
+    tp > 1 divides seq_len), sorted by (does not fit, bubble, total)."""
+    rows = []
+    for lay in candidate_layouts(model_cfg, gpus, global_batch=global_batch, tp=tp, pp=pp,
+                                 micro_batch=micro_batch, max_tp=max_tp):
+        sps = sorted({sp and lay.tp > 1 and seq_len % lay.tp == 0 for sp in sequence_parallel})
+        rows += [estimate(model_cfg, lay, seq_len=seq_len, global_batch=global_batch,
+                          activation_checkpointing=ckpt, sequence_parallel=sp, **kwargs)
+                 for ckpt in activation_checkpointing for sp in sps]
+    return sorted(rows, key=lambda r: (not r.fits, r.bubble, r.total))
