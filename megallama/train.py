@@ -11,12 +11,16 @@ from __future__ import annotations
 import faulthandler
 import signal
 import sys
+from typing import TYPE_CHECKING
 
 import torch
 
 from megallama.config import ConfigError
 from megallama.config.training import TrainConfig
 from megallama.parallel.runtime import init_distributed, resolve_device, world_info
+
+if TYPE_CHECKING:
+    from megallama.training.loop import TrainHooks
 
 USAGE = """usage: torchrun --nproc-per-node N -m megallama.train [OVERRIDE ...]
 
@@ -35,8 +39,8 @@ def _fail(rank: int, message: str) -> int:
 def prepare(overrides: list[str], world: int) -> tuple[TrainConfig, object, torch.device]:
     """Config, grid and device, checked without touching torch.distributed."""
     from megallama.config.compose import load_config
-    from megallama.config.validate import validate
-    from megallama.training.train_state import resolve_resume
+    from megallama.training.preflight import validate
+    from megallama.training.run_files import resolve_resume
 
     cfg = load_config(overrides)
     grid = validate(cfg, world)
@@ -44,7 +48,9 @@ def prepare(overrides: list[str], world: int) -> tuple[TrainConfig, object, torc
     return cfg, grid, resolve_device(cfg.trainer.device)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, hooks: TrainHooks | None = None) -> int:
+    """Run training with Hydra overrides ``argv``; ``hooks`` are extension points for tests
+    and tools (see :class:`megallama.training.loop.TrainHooks`)."""
     args = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in args):
         print(USAGE)
@@ -56,9 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError, FileNotFoundError) as e:
         return _fail(rank, str(e))
     init_distributed(device)
-    from megallama.training.loop import train
+    from megallama.training.loop import train  # imports DeepSpeed: after the config checks
 
-    train(cfg, grid, device)
+    train(cfg, grid, device, hooks)
     return 0
 
 

@@ -7,11 +7,11 @@ import math
 
 import pytest
 import torch
+import tqdm.std
 from torch import nn
 
 from megallama.config import preset
 from megallama.config.training import OptimConfig
-from megallama.engine import metrics
 from megallama.model.llama import Transformer
 from megallama.optim.schedule import build_optimizer, lr_at, param_groups
 from megallama.training.metrics import (
@@ -165,10 +165,21 @@ class _FakeClock:
         return self.now
 
 
-def _run_progress(monkeypatch, stream, total=20, **kw) -> Progress:
-    clock = _FakeClock()
-    monkeypatch.setattr(metrics.time, "perf_counter", clock)
-    progress = Progress(total, enabled=True, stream=stream, **kw)
+@pytest.fixture
+def clock(monkeypatch) -> _FakeClock:
+    """tqdm's clock (``self._time``, bound from ``tqdm.std.time`` when a bar is made)."""
+    fake = _FakeClock()
+    monkeypatch.setattr(tqdm.std, "time", fake)
+    return fake
+
+
+class _Tty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def _run_progress(clock, stream, total=20, **kw) -> Progress:
+    progress = Progress(total, enabled=True, stream=stream, tokens_per_step=1000, **kw)
     for step in range(1, total + 1):
         clock.now += 0.5  # 2 it/s
         progress.update(step)
@@ -178,57 +189,59 @@ def _run_progress(monkeypatch, stream, total=20, **kw) -> Progress:
     return progress
 
 
-def test_progress_plain_lines_when_not_a_tty(monkeypatch):
+def test_progress_log_lines_only_when_not_a_tty(clock):
     out = io.StringIO()
-    _run_progress(monkeypatch, out)
-    lines = out.getvalue().splitlines()
-    assert "\r" not in out.getvalue()
-    bars = [line for line in lines if line.startswith("[")]
-    assert len(bars) == 10  # one every 10%
-    assert "10/20" in bars[4] and "50.0%" in bars[4] and "2.00 it/s" in bars[4]
-    assert "ETA 0:00:05" in bars[4]
-    assert "20/20" in bars[-1] and "100.0%" in bars[-1] and "ETA 0:00:00" in bars[-1]
-    assert "step 10/20 | loss 1.0000" in lines
+    progress = _run_progress(clock, out)
+    assert not progress.drawn
+    assert out.getvalue() == "step 10/20 | loss 1.0000\n"  # no bar in a log file or pipe
 
 
-class _Tty(io.StringIO):
-    def isatty(self) -> bool:
-        return True
-
-
-def test_progress_redraws_in_place_on_a_tty(monkeypatch):
+def test_progress_redraws_in_place_on_a_tty(clock):
     out = _Tty()
-    _run_progress(monkeypatch, out)
+    _run_progress(clock, out)
     text = out.getvalue()
     assert text.count("\r") >= 20 and text.endswith("\n")
     final = text.rstrip("\n").split("\r")[-1]
-    assert "20/20" in final and "100.0%" in final and "ETA 0:00:00" in final
-    assert "step 10/20 | loss 1.0000\n" in text  # logged on its own line, bar redrawn after
+    assert "20/20" in final and "100%" in final and "ETA 00:00" in final
+    assert "2.00step/s" in final and "2,000 tok/s" in final
+    # the log line is printed on its own line (bar cleared first) and the bar redrawn below it
+    before, after = text.split("step 10/20 | loss 1.0000\n")
+    assert before.endswith("\r") and after.startswith("\rtrain:  50%")
 
 
-def test_progress_disabled_and_log_only(monkeypatch):
+def test_progress_forced_on_shows_rate_and_eta(clock):
     out = io.StringIO()
-    clock = _FakeClock()
-    monkeypatch.setattr(metrics.time, "perf_counter", clock)
-    off = Progress(5, enabled=False, stream=out)
+    progress = Progress(20, enabled=True, stream=out, tokens_per_step=1000, force=True)
+    for step in range(1, 11):
+        clock.now += 0.5
+        progress.update(step)
+    last = out.getvalue().split("\r")[-1]
+    assert "10/20" in last and "50%" in last and "2.00step/s" in last
+    assert "elapsed 00:05" in last and "ETA 00:05" in last and "2,000 tok/s" in last
+
+
+def test_progress_disabled_and_log_only(clock):
+    out = _Tty()
+    off = Progress(5, enabled=False, stream=out)  # not the reporting rank
     off.update(5)
     off.log("hidden")
     off.close()
     assert out.getvalue() == ""
-    quiet = Progress(5, enabled=True, stream=out, bar=False)
+    quiet = Progress(5, enabled=True, stream=out, bar=False)  # trainer.progress=false
     quiet.update(5)
     quiet.log("shown")
+    quiet.close()
     assert out.getvalue() == "shown\n"
 
 
-def test_progress_slow_steps_and_resume(monkeypatch):
-    out = io.StringIO()
-    clock = _FakeClock()
-    monkeypatch.setattr(metrics.time, "perf_counter", clock)
-    progress = Progress(100, enabled=True, stream=out, initial=50)
+def test_progress_slow_steps_and_resume(clock):
+    out = _Tty()
+    progress = Progress(100, enabled=True, stream=out, initial=50, tokens_per_step=100)
     clock.now += 40.0
     progress.update(60)  # 10 steps in 40 s since the resume at 50
-    assert "4.00 s/it" in out.getvalue() and "ETA 0:02:40" in out.getvalue()
+    last = out.getvalue().split("\r")[-1]
+    assert "60/100" in last and "4.00s/step" in last and "ETA 02:40" in last
+    assert "25 tok/s" in last
 
 
 def test_format_metrics():

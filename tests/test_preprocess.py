@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import lzma
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -139,12 +141,22 @@ def test_bos_eos_options(small_model: Path, tmp_path: Path) -> None:
     assert _documents(tmp_path / "m") == _expected(small_model, DOCS, bos=False)
 
 
+class _Tty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
 def test_cli_prints_and_writes_summary_with_progress(
-    small_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    small_model: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     source = _write_text(tmp_path / "c.txt", DOCS)
     prefix = tmp_path / "cli"
     argv = [str(source), "--tokenizer", str(small_model), "--output-prefix", str(prefix)]
+    terminal = _Tty()
+    monkeypatch.setattr(sys, "stderr", terminal)  # the bar is drawn on a terminal only
     assert main(argv) == 0
     out = capsys.readouterr()
     printed = json.loads(out.out)
@@ -153,8 +165,39 @@ def test_cli_prints_and_writes_summary_with_progress(
     for key in ("documents", "tokens", "bytes", "seconds", "tokens_per_s"):
         assert key in written
     assert written["documents"] == len(DOCS) and written["tokens_per_s"] > 0
-    assert "tok/s" in out.err and "[preprocess]" in out.err
     assert written["dtype"] == "uint16" and written["vocab_size"] == 500
+    final = terminal.getvalue().rstrip("\n").split("\r")[-1]
+    assert final.startswith("[preprocess]: 100%") and "ETA" in final and "B/s" in final
+    assert f"{len(DOCS)} docs, {written['tokens']} tokens" in final and "tok/s" in final
+
+
+def test_progress_only_on_a_terminal_and_not_when_quiet(
+    small_model: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    source = _write_text(tmp_path / "c.txt", DOCS)
+    argv = [str(source), "--tokenizer", str(small_model)]
+    assert main([*argv, "--output-prefix", str(tmp_path / "pipe")]) == 0
+    assert capsys.readouterr().err == ""  # stderr is not a terminal here: no bar
+    terminal = _Tty()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    assert main([*argv, "--output-prefix", str(tmp_path / "quiet"), "--quiet"]) == 0
+    assert terminal.getvalue() == ""
+
+
+def test_skipped_lines_print_above_the_bar(
+    small_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = tmp_path / "bad.jsonl"
+    source.write_text('{"text": "one"}\nnot json\n{"text": "two"}\n', encoding="utf-8")
+    terminal = _Tty()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    preprocess([source], tmp_path / "s", small_model, on_bad_json="skip")
+    before, after = terminal.getvalue().split(f"[preprocess] skipped malformed JSON: {source}:2:")
+    assert before.endswith("\r")  # the bar line was cleared first, the message starts clean
+    assert "\n" in after and "100%" in after.split("\n", 1)[1]  # the bar goes on below it
 
 
 def test_bad_json_fails_with_file_and_line(small_model: Path, tmp_path: Path) -> None:

@@ -31,10 +31,11 @@ from megallama.config.training import (
     TrainConfig,
     TrainerConfig,
 )
-from megallama.config.validate import check_optim, check_parallel, validate
+from megallama.config.validate import check_optim, check_parallel
 from megallama.data.indexed import IndexedWriter
 from megallama.data.tokenizer_trainer import train_tokenizer
 from megallama.parallel.topology import Grid
+from megallama.training.preflight import validate
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 

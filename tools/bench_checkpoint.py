@@ -26,10 +26,10 @@ def run(args: argparse.Namespace) -> dict:
     from megallama.config import preset
     from megallama.config.training import TrainConfig
     from megallama.data.sampler import DataSampler
-    from megallama.engine.deepspeed_engine import Engine
+    from megallama.engine import Engine
     from megallama.parallel.runtime import init_distributed
     from megallama.parallel.topology import Grid, build_topology
-    from megallama.training.train_state import resume, save_checkpoint
+    from megallama.training.train_state import TrainingState
 
     device = torch.device("cpu")
     init_distributed(device)
@@ -49,12 +49,12 @@ def run(args: argparse.Namespace) -> dict:
         engine.train_step([(tokens, tokens)])  # Adam state exists, as in a real run
         sampler = DataSampler(1000, 1, 0, 1)
         t0 = time.perf_counter()
-        path = save_checkpoint(engine, cfg, topo, 1, sampler)
+        path = TrainingState(engine, cfg, topo, sampler).save(1)
         save_s = time.perf_counter() - t0
         size = dir_bytes(path)
         fresh = Engine(cfg, topo, device)
         t0 = time.perf_counter()
-        resume(fresh, cfg, topo, path, DataSampler(1000, 1, 0, 1))
+        TrainingState(fresh, cfg, topo, DataSampler(1000, 1, 0, 1)).resume(path)
         load_s = time.perf_counter() - t0
     minimum = n_params * (4 + 4 + 8)  # fp32 weights + fp32 master + exp_avg + exp_avg_sq
     return {"parameters": n_params, "save_s": round(save_s, 3), "load_s": round(load_s, 3),

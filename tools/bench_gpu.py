@@ -227,9 +227,10 @@ def plain_cross_entropy(logits, labels, vocab_size, ignore_index=-100):
 def run_megallama(name: str, args, device) -> dict:
     import torch
 
-    import megallama.engine.deepspeed_engine as engine_mod
+    import megallama.engine.ds_config as engine_mod
     from megallama.config import preset
     from megallama.config.training import TrainConfig
+    from megallama.engine import Engine
     from megallama.parallel.runtime import init_distributed
     from megallama.parallel.topology import Grid, build_topology, kv_replicas_for
 
@@ -261,13 +262,16 @@ def run_megallama(name: str, args, device) -> dict:
 
         torch._functorch.config.activation_memory_budget = args.mem_budget
     topo = build_topology(Grid(), kv_replicas_for(cfg.model.n_kv_heads, 1))
+    loss_fn = None
+    if name == "ml_base":  # plain cross-entropy, as first written
+        def loss_fn(logits, labels):
+            return plain_cross_entropy(logits, labels, args.vocab)
     try:
-        engine = engine_mod.Engine(cfg, topo, device)
+        engine = Engine(cfg, topo, device, loss_fn=loss_fn)
     finally:
         if name == "ml_base":
             engine_mod.deepspeed_config = make
     if name == "ml_base":
-        engine.loss_fn.fn = lambda logits, labels: plain_cross_entropy(logits, labels, args.vocab)
         engine.ds.enable_backward_allreduce = True
     params = list(engine.module.parameters())
     embed = engine.module.model.tok_embeddings.weight.numel()

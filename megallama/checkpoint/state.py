@@ -2,10 +2,10 @@
 
 The optimizer state is stored in the *same* layout-independent format as the weights: for each
 of ``fp32`` (master weights), ``exp_avg`` and ``exp_avg_sq`` a sub-directory holds safetensors
-shards and an index keyed by the parameters' global names. DeepSpeed's ZeRO partitions are
-assembled per parameter (``safe_get_full_*``, a collective over DP) before writing and scattered
-back (``safe_set_full_*``) after reading, so a checkpoint saved at one (tp, pp, dp) resumes at any
-other: the same loader reshards weights and optimizer state alike.
+shards and an index keyed by the parameters' global names. The state is read and written one full
+parameter at a time through :class:`OptimizerStateAccess` (the engine assembles ZeRO partitions
+over DP behind it), so a checkpoint saved at one (tp, pp, dp) resumes at any other: the same
+loader reshards weights and optimizer state alike.
 
 Directory of one step::
 
@@ -23,7 +23,7 @@ import json
 import random
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -68,104 +68,28 @@ def _views(layers: Layers, fetch: Callable[[nn.Parameter], torch.Tensor]) -> Lay
             for prefix, m in layers]  # type: ignore[misc]
 
 
-class DeepSpeedState:
-    """Per-parameter access to DeepSpeed's (possibly ZeRO-partitioned) fp32 master and Adam
-    moments: the interface megallama's fused optimizer has natively (``full_state`` /
-    ``set_full_state``), so the writer and reader below handle both the same way."""
+class OptimizerStateAccess(Protocol):
+    """Full (unpartitioned) optimizer state of one parameter: what the engine's
+    ``optimizer_state`` provides for DeepSpeed's optimizers and the fused one alike."""
 
-    def __init__(self, ds_optimizer: Any) -> None:
-        self.ds_optimizer = ds_optimizer
-        ensure_adam_state(ds_optimizer.optimizer)  # DeepSpeed's setters need the state to exist
-        link_zero_state(ds_optimizer)
+    def full_state(self, p: nn.Parameter, key: str) -> torch.Tensor: ...
 
-    def full_state(self, p: nn.Parameter, key: str) -> torch.Tensor:
-        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
-
-        value = (safe_get_full_fp32_param(p) if key == "fp32"
-                 else safe_get_full_optimizer_state(p, key))
-        if value is None:
-            raise CheckpointError(f"DeepSpeed holds no {key} state for a parameter of shape "
-                                  f"{tuple(_full_shape(p))} (ZeRO stage >= 1 is required)")
-        return value
-
-    def set_full_state(self, p: nn.Parameter, key: str, value: torch.Tensor) -> None:
-        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-
-        if key == "fp32":
-            safe_set_full_fp32_param(p, value)
-        else:
-            safe_set_full_optimizer_state(p, value, key)
-
-
-def state_access(optimizer: Any) -> Any:
-    """The optimizer itself when it exposes full states (optim.impl=fused), else DeepSpeed's."""
-    return optimizer if hasattr(optimizer, "full_state") else DeepSpeedState(optimizer)
-
-
-def link_zero_state(ds_optimizer: Any) -> None:
-    """Point every parameter's ZeRO fragment mapping at its Adam moments.
-
-    DeepSpeed links them lazily inside the first step, while it has narrowed the optimizer to one
-    parameter group, so only the first group gets linked (norm weights would have no readable
-    moments). Linking all groups here is idempotent."""
-    from deepspeed.utils.mixed_precision_linkage import lazy_init_hp_params_optimizer_state
-
-    # ZeRO-1/2 optimizer, or DeepSpeed's BF16_Optimizer (bf16 with ZeRO-1)
-    groups = getattr(ds_optimizer, "bit16_groups", getattr(ds_optimizer, "bf16_groups", None))
-    flat = getattr(ds_optimizer, "single_partition_of_fp32_groups",
-                   getattr(ds_optimizer, "fp32_groups_flat_partition", None))
-    if groups is None or flat is None:
-        return  # ZeRO-3 keeps its own per-parameter mapping
-    for lp_params, hp in zip(groups, flat, strict=True):
-        lazy_init_hp_params_optimizer_state(lp_params, hp, ds_optimizer.optimizer.state)
+    def set_full_state(self, p: nn.Parameter, key: str, value: torch.Tensor) -> None: ...
 
 
 def save_optimizer_state(layers: Layers, tp: TensorParallel, topo: Topology, ckpt_dir: Path,
-                         cfg: ModelConfig, ds_optimizer: Any) -> None:
+                         cfg: ModelConfig, access: OptimizerStateAccess) -> None:
     """Write fp32 master weights and Adam moments (collective: every rank calls it)."""
-    access = state_access(ds_optimizer)
     for key in OPTIM_KEYS:
         views = _views(layers, lambda p, k=key: access.full_state(p, k).detach().float().cpu())
         save_model_weights(views, tp, topo, ckpt_dir / "optim" / key, cfg)
         del views
 
 
-def ensure_adam_state(optimizer: torch.optim.Optimizer) -> None:
-    """Create torch AdamW's lazily initialised state (step, moments) without changing anything:
-    one step with zero gradients at lr 0 (DeepSpeed's setters need the state to exist)."""
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    if all(p in optimizer.state and "exp_avg" in optimizer.state[p] for p in params):
-        return
-    lrs = [g["lr"] for g in optimizer.param_groups]
-    for g in optimizer.param_groups:
-        g["lr"] = 0.0
-    for p in params:
-        p.grad = torch.zeros_like(p)
-    optimizer.step()
-    for g, lr in zip(optimizer.param_groups, lrs, strict=True):
-        g["lr"] = lr
-    for p in params:
-        p.grad = None
-
-
-def set_adam_step(optimizer: torch.optim.Optimizer, step: int) -> None:
-    for state in optimizer.state.values():
-        if "step" in state:
-            state["step"].fill_(float(step))
-
-
-def adam_step(optimizer: torch.optim.Optimizer) -> int:
-    steps = {int(s["step"]) for s in optimizer.state.values() if "step" in s}
-    if len(steps) > 1:
-        raise CheckpointError(f"optimizer parameters disagree on the Adam step: {sorted(steps)}")
-    return steps.pop() if steps else 0
-
-
 def load_optimizer_state(layers: Layers, tp: TensorParallel, ckpt_dir: Path, cfg: ModelConfig,
-                         ds_optimizer: Any) -> None:
-    """Read master weights and moments from any saved layout into DeepSpeed's partitions (or the
-    fused optimizer's unpartitioned state)."""
-    access = state_access(ds_optimizer)
+                         access: OptimizerStateAccess) -> None:
+    """Read master weights and moments from any saved layout into the optimizer (DeepSpeed's
+    partitions or the fused optimizer's state), through ``access``."""
     for key in OPTIM_KEYS:
         views = _views(layers, lambda p: torch.zeros(_full_shape(p), dtype=torch.float32))
         load_model_weights(views, tp, ckpt_dir / "optim" / key, cfg)

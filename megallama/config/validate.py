@@ -4,18 +4,19 @@
 ``init_process_group``'s first collective, DeepSpeed or the model: a bad layout or a missing file
 then fails as one :class:`~megallama.config.ConfigError` line that names the option and what to do,
 instead of a hang in a collective, a DeepSpeed assertion, or a traceback per rank. Checks are
-ordered cheap-first (numbers, then the layout, then files on disk).
+ordered cheap-first (numbers, then the layout); the files on disk are checked after these by
+:func:`megallama.data.checks.check_data_files` (:func:`megallama.training.preflight.validate` runs
+both).
 """
 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import torch
 
-from megallama.config import ConfigError, ModelConfig
 from megallama.config.grid import Grid
+from megallama.config.model import ConfigError, ModelConfig, check_tp_layout
 from megallama.config.training import (
     DataConfig,
     OptimConfig,
@@ -31,7 +32,7 @@ PARTITION_METHODS = ("balanced", "uniform")
 OPTIM_IMPLS = ("deepspeed", "fused")
 
 
-def validate(cfg: TrainConfig, world_size: int) -> Grid:
+def validate_options(cfg: TrainConfig, world_size: int) -> Grid:
     """Raise ConfigError on the first inconsistency; return the rank grid for ``world_size``."""
     check_trainer(cfg.trainer)
     check_optim(cfg.optim)
@@ -141,8 +142,6 @@ def check_parallel(p: ParallelConfig, model: ModelConfig, seq_len: int, world_si
             f"parallel.pp={p.pp} > model.n_layers={model.n_layers}: every pipeline stage needs at "
             "least one transformer block; lower parallel.pp"
         )
-    from megallama.config import check_tp_layout
-
     check_tp_layout(model, p.tp)
     if p.sequence_parallel and seq_len % p.tp:
         raise ConfigError(
@@ -165,7 +164,8 @@ def check_parallel(p: ParallelConfig, model: ModelConfig, seq_len: int, world_si
 
 
 def check_data(d: DataConfig, model: ModelConfig, t: TrainerConfig) -> None:
-    """Sequence length, blend weights, then the token files and tokenizer on disk."""
+    """Sequence length, blend weights and validation data as options (the files on disk are
+    checked by :func:`megallama.data.checks.check_data_files`)."""
     if d.seq_len < 1:
         raise ConfigError(f"data.seq_len={d.seq_len}: must be >= 1")
     if d.seq_len > model.max_seq_len:
@@ -196,44 +196,6 @@ def check_data(d: DataConfig, model: ModelConfig, t: TrainerConfig) -> None:
             f"trainer.eval_interval={t.eval_interval} but there is no validation data: set "
             "data.valid, or data.valid_fraction > 0, or trainer.eval_interval=0"
         )
-    for option, prefixes in (("data.train", d.train), ("data.valid", d.valid)):
-        for i, prefix in enumerate(prefixes):
-            _check_token_file(f"{option}[{i}]", prefix, model.vocab_size, d.seq_len)
-    if d.tokenizer is not None:
-        _check_tokenizer(d.tokenizer, model.vocab_size)
-
-
-def _check_token_file(option: str, prefix: str, model_vocab: int, seq_len: int) -> None:
-    from megallama.data.indexed import IndexedTokens
-
-    try:
-        tokens = IndexedTokens(prefix)
-    except ValueError as exc:  # IndexedFormatError: missing, truncated or foreign files
-        raise ConfigError(
-            f"{option}={prefix}: {exc} (create it with megallama-preprocess)"
-        ) from None
-    vocab, num_tokens = tokens.vocab_size, tokens.num_tokens
-    del tokens  # release the memory map
-    if vocab != model_vocab:
-        raise ConfigError(
-            f"{option}={prefix} was tokenized with a {vocab}-piece vocabulary but "
-            f"model.vocab_size={model_vocab}; set model.vocab_size={vocab} or re-tokenize"
-        )
-    if num_tokens < seq_len + 1:
-        raise ConfigError(
-            f"{option}={prefix} holds {num_tokens} tokens, fewer than one sample of "
-            f"data.seq_len+1 = {seq_len + 1}; give more data or lower data.seq_len"
-        )
-
-
-def _check_tokenizer(path: str, model_vocab: int) -> None:
-    from megallama.data.tokenizer import Tokenizer, TokenizerError, check_vocab
-
-    try:
-        tokenizer = Tokenizer(Path(path))
-        check_vocab(tokenizer.vocab_size, model_vocab, path)
-    except TokenizerError as exc:
-        raise ConfigError(f"data.tokenizer: {exc}") from None
 
 
 __all__ = [
@@ -245,5 +207,5 @@ __all__ = [
     "check_optim",
     "check_parallel",
     "check_trainer",
-    "validate",
+    "validate_options",
 ]

@@ -26,13 +26,14 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TextIO
 
 import numpy as np
 
 from megallama.data.indexed import IndexedWriter, token_dtype
+from megallama.data.progress_bar import progress_bar, write_line
 from megallama.data.sources import (
     BadJsonPolicy,
     DocumentReader,
@@ -78,39 +79,56 @@ def _encode_in_worker(texts: list[str]) -> tuple[np.ndarray, np.ndarray, int]:
 
 
 class _Progress:
-    """A one-line progress report on stderr: a carriage-return bar on a terminal, else a
-    plain line every ``interval`` seconds (so logs stay readable)."""
+    """Preprocessing progress on stderr: a tqdm bar over the input bytes read (percent, MB/s,
+    elapsed, ETA) followed by the documents, tokens and tokens/s so far. Drawn only when enabled
+    and stderr is a terminal (see ``progress_bar``); :meth:`log` lines always print, above it.
+
+    A context manager: on a clean exit the bar is completed and closed, on an error it is closed
+    where it stands, so the error message starts on a line of its own.
+    """
 
     def __init__(self, total_bytes: int, enabled: bool, stream: TextIO | None = None) -> None:
-        self.stream = stream or sys.stderr
-        self.enabled = enabled
-        self.total_bytes = max(1, total_bytes)
-        self.tty = self.stream.isatty()
-        self.interval = 0.2 if self.tty else 10.0
-        self.start = time.perf_counter()
-        self.last = self.start
-
-    def update(self, docs: int, tokens: int, done_bytes: int, final: bool = False) -> None:
-        now = time.perf_counter()
-        if not self.enabled or (not final and now - self.last < self.interval):
-            return
-        self.last = now
-        elapsed = max(now - self.start, 1e-9)
-        fraction = 1.0 if final else min(1.0, done_bytes / self.total_bytes)
-        filled = int(fraction * 20)
-        line = (
-            f"[preprocess] [{'#' * filled}{'.' * (20 - filled)}] {fraction:6.1%} "
-            f"{docs:,} docs {tokens:,} tokens {tokens / elapsed:,.0f} tok/s {elapsed:.1f}s"
+        self.stream = stream if stream is not None else sys.stderr
+        self.bar = progress_bar(
+            max(1, total_bytes), enabled=enabled, file=self.stream,
+            desc="[preprocess]", unit="B", unit_scale=True,
         )
-        end = "\n" if final or not self.tty else ""
-        self.stream.write(("\r" if self.tty else "") + line + end)
-        self.stream.flush()
+        self.docs = self.tokens = 0
+
+    def update(self, docs: int, tokens: int, done_bytes: int) -> None:
+        """Record the totals so far and ``done_bytes`` of input read (cumulative)."""
+        self.docs, self.tokens = docs, tokens
+        if self.bar.disable:
+            return
+        self._set_postfix()
+        self.bar.update(min(done_bytes, self.bar.total) - self.bar.n)
+
+    def log(self, line: str) -> None:
+        """Print ``line`` on stderr above the bar."""
+        write_line(line, self.stream)
+
+    def _set_postfix(self) -> None:
+        elapsed = max(self.bar.format_dict["elapsed"], 1e-9)
+        self.bar.set_postfix_str(
+            f"{self.docs:,} docs, {self.tokens:,} tokens, {self.tokens / elapsed:,.0f} tok/s",
+            refresh=False,
+        )
+
+    def __enter__(self) -> _Progress:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        if exc_type is None and not self.bar.disable:
+            self._set_postfix()
+            self.bar.update(self.bar.total - self.bar.n)  # all input read
+        self.bar.close()
 
 
 def _chunks(
-    readers: Sequence[DocumentReader], progress_stream: TextIO
+    readers: Sequence[DocumentReader], log: Callable[[str], None]
 ) -> Iterator[tuple[list[str], int]]:
-    """Chunks of documents from all readers in order, each with the bytes read so far."""
+    """Chunks of documents from all readers in order, each with the bytes read so far;
+    skipped lines are reported through ``log`` (above the progress bar)."""
     done_files = 0
     for reader in readers:
         texts: list[str] = []
@@ -124,10 +142,10 @@ def _chunks(
         if texts:
             yield texts, done_files + reader.size
         for message in reader.bad_lines:
-            print(f"[preprocess] skipped malformed JSON: {message}", file=progress_stream)
+            log(f"[preprocess] skipped malformed JSON: {message}")
         if reader.num_bad_lines > len(reader.bad_lines):
             extra = reader.num_bad_lines - len(reader.bad_lines)
-            print(f"[preprocess] ... and {extra} more in {reader.path}", file=progress_stream)
+            log(f"[preprocess] ... and {extra} more in {reader.path}")
         if reader.num_documents == 0:
             raise SourceError(empty_input_message(reader))
         done_files += reader.size
@@ -192,8 +210,8 @@ def preprocess(
         nbytes += chunk_bytes
         report.update(docs, tokens, done_bytes)
 
-    with IndexedWriter(output_prefix, tokenizer.vocab_size) as writer:
-        chunks = _chunks(readers, report.stream)
+    with report, IndexedWriter(output_prefix, tokenizer.vocab_size) as writer:
+        chunks = _chunks(readers, report.log)
         if workers == 1:
             encoder = _Encoder(tokenizer, prepend_bos, append_eos)
             for texts, done_bytes in chunks:
@@ -212,7 +230,6 @@ def preprocess(
                     result, done = pending.popleft()
                     consume(result.get(), done)
     seconds = time.perf_counter() - start
-    report.update(docs, tokens, 0, final=True)
     summary = {
         "output_prefix": str(output_prefix),
         "inputs": [str(p) for p in inputs],

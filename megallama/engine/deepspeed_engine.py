@@ -1,110 +1,45 @@
-"""One training step on DeepSpeed: the 1F1B PipelineEngine when pp > 1, the plain engine when
-pp == 1 (so ZeRO-2/3 stay selectable), both over the same layer list and the same TP layers.
+"""The DeepSpeed boundary: one training step, one evaluation step, the optimizer state and the
+step counters of a run, behind a narrow interface. The 1F1B PipelineEngine runs when pp > 1, the
+plain engine when pp == 1 (so ZeRO-2/3 stay selectable), both over the same layer list and TP
+layers. Nothing outside :mod:`megallama.engine` imports deepspeed (an import-linter contract).
 
-DeepSpeed's defaults are never relied on silently: gradient clipping, batch arithmetic, precision,
-the fp32 gradient-accumulation dtype and the non-finite-gradient check are always written into
-its config. A step whose global gradient norm is not finite is skipped on every rank: by
-DeepSpeed's ZeRO optimizer (``optim.impl=deepspeed``, zero_stage >= 1), or by megallama's fused
-master-weight AdamW (``optim.impl=fused``, zero_stage 0), which then also does the clipping and the
-data-parallel gradient reduction itself.
+A step whose global gradient norm is not finite is skipped on every rank: by DeepSpeed's ZeRO
+optimizer (``optim.impl=deepspeed``, zero_stage >= 1), or by megallama's fused master-weight AdamW
+(``optim.impl=fused``, zero_stage 0), which then also does the clipping and the data-parallel
+gradient reduction itself.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
+import deepspeed
 import torch
 import torch.distributed as dist
+from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
 from torch import nn
 
 from megallama.config.training import TrainConfig
+from megallama.engine import ds_config
+from megallama.engine.ds_state import DeepSpeedState, OptimizerStateAccess
+from megallama.engine.pipeline import LlamaPipeline
 from megallama.model.llama import Transformer, compile_blocks, layer_defs, make_loss_fn
+from megallama.optim.fused_adamw import MasterWeightAdamW
 from megallama.optim.schedule import lr_at, param_groups
 from megallama.parallel.topology import Topology
 
 MicroBatch = tuple[torch.Tensor, torch.Tensor]  # tokens [b, s], labels [b, s]
-
-
-def deepspeed_config(cfg: TrainConfig, dp: int) -> dict:
-    p = cfg.parallel
-    fused = cfg.optim.impl == "fused"
-    return {
-        "train_batch_size": p.global_batch_size,
-        "train_micro_batch_size_per_gpu": p.micro_batch_size,
-        "gradient_accumulation_steps": p.global_batch_size // (p.micro_batch_size * dp),
-        # explicit: DeepSpeed's default is 1.0 (the fused optimizer clips by itself)
-        "gradient_clipping": 0.0 if fused else cfg.optim.grad_clip,
-        "zero_optimization": {"stage": p.zero_stage},
-        # immediate_grad_update: each bf16 gradient is added into the fp32 buffer as soon as it is
-        # ready and then freed, instead of all of them living until the step (2 bytes/param less).
-        # With the fused optimizer DeepSpeed sees plain parameters (cast to bf16 by the Engine).
-        "bf16": {"enabled": cfg.trainer.precision == "bf16" and not fused,
-                 "check_grad_overflow": True, "immediate_grad_update": True},
-        "data_types": {"grad_accum_dtype": "fp32"},
-        "steps_per_print": 1 << 30,
-        "wall_clock_breakdown": False,
-        # DeepSpeed's throughput timer synchronises the device at every forward and step; we
-        # measure throughput ourselves (megallama.training.metrics)
-        "timers": {"throughput": {"enabled": False}},
-        "zero_allow_untested_optimizer": True,
-        # DeepSpeed may send 1/tp of each inter-stage activation and all-gather it on arrival,
-        # which assumes activations are replicated over TP; under sequence parallelism each TP
-        # rank holds a different sequence chunk, so that must be off.
-        "pipeline": {"pipe_partitioned": not p.sequence_parallel,
-                     "grad_partitioned": not p.sequence_parallel},
-    }
-
-
-class TopologyMPU:
-    """The ``mpu`` interface DeepSpeed's plain engine reads for DP reduction and the TP-aware
-    gradient norm (the PipelineEngine builds the same groups from its own topology)."""
-
-    def __init__(self, topo: Topology) -> None:
-        self.topo = topo
-
-    def get_model_parallel_rank(self) -> int:
-        return self.topo.tp_rank
-
-    def get_model_parallel_world_size(self) -> int:
-        return self.topo.grid.tp
-
-    def get_model_parallel_group(self):
-        return self.topo.tp_group
-
-    get_tensor_model_parallel_rank = get_model_parallel_rank
-    get_tensor_model_parallel_world_size = get_model_parallel_world_size
-    get_tensor_model_parallel_group = get_model_parallel_group
-
-    def get_data_parallel_rank(self) -> int:
-        return self.topo.dp_rank
-
-    def get_data_parallel_world_size(self) -> int:
-        return self.topo.grid.dp
-
-    def get_data_parallel_group(self):
-        return self.topo.dp_group
-
-
-class _Loss:
-    """The vocab-parallel loss; ``poison`` makes the next steps' loss NaN (fault injection for
-    tests of the non-finite policy, see MEGALLAMA_FAULT in megallama.training.loop)."""
-
-    def __init__(self, fn) -> None:
-        self.fn, self.poison = fn, False
-
-    def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        loss = self.fn(logits, labels)
-        return loss * float("nan") if self.poison else loss
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class _SingleStage(nn.Module):
     """pp == 1: the whole model plus its loss, as DeepSpeed's plain engine expects."""
 
-    def __init__(self, model: Transformer, loss_fn: _Loss) -> None:
+    def __init__(self, model: Transformer, loss_fn: LossFn) -> None:
         super().__init__()
         self.model, self.loss_fn = model, loss_fn
 
@@ -121,51 +56,44 @@ class StepResult:
 
 
 class Engine:
-    """Builds the model for this rank's stage and runs training/eval steps through DeepSpeed."""
+    """This rank's pipeline stage of the model, its optimizer and LR schedule, run by DeepSpeed.
 
-    def __init__(self, cfg: TrainConfig, topo: Topology, device: torch.device) -> None:
+    The interface the rest of megallama uses: :meth:`train_step`, :meth:`eval_loss`,
+    :meth:`local_layers`, :attr:`optimizer_state` (full per-parameter optimizer state),
+    :meth:`adam_step` / :meth:`set_adam_step`, :meth:`scheduler_state` /
+    :meth:`load_scheduler_state`, :meth:`counters` / :meth:`set_counters`. ``loss_fn`` replaces
+    the vocab-parallel cross-entropy (benchmarks)."""
+
+    def __init__(self, cfg: TrainConfig, topo: Topology, device: torch.device,
+                 loss_fn: LossFn | None = None) -> None:
+        ds_config.attach_comm(device)
         # DeepSpeed prints its stage partition with print(): keep stdout for our own results.
         with contextlib.redirect_stdout(sys.stderr):
-            self._build(cfg, topo, device)
+            self._build(cfg, topo, device, loss_fn)
 
-    def _build(self, cfg: TrainConfig, topo: Topology, device: torch.device) -> None:
-        import deepspeed
-        from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
-
+    def _build(self, cfg: TrainConfig, topo: Topology, device: torch.device,
+               loss_fn: LossFn | None) -> None:
         self.cfg, self.topo, self.device = cfg, topo, device
         p, grid = cfg.parallel, topo.grid
         self.gas = p.global_batch_size // (p.micro_batch_size * grid.dp)
         self.fused = cfg.optim.impl == "fused"  # megallama's optimizer instead of DeepSpeed's
         self.tp = topo.tensor_parallel(cfg.model.n_kv_heads, p.sequence_parallel)
-        seed = cfg.trainer.seed
-        self.loss_fn = _Loss(make_loss_fn(cfg.model, self.tp, compiled=p.compile_blocks))
-        if grid.pp > 1:
-            from megallama.engine.pipeline import LlamaPipeline, layer_costs
-
-            defs = layer_defs(cfg.model, self.tp, seed, p.activation_checkpointing)
-            module: nn.Module = LlamaPipeline(
-                defs, self.loss_fn, pp=grid.pp, tp=grid.tp, dp=grid.dp,
-                costs=layer_costs(cfg.model, cfg.data.seq_len, [d.name for d in defs]),
-                partition_method=p.partition_method)
-            mpu = None
-        else:
-            model = Transformer(cfg.model, self.tp, seed, p.activation_checkpointing)
-            module = _SingleStage(model, self.loss_fn)
-            mpu = TopologyMPU(topo)
+        self.loss_fn = loss_fn or make_loss_fn(cfg.model, self.tp, compiled=p.compile_blocks)
+        module = self._module(cfg, topo)
         if p.compile_blocks:
             compile_blocks(module)
         module.to(device)
-        total = cfg.trainer.steps
         self.optimizer = self._make_optimizer(module, cfg, topo, device)
-        peak = cfg.optim.lr
+        peak, total = cfg.optim.lr, cfg.trainer.steps
 
         def schedule(optimizer):  # built on DeepSpeed's wrapped optimizer (its own groups)
             return torch.optim.lr_scheduler.LambdaLR(
                 optimizer, lambda s: lr_at(s, cfg.optim, total) / peak)
 
+        mpu = None if grid.pp > 1 else ds_config.TopologyMPU(topo)
         self.ds, self.ds_optimizer, _, self.scheduler = deepspeed.initialize(
             model=module, optimizer=self.optimizer, lr_scheduler=schedule, mpu=mpu,
-            config=deepspeed_config(cfg, grid.dp), dist_init_required=False)
+            config=ds_config.deepspeed_config(cfg, grid.dp), dist_init_required=False)
         if self.fused or (grid.dp == 1 and isinstance(self.ds.optimizer, BF16_Optimizer)):
             # a 1-rank all-reduce is the identity, but DeepSpeed's bf16 optimizer would still copy
             # every fp32 gradient through a bucket and back (ZeRO's fp32 path needs that call);
@@ -175,6 +103,19 @@ class Engine:
                 self.ds.pipeline_enable_backward_allreduce = False
         self.module = module
         self._skipped_before = 0
+        self._state_access: OptimizerStateAccess | None = None
+
+    def _module(self, cfg: TrainConfig, topo: Topology) -> nn.Module:
+        """This stage's layers: a DeepSpeed PipelineModule when pp > 1, else the whole model."""
+        p, grid, seed = cfg.parallel, topo.grid, cfg.trainer.seed
+        if grid.pp > 1:
+            defs = layer_defs(cfg.model, self.tp, seed, p.activation_checkpointing)
+            module: nn.Module = LlamaPipeline(
+                defs, self.loss_fn, cfg=cfg.model, pp=grid.pp, tp=grid.tp, dp=grid.dp,
+                seq_len=cfg.data.seq_len, partition_method=p.partition_method)
+            return module
+        model = Transformer(cfg.model, self.tp, seed, p.activation_checkpointing)
+        return _SingleStage(model, self.loss_fn)
 
     def _make_optimizer(self, module: nn.Module, cfg: TrainConfig, topo: Topology,
                         device: torch.device) -> torch.optim.Optimizer:
@@ -183,8 +124,6 @@ class Engine:
         if not self.fused:
             return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
                                      **({"fused": True} if device.type == "cuda" else {}))
-        from megallama.optim.fused_adamw import MasterWeightAdamW
-
         if cfg.trainer.precision == "bf16":  # what DeepSpeed's bf16 mode does: params, not buffers
             for param in module.parameters():
                 param.data = param.data.to(torch.bfloat16)
@@ -206,6 +145,52 @@ class Engine:
         """Only the first stage (tokens) and the last (labels) read batches."""
         return self.topo.is_first_stage or self.topo.is_last_stage
 
+    # ---- state a checkpoint saves and restores -----------------------------------------------
+    @property
+    def optimizer_state(self) -> OptimizerStateAccess:
+        """Full fp32 master weights and Adam moments per parameter (collective over DP)."""
+        if self._state_access is None:
+            self._state_access = (self.optimizer if isinstance(self.optimizer, MasterWeightAdamW)
+                                  else DeepSpeedState(self.ds_optimizer))
+        return self._state_access
+
+    def adam_step(self) -> int:
+        """Adam's step count (the bias correction), the same for every parameter."""
+        steps = {int(s["step"]) for s in self.optimizer.state.values() if "step" in s}
+        if len(steps) > 1:
+            raise RuntimeError(f"optimizer parameters disagree on the Adam step: {sorted(steps)}")
+        return steps.pop() if steps else 0
+
+    def set_adam_step(self, step: int) -> None:
+        for state in self.optimizer.state.values():
+            if "step" in state:
+                state["step"].fill_(float(step))
+
+    def scheduler_state(self) -> dict[str, Any]:
+        state = self.scheduler.state_dict()
+        state.pop("lr_lambdas", None)  # closures: rebuilt from the config
+        return state
+
+    def load_scheduler_state(self, state: dict[str, Any]) -> None:
+        """Restore the schedule's position and set every group's LR from it."""
+        self.scheduler.load_state_dict({**self.scheduler.state_dict(), **state})
+        for group, lr in zip(self.ds_optimizer.param_groups, self.scheduler.get_last_lr(),
+                             strict=True):
+            group["lr"] = lr
+
+    def counters(self) -> dict[str, int]:
+        """Optimizer steps taken and, of those, skipped for a non-finite gradient norm."""
+        return {"global_steps": int(self.ds.global_steps),
+                "skipped_steps": int(self.ds.skipped_steps)}
+
+    def set_counters(self, global_steps: int, skipped_steps: int) -> None:
+        self.ds.global_steps = global_steps
+        self.ds.skipped_steps = self._skipped_before = skipped_steps
+
+    @property
+    def skipped_steps(self) -> int:
+        return int(self.ds.skipped_steps)
+
     # ---- steps -------------------------------------------------------------------------------
     def train_step(self, micro_batches: Iterable[MicroBatch]) -> StepResult:
         """One optimizer step over ``gas`` micro-batches of this DP rank."""
@@ -222,10 +207,6 @@ class Engine:
         skipped = self.ds.skipped_steps > self._skipped_before
         self._skipped_before = self.ds.skipped_steps
         return StepResult(float(loss), norm, lr, skipped)
-
-    @property
-    def skipped_steps(self) -> int:
-        return self.ds.skipped_steps
 
     def _train_single(self, it: Iterator[MicroBatch]) -> torch.Tensor:
         total: torch.Tensor | None = None
@@ -265,7 +246,3 @@ class Engine:
             total /= self.topo.grid.dp
         self.ds.train()
         return float(total)
-
-
-def perplexity(loss: float) -> float:
-    return math.exp(min(loss, 50.0))

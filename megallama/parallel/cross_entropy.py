@@ -15,6 +15,8 @@ vocabulary that avoids ~1.5 GB of fp32 temporaries; the arithmetic is the same a
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from megallama.parallel import mappings
@@ -143,3 +145,8 @@ def vocab_parallel_cross_entropy(
     ``compiled``: run the per-chunk math under torch.compile (one fused kernel per pass; GPU)."""
     return _VocabParallelCrossEntropy.apply(logits, labels, group, vocab_size, ignore_index,
                                             compiled)
+
+
+def perplexity(loss: float) -> float:
+    """exp(loss), capped at exp(50) so a diverged run reports a number, not an overflow."""
+    return math.exp(min(loss, 50.0))

@@ -6,7 +6,6 @@ The same code path serves a laptop and a cluster; only the backend and the devic
 from __future__ import annotations
 
 import datetime
-import importlib
 import os
 import socket
 
@@ -25,17 +24,8 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu":
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported
         return torch.device("cpu")
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-
-
-def _skip_deepspeed_shm_build() -> None:
-    """DeepSpeed's CPU backend JIT-compiles a shared-memory comm op (~40 s) that gloo does not
-    need. ``deepspeed.comm.torch`` must be fetched with importlib: inside ``deepspeed.comm`` the
-    name ``torch`` is the real torch module, so a plain import would patch the wrong object."""
-    module = importlib.import_module("deepspeed.comm.torch")
-    module.build_shm_op = lambda: None
 
 
 def _init_on_agent_store(backend: str, timeout_s: float) -> None:
@@ -55,9 +45,12 @@ def _init_on_agent_store(backend: str, timeout_s: float) -> None:
 
 
 def init_distributed(device: torch.device, timeout_s: float = 600.0) -> None:
-    """Initialise torch.distributed through DeepSpeed (so its comm layer is set up as well).
+    """Initialise torch.distributed (NCCL on CUDA, gloo on CPU); no-op when already initialised.
 
-    Works under torchrun and as a plain single process (world of one)."""
+    Works under torchrun and as a plain single process (world of one). DeepSpeed attaches its
+    comm layer to this group later, inside the engine (:mod:`megallama.engine`)."""
+    if dist.is_initialized():
+        return
     if "MASTER_PORT" not in os.environ:  # a plain single process: any free port will do
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -67,18 +60,11 @@ def init_distributed(device: torch.device, timeout_s: float = 600.0) -> None:
         os.environ.setdefault(key, value)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    else:
-        _skip_deepspeed_shm_build()
     backend = "nccl" if device.type == "cuda" else "gloo"
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
         _init_on_agent_store(backend, timeout_s)
-    import deepspeed
-
-    deepspeed.init_distributed(  # sets up DeepSpeed's comm layer; reuses an existing group
-        dist_backend=backend,
-        timeout=datetime.timedelta(seconds=timeout_s),
-        verbose=False,
-    )
+    else:
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
 
 
 def world_info() -> tuple[int, int]:

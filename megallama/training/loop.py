@@ -1,7 +1,9 @@
-"""The training loop: data in global batches, one engine step each, logging, evaluation, saving.
+"""The training loop: one global batch per step through the engine, then log, evaluate, save.
 
-The loss DeepSpeed returns is already averaged over micro-batches and DP and broadcast from the
-last pipeline stage to every stage, so global rank 0 (first stage) can report it.
+:func:`train` reads top to bottom as the step does (nanoGPT's loop, torchtitan's ``train_step``):
+sample this rank's micro-batches, forward/backward/clip/step (the engine), handle a skipped step,
+log, evaluate, save. The loss the engine returns is already averaged over micro-batches and DP and
+broadcast from the last pipeline stage to every stage, so global rank 0 (first stage) reports it.
 """
 
 from __future__ import annotations
@@ -9,18 +11,24 @@ from __future__ import annotations
 import math
 import signal
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from megallama.checkpoint.stateful import SavedHook
+from megallama.config.compose import save_config
+from megallama.config.grid import Grid
 from megallama.config.training import TrainConfig
 from megallama.data.dataset import BlendedDataset, PackedDataset, build_train_valid, collate
 from megallama.data.sampler import DataSampler
-from megallama.engine import faults
-from megallama.engine.deepspeed_engine import Engine, MicroBatch, perplexity
-from megallama.parallel.topology import Grid, Topology, build_topology, kv_replicas_for
+from megallama.engine import Engine, MicroBatch, StepResult
+from megallama.parallel.cross_entropy import perplexity
+from megallama.parallel.topology import Topology, build_topology, kv_replicas_for
 from megallama.training.metrics import (
     MetricsWriter,
     Progress,
@@ -29,10 +37,20 @@ from megallama.training.metrics import (
     format_metrics,
     peak_memory_bytes,
 )
-from megallama.training.train_state import resolve_resume, resume, save_checkpoint
+from megallama.training.run_files import resolve_resume
+from megallama.training.train_state import TrainingState
 
 
-def build_datasets(cfg: TrainConfig):
+@dataclass
+class TrainHooks:
+    """Extension points for tests and tools: ``step_start(step, engine)`` runs before each step
+    (fault injection, probes), ``piece_saved(piece_name, tmp_dir)`` after each piece of a save."""
+
+    step_start: list[Callable[[int, Engine], None]] = field(default_factory=list)
+    piece_saved: list[SavedHook] = field(default_factory=list)
+
+
+def build_datasets(cfg: TrainConfig) -> tuple[Any, Any]:
     """Train (blended when several files are given) and validation datasets."""
     d = cfg.data
     valid_prefix = d.valid[0] if d.valid else None
@@ -93,90 +111,104 @@ class StopSignal:
         return bool(value.item())
 
 
-def _inject(step: int, engine: Engine, topo: Topology) -> None:
-    """Test-only faults (see megallama.engine.faults)."""
-    world = topo.grid.world_size
-    if faults.armed("crash", step, topo.rank, world):
-        raise RuntimeError(f"injected crash at step {step} (MEGALLAMA_FAULT)")
-    engine.loss_fn.poison = faults.armed("nan", step, topo.rank, world, every_rank=True)
+class Throughput:
+    """Tokens/s, TFLOP/s per device and MFU over the steps since the last report (evaluation and
+    saving excluded by :meth:`restart`)."""
+
+    def __init__(self, cfg: TrainConfig, world: int, device: torch.device) -> None:
+        self.tokens_per_step = cfg.parallel.global_batch_size * cfg.data.seq_len
+        self.fpt = flops_per_token(cfg.model, cfg.data.seq_len)
+        self.peak = device_peak_flops(device, cfg.trainer.precision)
+        self.world, self.device = world, device
+        self.restart()
+
+    def restart(self) -> None:
+        self.t0, self.steps = time.perf_counter(), 0
+
+    def report(self) -> dict[str, float]:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        tok_s = self.tokens_per_step * self.steps / (time.perf_counter() - self.t0)
+        tflops = self.fpt * tok_s / self.world / 1e12
+        out = {"tokens_per_s": tok_s, "tflops_per_device": tflops,
+               "peak_memory_gib": peak_memory_bytes(self.device) / 2**30}
+        if self.peak:
+            out["mfu"] = tflops * 1e12 / self.peak
+        self.restart()
+        return out
 
 
-def train(cfg: TrainConfig, grid: Grid, device: torch.device) -> dict:
+def _check_finite(result: StepResult, step: int, engine: Engine, cfg: TrainConfig,
+                  progress: Progress) -> None:
+    """A skipped (non-finite) step stops the run or is reported, as ``trainer.nonfinite`` says."""
+    if not (result.skipped or not math.isfinite(result.loss)):
+        return
+    if cfg.trainer.nonfinite == "stop":
+        raise FloatingPointError(
+            f"non-finite loss or gradients at step {step} (the update was not applied); "
+            "stopping as trainer.nonfinite=stop asks")
+    progress.log(f"step {step}: non-finite loss or gradients, update skipped "
+                 f"({engine.skipped_steps} skipped so far)")
+
+
+def train(cfg: TrainConfig, grid: Grid, device: torch.device,
+          hooks: TrainHooks | None = None) -> dict[str, Any]:
     """Run the configured training; returns the final metrics (on every rank)."""
+    hooks = hooks or TrainHooks()
+    t = cfg.trainer
     topo = build_topology(grid, kv_replicas_for(cfg.model.n_kv_heads, grid.tp))
-    torch.manual_seed(cfg.trainer.seed)
-    is_logger = topo.rank == 0
-    out_dir = Path(cfg.trainer.output_dir)
+    torch.manual_seed(t.seed)
+    is_logger, out_dir = topo.rank == 0, Path(t.output_dir)
     if is_logger:
-        from megallama.config.compose import save_config
-
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out_dir / "config.yaml")
     train_set, valid_set = build_datasets(cfg)
     engine = Engine(cfg, topo, device)
     source = BatchSource(train_set, cfg, topo)
+    state = TrainingState(engine, cfg, topo, source.sampler)
+    state.on_saved += hooks.piece_saved
     start = 0
-    resume_from = resolve_resume(cfg)
-    if resume_from is not None:
-        start = resume(engine, cfg, topo, resume_from, source.sampler)
+    if (resume_from := resolve_resume(cfg)) is not None:
+        start = state.resume(resume_from)
         if is_logger:
             print(f"resumed from {resume_from} at step {start}", flush=True)
     stop = StopSignal()
-
-    t = cfg.trainer
-    tokens_per_step = cfg.parallel.global_batch_size * cfg.data.seq_len
-    fpt = flops_per_token(cfg.model, cfg.data.seq_len)
-    peak = device_peak_flops(device, t.precision)
     writer = MetricsWriter(out_dir / "tensorboard" if t.tensorboard else None, enabled=is_logger)
-    progress = Progress(t.steps, enabled=is_logger, bar=t.progress, initial=start)
-    final: dict = {}
-    window_t, window_steps = time.perf_counter(), 0
+    throughput = Throughput(cfg, grid.world_size, device)
+    progress = Progress(t.steps, enabled=is_logger, bar=t.progress, initial=start,
+                        tokens_per_step=throughput.tokens_per_step)
+    final: dict[str, Any] = {}
     step = start
     for step in range(start + 1, t.steps + 1):
-        _inject(step, engine, topo)
+        for hook in hooks.step_start:
+            hook(step, engine)
+        # forward, backward, gradient clipping and the optimizer step over gas micro-batches
         result = engine.train_step(source.next_step(load=engine.needs_data()))
-        if result.skipped or not math.isfinite(result.loss):
-            if t.nonfinite == "stop":
-                raise FloatingPointError(
-                    f"non-finite loss or gradients at step {step} (the update was not applied); "
-                    "stopping as trainer.nonfinite=stop asks")
-            progress.log(f"step {step}: non-finite loss or gradients, update skipped "
-                         f"({engine.skipped_steps} skipped so far)")
-        window_steps += 1
+        _check_finite(result, step, engine, cfg, progress)
+        throughput.steps += 1
         if step % t.log_interval == 0 or step == t.steps:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            elapsed = time.perf_counter() - window_t
-            tok_s = tokens_per_step * window_steps / elapsed
-            tflops = fpt * tok_s / grid.world_size / 1e12
             metrics = {"loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm,
-                       "tokens_per_s": tok_s, "tflops_per_device": tflops,
-                       "peak_memory_gib": peak_memory_bytes(device) / 2**30,
-                       "skipped_steps": engine.skipped_steps}
-            if peak:
-                metrics["mfu"] = tflops * 1e12 / peak
+                       **throughput.report(), "skipped_steps": engine.skipped_steps}
             writer.scalars(step, {f"train/{k}": v for k, v in metrics.items() if v is not None})
             progress.log(format_metrics(step, t.steps, metrics))
             final.update(metrics)
-            window_t, window_steps = time.perf_counter(), 0
-        if valid_set is not None and t.eval_interval and (step % t.eval_interval == 0 or step == t.steps):
-            val = evaluate(engine, valid_set, cfg, topo)
+        if valid_set is not None and t.eval_interval and (step % t.eval_interval == 0
+                                                          or step == t.steps):
+            final["valid_loss"] = val = evaluate(engine, valid_set, cfg, topo)
             writer.scalars(step, {"valid/loss": val, "valid/perplexity": perplexity(val)})
             progress.log(f"step {step}/{t.steps} | valid loss {val:.4f} | "
                          f"perplexity {perplexity(val):.2f}")
-            final["valid_loss"] = val
-            window_t = time.perf_counter()  # evaluation time is not training throughput
+            throughput.restart()  # evaluation time is not training throughput
         if stop.requested():
             progress.log(f"SIGTERM: saving step {step} and exiting")
-            final["checkpoint"] = str(save_checkpoint(engine, cfg, topo, step, source.sampler))
-            final["preempted_at"] = step
+            final["checkpoint"], final["preempted_at"] = str(state.save(step)), step
             break
         if t.save_interval and step % t.save_interval == 0 and step != t.steps:
-            save_checkpoint(engine, cfg, topo, step, source.sampler)
+            state.save(step)
         progress.update(step)
     progress.close()
     if t.save_final and "preempted_at" not in final and step > start:
-        final["checkpoint"] = str(save_checkpoint(engine, cfg, topo, step, source.sampler))
+        final["checkpoint"] = str(state.save(step))
     writer.close()
     if is_logger:
         print(f"TensorBoard logs: {out_dir / 'tensorboard'}  (tensorboard --logdir {out_dir})",

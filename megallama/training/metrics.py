@@ -7,11 +7,9 @@ can construct them unconditionally and the non-reporting ones do nothing.
 
 from __future__ import annotations
 
-import math
 import re
 import resource
 import sys
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
@@ -20,6 +18,7 @@ from typing import Any, TextIO
 import torch
 
 from megallama.config import ModelConfig
+from megallama.data.progress_bar import progress_bar, write_line
 
 GIB = 1024**3
 
@@ -199,100 +198,63 @@ class MetricsWriter:
 
 
 # ---- console progress ----------------------------------------------------------------------------
-def _hms(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    seconds = int(round(seconds))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
 class Progress:
-    """A console progress bar: steps done/total, percent, it/s, elapsed and ETA.
+    """Training progress on the console: a tqdm bar of steps (done/total, percent, it/s or s/it,
+    elapsed, ETA and tokens/s) with :meth:`log` lines printed above it.
 
-    On a terminal the bar is redrawn in place (carriage return); otherwise (a log file, a pipe
-    under a job scheduler) a plain line is printed each time another ``every_percent`` of the run
-    completes, so logs stay readable. :meth:`log` prints a full line above the bar. ``initial``
-    is the step a resumed run starts from (rates count only steps taken in this process); with
-    ``bar=False`` only :meth:`log` lines are printed. Nothing is printed when not ``enabled``.
+    The bar is drawn only on a terminal (see :func:`megallama.data.progress_bar.progress_bar`):
+    under a job scheduler the :meth:`log` lines (``trainer.log_interval``) are the progress report.
+    ``initial`` is the step a resumed run starts from; rates count only the steps of this process
+    and average over all of its time, evaluations and saves included, so the ETA accounts for
+    them. With ``bar=False`` (``trainer.progress=false``) only :meth:`log` lines are printed.
+    Nothing is printed when not ``enabled`` (every rank but the reporting one).
     """
 
     def __init__(
         self,
         total_steps: int,
         enabled: bool,
-        stream: TextIO = sys.stderr,
+        stream: TextIO | None = None,
         *,
         initial: int = 0,
-        every_percent: int = 10,
         bar: bool = True,
-        width: int = 24,
+        tokens_per_step: int = 0,
+        force: bool = False,
     ) -> None:
         self.total = max(1, int(total_steps))
         self.enabled = enabled
-        self.stream = stream
+        self.stream = stream if stream is not None else sys.stderr
         self.initial = self.step = int(initial)
-        self.every_percent = max(1, int(every_percent))
-        self.bar = bar
-        self.width = width
-        self.is_tty = bool(getattr(stream, "isatty", lambda: False)())
-        self._start = time.perf_counter()
-        self._last_draw = -math.inf
-        self._drawn = False  # a bar is on the current terminal line
-        self._last_bucket = self.initial * 100 // self.total // self.every_percent
-        self._final_printed = False
-
-    def render(self) -> str:
-        """The bar line for the current step (without control characters)."""
-        elapsed = time.perf_counter() - self._start
-        done = self.step - self.initial
-        rate = done / elapsed if done > 0 and elapsed > 0 else 0.0
-        eta = (self.total - self.step) / rate if rate > 0 else math.inf
-        fraction = min(1.0, self.step / self.total)
-        filled = int(round(fraction * self.width))
-        bar = "#" * filled + "." * (self.width - filled)
-        speed = f"{rate:.2f} it/s" if rate >= 1 or rate == 0 else f"{1 / rate:.2f} s/it"
-        return (
-            f"[{bar}] {self.step}/{self.total} {fraction:6.1%} | {speed} | "
-            f"elapsed {_hms(elapsed)} | ETA {_hms(eta)}"
+        self.tokens_per_step = int(tokens_per_step)
+        self._bar = progress_bar(
+            self.total, enabled=enabled and bar, file=self.stream, force=force,
+            initial=self.initial, unit="step", desc="train", smoothing=0,
         )
+
+    @property
+    def drawn(self) -> bool:
+        """Whether a bar is being drawn (enabled, wanted and on a terminal, or forced)."""
+        return not self._bar.disable
 
     def update(self, step: int) -> None:
         """Record that ``step`` steps are done (absolute, not an increment) and redraw."""
         self.step = int(step)
-        if not (self.enabled and self.bar):
+        if not self.drawn:
             return
-        if self.is_tty:
-            now = time.perf_counter()
-            if now - self._last_draw >= 0.1 or self.step >= self.total:
-                self._last_draw = now
-                self._write("\r\x1b[K" + self.render())
-                self._drawn = True
-            return
-        bucket = self.step * 100 // self.total // self.every_percent
-        final = self.step >= self.total
-        if bucket > self._last_bucket or (final and not self._final_printed):
-            self._last_bucket = bucket
-            self._final_printed = final
-            self._write(self.render() + "\n")
+        elapsed = self._bar.format_dict["elapsed"]
+        if self.tokens_per_step and elapsed > 0 and self.step > self.initial:
+            tok_s = (self.step - self.initial) * self.tokens_per_step / elapsed
+            self._bar.set_postfix_str(f"{tok_s:,.0f} tok/s", refresh=False)
+        self._bar.update(self.step - self._bar.n)
 
     def log(self, line: str) -> None:
         """Print ``line`` on its own line, keeping the bar (if any) below it."""
-        if not self.enabled:
-            return
-        if self.is_tty and self._drawn:
-            self._write("\r\x1b[K" + line + "\n" + self.render())
-        else:
-            self._write(line + "\n")
+        if self.enabled:
+            write_line(line, self.stream)
 
     def close(self) -> None:
-        """End the bar's line on a terminal; safe to call twice."""
-        if self.enabled and self.is_tty and self._drawn:
-            self._write("\n")
-            self._drawn = False
-
-    def _write(self, text: str) -> None:
-        self.stream.write(text)
-        self.stream.flush()
+        """Leave the final bar on its own line; safe to call twice."""
+        self._bar.close()
 
 
 __all__ = [

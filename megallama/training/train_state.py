@@ -1,9 +1,11 @@
-"""Save and resume the whole training state through the crash-safe checkpoint writer.
+"""The training state of a run as :class:`~megallama.checkpoint.stateful.StatePiece` objects, and
+saving / resuming it through the crash-safe checkpoint writer.
 
 A save is collective: every rank writes its pieces into ``step_N.tmp``; the directory is renamed to
 ``step_N`` and ``latest`` moved only after all ranks succeeded, so a crash at any point leaves the
 previous checkpoint intact. Resuming works at any (tp, pp, dp): weights and optimizer state are
 resharded by name, the sampler state is global (samples consumed) and so independent of dp.
+To add a kind of state, add a piece to :class:`TrainingState` -- nothing else changes.
 """
 
 from __future__ import annotations
@@ -13,104 +15,168 @@ from typing import Any
 
 import torch
 
-from megallama.checkpoint.atomic import checkpoint_writer, latest_checkpoint
+from megallama.checkpoint.atomic import checkpoint_writer
 from megallama.checkpoint.state import (
-    adam_step,
     load_optimizer_state,
     load_rng,
-    read_trainer_state,
     save_optimizer_state,
     save_rng,
-    set_adam_step,
-    write_trainer_state,
 )
-from megallama.checkpoint.weights import INDEX_NAME, load_model_weights, save_model_weights
-from megallama.config import ConfigError
+from megallama.checkpoint.stateful import (
+    SavedHook,
+    StatePiece,
+    has_training_state,
+    load_pieces,
+    save_pieces,
+)
+from megallama.checkpoint.weights import load_model_weights, save_model_weights
+from megallama.config.compose import save_config
 from megallama.config.training import TrainConfig
 from megallama.data.sampler import DataSampler
-from megallama.engine import faults
-from megallama.engine.deepspeed_engine import Engine
+from megallama.engine import Engine
 from megallama.parallel.topology import Topology
+from megallama.training.run_files import checkpoint_root
 
 
-def checkpoint_root(cfg: TrainConfig) -> Path:
-    return Path(cfg.trainer.output_dir) / "checkpoints"
+class ModelWeights:
+    """This stage's parameters in the layout-free weights format (written by DP rank 0)."""
+
+    def __init__(self, state: TrainingState) -> None:
+        self.s = state
+
+    def save(self, ckpt_dir: Path) -> dict[str, Any]:
+        s = self.s
+        save_model_weights(s.engine.local_layers(), s.engine.tp, s.topo, ckpt_dir, s.cfg.model,
+                           extra={"step": s.step})
+        return {}
+
+    def load(self, ckpt_dir: Path, trainer_state: dict[str, Any] | None = None) -> None:
+        s = self.s
+        load_model_weights(s.engine.local_layers(), s.engine.tp, ckpt_dir, s.cfg.model)
 
 
-def resolve_resume(cfg: TrainConfig) -> Path | None:
-    """``trainer.resume``: none | auto (latest complete checkpoint of this run, if any) | PATH
-    (a step directory, or a run / checkpoints directory whose latest is taken)."""
-    spec = cfg.trainer.resume
-    if spec in ("none", "", None):
-        return None
-    if spec == "auto":
-        return latest_checkpoint(checkpoint_root(cfg))
-    path = Path(spec)
-    for candidate in (path, path / "checkpoints"):
-        if (candidate / INDEX_NAME).is_file():
-            return candidate
-        if candidate.is_dir() and (found := latest_checkpoint(candidate)) is not None:
-            return found
-    raise ConfigError(f"trainer.resume={spec}: no complete checkpoint there "
-                      f"(expected {INDEX_NAME} in a step directory)")
+class OptimizerState:
+    """fp32 master weights and Adam moments (same format, under ``optim/``) and Adam's step."""
+
+    def __init__(self, state: TrainingState) -> None:
+        self.s = state
+
+    def save(self, ckpt_dir: Path) -> dict[str, Any]:
+        e = self.s.engine
+        save_optimizer_state(e.local_layers(), e.tp, self.s.topo, ckpt_dir, self.s.cfg.model,
+                             e.optimizer_state)
+        return {"adam_step": e.adam_step()}
+
+    def load(self, ckpt_dir: Path, trainer_state: dict[str, Any]) -> None:
+        e = self.s.engine
+        load_optimizer_state(e.local_layers(), e.tp, ckpt_dir, self.s.cfg.model,
+                             e.optimizer_state)
+        e.set_adam_step(trainer_state["adam_step"])
 
 
-def save_checkpoint(engine: Engine, cfg: TrainConfig, topo: Topology, step: int,
-                    sampler: DataSampler) -> Path:
-    """Write weights, optimizer state, RNG, sampler and step for ``step`` (collective)."""
-    from megallama.config.compose import save_config
+class Schedule:
+    """The LR scheduler's position (its lambda is rebuilt from the config)."""
 
-    root = checkpoint_root(cfg)
-    layers = engine.local_layers()
-    with checkpoint_writer(root, step, keep_last=cfg.trainer.keep_last) as tmp:
-        save_model_weights(layers, engine.tp, topo, tmp, cfg.model, extra={"step": step})
-        if faults.armed("killsave", step, topo.rank, topo.grid.world_size):
-            faults.kill_self()
-        save_optimizer_state(layers, engine.tp, topo, tmp, cfg.model, engine.ds_optimizer)
-        save_rng(tmp, topo.rank)
-        if topo.rank == 0:
-            grid = topo.grid
-            write_trainer_state(tmp, {
-                "step": step,
-                "sampler": sampler.state_dict(),
-                "scheduler": _scheduler_state(engine),
-                "adam_step": adam_step(engine.optimizer),
-                "skipped_steps": engine.skipped_steps,
-                "layout": {"tp": grid.tp, "pp": grid.pp, "dp": grid.dp},
-            })
-            save_config(cfg, tmp / "config.yaml")
-    return root / f"step_{step:08d}"
+    def __init__(self, state: TrainingState) -> None:
+        self.s = state
+
+    def save(self, ckpt_dir: Path) -> dict[str, Any]:
+        return {"scheduler": self.s.engine.scheduler_state()}
+
+    def load(self, ckpt_dir: Path, trainer_state: dict[str, Any]) -> None:
+        self.s.engine.load_scheduler_state(trainer_state["scheduler"])
 
 
-def _scheduler_state(engine: Engine) -> dict[str, Any]:
-    state = engine.scheduler.state_dict()
-    state.pop("lr_lambdas", None)  # closures: rebuilt from the config
-    return state
+class Sampler:
+    """Global samples consumed and the shuffle epoch: independent of dp."""
+
+    def __init__(self, sampler: DataSampler) -> None:
+        self.sampler = sampler
+
+    def save(self, ckpt_dir: Path) -> dict[str, Any]:
+        return {"sampler": self.sampler.state_dict()}
+
+    def load(self, ckpt_dir: Path, trainer_state: dict[str, Any]) -> None:
+        self.sampler.load_state_dict(trainer_state["sampler"])
 
 
-def resume(engine: Engine, cfg: TrainConfig, topo: Topology, path: Path,
-           sampler: DataSampler) -> int:
-    """Load a checkpoint into the engine; returns the step to continue after (0 for weights-only
-    checkpoints such as a converted Meta/HF model)."""
-    layers = engine.local_layers()
-    load_model_weights(layers, engine.tp, path, cfg.model)
-    if not (path / "trainer_state.json").is_file():
-        return 0  # weights only: a fresh optimizer starts from them
-    state = read_trainer_state(path)
-    load_optimizer_state(layers, engine.tp, path, cfg.model, engine.ds_optimizer)
-    set_adam_step(engine.optimizer, state["adam_step"])
-    sampler.load_state_dict(state["sampler"])
-    sched = state["scheduler"]
-    engine.scheduler.load_state_dict({**engine.scheduler.state_dict(), **sched})
-    for group, lr in zip(engine.ds_optimizer.param_groups, engine.scheduler.get_last_lr(),
-                         strict=True):
-        group["lr"] = lr
-    step = int(state["step"])
-    engine.ds.global_steps = step
-    engine.ds.skipped_steps = engine._skipped_before = int(state["skipped_steps"])
-    grid = topo.grid
-    same = state["layout"] == {"tp": grid.tp, "pp": grid.pp, "dp": grid.dp}
-    load_rng(path, topo.rank, same_layout=same)
-    if not same:  # rank i of another layout is another process: reseed deterministically
-        torch.manual_seed(cfg.trainer.seed + step)
-    return step
+class Counters:
+    """The step reached and the steps skipped for non-finite gradients."""
+
+    def __init__(self, state: TrainingState) -> None:
+        self.s = state
+
+    def save(self, ckpt_dir: Path) -> dict[str, Any]:
+        return {"step": self.s.step, "skipped_steps": self.s.engine.skipped_steps}
+
+    def load(self, ckpt_dir: Path, trainer_state: dict[str, Any]) -> None:
+        self.s.step = int(trainer_state["step"])
+        self.s.engine.set_counters(self.s.step, int(trainer_state["skipped_steps"]))
+
+
+class RandomState:
+    """Every rank's RNG states, restored only at the same layout (where rank i is the same
+    process); at another layout every rank reseeds deterministically from (seed, step)."""
+
+    def __init__(self, state: TrainingState) -> None:
+        self.s = state
+
+    def _layout(self) -> dict[str, int]:
+        grid = self.s.topo.grid
+        return {"tp": grid.tp, "pp": grid.pp, "dp": grid.dp}
+
+    def save(self, ckpt_dir: Path) -> dict[str, Any]:
+        save_rng(ckpt_dir, self.s.topo.rank)
+        return {"layout": self._layout()}
+
+    def load(self, ckpt_dir: Path, trainer_state: dict[str, Any]) -> None:
+        same = trainer_state["layout"] == self._layout()
+        load_rng(ckpt_dir, self.s.topo.rank, same_layout=same)
+        if not same:
+            torch.manual_seed(self.s.cfg.trainer.seed + self.s.step)
+
+
+class RunConfig:
+    """The resolved run config beside the state (rank 0), for evaluate/generate and humans."""
+
+    def __init__(self, state: TrainingState) -> None:
+        self.s = state
+
+    def save(self, ckpt_dir: Path) -> dict[str, Any]:
+        if self.s.topo.rank == 0:
+            save_config(self.s.cfg, ckpt_dir / "config.yaml")
+        return {}
+
+    def load(self, ckpt_dir: Path, trainer_state: dict[str, Any]) -> None:
+        pass  # the current run's config governs
+
+
+class TrainingState:
+    """Everything a resumed run needs, as named pieces saved and loaded in this order."""
+
+    def __init__(self, engine: Engine, cfg: TrainConfig, topo: Topology,
+                 sampler: DataSampler) -> None:
+        self.engine, self.cfg, self.topo, self.step = engine, cfg, topo, 0
+        self.on_saved: list[SavedHook] = []  # run after each piece is written (fault tests)
+        self.pieces: dict[str, StatePiece] = {
+            "model": ModelWeights(self), "optimizer": OptimizerState(self),
+            "scheduler": Schedule(self), "sampler": Sampler(sampler),
+            "counters": Counters(self), "rng": RandomState(self), "config": RunConfig(self),
+        }
+
+    def save(self, step: int) -> Path:
+        """Write a checkpoint of ``step`` (collective); returns its directory."""
+        self.step = step
+        root = checkpoint_root(self.cfg)
+        with checkpoint_writer(root, step, keep_last=self.cfg.trainer.keep_last) as tmp:
+            save_pieces(self.pieces, tmp, write_json=self.topo.rank == 0, on_saved=self.on_saved)
+        return root / f"step_{step:08d}"
+
+    def resume(self, path: Path) -> int:
+        """Load a checkpoint; returns the step to continue after (0 for a weights-only
+        checkpoint such as a converted Meta/HF model: a fresh optimizer starts from it)."""
+        if not has_training_state(path):
+            self.pieces["model"].load(path, {})
+            return 0
+        load_pieces(self.pieces, path)
+        return self.step

@@ -9,13 +9,16 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+FAULTS = "tests/distributed/faults.py"  # megallama.train with fault hooks installed
 VOCAB = 256
 
 
 def torchrun(nproc: int, module: str, args: list[str], env: dict | None = None, timeout=240,
              launcher: tuple[str, ...] = ()):
+    """Launch ``module`` (or a script path ending in .py) on ``nproc`` local ranks."""
+    target = [str(REPO / module)] if module.endswith(".py") else ["-m", module]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc-per-node={nproc}", *launcher, "-m", module, *args]
+           f"--nproc-per-node={nproc}", *launcher, *target, *args]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     start = time.monotonic()
     proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megallama.engine.deepspeed_engine import Engine
+from megallama.engine import Engine
 from megallama.parallel.runtime import init_distributed
 from megallama.parallel.topology import Grid, build_topology, kv_replicas_for
 from tests.distributed.engine_cases import make_config, rank_micro_batches, reference_run

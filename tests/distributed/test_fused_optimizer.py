@@ -13,10 +13,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megallama.engine.deepspeed_engine import Engine
+from megallama.engine import Engine
 from megallama.parallel.runtime import init_distributed
 from megallama.parallel.topology import Grid, build_topology, kv_replicas_for
 from tests.distributed.engine_cases import STEPS, make_config, rank_micro_batches
+from tests.distributed.faults import poisoned_output
 from tests.distributed.harness import run_world
 
 LOSS_TOL, NORM_TOL = 2e-3, 2e-2  # relative; bf16 resolution is 2**-8 = 3.9e-3
@@ -35,9 +36,8 @@ def _run(world: int, tp: int, pp: int, zero: int) -> list[tuple[float, float]]:
     # a NaN loss: the step is skipped on every rank, weights and LR untouched, then training goes on
     weights = [p.detach().clone() for p in engine.module.parameters()]
     lr = engine.optimizer.param_groups[0]["lr"]
-    engine.loss_fn.poison = True
-    r = engine.train_step(rank_micro_batches(STEPS, cfg, topo.dp_rank, grid.dp))
-    engine.loss_fn.poison = False
+    with poisoned_output(engine):
+        r = engine.train_step(rank_micro_batches(STEPS, cfg, topo.dp_rank, grid.dp))
     assert r.skipped and engine.skipped_steps == 1, f"zero={zero}: NaN step not skipped"
     assert all(torch.equal(p, w) for p, w in zip(engine.module.parameters(), weights, strict=True))
     assert engine.optimizer.param_groups[0]["lr"] == lr

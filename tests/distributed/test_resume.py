@@ -13,16 +13,20 @@ import time
 import pytest
 
 from megallama.checkpoint.atomic import latest_checkpoint
-from tests.distributed.cli import REPO, overrides, read_scalars, torchrun
+from tests.distributed.cli import FAULTS, REPO, overrides, read_scalars, torchrun
 
 pytestmark = pytest.mark.slow
 STEPS = 6
 
 
-def run(token_files, out, nproc, *extra, env=None, launcher=()):
+def run(token_files, out, nproc, *extra, fault=None, launcher=()):
+    """Train for STEPS steps; ``fault`` (KIND@STEP) runs it with that fault's hooks installed."""
     args = overrides(token_files, out, "trainer.log_interval=1", "trainer.eval_interval=0",
                      "data.valid=[]", f"trainer.steps={STEPS}", *extra)
-    proc, _ = torchrun(nproc, "megallama.train", args, env=env, launcher=launcher)
+    if fault:
+        proc, _ = torchrun(nproc, FAULTS, [fault, *args], launcher=launcher)
+    else:
+        proc, _ = torchrun(nproc, "megallama.train", args, launcher=launcher)
     return proc
 
 
@@ -66,7 +70,7 @@ def test_kill_during_save_keeps_previous_checkpoint(token_files, tmp_path, refer
     _, ref = reference
     out = tmp_path / "killed"
     proc = run(token_files, out, 4, "parallel.tp=2", "parallel.pp=2", "trainer.save_interval=2",
-               env={"MEGALLAMA_FAULT": "killsave@4"})
+               fault="killsave@4")
     assert proc.returncode != 0
     root = out / "checkpoints"
     assert latest_checkpoint(root) == root / "step_00000002"
@@ -81,7 +85,7 @@ def test_torchrun_restarts_after_a_crash(token_files, tmp_path, reference):
     _, ref = reference
     out = tmp_path / "restarted"
     proc = run(token_files, out, 4, "parallel.tp=2", "parallel.pp=2", "trainer.save_interval=2",
-               env={"MEGALLAMA_FAULT": "crash@5"}, launcher=("--max-restarts=1",))
+               fault="crash@5", launcher=("--max-restarts=1",))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "injected crash at step 5" in proc.stderr and "resumed from" in proc.stdout
     assert losses(out)[-1] == ref[-1]

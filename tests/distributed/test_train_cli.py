@@ -15,7 +15,7 @@ import sys
 import numpy as np
 import pytest
 
-from tests.distributed.cli import overrides, read_scalars, torchrun
+from tests.distributed.cli import FAULTS, overrides, read_scalars, torchrun
 
 pytestmark = pytest.mark.slow
 
@@ -59,9 +59,8 @@ def test_config_error_stops_every_rank_fast(token_files, tmp_path):
 
 
 def test_crash_on_one_rank_brings_job_down(token_files, tmp_path):
-    proc, seconds = torchrun(2, "megallama.train", overrides(
-        token_files, tmp_path / "crash", "parallel.pp=2", "trainer.steps=50"),
-        env={"MEGALLAMA_FAULT": "crash@3"}, timeout=180)
+    proc, seconds = torchrun(2, FAULTS, ["crash@3", *overrides(
+        token_files, tmp_path / "crash", "parallel.pp=2", "trainer.steps=50")], timeout=180)
     assert proc.returncode != 0
     assert "injected crash at step 3" in proc.stderr
     assert seconds < 120, f"job took {seconds:.0f} s to go down"
@@ -70,10 +69,9 @@ def test_crash_on_one_rank_brings_job_down(token_files, tmp_path):
 @pytest.mark.parametrize("policy", ["skip", "stop"])
 def test_nonfinite_policy(token_files, tmp_path, policy):
     out = tmp_path / policy
-    proc, _ = torchrun(1, "megallama.train", overrides(
+    proc, _ = torchrun(1, FAULTS, ["nan@4", *overrides(
         token_files, out, "trainer.steps=6", f"trainer.nonfinite={policy}",
-        "trainer.eval_interval=0", "data.valid=[]", "trainer.save_final=false"),
-        env={"MEGALLAMA_FAULT": "nan@4"})
+        "trainer.eval_interval=0", "data.valid=[]", "trainer.save_final=false")])
     if policy == "stop":
         assert proc.returncode != 0
         assert "non-finite loss or gradients at step 4" in proc.stderr
