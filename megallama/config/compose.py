@@ -2,7 +2,8 @@
 
 Hydra's compose API is used rather than ``@hydra.main``: under torchrun every rank would run the
 decorated main and create its own output directory, and the run directory is ``trainer.output_dir``
-anyway. The dataclass tree of :mod:`megallama.config.training` is registered in Hydra's ConfigStore as
+anyway. The model group's options are registered from ``megallama.config.PRESETS`` (there
+are no conf/model/*.yaml copies). The dataclass tree of :mod:`megallama.config.training` is registered in Hydra's ConfigStore as
 ``train_schema`` (the first entry of ``conf/config.yaml``'s defaults list), so every override is
 type-checked against it and unknown keys fail. Every Hydra/OmegaConf error is turned into one
 :class:`~megallama.config.ConfigError` line that names the option, so a typo on a 64-rank launch
@@ -24,13 +25,16 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 import megallama
-from megallama.config import ConfigError
+from megallama.config.model import PRESETS, ConfigError, ModelConfig
 from megallama.config.training import TrainConfig
 
 SCHEMA_NAME = "train_schema"
 CONF_DIR_ENV = "MEGALLAMA_CONF_DIR"
 
 ConfigStore.instance().store(name=SCHEMA_NAME, node=TrainConfig)
+# The model group's options are the presets themselves (model=llama2_7b ...): one place, no YAML copy.
+for _name, _fields in PRESETS.items():
+    ConfigStore.instance().store(group="model", name=_name, node=ModelConfig(**_fields))
 
 
 def default_config_dir() -> Path:
