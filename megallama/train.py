@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from megallama.config import ConfigError
-from megallama.config.training import TrainConfig
+from megallama.config.train_config import TrainConfig
 from megallama.parallel.runtime import init_distributed, resolve_device, world_info
 
 if TYPE_CHECKING:

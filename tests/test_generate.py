@@ -12,12 +12,12 @@ import torch
 
 from megallama.checkpoint.names import meta_to_hf_state_dict
 from megallama.config import preset
-from megallama.generate import (
+from megallama.generate import main
+from megallama.inference.generation import (
     GenerationError,
     Sampling,
     chat_prompt,
     generate,
-    main,
     next_token,
 )
 from megallama.model.llama import Transformer

@@ -104,7 +104,7 @@ def test_padding_index_embedding_is_zero_and_frozen():
 
 
 def test_pipeline_cuts_balance_cost_and_keep_a_block_per_stage():
-    from megallama.engine.pipeline import balanced_cuts
+    from megallama.model.layout import balanced_cuts
 
     # tiny demo shape: the head costs more than four blocks, yet each stage keeps a block
     assert balanced_cuts([1, 10, 10, 10, 10, 1, 54], [0, 1, 1, 1, 1, 0, 0], 2) == [0, 4, 7]

@@ -11,7 +11,7 @@ import tqdm.std
 from torch import nn
 
 from megallama.config import preset
-from megallama.config.training import OptimConfig
+from megallama.config.train_config import OptimConfig
 from megallama.model.llama import Transformer
 from megallama.optim.schedule import build_optimizer, lr_at, param_groups
 from megallama.training.metrics import (

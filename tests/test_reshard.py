@@ -8,8 +8,10 @@ transformers' ``save_pretrained``, so the readers are checked against independen
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from megallama.checkpoint.atomic import CheckpointError
-from megallama.checkpoint.convert import convert, stage_cuts
+from megallama.checkpoint.convert import convert
 from megallama.checkpoint.meta import ROPE_FREQS, rope_freqs
 from megallama.checkpoint.names import meta_split_dim, meta_tensor_to_hf, model_tensor_shapes
 from megallama.checkpoint.weights import (
@@ -30,6 +32,7 @@ from megallama.checkpoint.weights import (
     shard_file_name,
 )
 from megallama.config import preset
+from megallama.model.layout import stage_cuts
 from megallama.model.llama import Transformer
 from megallama.parallel.layers import TensorParallel
 from megallama.reshard import main, parse_size
@@ -152,7 +155,7 @@ def test_hf_megallama_hf_round_trip_and_save_model_weights_parity(hf_gqa, tmp_pa
         layers = model.named_layers()
         for stage in range(2):
             want, entries = _local_shard(_named_params(layers[cuts[stage]:cuts[stage + 1]]), tp,
-                                         cfg.vocab_size)
+                                         cfg, mg)
             fname = shard_file_name(stage, r)
             assert_same(want, load_file(mg / fname))
             for name, e in entries.items():
@@ -211,12 +214,12 @@ def test_hf_export_loads_in_transformers_with_equal_logits(tmp_path):
 def test_converted_checkpoint_resumes_training(hf_gqa, tmp_path):
     """Transformer + AdamW (the engine's optimizer on one rank): load the converted weights at the
     checkpoint's config, take steps on a fixed batch, the loss goes down."""
-    from megallama.evaluate import resolve_checkpoint
+    from megallama.checkpoint.lookup import find_checkpoint
 
     src, cfg = hf_gqa
     mg = tmp_path / "mg"
     convert(f"hf:{src}", f"megallama:{mg}", tp=2, pp=2, progress=False)
-    assert resolve_checkpoint(mg)[0] == mg
+    assert find_checkpoint(mg) == mg
     model = Transformer(cfg, seed=1)
     load_model_weights(model.named_layers(), model.tp, mg, cfg)
     hf = hf_tensors(src)
@@ -339,6 +342,40 @@ def test_cli(meta2, tmp_path, capsys):
     assert main(["--src", f"meta:{meta2}", "--dst", f"megallama:{out}", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "already exists" in err
+
+
+class _Tty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bar_on_a_terminal_only(meta2, tmp_path, capsys, monkeypatch):
+    argv = ["--src", f"meta:{meta2}", "--tp", "2"]
+    assert main([*argv, "--dst", f"megallama:{tmp_path / 'pipe'}"]) == 0
+    assert capsys.readouterr().err == ""  # stderr is not a terminal here: no bar
+    terminal = _Tty()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    assert main([*argv, "--dst", f"megallama:{tmp_path / 'quiet'}", "--no-progress"]) == 0
+    assert terminal.getvalue() == ""
+    assert main([*argv, "--dst", f"megallama:{tmp_path / 'tty'}"]) == 0
+    text = terminal.getvalue()
+    assert text.endswith("\n") and text.count("\n") == 1  # one bar line, closed
+    final = text.rstrip("\n").split("\r")[-1]
+    assert "100%" in final and "ETA 00:00" in final and "B/s" in final
+    assert final.rstrip().endswith("output.weight]")  # the tensor written last (Meta order)
+    assert "tensors" in capsys.readouterr().out
+
+
+def test_error_starts_below_the_bar(meta2, tmp_path, monkeypatch):
+    for path in (meta2 / "consolidated.00.pth", meta2 / "consolidated.01.pth"):
+        _edit(path, lambda sd: sd.update(
+            {"layers.1.ffn_norm.weight": sd["layers.1.ffn_norm.weight"].float()}))
+    terminal = _Tty()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    assert main(["--src", f"meta:{meta2}", "--dst", f"hf:{tmp_path / 'o'}"]) == 2
+    bar, error = terminal.getvalue().rsplit("\n", 2)[:2]
+    assert "%|" in bar.split("\r")[-1]  # the bar was left where it stood, on its own line
+    assert error.startswith("megallama-reshard: error: ") and "--dtype" in error
 
 
 def _rss_file_kb() -> int:

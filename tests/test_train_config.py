@@ -23,7 +23,7 @@ from megallama.config.compose import (
     save_config,
     to_yaml,
 )
-from megallama.config.training import (
+from megallama.config.train_config import (
     DataConfig,
     OptimConfig,
     ParallelConfig,

@@ -24,7 +24,7 @@ def dir_bytes(path: Path) -> int:
 
 def run(args: argparse.Namespace) -> dict:
     from megallama.config import preset
-    from megallama.config.training import TrainConfig
+    from megallama.config.train_config import TrainConfig
     from megallama.data.sampler import DataSampler
     from megallama.engine import Engine
     from megallama.parallel.runtime import init_distributed

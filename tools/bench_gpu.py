@@ -229,7 +229,7 @@ def run_megallama(name: str, args, device) -> dict:
 
     import megallama.engine.ds_config as engine_mod
     from megallama.config import preset
-    from megallama.config.training import TrainConfig
+    from megallama.config.train_config import TrainConfig
     from megallama.engine import Engine
     from megallama.parallel.runtime import init_distributed
     from megallama.parallel.topology import Grid, build_topology, kv_replicas_for

@@ -9,10 +9,10 @@ and its converted copy, whatever the model size. Output goes to a temporary sibl
 is renamed to the destination only when everything is written and fsynced.
 
 The megallama sink writes exactly what ``save_model_weights`` writes from a tp x pp world: the same
-shard names, the same per-(stage, TP rank) slices (``_placement``'s rules: vocabulary padding never
-stored, a replicated KV slice stored by its first replica only), the same index built by the same
-code. Its stage cuts are the trainer's (``balanced_cuts`` over ``layer_costs``); the loader reads
-any layout, so they only decide which file holds which layer.
+shard names, the same per-(stage, TP rank) slices (both read them from ``model.layout.shard_spec``:
+vocabulary padding never stored, a replicated KV slice stored by its first replica only), the same
+index built by the same code. Its stage cuts are the trainer's (``model.layout.stage_cuts``); the
+loader reads any layout, so they only decide which file holds which layer.
 """
 
 from __future__ import annotations
@@ -32,11 +32,10 @@ import torch
 from megallama.checkpoint.atomic import CheckpointError, fsync_dir, fsync_file, write_text_atomic
 from megallama.checkpoint.hf import HFSink, HFSource, SafetensorsStream, nbytes_of
 from megallama.checkpoint.meta import MetaSink, MetaSource, check_mp, default_mp
-from megallama.checkpoint.names import model_tensor_shapes, tp_split_dim
+from megallama.checkpoint.names import model_tensor_shapes
 from megallama.checkpoint.weights import (
     FORMAT,
     INDEX_NAME,
-    VOCAB_PADDED,
     build_index,
     dtype_name,
     read_full_tensor,
@@ -45,7 +44,8 @@ from megallama.checkpoint.weights import (
 )
 from megallama.config import ConfigError, ModelConfig
 from megallama.config.grid import Grid
-from megallama.parallel.layers import padded_vocab_size
+from megallama.data.progress_bar import progress_bar
+from megallama.model.layout import ShardSpec, layer_of, shard_specs, stage_of_layers
 
 FORMATS = ("meta", "hf", "megallama")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -105,45 +105,11 @@ class MegallamaSource:
             yield name, read_full_tensor(self.path, name), str(self.path / INDEX_NAME)
 
 
-def layer_names(cfg: ModelConfig) -> list[str]:
-    """The model's ordered layer list, as ``layer_defs`` names it."""
-    return ["tok_embeddings"] + [f"layers.{i}" for i in range(cfg.n_layers)] + ["norm", "output"]
-
-
-def stage_cuts(cfg: ModelConfig, pp: int, seq_len: int | None = None) -> list[int]:
-    """The trainer's pipeline stage boundaries over [embedding, blocks..., norm, head]."""
-    from megallama.engine.pipeline import balanced_cuts, layer_costs  # imports deepspeed
-
-    names = layer_names(cfg)
-    costs = layer_costs(cfg, seq_len or cfg.max_seq_len, names)
-    try:
-        return balanced_cuts(costs, [n.startswith("layers.") for n in names], pp)
-    except ValueError as e:
-        raise CheckpointError(f"--pp {pp}: {e} (the model has {cfg.n_layers})") from None
-
-
-def _layer_of(name: str) -> str:
-    return ".".join(name.split(".")[:2]) if name.startswith("layers.") else name.split(".")[0]
-
-
-def megallama_pieces(name: str, shape: list[int], cfg: ModelConfig,
-                     tp: int) -> list[tuple[int, int | None, int, int]]:
-    """(tp rank, split dim, offset, length) of every stored piece of a global tensor at ``tp``:
-    what the ranks that are first to hold a slice store (weights.py's ``_placement`` rules)."""
-    dim = tp_split_dim(name)  # set whatever tp is: at tp=1 a single piece along it
-    if dim is None:
-        return [(0, None, 0, shape[0])]
-    replicas = max(1, tp // cfg.n_kv_heads) if name.endswith(("wk.weight", "wv.weight")) else 1
-    parts = tp // replicas
-    full = padded_vocab_size(shape[0], tp) if name in VOCAB_PADDED else shape[dim]
-    local = full // parts
-    out = []
-    for index in range(parts):
-        offset = index * local
-        length = min(local, shape[dim] - offset)
-        if length > 0:  # a slice that is all vocabulary padding is not stored
-            out.append((index * replicas, dim, offset, length))
-    return out
+def stored_pieces(spec: ShardSpec) -> list[tuple[int, int, int]]:
+    """(tp rank, offset, length) of every stored piece of a global tensor: what the ranks that are
+    first to hold a slice store, all-padding slices left out (as ``save_model_weights`` does)."""
+    pieces = [(rank, *spec.piece(rank)) for rank in range(spec.tp) if spec.is_first_holder(rank)]
+    return [(rank, offset, length) for rank, offset, length in pieces if length > 0]
 
 
 class MegallamaSink:
@@ -151,21 +117,22 @@ class MegallamaSink:
     ``save_model_weights`` would; all TP shards of the current stage are open at once."""
 
     def __init__(self, out: Path, cfg: ModelConfig, dtype: torch.dtype, tp: int, pp: int,
-                 seq_len: int | None = None, extra: dict[str, Any] | None = None) -> None:
+                 seq_len: int | None = None, extra: dict[str, Any] | None = None,
+                 partition_method: str = "balanced") -> None:
         self.out, self.cfg, self.dtype, self.tp, self.pp = Path(out), cfg, dtype, tp, pp
         self.extra = extra or {}
-        cuts = stage_cuts(cfg, pp, seq_len)
-        layer_stage = {}
-        names = layer_names(cfg)
-        for stage in range(pp):
-            for i in range(cuts[stage], cuts[stage + 1]):
-                layer_stage[names[i]] = stage
+        try:
+            layer_stage = stage_of_layers(cfg, pp, seq_len, partition_method)
+            specs = shard_specs(cfg, tp)
+        except ConfigError as e:
+            raise CheckpointError(f"{self.out}: --tp {tp} --pp {pp}: {e}") from None
         self.plans: dict[tuple[int, int], list[tuple[str, torch.dtype, list[int]]]] = {}
         self.entries: dict[tuple[int, int], dict[str, dict[str, Any]]] = {}
         self.routes: dict[str, list[tuple[tuple[int, int], int | None, int, int]]] = {}
-        for name, shape in model_tensor_shapes(cfg):
-            stage = layer_stage[_layer_of(name)]
-            for rank, dim, offset, length in megallama_pieces(name, shape, cfg, tp):
+        for spec in specs:
+            name, shape, dim = spec.name, list(spec.shape), spec.split_dim
+            stage = layer_stage[layer_of(name)]
+            for rank, offset, length in stored_pieces(spec):
                 key = (stage, rank)
                 local = list(shape)
                 local[0 if dim is None else dim] = length
@@ -231,26 +198,25 @@ def loses_information(src: torch.dtype, dst: torch.dtype) -> bool:
 
 
 class Progress:
-    """A one-line progress bar with bytes/s on stderr (redrawn at most every 0.5 s)."""
+    """Resharding progress on stderr: a tqdm bar of bytes converted (done/total in MB or GB,
+    percent, MB/s, elapsed, ETA) and the tensor being written; drawn only when enabled and
+    stderr is a terminal. ``done`` counts the bytes either way: ``convert`` reports it."""
 
     def __init__(self, total: int, enabled: bool = True) -> None:
-        self.total, self.done, self.enabled = total, 0, enabled
-        self.start = self._last = time.monotonic()
+        self.total, self.done = total, 0
+        self._bar = progress_bar(max(total, 1), enabled=enabled, file=sys.stderr,
+                                 unit="B", unit_scale=True, unit_divisor=1000)
 
     def update(self, n: int, name: str) -> None:
+        """Add ``n`` bytes written for tensor ``name``."""
         self.done += n
-        now = time.monotonic()
-        if self.enabled and (now - self._last > 0.5 or self.done >= self.total):
-            self._last = now
-            rate = self.done / max(now - self.start, 1e-9)
-            frac = self.done / max(self.total, 1)
-            bar = "#" * int(frac * 30)
-            unit, div = ("GB", 1e9) if self.total >= 1e9 else ("MB", 1e6)
-            sys.stderr.write(f"\r[{bar:<30}] {self.done / div:7.2f}/{self.total / div:.2f} {unit} "
-                             f"{rate / 1e6:8.1f} MB/s  {name[:40]:<40}")
-            if self.done >= self.total:
-                sys.stderr.write("\n")
-            sys.stderr.flush()
+        if not self._bar.disable:
+            self._bar.set_postfix_str(name[:40], refresh=False)
+            self._bar.update(n)
+
+    def close(self) -> None:
+        """Leave the bar where it stands on its own line; safe to call twice."""
+        self._bar.close()
 
 
 def check_layout(fmt: str, where: Path, cfg: ModelConfig, tp: int, pp: int,
@@ -297,6 +263,7 @@ def convert(src: str, dst: str, *, tp: int = 1, pp: int = 1, mp: int | None = No
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
+    bar = Progress(source.nbytes, progress)
     sink: Sink | None = None
     try:
         if dst_fmt == "meta":
@@ -306,7 +273,6 @@ def convert(src: str, dst: str, *, tp: int = 1, pp: int = 1, mp: int | None = No
         else:
             extra = {"converted_from": f"{src_fmt}:{src_path}"}
             sink = MegallamaSink(tmp, cfg, out_dtype, tp, pp, seq_len, extra)
-        bar = Progress(source.nbytes, progress)
         count = 0
         for name, t, where in source:
             if t.dtype != out_dtype:
@@ -320,6 +286,7 @@ def convert(src: str, dst: str, *, tp: int = 1, pp: int = 1, mp: int | None = No
             bar.update(t.numel() * t.element_size(), name)
             count += 1
             del t
+        bar.close()
         sink.finish()
         if dst_fmt == "megallama" and tokenizer is not None:
             src_tok = Path(tokenizer)
@@ -331,6 +298,7 @@ def convert(src: str, dst: str, *, tp: int = 1, pp: int = 1, mp: int | None = No
         os.rename(tmp, dst_path)
         fsync_dir(dst_path.parent)
     except BaseException:
+        bar.close()
         if sink is not None:
             sink.abort()
         shutil.rmtree(tmp, ignore_errors=True)

@@ -5,6 +5,10 @@ global (Meta) names, with the vocabulary padding cut off. The index records, for
 global shape and which contiguous range along its split dimension each shard holds, so a loader at
 any other TP/PP layout reads exactly the ranges it needs (safetensors' lazy slices) -- and tools can
 stream full tensors without this package. The format is specified in docs/CHECKPOINTS.md.
+
+Which slice of which global tensor a rank holds comes from ``model.layout.shard_spec`` (the rule
+the model is built by and the resharder writes by); a parameter whose shape or TP attributes
+disagree with it is refused rather than written or loaded in the wrong place.
 """
 
 from __future__ import annotations
@@ -33,7 +37,8 @@ from megallama.checkpoint.atomic import (
     verify_file,
     write_text_atomic,
 )
-from megallama.config import ModelConfig
+from megallama.config import ConfigError, ModelConfig
+from megallama.model.layout import VOCAB_PADDED, ShardSpec, shard_spec
 from megallama.parallel.layers import TensorParallel
 from megallama.parallel.topology import Topology
 
@@ -43,8 +48,6 @@ if TYPE_CHECKING:
 FORMAT = "megallama-weights"
 FORMAT_VERSION = 1
 INDEX_NAME = "model.index.json"
-# Tensors whose dim 0 is the vocabulary, padded in the model to a multiple of tp (never stored).
-VOCAB_PADDED = frozenset({"tok_embeddings.weight", "output.weight"})
 # Config fields that do not describe trained weights: not compared on load.
 _IGNORED_CONFIG_FIELDS = frozenset({"init_std"})
 
@@ -75,24 +78,32 @@ def _named_params(layers: Layers) -> list[tuple[str, nn.Parameter]]:
     return out
 
 
-def _placement(name: str, p: nn.Parameter, tp: TensorParallel) -> tuple[int | None, int, int]:
-    """(split dim, slice index, number of slices) of this rank's copy of ``p``."""
-    dim = getattr(p, "partition_dim", None)
-    if dim is None:
-        return None, 0, 1
-    replicas = getattr(p, "tp_replicas", 1)
-    if tp.size % replicas:
-        raise CheckpointError(f"{name}: tp_replicas={replicas} does not divide tp={tp.size}")
-    return dim, tp.rank // replicas, tp.size // replicas
+def _spec(name: str, tp: TensorParallel, cfg: ModelConfig, where: Path | str) -> ShardSpec:
+    """The layout's :class:`ShardSpec` of parameter ``name`` at this TP size."""
+    try:
+        return shard_spec(cfg, name, tp.size)
+    except (KeyError, ConfigError) as e:
+        raise CheckpointError(f"{where}: {name}: {e}") from None
 
 
-def _global_shape(name: str, p: nn.Parameter, dim: int | None, parts: int, vocab: int) -> list[int]:
-    """The unpadded global shape of ``p`` as this model lays it out."""
+def _check_tags(name: str, p: nn.Parameter, spec: ShardSpec, where: Path | str) -> None:
+    """The ``partition_dim`` / ``tp_replicas`` tags the parameter's layer gave it (which DeepSpeed
+    and the optimizer read) must say what the layout says."""
+    tags = (getattr(p, "partition_dim", None), getattr(p, "tp_replicas", 1))
+    if tags != (spec.split_dim, spec.replicas):
+        raise CheckpointError(f"{where}: {name}: parameter tagged (partition_dim, tp_replicas) "
+                              f"= {tags}, the layout says ({spec.split_dim}, {spec.replicas})")
+
+
+def _model_shape(p: nn.Parameter, spec: ShardSpec) -> list[int]:
+    """The global shape the model's parameter stands for, as an error message reports it: the
+    layout's when the local slice fits it, else the local shape times the slices (padding rows
+    included)."""
+    if tuple(p.shape) == spec.local_shape():
+        return list(spec.shape)
     shape = list(p.shape)
-    if dim is not None:
-        shape[dim] *= parts
-    if name in VOCAB_PADDED:
-        shape[0] = min(shape[0], vocab)
+    if spec.split_dim is not None and len(shape) > spec.split_dim:
+        shape[spec.split_dim] *= spec.parts
     return shape
 
 
@@ -102,28 +113,26 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 # ---- save ----------------------------------------------------------------------------------------
-def _local_shard(params: list[tuple[str, nn.Parameter]], tp: TensorParallel,
-                 vocab: int) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]:
+def _local_shard(params: list[tuple[str, nn.Parameter]], tp: TensorParallel, cfg: ModelConfig,
+                 where: Path) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]:
     """The slices this (DP-rank-0) rank provides: tensors to store and their index entries."""
     tensors, entries = {}, {}
     for name, p in params:
-        dim, index, parts = _placement(name, p, tp)
-        first_holder = tp.rank == 0 if dim is None else index * (tp.size // parts) == tp.rank
-        if not first_holder:
+        spec = _spec(name, tp, cfg, where)
+        if tuple(p.shape) != spec.local_shape():
+            raise CheckpointError(f"{where}: {name}: parameter shape {list(p.shape)} is not the "
+                                  f"slice {list(spec.local_shape())} the model config implies at "
+                                  f"tp={tp.size}")
+        _check_tags(name, p, spec, where)
+        if not spec.is_first_holder(tp.rank):
             continue  # replicated tensors come from TP rank 0, KV slices from their first replica
-        shape = _global_shape(name, p, dim, parts, vocab)
-        t = p.detach()
-        if dim is None:
-            offset, length = 0, shape[0]
-            t = t[: shape[0]]
-        else:
-            offset = index * p.shape[dim]
-            length = min(p.shape[dim], shape[dim] - offset)
-            if length <= 0:
-                continue  # the whole slice is vocabulary padding
-            t = t.narrow(dim, 0, length)
+        offset, length = spec.piece(tp.rank)
+        if length == 0:
+            continue  # the whole slice is vocabulary padding
+        dim = spec.split_dim
+        t = p.detach() if dim is None else p.detach().narrow(dim, 0, length)
         tensors[name] = t.to("cpu", copy=True).contiguous()  # own storage: params may share one
-        entries[name] = {"shape": shape, "dtype": dtype_name(p.dtype), "split_dim": dim,
+        entries[name] = {"shape": list(spec.shape), "dtype": dtype_name(p.dtype), "split_dim": dim,
                          "offset": offset, "length": length}
     return tensors, entries
 
@@ -192,7 +201,7 @@ def save_model_weights(layers: Layers, tp: TensorParallel, topo: Topology, ckpt_
                                   f"the topology (tp rank {topo.tp_rank} of {topo.grid.tp})")
         if topo.dp_rank == 0:
             params = _named_params(layers)
-            tensors, entries = _local_shard(params, tp, model_cfg.vocab_size)
+            tensors, entries = _local_shard(params, tp, model_cfg, ckpt_dir)
             if tensors:
                 fname = shard_file_name(topo.pp_rank, topo.tp_rank)
                 path = ckpt_dir / fname
@@ -339,7 +348,7 @@ def load_model_weights(layers: Layers, tp: TensorParallel, ckpt_dir: Path,
             if model_cfg is not None and (diff := _config_diff(saved_cfg, model_cfg)):
                 raise CheckpointError(f"{reader.index_path}: model config differs from the "
                                       f"checkpoint's: {'; '.join(diff)}")
-            vocab = model_cfg.vocab_size if model_cfg is not None else saved_cfg["vocab_size"]
+            cfg = model_cfg if model_cfg is not None else _saved_config(saved_cfg, reader)
             params = _named_params(layers)
             names = [n for n, _ in params]
             missing = [n for n in names if n not in stored]
@@ -348,7 +357,7 @@ def load_model_weights(layers: Layers, tp: TensorParallel, ckpt_dir: Path,
                                       f"missing from the checkpoint: {', '.join(missing[:5])}")
             for name, p in params:
                 if name in stored:
-                    _load_param(reader, name, p, tp, vocab)
+                    _load_param(reader, name, p, tp, cfg)
         except Exception as e:  # reported to rank 0 so that every rank raises
             error = e
     local = (None if error is None else f"{type(error).__name__}: {error}", names)
@@ -373,21 +382,29 @@ def load_model_weights(layers: Layers, tp: TensorParallel, ckpt_dir: Path,
         raise
 
 
+def _saved_config(saved: dict[str, Any], reader: _Reader) -> ModelConfig:
+    """The checkpoint's own model config (what lays out its tensors when the caller gives none)."""
+    try:
+        return ModelConfig(**saved)
+    except (ConfigError, TypeError) as e:
+        raise CheckpointError(f"{reader.index_path}: model_config: {e}") from None
+
+
 def _load_param(reader: _Reader, name: str, p: nn.Parameter, tp: TensorParallel,
-                vocab: int) -> None:
+                cfg: ModelConfig) -> None:
     entry = reader.tensors[name]
-    dim, index, parts = _placement(name, p, tp)
-    shape = _global_shape(name, p, dim, parts, vocab)
-    if shape != entry["shape"]:
+    spec = _spec(name, tp, cfg, reader.index_path)
+    if tuple(p.shape) != spec.local_shape() or list(spec.shape) != entry["shape"]:
         raise CheckpointError(f"{reader.index_path}: {name}: checkpoint shape {entry['shape']} "
-                              f"!= model shape {shape}; the checkpoint is for a different model "
-                              "config")
-    box = [(0, n) for n in shape]
-    if dim is not None:
-        start = index * p.shape[dim]
-        box[dim] = (start, min(start + p.shape[dim], shape[dim]))
+                              f"!= model shape {_model_shape(p, spec)}; the checkpoint is for a "
+                              "different model config")
+    _check_tags(name, p, spec, reader.index_path)
     buf = torch.zeros(p.shape, dtype=p.dtype)  # rows past the vocabulary stay zero
-    if all(a < b for a, b in box):
+    offset, length = spec.piece(tp.rank)
+    if length > 0:
+        box = [(0, n) for n in spec.shape]
+        if spec.split_dim is not None:
+            box[spec.split_dim] = (offset, offset + length)
         part = reader.read(name, box)
         buf[tuple(slice(0, b - a) for a, b in box)] = part.to(p.dtype)
     with torch.no_grad():
@@ -416,7 +433,7 @@ def iter_full_tensors(ckpt_dir: Path, names: Iterable[str] | None = None
 
 
 __all__ = [  # the commit protocol is re-exported so a trainer needs one import
-    "FORMAT", "FORMAT_VERSION", "INDEX_NAME", "CheckpointError", "build_index",
+    "FORMAT", "FORMAT_VERSION", "INDEX_NAME", "VOCAB_PADDED", "CheckpointError", "build_index",
     "checkpoint_writer", "dtype_name",
     "iter_full_tensors", "latest_checkpoint", "load_model_weights", "named_layers",
     "read_full_tensor", "read_index", "save_checkpoint_dir", "save_model_weights",

@@ -3,7 +3,7 @@ dataclasses Hydra fills (:mod:`.training`, :mod:`.compose`), the rank grid (:mod
 checks run before any collective (:mod:`.validate`). The ground layer: imports nothing else of
 megallama and never torch.distributed."""
 
-from megallama.config.model import (
+from megallama.config.model_config import (
     PRESETS,
     ConfigError,
     ModelConfig,

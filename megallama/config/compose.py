@@ -3,7 +3,7 @@
 Hydra's compose API is used rather than ``@hydra.main``: under torchrun every rank would run the
 decorated main and create its own output directory, and the run directory is ``trainer.output_dir``
 anyway. The model group's options are registered from ``megallama.config.PRESETS`` (there
-are no conf/model/*.yaml copies). The dataclass tree of :mod:`megallama.config.training` is registered in Hydra's ConfigStore as
+are no conf/model/*.yaml copies). The dataclass tree of :mod:`megallama.config.train_config` is registered in Hydra's ConfigStore as
 ``train_schema`` (the first entry of ``conf/config.yaml``'s defaults list), so every override is
 type-checked against it and unknown keys fail. Every Hydra/OmegaConf error is turned into one
 :class:`~megallama.config.ConfigError` line that names the option, so a typo on a 64-rank launch
@@ -25,8 +25,8 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 import megallama
-from megallama.config.model import PRESETS, ConfigError, ModelConfig
-from megallama.config.training import TrainConfig
+from megallama.config.model_config import PRESETS, ConfigError, ModelConfig
+from megallama.config.train_config import TrainConfig
 
 SCHEMA_NAME = "train_schema"
 CONF_DIR_ENV = "MEGALLAMA_CONF_DIR"

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from megallama.config.model import ConfigError
+from megallama.config.model_config import ConfigError
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,8 @@ import math
 import torch
 
 from megallama.config.grid import Grid
-from megallama.config.model import ConfigError, ModelConfig, check_tp_layout
-from megallama.config.training import (
+from megallama.config.model_config import ConfigError, ModelConfig, check_tp_layout
+from megallama.config.train_config import (
     DataConfig,
     OptimConfig,
     ParallelConfig,

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from megallama.config import ConfigError, ModelConfig
-from megallama.config.training import DataConfig
+from megallama.config.train_config import DataConfig
 from megallama.data.indexed import IndexedTokens
 from megallama.data.tokenizer import Tokenizer, TokenizerError, check_vocab
 

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
 from torch import nn
 
-from megallama.config.training import TrainConfig
+from megallama.config.train_config import TrainConfig
 from megallama.engine import ds_config
 from megallama.engine.ds_state import DeepSpeedState, OptimizerStateAccess
 from megallama.engine.pipeline import LlamaPipeline

@@ -15,7 +15,7 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
-from megallama.config.training import TrainConfig
+from megallama.config.train_config import TrainConfig
 from megallama.parallel.topology import Topology
 
 

@@ -3,8 +3,10 @@ parameter names (tok_embeddings, layers.N.attention.wq, feed_forward.w1, ...), s
 map one-to-one and only HF needs a name table and the q/k permutation.
 
 RoPE is Meta's interleaved form (pairs (x[2i], x[2i+1]) rotate together). The model is an ordered
-list of layers -- embedding, blocks, final norm, output head -- which :func:`layer_defs` exposes so
-that pipeline stages can be cut from it without building the layers a stage does not own.
+list of layers -- embedding, blocks, final norm, output head, named by :mod:`megallama.model.layout`
+-- which :func:`layer_defs` exposes so that pipeline stages can be cut from it without building the
+layers a stage does not own. How each parameter is sliced over TP (vocabulary padding, replicated
+KV heads) is also read from the layout.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from megallama.config import ConfigError, ModelConfig, check_tp_layout
+from megallama.config import ConfigError, ModelConfig, check_tp_layout, kv_replicas_for
+from megallama.model.layout import is_block, layer_names, shard_spec
 from megallama.parallel import mappings
 from megallama.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megallama.parallel.layers import (
@@ -27,7 +30,6 @@ from megallama.parallel.layers import (
     RowParallelLinear,
     TensorParallel,
     VocabParallelEmbedding,
-    padded_vocab_size,
 )
 
 
@@ -124,7 +126,7 @@ class Attention(nn.Module):
         self.n_local_heads = cfg.n_heads // tp.size
         self.n_local_kv_heads = max(1, cfg.n_kv_heads // tp.size)
         self.n_rep = self.n_local_heads // self.n_local_kv_heads
-        kv_replicas = max(1, tp.size // cfg.n_kv_heads)
+        kv_replicas = kv_replicas_for(cfg.n_kv_heads, tp.size)
         if kv_replicas != tp.kv_replicas:
             raise ConfigError(f"TensorParallel.kv_group has {tp.kv_replicas} ranks, expected {kv_replicas}")
         prefix, std, hd = f"layers.{layer_id}.attention", cfg.init_std, self.head_dim
@@ -217,7 +219,8 @@ class Embedding(VocabParallelEmbedding):
     """tok_embeddings: token ids [b, s] -> hidden [b, s, dim] (a sequence chunk under SP)."""
 
     def __init__(self, cfg: ModelConfig, tp: TensorParallel, seed: int = 0) -> None:
-        super().__init__(cfg.vocab_size, padded_vocab_size(cfg.vocab_size, tp.size), cfg.dim, tp,
+        padded = shard_spec(cfg, "tok_embeddings.weight", tp.size).padded
+        super().__init__(cfg.vocab_size, padded, cfg.dim, tp,
                          seed=seed, key="tok_embeddings.weight", std=cfg.init_std,
                          padding_idx=cfg.pad_token_id)
 
@@ -231,7 +234,7 @@ class OutputHead(ColumnParallelLinear):
     """Untied output projection; returns this rank's vocabulary slice of the logits, full sequence."""
 
     def __init__(self, cfg: ModelConfig, tp: TensorParallel, seed: int = 0) -> None:
-        padded = padded_vocab_size(cfg.vocab_size, tp.size)
+        padded = shard_spec(cfg, "output.weight", tp.size).padded
         super().__init__(cfg.dim, cfg.vocab_size, tp, seed=seed, key="output.weight",
                          std=cfg.init_std, pad_rows_to=padded)
         self.tp = tp
@@ -255,13 +258,14 @@ class LayerDef:
 
 def layer_defs(cfg: ModelConfig, tp: TensorParallel, seed: int = 0,
                activation_checkpointing: bool = False) -> list[LayerDef]:
-    """embedding, n_layers blocks, final norm, output head -- in forward order."""
+    """One :class:`LayerDef` per name of ``layout.layer_names`` (embedding, n_layers blocks,
+    final norm, output head), in forward order."""
     check_tp_layout(cfg, tp.size)
-    defs = [LayerDef("tok_embeddings", Embedding, (cfg, tp, seed))]
-    defs += [LayerDef(f"layers.{i}", TransformerBlock, (i, cfg, tp, seed, activation_checkpointing))
-             for i in range(cfg.n_layers)]
-    defs += [LayerDef("norm", FinalNorm, (cfg, tp, seed)), LayerDef("output", OutputHead, (cfg, tp, seed))]
-    return defs
+    top = {"tok_embeddings": Embedding, "norm": FinalNorm, "output": OutputHead}
+    ckpt = activation_checkpointing
+    return [LayerDef(n, TransformerBlock, (int(n.split(".")[1]), cfg, tp, seed, ckpt))
+            if is_block(n) else LayerDef(n, top[n], (cfg, tp, seed))
+            for n in layer_names(cfg)]
 
 
 class Transformer(nn.Module):
@@ -272,10 +276,12 @@ class Transformer(nn.Module):
         super().__init__()
         self.cfg, self.tp = cfg, tp or TensorParallel()
         defs = layer_defs(cfg, self.tp, seed, activation_checkpointing)
-        self.tok_embeddings = defs[0].build()
-        self.layers = nn.ModuleList(d.build() for d in defs[1:-2])
-        self.norm = defs[-2].build()
-        self.output = defs[-1].build()
+        built = {d.name: d.build() for d in defs}
+        # registration order is model order (state dicts, checkpoints, optimizer groups follow it)
+        self.tok_embeddings = built.pop("tok_embeddings")
+        self.layers = nn.ModuleList(m for n, m in built.items() if is_block(n))
+        self.norm = built["norm"]
+        self.output = built["output"]
 
     def forward(self, tokens: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """Vocab-parallel logits of ``tokens``; with a prepared ``cache``, tokens continue the
@@ -290,9 +296,7 @@ class Transformer(nn.Module):
 
     def named_layers(self) -> list[tuple[str, nn.Module]]:
         """(global name prefix, module) in forward order -- the same list pipeline stages cut."""
-        return ([("tok_embeddings", self.tok_embeddings)]
-                + [(f"layers.{i}", layer) for i, layer in enumerate(self.layers)]
-                + [("norm", self.norm), ("output", self.output)])
+        return [(name, self.get_submodule(name)) for name in layer_names(self.cfg)]
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return vocab_parallel_cross_entropy(logits, labels, self.tp.group, self.cfg.vocab_size)

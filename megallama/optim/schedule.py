@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from megallama.config.training import OptimConfig
+from megallama.config.train_config import OptimConfig
 
 
 def param_groups(

@@ -70,7 +70,11 @@ def mark_tensor_parallel(param: nn.Parameter, dim: int, tp_size: int, replicas: 
 
 
 def full_tensor(t: torch.Tensor, param: nn.Parameter, tp: TensorParallel) -> torch.Tensor:
-    """Reassemble the full (padded) tensor of a parameter (or of its gradient) from all TP ranks."""
+    """Reassemble the full (padded) tensor of a parameter (or of its gradient) from all TP ranks.
+
+    Reads only the parameter's own tags: slice i of ``tp / tp_replicas`` lives on the TP ranks from
+    ``i * tp_replicas`` (``megallama.model.layout.ShardSpec`` states the rule; parallel cannot
+    import model), so every ``tp_replicas``-th gathered chunk is a distinct slice."""
     dim = getattr(param, "partition_dim", None)
     if dim is None or tp.size == 1:
         return t

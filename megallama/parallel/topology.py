@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch.distributed as dist
 
 from megallama.config.grid import Grid
-from megallama.config.model import ConfigError, kv_replicas_for
+from megallama.config.model_config import ConfigError, kv_replicas_for
 from megallama.parallel.layers import TensorParallel
 
 

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from megallama.checkpoint.stateful import SavedHook
 from megallama.config.compose import save_config
 from megallama.config.grid import Grid
-from megallama.config.training import TrainConfig
+from megallama.config.train_config import TrainConfig
 from megallama.data.dataset import BlendedDataset, PackedDataset, build_train_valid, collate
 from megallama.data.sampler import DataSampler
 from megallama.engine import Engine, MicroBatch, StepResult

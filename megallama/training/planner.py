@@ -3,28 +3,27 @@
 ``megallama-plan model=llama2_70b gpus=512`` lists each candidate layout with the memory of its
 worst pipeline stage split into weights, gradients, fp32 master weights, Adam moments, activations,
 logits, optimizer-step buffers and a fixed overhead, so that a layout is chosen before a job is
-queued rather than by trial and OOM. Layout rules, stage cuts and the cross-entropy chunk size are
-imported from the trainer itself (validate.check_parallel, pipeline.balanced_cuts, ...), so the
-planner cannot accept a layout the trainer refuses or cut stages differently. Every formula, and
+queued rather than by trial and OOM. Layout rules, stage cuts, per-rank parameter slices and the
+cross-entropy chunk size are imported from the trainer itself (validate.check_parallel,
+model.layout.stage_cuts and shard_specs, ...), so the planner cannot accept a layout the trainer
+refuses, cut stages differently or size a slice differently. Every formula, and
 what DeepSpeed keeps on each optimizer path, is derived (and checked against measurements) in
 docs/PLANNER.md. Activations are those of eager blocks (parallel.compile_blocks=false).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import json
-import sys
+import math
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any, NamedTuple
 
 import torch
 
 from megallama.config import ConfigError, ModelConfig, check_tp_layout
-from megallama.config.training import ParallelConfig
+from megallama.config.train_config import ParallelConfig
 from megallama.config.validate import check_parallel
+from megallama.model import layout as model_layout
 from megallama.optim.fused_adamw import needs_fp32_grad_buffer
 from megallama.parallel import cross_entropy
 from megallama.parallel.layers import padded_vocab_size
@@ -86,36 +85,25 @@ class MemoryEstimate:
 
 # ---- parameters and stages ---------------------------------------------------------------------
 def layer_names(cfg: ModelConfig) -> list[str]:
-    """The trainer's layer list (megallama.model.llama.layer_defs): pipeline stages cut it."""
-    return ["tok_embeddings", *(f"layers.{i}" for i in range(cfg.n_layers)), "norm", "output"]
+    """The trainer's layer list (:func:`megallama.model.layout.layer_names`): stages cut it."""
+    return model_layout.layer_names(cfg)
 
 
 def layer_params(cfg: ModelConfig, tp: int) -> dict[str, int]:
     """Parameters one TP rank holds per layer kind (KV heads replicated when tp > n_kv_heads,
-    vocabulary padded to a multiple of tp)."""
-    d, hd, f = cfg.dim, cfg.head_dim, cfg.ffn_hidden_dim
-    kv_local = max(1, cfg.n_kv_heads // tp) * hd
-    block = 2 * d * cfg.n_heads * hd // tp + 2 * d * kv_local + 3 * d * f // tp + 2 * d
-    table = padded_vocab_size(cfg.vocab_size, tp) // tp * d
-    return {"tok_embeddings": table, "block": block, "norm": d, "output": table}
-
-
-@lru_cache(maxsize=256)
-def _cuts(cfg_json: str, pp: int, seq_len: int, method: str) -> tuple[int, ...]:
-    with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed logs its accelerator on import
-        from megallama.engine.pipeline import balanced_cuts, layer_costs
-
-    cfg = ModelConfig(**json.loads(cfg_json))
-    names = layer_names(cfg)
-    costs = layer_costs(cfg, seq_len, names) if method == "balanced" else [1] * len(names)
-    return tuple(balanced_cuts(costs, [n.startswith("layers.") for n in names], pp))
+    vocabulary padded to a multiple of tp), summed from the layout's slices."""
+    one_block = dataclasses.replace(cfg, n_layers=1)
+    out = {"tok_embeddings": 0, "block": 0, "norm": 0, "output": 0}
+    for spec in model_layout.shard_specs(one_block, tp):
+        kind = model_layout.layer_of(spec.name)
+        out["block" if model_layout.is_block(kind) else kind] += math.prod(spec.local_shape())
+    return out
 
 
 def stage_bounds(cfg: ModelConfig, pp: int, *, seq_len: int, method: str = "balanced") -> list[int]:
-    """Index in :func:`layer_names` where each stage starts, plus the end: LlamaPipeline's cuts."""
-    if pp == 1:
-        return [0, cfg.n_layers + 3]
-    return list(_cuts(json.dumps(dataclasses.asdict(cfg), sort_keys=True), pp, seq_len, method))
+    """Index in :func:`layer_names` where each stage starts, plus the end: LlamaPipeline's cuts
+    (:func:`megallama.model.layout.stage_cuts`)."""
+    return model_layout.stage_cuts(cfg, pp, seq_len, method)
 
 
 # ---- activations -------------------------------------------------------------------------------
@@ -255,7 +243,7 @@ def estimate_stages(model_cfg: ModelConfig, layout: Layout, *, seq_len: int, glo
     for s in range(lay.pp):
         mine = names[bounds[s]:bounds[s + 1]]
         first, last = s == 0, s == lay.pp - 1
-        blocks = sum(n.startswith("layers.") for n in mine)
+        blocks = sum(model_layout.is_block(n) for n in mine)
         params = sum(sizes.get(n, sizes["block"]) for n in mine)
         st = optimizer_states(params, lay.dp, precision, zero_stage, device, gas=gas,
                               largest_layer=max(sizes.get(n, sizes["block"]) for n in mine))

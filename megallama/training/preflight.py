@@ -5,7 +5,7 @@ stops all of them with the same one line instead of a hang in the first collecti
 from __future__ import annotations
 
 from megallama.config.grid import Grid
-from megallama.config.training import TrainConfig
+from megallama.config.train_config import TrainConfig
 from megallama.config.validate import validate_options
 from megallama.data.checks import check_data_files
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from megallama.checkpoint.atomic import CheckpointError
 from megallama.checkpoint.lookup import find_checkpoint
 from megallama.config import ConfigError
-from megallama.config.training import TrainConfig
+from megallama.config.train_config import TrainConfig
 
 
 def checkpoint_root(cfg: TrainConfig) -> Path:

@@ -31,7 +31,7 @@ from megallama.checkpoint.stateful import (
 )
 from megallama.checkpoint.weights import load_model_weights, save_model_weights
 from megallama.config.compose import save_config
-from megallama.config.training import TrainConfig
+from megallama.config.train_config import TrainConfig
 from megallama.data.sampler import DataSampler
 from megallama.engine import Engine
 from megallama.parallel.topology import Topology

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from megallama.config import preset
-from megallama.config.training import TrainConfig
+from megallama.config.train_config import TrainConfig
 from megallama.model.llama import Transformer
 from megallama.optim.schedule import lr_at, param_groups
 
