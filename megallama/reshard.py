@@ -53,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # imported after parsing so that --help answers without loading torch and safetensors
     from megallama.checkpoint.convert import convert
 
     try:

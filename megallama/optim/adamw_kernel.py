@@ -88,6 +88,7 @@ def adamw_reference(weight: torch.Tensor, grad: torch.Tensor, lo: torch.Tensor |
 
 
 def _build_kernels():
+    # Triton ships with CUDA builds of torch only: imported when a kernel is first needed
     import triton
     import triton.language as tl
 

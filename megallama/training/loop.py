@@ -1,8 +1,8 @@
 """The training loop: one global batch per step through the engine, then log, evaluate, save.
 
-:func:`train` reads top to bottom as the step does (nanoGPT's loop, torchtitan's ``train_step``):
-sample this rank's micro-batches, forward/backward/clip/step (the engine), handle a skipped step,
-log, evaluate, save. The loss the engine returns is already averaged over micro-batches and DP and
+:meth:`Trainer.train` reads top to bottom as the step does (nanoGPT's loop, torchtitan's
+``train_step``): sample this rank's micro-batches, forward/backward/clip/step (the engine), handle a
+skipped step, log, evaluate, save. The loss the engine returns is already averaged over micro-batches and DP and
 broadcast from the last pipeline stage to every stage, so global rank 0 (first stage) reports it.
 """
 
@@ -80,7 +80,7 @@ class BatchSource:
         return list(zip(tokens.split(self.micro), labels.split(self.micro), strict=True))
 
 
-def evaluate(engine: Engine, dataset, cfg: TrainConfig, topo: Topology) -> float:
+def validation_loss(engine: Engine, dataset, cfg: TrainConfig, topo: Topology) -> float:
     """Validation loss over the first ``eval_iters`` global batches of the (unshuffled) set."""
     source = BatchSource(dataset, cfg, topo, shuffle=False)
     batches: list[MicroBatch] = []
@@ -151,67 +151,89 @@ def _check_finite(result: StepResult, step: int, engine: Engine, cfg: TrainConfi
                  f"({engine.skipped_steps} skipped so far)")
 
 
+class Trainer:
+    """One training run: built from the config, then :meth:`train` runs its steps."""
+
+    def __init__(self, cfg: TrainConfig, grid: Grid, device: torch.device,
+                 hooks: TrainHooks | None = None) -> None:
+        self.cfg, self.device, self.hooks = cfg, device, hooks or TrainHooks()
+        t = cfg.trainer
+        self.topo = build_topology(grid, kv_replicas_for(cfg.model.n_kv_heads, grid.tp))
+        torch.manual_seed(t.seed)
+        self.is_logger, self.out_dir = self.topo.rank == 0, Path(t.output_dir)
+        if self.is_logger:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.out_dir / "config.yaml")
+        train_set, self.valid_set = build_datasets(cfg)
+        self.engine = Engine(cfg, self.topo, device)
+        self.source = BatchSource(train_set, cfg, self.topo)
+        self.state = TrainingState(self.engine, cfg, self.topo, self.source.sampler)
+        self.state.on_saved += self.hooks.piece_saved
+        self.start = 0
+        if (resume_from := resolve_resume(cfg)) is not None:
+            self.start = self.state.resume(resume_from)
+            if self.is_logger:
+                print(f"resumed from {resume_from} at step {self.start}", flush=True)
+        self.writer = MetricsWriter(self.out_dir / "tensorboard" if t.tensorboard else None,
+                                    enabled=self.is_logger)
+        self.throughput = Throughput(cfg, grid.world_size, device)
+        self.progress = Progress(t.steps, enabled=self.is_logger, bar=t.progress,
+                                 initial=self.start,
+                                 tokens_per_step=self.throughput.tokens_per_step)
+
+    def train(self) -> dict[str, Any]:
+        """Run the steps; returns the final metrics (on every rank)."""
+        t, engine, stop = self.cfg.trainer, self.engine, StopSignal()
+        final: dict[str, Any] = {}
+        step = self.start
+        for step in range(self.start + 1, t.steps + 1):
+            for hook in self.hooks.step_start:
+                hook(step, engine)
+            # forward, backward, gradient clipping and the optimizer step over gas micro-batches
+            result = engine.train_step(self.source.next_step(load=engine.needs_data()))
+            _check_finite(result, step, engine, self.cfg, self.progress)
+            self.throughput.steps += 1
+            if step % t.log_interval == 0 or step == t.steps:
+                final.update(self.log(step, result))
+            if self.valid_set is not None and t.eval_interval and (
+                    step % t.eval_interval == 0 or step == t.steps):
+                final["valid_loss"] = self.evaluate(step)
+            if stop.requested():
+                self.progress.log(f"SIGTERM: saving step {step} and exiting")
+                final["checkpoint"], final["preempted_at"] = str(self.state.save(step)), step
+                break
+            if t.save_interval and step % t.save_interval == 0 and step != t.steps:
+                self.state.save(step)
+            self.progress.update(step)
+        self.progress.close()
+        if t.save_final and "preempted_at" not in final and step > self.start:
+            final["checkpoint"] = str(self.state.save(step))
+        self.writer.close()
+        if self.is_logger:
+            print(f"TensorBoard logs: {self.out_dir / 'tensorboard'}  "
+                  f"(tensorboard --logdir {self.out_dir})", flush=True)
+        dist.barrier()
+        return final
+
+    def log(self, step: int, result: StepResult) -> dict[str, Any]:
+        """Report a step's loss, LR, gradient norm and throughput (console and TensorBoard)."""
+        metrics = {"loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm,
+                   **self.throughput.report(), "skipped_steps": self.engine.skipped_steps}
+        self.writer.scalars(step, {f"train/{k}": v for k, v in metrics.items() if v is not None})
+        self.progress.log(format_metrics(step, self.cfg.trainer.steps, metrics))
+        return metrics
+
+    def evaluate(self, step: int) -> float:
+        """Validation loss (and perplexity) after ``step``, reported like the training loss."""
+        val = validation_loss(self.engine, self.valid_set, self.cfg, self.topo)
+        self.writer.scalars(step, {"valid/loss": val, "valid/perplexity": perplexity(val)})
+        self.progress.log(f"step {step}/{self.cfg.trainer.steps} | valid loss {val:.4f} | "
+                          f"perplexity {perplexity(val):.2f}")
+        self.throughput.restart()  # evaluation time is not training throughput
+        return val
+
+
 def train(cfg: TrainConfig, grid: Grid, device: torch.device,
           hooks: TrainHooks | None = None) -> dict[str, Any]:
     """Run the configured training; returns the final metrics (on every rank)."""
-    hooks = hooks or TrainHooks()
-    t = cfg.trainer
-    topo = build_topology(grid, kv_replicas_for(cfg.model.n_kv_heads, grid.tp))
-    torch.manual_seed(t.seed)
-    is_logger, out_dir = topo.rank == 0, Path(t.output_dir)
-    if is_logger:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out_dir / "config.yaml")
-    train_set, valid_set = build_datasets(cfg)
-    engine = Engine(cfg, topo, device)
-    source = BatchSource(train_set, cfg, topo)
-    state = TrainingState(engine, cfg, topo, source.sampler)
-    state.on_saved += hooks.piece_saved
-    start = 0
-    if (resume_from := resolve_resume(cfg)) is not None:
-        start = state.resume(resume_from)
-        if is_logger:
-            print(f"resumed from {resume_from} at step {start}", flush=True)
-    stop = StopSignal()
-    writer = MetricsWriter(out_dir / "tensorboard" if t.tensorboard else None, enabled=is_logger)
-    throughput = Throughput(cfg, grid.world_size, device)
-    progress = Progress(t.steps, enabled=is_logger, bar=t.progress, initial=start,
-                        tokens_per_step=throughput.tokens_per_step)
-    final: dict[str, Any] = {}
-    step = start
-    for step in range(start + 1, t.steps + 1):
-        for hook in hooks.step_start:
-            hook(step, engine)
-        # forward, backward, gradient clipping and the optimizer step over gas micro-batches
-        result = engine.train_step(source.next_step(load=engine.needs_data()))
-        _check_finite(result, step, engine, cfg, progress)
-        throughput.steps += 1
-        if step % t.log_interval == 0 or step == t.steps:
-            metrics = {"loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm,
-                       **throughput.report(), "skipped_steps": engine.skipped_steps}
-            writer.scalars(step, {f"train/{k}": v for k, v in metrics.items() if v is not None})
-            progress.log(format_metrics(step, t.steps, metrics))
-            final.update(metrics)
-        if valid_set is not None and t.eval_interval and (step % t.eval_interval == 0
-                                                          or step == t.steps):
-            final["valid_loss"] = val = evaluate(engine, valid_set, cfg, topo)
-            writer.scalars(step, {"valid/loss": val, "valid/perplexity": perplexity(val)})
-            progress.log(f"step {step}/{t.steps} | valid loss {val:.4f} | "
-                         f"perplexity {perplexity(val):.2f}")
-            throughput.restart()  # evaluation time is not training throughput
-        if stop.requested():
-            progress.log(f"SIGTERM: saving step {step} and exiting")
-            final["checkpoint"], final["preempted_at"] = str(state.save(step)), step
-            break
-        if t.save_interval and step % t.save_interval == 0 and step != t.steps:
-            state.save(step)
-        progress.update(step)
-    progress.close()
-    if t.save_final and "preempted_at" not in final and step > start:
-        final["checkpoint"] = str(state.save(step))
-    writer.close()
-    if is_logger:
-        print(f"TensorBoard logs: {out_dir / 'tensorboard'}  (tensorboard --logdir {out_dir})",
-              flush=True)
-    dist.barrier()
-    return final
+    return Trainer(cfg, grid, device, hooks).train()
