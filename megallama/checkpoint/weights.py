@@ -82,7 +82,9 @@ def _spec(name: str, tp: TensorParallel, cfg: ModelConfig, where: Path | str) ->
     """The layout's :class:`ShardSpec` of parameter ``name`` at this TP size."""
     try:
         return shard_spec(cfg, name, tp.size)
-    except (KeyError, ConfigError) as e:
+    except KeyError as e:  # str() of a KeyError quotes it
+        raise CheckpointError(f"{where}: {e.args[0]}") from None
+    except ConfigError as e:
         raise CheckpointError(f"{where}: {name}: {e}") from None
 
 
