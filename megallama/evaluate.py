@@ -12,14 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
-
-import torch.distributed as dist
 
 from megallama.inference.evaluation import INPUT_ERRORS, EvalRequest, evaluate, plan_evaluation
 from megallama.inference.loader import FORMATS, PRECISIONS
-from megallama.parallel.runtime import world_info
+from megallama.parallel.runtime import run_command, world_info
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,20 +51,15 @@ def _request(args: argparse.Namespace) -> EvalRequest:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     rank, world = world_info()
-    started_here = not dist.is_initialized()  # a caller's process group is the caller's to end
-    try:
+
+    def body() -> int:
         plan = plan_evaluation(_request(args), world)  # before any collective: fails on all ranks
         result = evaluate(plan)
-    except INPUT_ERRORS as e:
         if rank == 0:
-            print(f"megallama.evaluate: error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        if started_here and dist.is_initialized():
-            dist.destroy_process_group()
-    if rank == 0:
-        print(json.dumps(result), flush=True)
-    return 0
+            print(json.dumps(result), flush=True)
+        return 0
+
+    return run_command("megallama.evaluate", body, INPUT_ERRORS)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from megallama.checkpoint.atomic import CheckpointError
 from megallama.config import ConfigError, check_tp_layout
@@ -42,7 +41,7 @@ from megallama.inference.loader import (
     load_for_inference,
 )
 from megallama.model import layout
-from megallama.parallel.runtime import resolve_device, world_info
+from megallama.parallel.runtime import resolve_device, run_command, world_info
 
 INPUT_ERRORS = (ConfigError, CheckpointError, TokenizerError, GenerationError, OSError)
 
@@ -175,18 +174,13 @@ def _run(args: argparse.Namespace, job: _Job, rank: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     rank, world = world_info()
-    started_here = not dist.is_initialized()  # a caller's process group is the caller's to end
-    try:
+
+    def body() -> int:
         job = _prepare(args, world)  # before any collective: bad input fails on all ranks
         _run(args, job, rank)  # load errors are agreed: every rank raises the same
-    except INPUT_ERRORS as e:
-        if rank == 0:
-            print(f"megallama.generate: error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        if started_here and dist.is_initialized():
-            dist.destroy_process_group()
-    return 0
+        return 0
+
+    return run_command("megallama.generate", body, INPUT_ERRORS)
 
 
 if __name__ == "__main__":

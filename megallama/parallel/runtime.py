@@ -8,6 +8,8 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+import sys
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -70,3 +72,20 @@ def init_distributed(device: torch.device, timeout_s: float = 600.0) -> None:
 def world_info() -> tuple[int, int]:
     """(rank, world size) from the launcher's environment, valid before init."""
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def run_command(prog: str, body: Callable[[], int], errors: tuple[type[BaseException], ...]) -> int:
+    """Run a command line's ``body`` as every rank should: an expected error (``errors``) is one
+    line ``prog: error: ...`` on rank 0's stderr and exit status 2, no traceback; a process group
+    the body started is destroyed on the way out (a caller's group is the caller's to end)."""
+    rank, _ = world_info()
+    started_here = not dist.is_initialized()
+    try:
+        return body()
+    except errors as e:
+        if rank == 0:
+            print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        if started_here and dist.is_initialized():
+            dist.destroy_process_group()
