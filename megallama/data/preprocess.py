@@ -26,7 +26,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TextIO
 
@@ -170,6 +170,30 @@ def _write_json_atomic(path: Path, payload: dict) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def _encoded(chunks: Iterable[tuple[list[str], int]], tokenizer: Tokenizer, workers: int,
+             start_method: str | None, prepend_bos: bool, append_eos: bool,
+             ) -> Iterator[tuple[tuple[np.ndarray, np.ndarray, int], int]]:
+    """(encoded chunk, input bytes done) in input order: in this process when ``workers`` is 1,
+    else over a pool with a bounded number of chunks in flight."""
+    if workers == 1:
+        encoder = _Encoder(tokenizer, prepend_bos, append_eos)
+        for texts, done_bytes in chunks:
+            yield encoder(texts), done_bytes
+        return
+    context = mp.get_context(start_method or _default_start_method())
+    initargs = (str(tokenizer.path), prepend_bos, append_eos)
+    with context.Pool(workers, initializer=_init_worker, initargs=initargs) as pool:
+        pending: deque = deque()
+        for texts, done_bytes in chunks:
+            pending.append((pool.apply_async(_encode_in_worker, (texts,)), done_bytes))
+            if len(pending) >= 4 * workers:  # bounded memory, order preserved
+                result, done = pending.popleft()
+                yield result.get(), done
+        while pending:
+            result, done = pending.popleft()
+            yield result.get(), done
+
+
 def preprocess(
     inputs: Sequence[str | Path],
     output_prefix: str | Path,
@@ -212,23 +236,9 @@ def preprocess(
 
     with report, IndexedWriter(output_prefix, tokenizer.vocab_size) as writer:
         chunks = _chunks(readers, report.log)
-        if workers == 1:
-            encoder = _Encoder(tokenizer, prepend_bos, append_eos)
-            for texts, done_bytes in chunks:
-                consume(encoder(texts), done_bytes)
-        else:
-            context = mp.get_context(start_method or _default_start_method())
-            initargs = (str(tokenizer.path), prepend_bos, append_eos)
-            with context.Pool(workers, initializer=_init_worker, initargs=initargs) as pool:
-                pending: deque = deque()
-                for texts, done_bytes in chunks:
-                    pending.append((pool.apply_async(_encode_in_worker, (texts,)), done_bytes))
-                    if len(pending) >= 4 * workers:  # bounded memory, order preserved
-                        result, done = pending.popleft()
-                        consume(result.get(), done)
-                while pending:
-                    result, done = pending.popleft()
-                    consume(result.get(), done)
+        for result, done_bytes in _encoded(chunks, tokenizer, workers, start_method,
+                                           prepend_bos, append_eos):
+            consume(result, done_bytes)
     seconds = time.perf_counter() - start
     summary = {
         "output_prefix": str(output_prefix),

@@ -134,6 +134,39 @@ def default_num_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def _train_model(sentences: list[str], inputs: list[Path], vocab_size: int,
+                 character_coverage: float, threads: int, seed: int, verbose: bool) -> bytes:
+    """The serialized SentencePiece model trained on ``sentences``; TokenizerError on failure."""
+    spm.set_random_generator_seed(seed)
+    model = io.BytesIO()
+    options = llama_trainer_options(vocab_size, character_coverage, threads)
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(sentences),
+            model_writer=model,
+            minloglevel=0 if verbose else 2,
+            **options,
+        )
+    except RuntimeError as exc:
+        message = str(exc).strip().splitlines()[-1] if str(exc).strip() else repr(exc)
+        raise TokenizerError(
+            f"tokenizer training on {', '.join(map(str, inputs))} failed: {message}"
+        ) from None
+    return model.getvalue()
+
+
+def _publish(model: bytes, output: Path) -> None:
+    """Write ``output`` atomically, and only a model that loads."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_bytes(model)
+        Tokenizer(tmp)  # refuse to publish a model that does not load
+        os.replace(tmp, output)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def train_tokenizer(
     inputs: list[Path],
     output_prefix: str | Path,
@@ -174,29 +207,8 @@ def train_tokenizer(
             f"{len(sentences)} training sentences (of {seen}) from {len(inputs)} file(s) "
             f"in {time.perf_counter() - start:.1f}s"
         )
-    spm.set_random_generator_seed(seed)
-    model = io.BytesIO()
-    options = llama_trainer_options(vocab_size, character_coverage, threads)
-    try:
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(sentences),
-            model_writer=model,
-            minloglevel=0 if verbose else 2,
-            **options,
-        )
-    except RuntimeError as exc:
-        message = str(exc).strip().splitlines()[-1] if str(exc).strip() else repr(exc)
-        raise TokenizerError(
-            f"tokenizer training on {', '.join(map(str, inputs))} failed: {message}"
-        ) from None
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_bytes(model.getvalue())
-        Tokenizer(tmp)  # refuse to publish a model that does not load
-        os.replace(tmp, output)
-    finally:
-        tmp.unlink(missing_ok=True)
+    model = _train_model(sentences, inputs, vocab_size, character_coverage, threads, seed, verbose)
+    _publish(model, output)
     if log:
         log(f"wrote {output} (vocab {vocab_size}) in {time.perf_counter() - start:.1f}s")
     return output
