@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=None,
                    help="megallama output: sequence length for the trainer's stage cuts "
                         "(default max_seq_len; only decides which file holds which layer)")
+    p.add_argument("--partition-method", choices=["balanced", "uniform"], default="balanced",
+                   help="megallama output: stage cuts, as the trainer's parallel.partition_method "
+                        "(only decides which file holds which layer)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -59,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = convert(args.src, args.dst, tp=args.tp, pp=args.pp, mp=args.mp, dtype=args.dtype,
                          max_shard_size=args.max_shard_size, tokenizer=args.tokenizer,
-                         seq_len=args.seq_len, progress=not args.no_progress)
+                         seq_len=args.seq_len, partition_method=args.partition_method,
+                         progress=not args.no_progress)
     except (CheckpointError, ConfigError) as e:
         print(f"megallama-reshard: error: {e}", file=sys.stderr)
         return 2

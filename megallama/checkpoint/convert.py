@@ -238,10 +238,39 @@ def check_layout(fmt: str, where: Path, cfg: ModelConfig, tp: int, pp: int,
             raise CheckpointError(f"{where}: --pp {pp}: need 1 <= pp <= n_layers={cfg.n_layers}")
 
 
+def _stream(source: Source, sink: Sink, out_dtype: torch.dtype, *, cast_ok: bool,
+            bar: Progress) -> int:
+    """Copy every tensor of ``source`` into ``sink`` as ``out_dtype``; returns the count. Without
+    ``cast_ok`` a cast that would change some value raises (naming the file and tensor)."""
+    count = 0
+    for name, t, where in source:
+        if t.dtype != out_dtype:
+            if not cast_ok and loses_information(t.dtype, out_dtype):
+                raise CheckpointError(
+                    f"{where}: {name}: stored as {dtype_name(t.dtype)}, the output is "
+                    f"{dtype_name(out_dtype)}: the cast would lose information; pass --dtype "
+                    "to accept it")
+            t = t.to(out_dtype)
+        sink.write(name, t)
+        bar.update(t.numel() * t.element_size(), name)
+        count += 1
+        del t
+    return count
+
+
+def _commit(tmp: Path, dst: Path) -> None:
+    """fsync everything written into ``tmp``, then rename it to ``dst`` (atomic publication)."""
+    for p in tmp.iterdir():
+        fsync_file(p)
+    fsync_dir(tmp)
+    os.rename(tmp, dst)
+    fsync_dir(dst.parent)
+
+
 def convert(src: str, dst: str, *, tp: int = 1, pp: int = 1, mp: int | None = None,
             dtype: str | None = None, max_shard_size: int = 5 * 10**9,
             tokenizer: Path | None = None, seq_len: int | None = None,
-            progress: bool = True) -> dict[str, Any]:
+            partition_method: str = "balanced", progress: bool = True) -> dict[str, Any]:
     """Convert checkpoint ``src`` (``FORMAT:PATH``) to ``dst``; returns a small report
     (bytes, seconds, tensors). ``dtype`` (bf16/fp16/fp32) casts every tensor; without it the output
     keeps the source's dtype and a tensor that would lose information raises. Raises
@@ -272,31 +301,15 @@ def convert(src: str, dst: str, *, tp: int = 1, pp: int = 1, mp: int | None = No
             sink = HFSink(tmp, cfg, out_dtype, max_shard_size, tokenizer)
         else:
             extra = {"converted_from": f"{src_fmt}:{src_path}"}
-            sink = MegallamaSink(tmp, cfg, out_dtype, tp, pp, seq_len, extra)
-        count = 0
-        for name, t, where in source:
-            if t.dtype != out_dtype:
-                if dtype is None and loses_information(t.dtype, out_dtype):
-                    raise CheckpointError(
-                        f"{where}: {name}: stored as {dtype_name(t.dtype)}, the output is "
-                        f"{dtype_name(out_dtype)}: the cast would lose information; pass --dtype "
-                        "to accept it")
-                t = t.to(out_dtype)
-            sink.write(name, t)
-            bar.update(t.numel() * t.element_size(), name)
-            count += 1
-            del t
+            sink = MegallamaSink(tmp, cfg, out_dtype, tp, pp, seq_len, extra, partition_method)
+        count = _stream(source, sink, out_dtype, cast_ok=dtype is not None, bar=bar)
         bar.close()
         sink.finish()
         if dst_fmt == "megallama" and tokenizer is not None:
             src_tok = Path(tokenizer)
             src_tok = src_tok / "tokenizer.model" if src_tok.is_dir() else src_tok
             shutil.copyfile(src_tok, tmp / "tokenizer.model")
-        for p in tmp.iterdir():
-            fsync_file(p)
-        fsync_dir(tmp)
-        os.rename(tmp, dst_path)
-        fsync_dir(dst_path.parent)
+        _commit(tmp, dst_path)
     except BaseException:
         bar.close()
         if sink is not None:

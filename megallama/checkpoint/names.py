@@ -13,6 +13,7 @@ import re
 import torch
 
 from megallama.config import ModelConfig
+from megallama.model import layout
 
 _LAYER = {
     "attention.wq.weight": "self_attn.q_proj.weight",
@@ -92,50 +93,23 @@ def hf_to_meta_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict
 
 
 # ---- layout tables (used by the reshard tool) ----------------------------------------------------
-_TP_SPLIT_DIM = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "wo": 1, "w2": 1}
 # fairscale (Meta's model-parallel code) splits the embedding along the hidden dimension
-# (ParallelEmbedding) and the output head along the vocabulary (ColumnParallelLinear).
+# (ParallelEmbedding) and the output head along the vocabulary (ColumnParallelLinear); the
+# projections as megallama does (model.layout).
 _META_TOP_SPLIT = {"tok_embeddings.weight": 1, "output.weight": 0, "norm.weight": None}
-
-
-def _proj(name: str) -> str | None:
-    m = re.fullmatch(r"layers\.\d+\.(?:attention|feed_forward)\.(w[qkvo123])\.weight", name)
-    return m.group(1) if m else None
-
-
-def tp_split_dim(name: str) -> int | None:
-    """The dimension megallama's tensor parallelism splits parameter ``name`` along (the
-    ``partition_dim`` its layer gives it), or None for a replicated one (norms)."""
-    if name in ("tok_embeddings.weight", "output.weight"):
-        return 0  # vocabulary-parallel
-    proj = _proj(name)
-    return _TP_SPLIT_DIM[proj] if proj else None
 
 
 def meta_split_dim(name: str) -> int | None:
     """The dimension Meta's consolidated.NN.pth shards split ``name`` along, or None (replicated)."""
     if name in _META_TOP_SPLIT:
         return _META_TOP_SPLIT[name]
-    proj = _proj(name)
-    return _TP_SPLIT_DIM[proj] if proj else None
+    try:
+        return layout.tp_split_dim(name)
+    except KeyError:
+        return None  # not a parameter (rope.freqs): stored whole in every shard
 
 
 def model_tensor_shapes(cfg: ModelConfig) -> list[tuple[str, list[int]]]:
     """Every parameter of the unpadded model as (Meta name, shape), in model (forward) order --
-    what a complete checkpoint of ``cfg`` must contain, whatever its format."""
-    d, f, hd = cfg.dim, cfg.ffn_hidden_dim, cfg.head_dim
-    out: list[tuple[str, list[int]]] = [("tok_embeddings.weight", [cfg.vocab_size, d])]
-    for i in range(cfg.n_layers):
-        p = f"layers.{i}"
-        out += [
-            (f"{p}.attention.wq.weight", [cfg.n_heads * hd, d]),
-            (f"{p}.attention.wk.weight", [cfg.n_kv_heads * hd, d]),
-            (f"{p}.attention.wv.weight", [cfg.n_kv_heads * hd, d]),
-            (f"{p}.attention.wo.weight", [d, cfg.n_heads * hd]),
-            (f"{p}.feed_forward.w1.weight", [f, d]),
-            (f"{p}.feed_forward.w2.weight", [d, f]),
-            (f"{p}.feed_forward.w3.weight", [f, d]),
-            (f"{p}.attention_norm.weight", [d]),
-            (f"{p}.ffn_norm.weight", [d]),
-        ]
-    return out + [("norm.weight", [d]), ("output.weight", [cfg.vocab_size, d])]
+    what a complete checkpoint of ``cfg`` must contain, whatever its format (model.layout's specs)."""
+    return [(spec.name, list(spec.shape)) for spec in layout.shard_specs(cfg, 1)]

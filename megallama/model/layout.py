@@ -192,6 +192,9 @@ class ShardSpec:
         return pad
 
 
+_PROBE = ModelConfig(dim=8, n_layers=1, n_heads=2, vocab_size=8)  # split dims do not depend on it
+
+
 def _block_params(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], int | None]]:
     """(shape, split dim) of a block's parameters, in registration order: column-parallel
     projections split their output rows (dim 0), row-parallel ones their input columns (dim 1)."""
@@ -255,6 +258,17 @@ def shard_spec(cfg: ModelConfig, name: str, tp: int) -> ShardSpec:
     return _spec(cfg, name, tp, *block[m.group(2)])
 
 
+def tp_split_dim(name: str) -> int | None:
+    """The dimension tensor parallelism splits parameter ``name`` along (the same at every tp and
+    for every config), or None for a replicated one (norms)."""
+    local = _BLOCK.fullmatch(name)
+    table = _block_params(_PROBE) if local else _top_params(_PROBE)
+    key = local.group(2) if local else name
+    if key not in table:
+        raise KeyError(f"{name}: not a Llama parameter name")
+    return table[key][1]
+
+
 def shard_specs(cfg: ModelConfig, tp: int) -> list[ShardSpec]:
     """Every parameter's :class:`ShardSpec` at ``tp``, in model (forward, registration) order."""
     _check_tp(cfg, tp)
@@ -267,4 +281,4 @@ def shard_specs(cfg: ModelConfig, tp: int) -> list[ShardSpec]:
 
 __all__ = ["VOCAB_PADDED", "ShardSpec", "balanced_cuts", "is_block",
            "layer_costs", "layer_names", "layer_of", "shard_spec", "shard_specs", "stage_cuts",
-           "stage_of_layers"]
+           "stage_of_layers", "tp_split_dim"]
