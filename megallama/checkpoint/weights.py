@@ -14,13 +14,12 @@ disagree with it is refused rather than written or loaded in the wrong place.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -34,8 +33,19 @@ from megallama.checkpoint.atomic import (
     is_distributed,
     latest_checkpoint,
     save_checkpoint_dir,
-    verify_file,
     write_text_atomic,
+)
+from megallama.checkpoint.shard_index import (
+    FORMAT,
+    FORMAT_VERSION,
+    INDEX_NAME,
+    ShardReader,
+    build_index,
+    dtype_name,
+    iter_full_tensors,
+    read_full_tensor,
+    read_index,
+    shard_file_name,
 )
 from megallama.config import ConfigError, ModelConfig
 from megallama.model.layout import VOCAB_PADDED, ShardSpec, shard_spec
@@ -45,19 +55,10 @@ from megallama.parallel.topology import Topology
 if TYPE_CHECKING:
     from megallama.model.llama import Transformer
 
-FORMAT = "megallama-weights"
-FORMAT_VERSION = 1
-INDEX_NAME = "model.index.json"
 # Config fields that do not describe trained weights: not compared on load.
 _IGNORED_CONFIG_FIELDS = frozenset({"init_std"})
 
 Layers = Sequence[tuple[str, nn.Module]]
-Box = list[tuple[int, int]]  # [start, stop) per dimension
-
-
-def shard_file_name(pp_rank: int, tp_rank: int) -> str:
-    """The shard written by DP rank 0 of pipeline stage ``pp_rank``, TP rank ``tp_rank``."""
-    return f"model-pp{pp_rank:02d}-tp{tp_rank:02d}.safetensors"
 
 
 def named_layers(model: Transformer) -> list[tuple[str, nn.Module]]:
@@ -109,11 +110,6 @@ def _model_shape(p: nn.Parameter, spec: ShardSpec) -> list[int]:
     return shape
 
 
-def dtype_name(dtype: torch.dtype) -> str:
-    """The index's name of a dtype ("bfloat16", "float32", ...)."""
-    return str(dtype).removeprefix("torch.")
-
-
 # ---- save ----------------------------------------------------------------------------------------
 def _local_shard(params: list[tuple[str, nn.Parameter]], tp: TensorParallel, cfg: ModelConfig,
                  where: Path) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]:
@@ -137,52 +133,6 @@ def _local_shard(params: list[tuple[str, nn.Parameter]], tp: TensorParallel, cfg
         entries[name] = {"shape": list(spec.shape), "dtype": dtype_name(p.dtype), "split_dim": dim,
                          "offset": offset, "length": length}
     return tensors, entries
-
-
-def _check_pieces(name: str, entry: dict[str, Any], where: Path | str) -> None:
-    """The pieces of a tensor must tile its split dimension exactly (one piece if replicated)."""
-    dim, pieces, shape = entry["split_dim"], entry["pieces"], entry["shape"]
-    if dim is None:
-        ok = len(pieces) == 1 and pieces[0]["offset"] == 0 and pieces[0]["length"] == shape[0]
-    else:
-        end = 0
-        for piece in pieces:
-            ok = piece["offset"] == end and piece["length"] > 0
-            end += piece["length"]
-            if not ok:
-                break
-        ok = bool(pieces) and end == shape[dim] and ok
-    if not ok:
-        spans = [(x["file"], x["offset"], x["length"]) for x in pieces]
-        raise CheckpointError(f"{where}: {name}: pieces {spans} do not tile its shape {shape} "
-                              f"along dim {dim} (a layer saved twice or by no stage?)")
-
-
-def build_index(metas: list[Any], cfg: ModelConfig, topo: Topology,
-                 extra: dict[str, Any] | None, where: Path) -> dict[str, Any]:
-    """The index of a checkpoint from every writer's file metadata (also used by the resharder,
-    which writes files of a layout it does not run)."""
-    files: dict[str, Any] = {}
-    tensors: dict[str, Any] = {}
-    for meta in metas:
-        if meta is None:
-            continue
-        files[meta["file"]] = {"size": meta["size"], "sha256": meta["sha256"]}
-        for name, e in meta["tensors"].items():
-            entry = tensors.setdefault(name, {"shape": e["shape"], "dtype": e["dtype"],
-                                              "split_dim": e["split_dim"], "pieces": []})
-            if [entry[k] for k in ("shape", "dtype", "split_dim")] != [e["shape"], e["dtype"],
-                                                                      e["split_dim"]]:
-                raise CheckpointError(f"{where}: {name}: shards disagree on shape/dtype/split dim")
-            entry["pieces"].append({"file": meta["file"], "offset": e["offset"],
-                                    "length": e["length"]})
-    for name, entry in tensors.items():
-        entry["pieces"].sort(key=lambda x: x["offset"])
-        _check_pieces(name, entry, where)
-    grid = topo.grid
-    return {"format": FORMAT, "format_version": FORMAT_VERSION, "model_config": cfg.to_dict(),
-            "saved_layout": {"tp": grid.tp, "pp": grid.pp, "dp": grid.dp},
-            "extra": extra or {}, "files": files, "tensors": tensors}
 
 
 def save_model_weights(layers: Layers, tp: TensorParallel, topo: Topology, ckpt_dir: Path,
@@ -233,91 +183,6 @@ def save_model_weights(layers: Layers, tp: TensorParallel, topo: Topology, ckpt_
 
 
 # ---- read ----------------------------------------------------------------------------------------
-def read_index(ckpt_dir: Path) -> dict[str, Any]:
-    """The parsed and validated ``model.index.json`` of a weights checkpoint."""
-    path = Path(ckpt_dir) / INDEX_NAME
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint index not found (not a weights checkpoint, or "
-                              "an incomplete one)")
-    try:
-        index = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: checkpoint index is not valid JSON ({e})") from None
-    if not isinstance(index, dict) or index.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: not a {FORMAT} index")
-    if index.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: format_version {index.get('format_version')} is not "
-                              f"supported (this reader knows {FORMAT_VERSION})")
-    try:
-        if not isinstance(index["model_config"], dict):
-            raise TypeError("model_config is not an object")
-        for fname, rec in index["files"].items():
-            if not (isinstance(rec["size"], int) and isinstance(rec["sha256"], str)):
-                raise TypeError(f"files[{fname!r}] needs an integer size and a sha256 string")
-        for name, entry in index["tensors"].items():
-            _check_pieces(name, entry, path)
-            for piece in entry["pieces"]:
-                if piece["file"] not in index["files"]:
-                    raise CheckpointError(f"{path}: {name}: file {piece['file']} not in 'files'")
-            if not isinstance(getattr(torch, entry["dtype"], None), torch.dtype):
-                raise CheckpointError(f"{path}: {name}: unknown dtype {entry['dtype']!r}")
-    except (KeyError, TypeError, AttributeError) as e:
-        what = f"{type(e).__name__}: {e}"
-        raise CheckpointError(f"{path}: malformed checkpoint index ({what})") from None
-    return index
-
-
-class _Reader:
-    """Reads boxes of global tensors from the shards, verifying each shard once before use."""
-
-    def __init__(self, ckpt_dir: Path, stack: ExitStack) -> None:
-        self.dir = Path(ckpt_dir)
-        self.index = read_index(self.dir)
-        self.index_path = self.dir / INDEX_NAME
-        self.tensors: dict[str, Any] = self.index["tensors"]
-        self._stack, self._open = stack, {}
-
-    def _file(self, fname: str) -> Any:
-        if fname not in self._open:
-            path = self.dir / fname
-            rec = self.index["files"][fname]
-            verify_file(path, rec["size"], rec["sha256"], listed_in=self.index_path)
-            try:
-                self._open[fname] = self._stack.enter_context(safe_open(path, framework="pt"))
-            except Exception as e:  # SafetensorError is not importable portably
-                raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
-        return self._open[fname]
-
-    def read(self, name: str, box: Box | None = None) -> torch.Tensor:
-        """``tensor[box]`` of global tensor ``name`` (the whole tensor when ``box`` is None), in the
-        stored dtype, assembled from the overlapping pieces only."""
-        entry = self.tensors[name]
-        shape, dim = entry["shape"], entry["split_dim"]
-        box = box or [(0, n) for n in shape]
-        out = torch.empty([b - a for a, b in box], dtype=getattr(torch, entry["dtype"]))
-        for piece in entry["pieces"]:
-            pbox = [(0, n) for n in shape]
-            if dim is not None:
-                pbox[dim] = (piece["offset"], piece["offset"] + piece["length"])
-            cut = [(max(a, pa), min(b, pb)) for (a, b), (pa, pb) in zip(box, pbox, strict=True)]
-            if any(a >= b for a, b in cut):
-                continue
-            f = self._file(piece["file"])
-            path = self.dir / piece["file"]
-            try:
-                view = f.get_slice(name)
-            except Exception:
-                raise CheckpointError(f"{path}: tensor {name} is missing from the shard") from None
-            want = [pb - pa for pa, pb in pbox]
-            if list(view.get_shape()) != want:
-                raise CheckpointError(f"{path}: {name} has shape {list(view.get_shape())}, the "
-                                      f"index says {want}")
-            src = tuple(slice(a - pa, b - pa) for (a, b), (pa, _) in zip(cut, pbox, strict=True))
-            dst = tuple(slice(a - ba, b - ba) for (a, b), (ba, _) in zip(cut, box, strict=True))
-            out[dst] = view[src]
-        return out
-
-
 def _config_diff(saved: dict[str, Any], cfg: ModelConfig) -> list[str]:
     ours = cfg.to_dict()
     return [f"{k}: checkpoint {saved.get(k, '<absent>')!r} != model {v!r}"
@@ -344,7 +209,7 @@ def load_model_weights(layers: Layers, tp: TensorParallel, ckpt_dir: Path,
     stored: set[str] = set()
     with ExitStack() as stack:
         try:
-            reader = _Reader(ckpt_dir, stack)
+            reader = ShardReader(ckpt_dir, stack)
             stored = set(reader.tensors)
             saved_cfg = reader.index["model_config"]
             if model_cfg is not None and (diff := _config_diff(saved_cfg, model_cfg)):
@@ -384,7 +249,7 @@ def load_model_weights(layers: Layers, tp: TensorParallel, ckpt_dir: Path,
         raise
 
 
-def _saved_config(saved: dict[str, Any], reader: _Reader) -> ModelConfig:
+def _saved_config(saved: dict[str, Any], reader: ShardReader) -> ModelConfig:
     """The checkpoint's own model config (what lays out its tensors when the caller gives none)."""
     try:
         return ModelConfig(**saved)
@@ -392,7 +257,7 @@ def _saved_config(saved: dict[str, Any], reader: _Reader) -> ModelConfig:
         raise CheckpointError(f"{reader.index_path}: model_config: {e}") from None
 
 
-def _load_param(reader: _Reader, name: str, p: nn.Parameter, tp: TensorParallel,
+def _load_param(reader: ShardReader, name: str, p: nn.Parameter, tp: TensorParallel,
                 cfg: ModelConfig) -> None:
     entry = reader.tensors[name]
     spec = _spec(name, tp, cfg, reader.index_path)
@@ -411,27 +276,6 @@ def _load_param(reader: _Reader, name: str, p: nn.Parameter, tp: TensorParallel,
         buf[tuple(slice(0, b - a) for a, b in box)] = part.to(p.dtype)
     with torch.no_grad():
         p.copy_(buf)
-
-
-def read_full_tensor(ckpt_dir: Path, name: str) -> torch.Tensor:
-    """One full, unpadded global tensor, in its stored dtype."""
-    with ExitStack() as stack:
-        reader = _Reader(ckpt_dir, stack)
-        if name not in reader.tensors:
-            raise CheckpointError(f"{reader.index_path}: no tensor named {name!r}")
-        return reader.read(name)
-
-
-def iter_full_tensors(ckpt_dir: Path, names: Iterable[str] | None = None
-                      ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Stream (name, full tensor) in model order, one tensor in memory at a time (for exporters)."""
-    with ExitStack() as stack:
-        reader = _Reader(ckpt_dir, stack)
-        wanted = list(reader.tensors) if names is None else list(names)
-        for name in wanted:
-            if name not in reader.tensors:
-                raise CheckpointError(f"{reader.index_path}: no tensor named {name!r}")
-            yield name, reader.read(name)
 
 
 __all__ = [  # the commit protocol is re-exported so a trainer needs one import

@@ -1,0 +1,195 @@
+"""The index of a megallama weights checkpoint (``model.index.json``) and reading global tensors,
+or boxes of them, out of its safetensors shards.
+
+The index records, for every tensor, its global shape, dtype, split dimension and the contiguous
+range along it that each shard file holds, with each file's size and sha256; a reader verifies a
+shard before its first use and assembles any box from the pieces that overlap it (safetensors'
+lazy slices), so a loader at any layout reads only what it needs. The format is specified in
+docs/CHECKPOINTS.md; :mod:`megallama.checkpoint.weights` writes and loads it for a model.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from safetensors import safe_open
+
+from megallama.checkpoint.atomic import CheckpointError, verify_file
+from megallama.config import ModelConfig
+from megallama.config.grid import Grid
+
+FORMAT = "megallama-weights"
+FORMAT_VERSION = 1
+INDEX_NAME = "model.index.json"
+Box = list[tuple[int, int]]  # [start, stop) per dimension
+
+
+class _HasGrid(Protocol):
+    grid: Grid
+
+
+def shard_file_name(pp_rank: int, tp_rank: int) -> str:
+    """The shard written by DP rank 0 of pipeline stage ``pp_rank``, TP rank ``tp_rank``."""
+    return f"model-pp{pp_rank:02d}-tp{tp_rank:02d}.safetensors"
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The index's name of a dtype ("bfloat16", "float32", ...)."""
+    return str(dtype).removeprefix("torch.")
+
+
+def _check_pieces(name: str, entry: dict[str, Any], where: Path | str) -> None:
+    """The pieces of a tensor must tile its split dimension exactly (one piece if replicated)."""
+    dim, pieces, shape = entry["split_dim"], entry["pieces"], entry["shape"]
+    if dim is None:
+        ok = len(pieces) == 1 and pieces[0]["offset"] == 0 and pieces[0]["length"] == shape[0]
+    else:
+        end = 0
+        for piece in pieces:
+            ok = piece["offset"] == end and piece["length"] > 0
+            end += piece["length"]
+            if not ok:
+                break
+        ok = bool(pieces) and end == shape[dim] and ok
+    if not ok:
+        spans = [(x["file"], x["offset"], x["length"]) for x in pieces]
+        raise CheckpointError(f"{where}: {name}: pieces {spans} do not tile its shape {shape} "
+                              f"along dim {dim} (a layer saved twice or by no stage?)")
+
+
+def build_index(metas: list[Any], cfg: ModelConfig, topo: _HasGrid,
+                 extra: dict[str, Any] | None, where: Path) -> dict[str, Any]:
+    """The index of a checkpoint from every writer's file metadata (also used by the resharder,
+    which writes files of a layout it does not run)."""
+    files: dict[str, Any] = {}
+    tensors: dict[str, Any] = {}
+    for meta in metas:
+        if meta is None:
+            continue
+        files[meta["file"]] = {"size": meta["size"], "sha256": meta["sha256"]}
+        for name, e in meta["tensors"].items():
+            entry = tensors.setdefault(name, {"shape": e["shape"], "dtype": e["dtype"],
+                                              "split_dim": e["split_dim"], "pieces": []})
+            if [entry[k] for k in ("shape", "dtype", "split_dim")] != [e["shape"], e["dtype"],
+                                                                      e["split_dim"]]:
+                raise CheckpointError(f"{where}: {name}: shards disagree on shape/dtype/split dim")
+            entry["pieces"].append({"file": meta["file"], "offset": e["offset"],
+                                    "length": e["length"]})
+    for name, entry in tensors.items():
+        entry["pieces"].sort(key=lambda x: x["offset"])
+        _check_pieces(name, entry, where)
+    grid = topo.grid
+    return {"format": FORMAT, "format_version": FORMAT_VERSION, "model_config": cfg.to_dict(),
+            "saved_layout": {"tp": grid.tp, "pp": grid.pp, "dp": grid.dp},
+            "extra": extra or {}, "files": files, "tensors": tensors}
+
+
+def read_index(ckpt_dir: Path) -> dict[str, Any]:
+    """The parsed and validated ``model.index.json`` of a weights checkpoint."""
+    path = Path(ckpt_dir) / INDEX_NAME
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint index not found (not a weights checkpoint, or "
+                              "an incomplete one)")
+    try:
+        index = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: checkpoint index is not valid JSON ({e})") from None
+    if not isinstance(index, dict) or index.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a {FORMAT} index")
+    if index.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format_version {index.get('format_version')} is not "
+                              f"supported (this reader knows {FORMAT_VERSION})")
+    try:
+        if not isinstance(index["model_config"], dict):
+            raise TypeError("model_config is not an object")
+        for fname, rec in index["files"].items():
+            if not (isinstance(rec["size"], int) and isinstance(rec["sha256"], str)):
+                raise TypeError(f"files[{fname!r}] needs an integer size and a sha256 string")
+        for name, entry in index["tensors"].items():
+            _check_pieces(name, entry, path)
+            for piece in entry["pieces"]:
+                if piece["file"] not in index["files"]:
+                    raise CheckpointError(f"{path}: {name}: file {piece['file']} not in 'files'")
+            if not isinstance(getattr(torch, entry["dtype"], None), torch.dtype):
+                raise CheckpointError(f"{path}: {name}: unknown dtype {entry['dtype']!r}")
+    except (KeyError, TypeError, AttributeError) as e:
+        what = f"{type(e).__name__}: {e}"
+        raise CheckpointError(f"{path}: malformed checkpoint index ({what})") from None
+    return index
+
+
+class ShardReader:
+    """Reads boxes of global tensors from the shards, verifying each shard once before use."""
+
+    def __init__(self, ckpt_dir: Path, stack: ExitStack) -> None:
+        self.dir = Path(ckpt_dir)
+        self.index = read_index(self.dir)
+        self.index_path = self.dir / INDEX_NAME
+        self.tensors: dict[str, Any] = self.index["tensors"]
+        self._stack, self._open = stack, {}
+
+    def _file(self, fname: str) -> Any:
+        if fname not in self._open:
+            path = self.dir / fname
+            rec = self.index["files"][fname]
+            verify_file(path, rec["size"], rec["sha256"], listed_in=self.index_path)
+            try:
+                self._open[fname] = self._stack.enter_context(safe_open(path, framework="pt"))
+            except Exception as e:  # SafetensorError is not importable portably
+                raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+        return self._open[fname]
+
+    def read(self, name: str, box: Box | None = None) -> torch.Tensor:
+        """``tensor[box]`` of global tensor ``name`` (the whole tensor when ``box`` is None), in the
+        stored dtype, assembled from the overlapping pieces only."""
+        entry = self.tensors[name]
+        shape, dim = entry["shape"], entry["split_dim"]
+        box = box or [(0, n) for n in shape]
+        out = torch.empty([b - a for a, b in box], dtype=getattr(torch, entry["dtype"]))
+        for piece in entry["pieces"]:
+            pbox = [(0, n) for n in shape]
+            if dim is not None:
+                pbox[dim] = (piece["offset"], piece["offset"] + piece["length"])
+            cut = [(max(a, pa), min(b, pb)) for (a, b), (pa, pb) in zip(box, pbox, strict=True)]
+            if any(a >= b for a, b in cut):
+                continue
+            f = self._file(piece["file"])
+            path = self.dir / piece["file"]
+            try:
+                view = f.get_slice(name)
+            except Exception:
+                raise CheckpointError(f"{path}: tensor {name} is missing from the shard") from None
+            want = [pb - pa for pa, pb in pbox]
+            if list(view.get_shape()) != want:
+                raise CheckpointError(f"{path}: {name} has shape {list(view.get_shape())}, the "
+                                      f"index says {want}")
+            src = tuple(slice(a - pa, b - pa) for (a, b), (pa, _) in zip(cut, pbox, strict=True))
+            dst = tuple(slice(a - ba, b - ba) for (a, b), (ba, _) in zip(cut, box, strict=True))
+            out[dst] = view[src]
+        return out
+
+
+def read_full_tensor(ckpt_dir: Path, name: str) -> torch.Tensor:
+    """One full, unpadded global tensor, in its stored dtype."""
+    with ExitStack() as stack:
+        reader = ShardReader(ckpt_dir, stack)
+        if name not in reader.tensors:
+            raise CheckpointError(f"{reader.index_path}: no tensor named {name!r}")
+        return reader.read(name)
+
+
+def iter_full_tensors(ckpt_dir: Path, names: Iterable[str] | None = None
+                      ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Stream (name, full tensor) in model order, one tensor in memory at a time (for exporters)."""
+    with ExitStack() as stack:
+        reader = ShardReader(ckpt_dir, stack)
+        wanted = list(reader.tensors) if names is None else list(names)
+        for name in wanted:
+            if name not in reader.tensors:
+                raise CheckpointError(f"{reader.index_path}: no tensor named {name!r}")
+            yield name, reader.read(name)
