@@ -227,51 +227,84 @@ def estimate_stages(model_cfg: ModelConfig, layout: Layout, *, seq_len: int, glo
     check_parallel(par, cfg, seq_len, lay.tp * lay.pp * lay.dp)
     if overhead_bytes is None:
         overhead_bytes = int(DEFAULT_OVERHEAD_GIB[device] * GIB)
-    gas = global_batch // (lay.micro_batch * lay.dp)
     t, h, tokens = lay.tp, cfg.dim, lay.micro_batch * seq_len
-    sp, ckpt = sequence_parallel, activation_checkpointing
-    ts = tokens // t if sp else tokens
-    sizes = layer_params(cfg, t)
+    ts = tokens // t if sequence_parallel else tokens
     block = block_activation_bytes(cfg, tokens=tokens, seq_len=seq_len, tp=t,
-                                   sequence_parallel=sp, element=e)
-    stored = e * ts * h if ckpt else block  # per block per micro-batch
-    workspace = max(2 * e * tokens * cfg.ffn_hidden_dim // t + e * ts * h, 16 * ts * h)
+                                   sequence_parallel=sequence_parallel, element=e)
     boundary = e * ts * h  # one [micro, seq(/tp), dim] activation crossing a stage boundary
-    sent = boundary // t if t > 1 and not sp else boundary  # DeepSpeed's pipe_partitioned
+    shape = _StepShape(
+        cfg=cfg, layout=lay, element=e, gas=global_batch // (lay.micro_batch * lay.dp),
+        tokens=tokens, ts=ts, sizes=layer_params(cfg, t), block=block,
+        stored=e * ts * h if activation_checkpointing else block,  # per block per micro-batch
+        workspace=max(2 * e * tokens * cfg.ffn_hidden_dim // t + e * ts * h, 16 * ts * h),
+        boundary=boundary,
+        sent=boundary // t if t > 1 and not sequence_parallel else boundary,  # pipe_partitioned
+        ckpt=activation_checkpointing, sp=sequence_parallel, precision=precision,
+        zero_stage=zero_stage, device=device, overhead=overhead_bytes, capacity=capacity_bytes)
     bounds = stage_bounds(cfg, lay.pp, seq_len=seq_len, method=partition_method)
-    names, out = layer_names(cfg), []
-    for s in range(lay.pp):
-        mine = names[bounds[s]:bounds[s + 1]]
-        first, last = s == 0, s == lay.pp - 1
-        blocks = sum(model_layout.is_block(n) for n in mine)
-        params = sum(sizes.get(n, sizes["block"]) for n in mine)
-        st = optimizer_states(params, lay.dp, precision, zero_stage, device, gas=gas,
-                              largest_layer=max(sizes.get(n, sizes["block"]) for n in mine))
-        # a weight's new gradient before it is added to .grad / the fp32 buffer: the head's comes
-        # early in backward, the embedding's last, a w1/w2/w3 shard's anywhere
-        table, w1 = sizes["output"], h * cfg.ffn_hidden_dim // t
-        fresh_early, fresh = e * max(w1, table * last), e * max(w1, table * (first or last))
-        k = min(lay.pp - s, gas)
-        per_mb = blocks * stored + (0 if first else boundary) + (0 if last else sent)
-        if last:  # final RMSNorm and the head's (gathered) input
-            per_mb += (4 + e) * ts * h + 4 * ts + e * tokens * h
-        acts = k * per_mb + (block if ckpt else 0) + (0 if first else sent) + (0 if last else sent)
-        logits = logits_bytes(cfg, tokens=tokens, tp=t, element=e, pipeline=lay.pp > 1) \
-            if last else 0
-        start = acts + max(logits, fresh_early) + workspace + (st.grads_accum if gas > k else 0) \
-            + (st.bucket if st.bucket_early else 0)
-        end = st.grads_accum + st.bucket + (k - 1) * per_mb + block + workspace + fresh
-        fixed = st.weights + st.master + st.adam + st.grads_keep + overhead_bytes
-        # TP collectives of [tokens, h] per micro-batch, in units of (t-1)/t of it (one ring
-        # all-reduce = 2): 4 all-reduces per block (+2 recomputed), 1 for embedding and head each
-        comm = (8 + 4 * ckpt) * blocks + 2 * first + 2 * last
-        out.append(MemoryEstimate(
-            lay, ckpt, sp, gas, s, blocks, params, k, st.weights,
-            st.grads_keep + st.grads_accum + st.bucket + fresh, st.master, st.adam,
-            acts + workspace, logits, st.step, overhead_bytes, fixed + max(start, end, st.step),
-            "bwd" if max(start, end) >= st.step else "step", bubble_fraction(lay.pp, gas),
-            gas * comm * e * tokens * h * (t - 1) // t, capacity_bytes))
-    return out
+    names = layer_names(cfg)
+    return [_stage_estimate(shape, s, names[bounds[s]:bounds[s + 1]]) for s in range(lay.pp)]
+
+
+@dataclass(frozen=True)
+class _StepShape:
+    """What every stage of one layout shares: the model, sizes per micro-batch, options."""
+
+    cfg: ModelConfig
+    layout: Layout
+    element: int
+    gas: int
+    tokens: int
+    ts: int  # tokens per rank between TP regions (tokens / tp under SP)
+    sizes: dict[str, int]
+    block: int
+    stored: int
+    workspace: int
+    boundary: int
+    sent: int
+    ckpt: bool
+    sp: bool
+    precision: str
+    zero_stage: int
+    device: str
+    overhead: int
+    capacity: int
+
+
+def _stage_estimate(x: _StepShape, s: int, mine: list[str]) -> MemoryEstimate:
+    """Peak bytes of pipeline stage ``s`` holding layers ``mine`` (see :func:`estimate_stages`)."""
+    cfg, lay, e, sizes = x.cfg, x.layout, x.element, x.sizes
+    t, h, ts, tokens = lay.tp, cfg.dim, x.ts, x.tokens
+    first, last = s == 0, s == lay.pp - 1
+    blocks = sum(model_layout.is_block(n) for n in mine)
+    params = sum(sizes.get(n, sizes["block"]) for n in mine)
+    st = optimizer_states(params, lay.dp, x.precision, x.zero_stage, x.device, gas=x.gas,
+                          largest_layer=max(sizes.get(n, sizes["block"]) for n in mine))
+    # a weight's new gradient before it is added to .grad / the fp32 buffer: the head's comes
+    # early in backward, the embedding's last, a w1/w2/w3 shard's anywhere
+    table, w1 = sizes["output"], h * cfg.ffn_hidden_dim // t
+    fresh_early, fresh = e * max(w1, table * last), e * max(w1, table * (first or last))
+    k = min(lay.pp - s, x.gas)
+    per_mb = blocks * x.stored + (0 if first else x.boundary) + (0 if last else x.sent)
+    if last:  # final RMSNorm and the head's (gathered) input
+        per_mb += (4 + e) * ts * h + 4 * ts + e * tokens * h
+    acts = k * per_mb + (x.block if x.ckpt else 0) + (0 if first else x.sent) \
+        + (0 if last else x.sent)
+    logits = logits_bytes(cfg, tokens=tokens, tp=t, element=e, pipeline=lay.pp > 1) \
+        if last else 0
+    start = acts + max(logits, fresh_early) + x.workspace \
+        + (st.grads_accum if x.gas > k else 0) + (st.bucket if st.bucket_early else 0)
+    end = st.grads_accum + st.bucket + (k - 1) * per_mb + x.block + x.workspace + fresh
+    fixed = st.weights + st.master + st.adam + st.grads_keep + x.overhead
+    # TP collectives of [tokens, h] per micro-batch, in units of (t-1)/t of it (one ring
+    # all-reduce = 2): 4 all-reduces per block (+2 recomputed), 1 for embedding and head each
+    comm = (8 + 4 * x.ckpt) * blocks + 2 * first + 2 * last
+    return MemoryEstimate(
+        lay, x.ckpt, x.sp, x.gas, s, blocks, params, k, st.weights,
+        st.grads_keep + st.grads_accum + st.bucket + fresh, st.master, st.adam,
+        acts + x.workspace, logits, st.step, x.overhead, fixed + max(start, end, st.step),
+        "bwd" if max(start, end) >= st.step else "step", bubble_fraction(lay.pp, x.gas),
+        x.gas * comm * e * tokens * h * (t - 1) // t, x.capacity)
 
 
 def candidate_layouts(model_cfg: ModelConfig, gpus: int, *, global_batch: int,
