@@ -42,7 +42,7 @@ from megallama.checkpoint.weights import (
     read_index,
     shard_file_name,
 )
-from megallama.config import ConfigError, ModelConfig
+from megallama.config import ConfigError, ModelConfig, check_tp_layout
 from megallama.config.grid import Grid
 from megallama.data.progress_bar import progress_bar
 from megallama.model.layout import ShardSpec, layer_of, shard_specs, stage_of_layers
@@ -222,8 +222,6 @@ class Progress:
 def check_layout(fmt: str, where: Path, cfg: ModelConfig, tp: int, pp: int,
                  mp: int | None) -> None:
     """Refuse an output layout that cannot split this model, before anything is written."""
-    from megallama.config import check_tp_layout
-
     if fmt == "meta":
         check_mp(cfg, mp or default_mp(cfg), where)
         if cfg.rope_scaling is not None:  # Meta's params.json has no field for it
