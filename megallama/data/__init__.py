@@ -9,6 +9,8 @@ Modules (imported explicitly so that the preprocessing CLIs do not pull in torch
 - ``preprocess``: text/JSONL -> indexed token file, in parallel, with a summary.
 - ``dataset``: packed fixed-length samples, blending, train/valid split, ``collate``.
 - ``sampler``: the deterministic, resumable, data-parallel batch sampler.
+- ``checks``: the token files and tokenizer a run names, checked before any collective.
+- ``progress_bar``: the tqdm settings every console progress bar of megallama shares.
 
 The formats and the sampler's semantics are described in docs/DATA.md.
 """
