@@ -172,11 +172,18 @@ class Engine:
         return state
 
     def load_scheduler_state(self, state: dict[str, Any]) -> None:
-        """Restore the schedule's position and set every group's LR from it."""
-        self.scheduler.load_state_dict({**self.scheduler.state_dict(), **state})
-        for group, lr in zip(self.ds_optimizer.param_groups, self.scheduler.get_last_lr(),
-                             strict=True):
+        """Restore the schedule's position (steps taken) and set every group's LR from the
+        *current* schedule at that position: a resumed run with another ``trainer.steps``,
+        ``optim.lr`` or ``optim.decay_steps`` follows its new schedule from the first step (the
+        saved peak LR and last LR describe the old schedule and are not restored)."""
+        position = {k: state[k] for k in ("last_epoch", "_step_count") if k in state}
+        self.scheduler.load_state_dict({**self.scheduler.state_dict(), **position})
+        sched = self.scheduler
+        lrs = [base * rule(sched.last_epoch)
+               for base, rule in zip(sched.base_lrs, sched.lr_lambdas, strict=True)]
+        for group, lr in zip(self.ds_optimizer.param_groups, lrs, strict=True):
             group["lr"] = lr
+        sched._last_lr = lrs  # what get_last_lr() reports
 
     def counters(self) -> dict[str, int]:
         """Optimizer steps taken and, of those, skipped for a non-finite gradient norm."""
