@@ -123,11 +123,23 @@ def _layout(args: argparse.Namespace, world: int, info: CheckpointInfo) -> tuple
     return tp, pp
 
 
+def _read_prompt_file(path: Path) -> list[str]:
+    """The non-blank lines of ``--prompt-file``; one clear error for text that is not UTF-8."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise GenerationError(f"--prompt-file {path}: line {line} is not UTF-8 (byte "
+                              f"0x{data[e.start]:02x} at offset {e.start}); save it as UTF-8"
+                              ) from None
+    return [line for line in text.splitlines() if line.strip()]
+
+
 def _prompts(args: argparse.Namespace, tokenizer: Tokenizer) -> list[list[int]]:
     texts = list(args.prompt)
     if args.prompt_file:
-        texts += [line.rstrip("\n") for line in Path(args.prompt_file).read_text().splitlines()
-                  if line.strip()]
+        texts += _read_prompt_file(Path(args.prompt_file))
     if not texts:
         raise GenerationError("give at least one --prompt or --prompt-file")
     if args.chat:

@@ -169,3 +169,8 @@ def test_cli_tokenizer_mismatch_and_empty_prompt(tmp_path, capsys, llama_tokeniz
     assert "prompt 0 is empty" in capsys.readouterr().err
     assert main([*base, "--prompt", "hello " * 300]) == 2
     assert "exceed the model's context" in capsys.readouterr().err
+    bad = tmp_path / "prompts.txt"
+    bad.write_bytes(b"first prompt\nsecond \xff prompt\n")
+    assert main([*base, "--prompt-file", str(bad)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"--prompt-file {bad}: line 2 is not UTF-8 (byte 0xff" in err[0]
