@@ -76,15 +76,34 @@ def _parse(argv: list[str]) -> tuple[dict[str, str], dict[str, Any]]:
     return opts, overrides
 
 
+# the smallest value each numeric option may take (sizes of 0 or below, negative memory are refused)
+_MINIMUM = {"gpus": 1, "seq_len": 1, "global_batch": 1, "max_tp": 1, "top": 0, "zero_stage": 0,
+            "tp": 1, "pp": 1, "micro_batch": 1, "gpu_mem_gib": 1e-9, "overhead_gib": 0.0}
+
+
 def _get(opts: dict[str, str], key: str, default: Any, kind: Any = int) -> Any:
-    """``opts[key]`` converted by ``kind`` (int, float, or list for comma-separated ints)."""
+    """``opts[key]`` converted by ``kind`` (int, float, or list for comma-separated ints) and
+    checked against its minimum."""
     if key not in opts:
         return default
     try:
-        return [int(x) for x in opts[key].split(",")] if kind is list else kind(opts[key])
+        value = [int(x) for x in opts[key].split(",")] if kind is list else kind(opts[key])
     except ValueError:
         what = {list: "integers separated by commas", int: "an integer"}.get(kind, "a number")
         raise ConfigError(f"{key}={opts[key]!r}: expected {what}") from None
+    low = _MINIMUM.get(key)
+    values = value if kind is list else [value]
+    if low is not None and any(not v >= low for v in values):  # also refuses nan
+        bound = "> 0" if low == 1e-9 else f">= {low}"
+        raise ConfigError(f"{key}={opts[key]}: must be {bound}")
+    return value
+
+
+def _check_output(path: str) -> None:
+    """``json=PATH`` must be writable where it is named, before the estimates are computed."""
+    parent = Path(path).expanduser().resolve().parent
+    if not parent.is_dir():
+        raise ConfigError(f"json={path}: directory {parent} does not exist")
 
 
 def _switch(opts: dict[str, str], key: str) -> tuple[bool, ...]:
@@ -128,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         overhead = _get(opts, "overhead_gib", DEFAULT_OVERHEAD_GIB.get(device, 0.0), float)
         seq_len, batch = _get(opts, "seq_len", cfg.max_seq_len), _get(opts, "global_batch", 1024)
         zero, top = _get(opts, "zero_stage", 1), _get(opts, "top", 20)
+        if "json" in opts:
+            _check_output(opts["json"])
         if seq_len > cfg.max_seq_len:
             raise ConfigError(f"seq_len={seq_len} > model.max_seq_len={cfg.max_seq_len}")
         rows = plan(cfg, gpus, seq_len=seq_len, global_batch=batch,
@@ -154,8 +175,12 @@ def main(argv: list[str] | None = None) -> int:
     if top and len(rows) > top:
         print(f"... {len(rows) - top} more (top=0 prints all)")
     if "json" in opts:
-        with open(opts["json"], "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r.to_dict()) + "\n" for r in rows)
+        try:
+            with open(opts["json"], "w", encoding="utf-8") as f:
+                f.writelines(json.dumps(r.to_dict()) + "\n" for r in rows)
+        except OSError as exc:
+            print(f"megallama-plan: error: json={opts['json']}: {exc.strerror}", file=sys.stderr)
+            return 2
     return 0
 
 

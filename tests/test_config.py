@@ -64,3 +64,25 @@ def test_bad_configs():
         preset("llama3_8b")
     with pytest.raises(ConfigError, match="rope_scaling.type"):
         preset("tiny", rope_scaling={"type": "yarn", "factor": 2.0})
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("n_heads", 0, "n_heads=0: must be >= 1"),
+    ("n_layers", -2, "n_layers=-2: must be >= 1"),
+    ("dim", "4096", "dim='4096': expected an integer"),
+    ("n_heads", True, "n_heads=True: expected an integer"),
+    ("norm_eps", "1e-5", "norm_eps='1e-5': expected a number"),
+    ("norm_eps", 0.0, "norm_eps=0.0: must be a finite number > 0"),
+    ("rope_theta", float("inf"), "rope_theta=inf: must be a finite number > 0"),
+    ("ffn_dim_multiplier", -1.3, "ffn_dim_multiplier=-1.3"),
+    ("max_seq_len", 0, "max_seq_len=0"),
+    ("pad_token_id", "0", "pad_token_id='0': expected an integer or null"),
+    ("vocab_size", 0, "vocab_size=0: must be >= 1"),
+    ("vocab_size", -1, "set it from the tokenizer"),
+])
+def test_fields_are_type_and_range_checked(field, value, message):
+    """params.json / config.json values of the wrong kind are refused where the config is built,
+    with one line naming the field (a string norm_eps was once copied into an export)."""
+    with pytest.raises(ConfigError) as info:
+        ModelConfig.from_meta_params({**preset("tiny").to_meta_params(), field: value})
+    assert message in str(info.value) and "\n" not in str(info.value)

@@ -233,6 +233,16 @@ def test_cli_model_overrides_and_fp32_cpu(capsys):
     (["model=llama2_7b", "gpus=8", "zero_stage=4"], "zero_stage=4"),
     (["model=llama2_7b", "gpus=8", "pp=2", "zero_stage=2"], "ZeRO-2/3 with pipeline"),
     (["gpus=8"], "model=... and gpus=... are required"),
+    (["model=tiny", "gpus=1", "seq_len=0"], "seq_len=0: must be >= 1"),
+    (["model=tiny", "gpus=1", "global_batch=-4"], "global_batch=-4: must be >= 1"),
+    (["model=tiny", "gpus=1", "gpu_mem_gib=-3"], "gpu_mem_gib=-3: must be > 0"),
+    (["model=tiny", "gpus=1", "overhead_gib=nan"], "overhead_gib=nan: must be >= 0"),
+    (["model=tiny", "gpus=2", "tp=0,2"], "tp=0,2: must be >= 1"),
+    (["model=tiny", "gpus=1", "micro_batch=0"], "micro_batch=0: must be >= 1"),
+    (["model=tiny", "gpus=1", "model.n_heads=0"], "n_heads=0: must be >= 1"),
+    (["model=tiny", "gpus=1", "model.norm_eps=abc"], "norm_eps='abc': expected a number"),
+    (["model=tiny", "gpus=1", "json=/nonexistent/dir/plan.jsonl"],
+     "json=/nonexistent/dir/plan.jsonl: directory /nonexistent/dir does not exist"),
 ])
 def test_cli_errors_are_one_clear_line(argv, message, capsys):
     rc, out, err = run(argv, capsys)

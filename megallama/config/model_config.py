@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,11 @@ class RopeScaling:
             raise ConfigError(f"rope_scaling.type={self.type!r}: expected 'linear' or 'dynamic'")
         if self.factor < 1.0:
             raise ConfigError(f"rope_scaling.factor={self.factor}: must be >= 1")
+
+
+_POSITIVE_INTS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of",
+                  "max_seq_len")
+_POSITIVE_FLOATS = ("ffn_dim_multiplier", "norm_eps", "rope_theta", "init_std")
 
 
 @dataclass
@@ -55,6 +61,7 @@ class ModelConfig:
             self.rope_scaling = RopeScaling(**self.rope_scaling)
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
+        self._check_values()
         if self.vocab_size <= 0:
             raise ConfigError(
                 f"vocab_size={self.vocab_size}: set it from the tokenizer "
@@ -68,6 +75,27 @@ class ModelConfig:
             )
         if self.head_dim % 2:
             raise ConfigError(f"head_dim={self.head_dim} must be even for RoPE")
+
+    def _check_values(self) -> None:
+        """Each field's type and range (a params.json / config.json value of the wrong kind is
+        refused here rather than copied into an export or failing deep inside the model)."""
+        for name in _POSITIVE_INTS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(f"{name}={value!r}: expected an integer")
+            if value < 1 and not (name == "vocab_size" and value < 0):  # Meta ships -1
+                raise ConfigError(f"{name}={value}: must be >= 1")
+        for name in _POSITIVE_FLOATS:
+            value = getattr(self, name)
+            if value is None and name == "ffn_dim_multiplier":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ConfigError(f"{name}={value!r}: expected a number")
+            if not math.isfinite(value) or value <= 0:
+                raise ConfigError(f"{name}={value}: must be a finite number > 0")
+        if self.pad_token_id is not None and (isinstance(self.pad_token_id, bool) or
+                                              not isinstance(self.pad_token_id, int)):
+            raise ConfigError(f"pad_token_id={self.pad_token_id!r}: expected an integer or null")
 
     @property
     def head_dim(self) -> int:
