@@ -25,7 +25,21 @@ def parse_size(text: str) -> int:
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", text.upper())
     if not m or m.group(2) not in _UNITS:
         raise argparse.ArgumentTypeError(f"{text!r}: expected a size such as 5GB or 500MB")
-    return int(float(m.group(1)) * _UNITS[m.group(2)])
+    size = int(float(m.group(1)) * _UNITS[m.group(2)])
+    if size < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be at least 1 byte")
+    return size
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1 (sizes and counts: tp, pp, mp, seq-len)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: must be >= 1")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,9 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--src", required=True, metavar="FORMAT:PATH",
                    help="meta:DIR (consolidated.NN.pth + params.json), hf:DIR, megallama:DIR")
     p.add_argument("--dst", required=True, metavar="FORMAT:PATH", help="new directory to write")
-    p.add_argument("--tp", type=int, default=1, help="megallama output: tensor-parallel size")
-    p.add_argument("--pp", type=int, default=1, help="megallama output: pipeline stages")
-    p.add_argument("--mp", type=int, default=None,
+    p.add_argument("--tp", type=positive_int, default=1, help="megallama output: tensor-parallel size")
+    p.add_argument("--pp", type=positive_int, default=1, help="megallama output: pipeline stages")
+    p.add_argument("--mp", type=positive_int, default=None,
                    help="meta output: consolidated shards (default 1 for 7B, 2 for 13B, 8 for 70B)")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
                    help="cast every tensor (required when the cast loses information)")
@@ -44,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hf output: largest safetensors shard (default 5GB)")
     p.add_argument("--tokenizer", type=Path, default=None,
                    help="tokenizer.model (or an HF tokenizer directory) to ship with the output")
-    p.add_argument("--seq-len", type=int, default=None,
+    p.add_argument("--seq-len", type=positive_int, default=None,
                    help="megallama output: sequence length for the trainer's stage cuts "
                         "(default max_seq_len; only decides which file holds which layer)")
     p.add_argument("--partition-method", choices=["balanced", "uniform"], default="balanced",

@@ -344,6 +344,27 @@ def test_cli(meta2, tmp_path, capsys):
     assert err.count("\n") == 1 and "already exists" in err
 
 
+@pytest.mark.parametrize("option,value,message", [
+    ("--tp", "0", "argument --tp: 0: must be >= 1"), ("--pp", "-1", "argument --pp: -1: must be"),
+    ("--mp", "0", "argument --mp: 0: must be >= 1"), ("--seq-len", "0", "--seq-len: 0: must be"),
+    ("--tp", "two", "argument --tp: 'two': expected an integer"),
+    ("--max-shard-size", "0", "'0': must be at least 1 byte"),
+])
+def test_cli_refuses_sizes_below_one(meta2, tmp_path, capsys, option, value, message):
+    out = tmp_path / "never"
+    with pytest.raises(SystemExit) as info:
+        main(["--src", f"meta:{meta2}", "--dst", f"megallama:{out}", option, value])
+    assert info.value.code == 2 and not out.exists()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert message in err[-1]
+
+
+def test_convert_refuses_tp_below_one(meta2, tmp_path):
+    with pytest.raises(CheckpointError, match="must be an integer >= 1"):
+        convert(f"meta:{meta2}", f"megallama:{tmp_path / 'o'}", tp=0, progress=False)
+    assert not (tmp_path / "o").exists()
+
+
 class _Tty(io.StringIO):
     def isatty(self) -> bool:
         return True

@@ -250,6 +250,8 @@ def _solve_ffn(dim: int, intermediate: int) -> tuple[int, float | None]:
 
 def check_tp_layout(cfg: ModelConfig, tp: int) -> None:
     """Raise one clear error when ``tp`` cannot split this model."""
+    if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
+        raise ConfigError(f"parallel.tp={tp}: must be an integer >= 1")
     if cfg.n_heads % tp:
         raise ConfigError(f"parallel.tp={tp} does not divide n_heads={cfg.n_heads}")
     if tp <= cfg.n_kv_heads and cfg.n_kv_heads % tp:
