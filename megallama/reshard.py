@@ -15,6 +15,7 @@ from pathlib import Path
 
 from megallama.checkpoint.atomic import CheckpointError
 from megallama.config import ConfigError
+from megallama.config.arguments import positive_int
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10,
           "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -29,17 +30,6 @@ def parse_size(text: str) -> int:
     if size < 1:
         raise argparse.ArgumentTypeError(f"{text!r}: must be at least 1 byte")
     return size
-
-
-def positive_int(text: str) -> int:
-    """An integer >= 1 (sizes and counts: tp, pp, mp, seq-len)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value}: must be >= 1")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:

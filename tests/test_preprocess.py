@@ -270,8 +270,17 @@ def test_missing_inputs_and_tokenizer(
 def test_invalid_utf8_names_file_and_line(small_model: Path, tmp_path: Path) -> None:
     source = tmp_path / "latin1.txt"
     source.write_bytes(b"fine line\n\nsecond doc caf\xe9\n")
-    with pytest.raises(SourceError, match=rf"{source}:\d+: not valid UTF-8"):
+    with pytest.raises(SourceError) as info:
         preprocess([source], tmp_path / "u", small_model, progress=False)
+    assert str(info.value) == (f"{source}:3: not valid UTF-8 (invalid continuation byte at byte "
+                               "14 of the line, offset 25)")
+    # far past the text stream's first decoded block, and compressed: still the right line
+    big = tmp_path / "big.txt.gz"
+    with gzip.open(big, "wb") as f:
+        f.write(b"plain ascii line\n" * 999 + b"bad \xff here\n")
+    with pytest.raises(SourceError, match=rf"^{big}:1000: not valid UTF-8 \(invalid start byte "
+                                          rf"at byte 4 of the line, offset {17 * 999 + 4}\)$"):
+        preprocess([big], tmp_path / "v", small_model, progress=False)
 
 
 def test_demo_corpus_preprocesses(small_model: Path, tmp_path: Path) -> None:
@@ -283,3 +292,17 @@ def test_demo_corpus_preprocesses(small_model: Path, tmp_path: Path) -> None:
     starts = indexed.tokens[indexed.doc_offsets[:-1]]
     ends = indexed.tokens[indexed.doc_offsets[1:] - 1]
     assert np.all(starts == 1) and np.all(ends == 2)
+
+
+@pytest.mark.parametrize("value,message", [("0", "argument --workers: 0: must be >= 1"),
+                                           ("-2", "argument --workers: -2: must be >= 1"),
+                                           ("many", "argument --workers: 'many': expected")])
+def test_cli_refuses_workers_below_one(small_model: Path, tmp_path: Path, capsys, value,
+                                       message) -> None:
+    source = tmp_path / "doc.txt"
+    source.write_text("one document\n")
+    with pytest.raises(SystemExit) as info:
+        main([str(source), "--tokenizer", str(small_model), "--output-prefix",
+              str(tmp_path / "out"), "--workers", value])
+    assert info.value.code == 2 and not list(tmp_path.glob("out*"))
+    assert message in capsys.readouterr().err.strip().splitlines()[-1]

@@ -32,6 +32,7 @@ from typing import TextIO
 
 import numpy as np
 
+from megallama.config.arguments import positive_int
 from megallama.data.indexed import IndexedWriter, token_dtype
 from megallama.data.progress_bar import progress_bar, write_line
 from megallama.data.sources import (
@@ -270,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("inputs", nargs="+", type=Path, help="text or .jsonl/.json files")
     parser.add_argument("--tokenizer", required=True, type=Path, help="SentencePiece .model")
     parser.add_argument("--output-prefix", required=True, help="writes PREFIX.bin/.idx")
-    parser.add_argument("--workers", type=int, default=1, help="tokenizer processes")
+    parser.add_argument("--workers", type=positive_int, default=1, help="tokenizer processes")
     parser.add_argument("--jsonl-key", default="text", help="JSONL field with the text")
     parser.add_argument(
         "--skip-bad-json",
@@ -300,6 +301,10 @@ def main(argv: list[str] | None = None) -> int:
         )
     except (SourceError, TokenizerError) as exc:
         print(f"megallama-preprocess: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # the output: read-only or full disk, a missing directory...
+        where = exc.filename or args.output_prefix
+        print(f"megallama-preprocess: error: {where}: {exc.strerror or exc}", file=sys.stderr)
         return 1
     print(json.dumps(summary, indent=2))
     return 0

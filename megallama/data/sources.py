@@ -103,16 +103,27 @@ class DocumentReader:
                 yield from self._text_documents(lines)
 
     def _numbered_lines(self, stream: io.TextIOWrapper) -> Iterator[tuple[int, str]]:
-        lineno = 0
         try:
-            for lineno, line in enumerate(stream, 1):
-                yield lineno, line
+            yield from enumerate(stream, 1)
         except UnicodeDecodeError as exc:
-            raise SourceError(
-                f"{self.path}:{lineno + 1}: not valid UTF-8 ({exc.reason} at byte {exc.start})"
-            ) from None
+            raise SourceError(self._where_not_utf8(exc)) from None
         except (OSError, EOFError, lzma.LZMAError, zlib.error) as exc:
             raise SourceError(f"{self.path}: cannot decompress/read: {exc}") from None
+
+    def _where_not_utf8(self, exc: UnicodeDecodeError) -> str:
+        """``file:line: not valid UTF-8 (... at byte B of the line, offset O)``. The text stream
+        decodes whole blocks ahead of the lines it yields, so the error's own position is inside
+        a block: the (decompressed) bytes are scanned again line by line to find the real one."""
+        offset = 0
+        with open(self.path, "rb") as raw:
+            for lineno, line in enumerate(_open_binary(raw, self.path), 1):
+                try:
+                    line.decode("utf-8")
+                except UnicodeDecodeError as bad:
+                    return (f"{self.path}:{lineno}: not valid UTF-8 ({bad.reason} at byte "
+                            f"{bad.start} of the line, offset {offset + bad.start})")
+                offset += len(line)
+        return f"{self.path}: not valid UTF-8 ({exc.reason})"
 
     def _emit(self, text: str) -> bool:
         if not text:
