@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from megallama.checkpoint.atomic import CheckpointError
 from megallama.checkpoint.convert import convert
@@ -331,6 +332,28 @@ def test_hf_shape_and_config_errors(hf_gqa, tmp_path):
     assert "rope_scaling" in _error(f"hf:{bad}", f"meta:{tmp_path / 'o'}")
     (bad / "config.json").write_text(json.dumps({**config, "num_key_value_heads": 3}))
     assert _error(f"hf:{bad}", f"meta:{tmp_path / 'o'}").startswith(f"{bad / 'config.json'}: ")
+
+
+def test_damaged_single_file_hf_and_integer_tensors(hf_gqa, tmp_path):
+    """The single-file layout megallama writes for small models: truncated, corrupted header, or a
+    tensor of an integer dtype are one line naming the file (were tracebacks)."""
+    src, _ = hf_gqa
+    for name, damage in [("truncated", lambda b: b[:-100]), ("header", lambda b: b[:8] + b"{x" +
+                                                             b[10:])]:
+        bad = tmp_path / name
+        shutil.copytree(src, bad)
+        data = (bad / "model.safetensors").read_bytes()
+        (bad / "model.safetensors").write_bytes(damage(data))
+        msg = _error(f"hf:{bad}", f"megallama:{tmp_path / 'o'}")
+        assert msg.startswith(f"{bad / 'model.safetensors'}: not a readable safetensors file")
+    ints = tmp_path / "ints"
+    shutil.copytree(src, ints)
+    tensors = hf_tensors(src)
+    tensors["model.norm.weight"] = tensors["model.norm.weight"].to(torch.int8)
+    save_file(tensors, ints / "model.safetensors")
+    msg = _error(f"hf:{ints}", f"megallama:{tmp_path / 'o'}")
+    assert msg == f"{ints / 'model.safetensors'}: model.norm.weight: dtype I8 is not F32/BF16/F16 " \
+                  "(not Llama weights)"
 
 
 def test_cli(meta2, tmp_path, capsys):

@@ -144,6 +144,9 @@ class HFSource:
                         if shape != expected[key]:
                             raise CheckpointError(f"{fpath}: {key}: shape {shape}, config.json "
                                                   f"implies {expected[key]}")
+                        if stored[key] not in ST_TO_TORCH:
+                            raise CheckpointError(f"{fpath}: {key}: dtype {stored[key]} is not "
+                                                  "F32/BF16/F16 (not Llama weights)")
             except CheckpointError:
                 raise
             except Exception as e:  # SafetensorError / OSError
@@ -180,8 +183,12 @@ class HFSource:
         single = self.path / SINGLE_FILE
         if not single.is_file():
             raise CheckpointError(f"{self.path}: neither {SINGLE_FILE} nor {INDEX_FILE} found")
-        with safe_open(single, framework="pt") as f:
-            return {k: SINGLE_FILE for k in f.keys() if not k.endswith(_IGNORED_HF)}
+        try:
+            with safe_open(single, framework="pt") as f:
+                return {k: SINGLE_FILE for k in f.keys() if not k.endswith(_IGNORED_HF)}
+        except Exception as e:  # SafetensorError (truncated, corrupt header) / OSError
+            raise CheckpointError(f"{single}: not a readable safetensors file "
+                                  f"({str(e).splitlines()[0]})") from None
 
     def __iter__(self) -> Iterator[tuple[str, torch.Tensor, str]]:
         for hf_name in self.names:
