@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import signal
 import sys
 from pathlib import Path
 
@@ -63,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     # imported after parsing so that --help answers without loading torch and safetensors
     from megallama.checkpoint.convert import convert
 
+    # SIGTERM (a scheduler, kill) unwinds like Ctrl-C: the temporary output is removed
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         report = convert(args.src, args.dst, tp=args.tp, pp=args.pp, mp=args.mp, dtype=args.dtype,
                          max_shard_size=args.max_shard_size, tokenizer=args.tokenizer,

@@ -12,6 +12,8 @@ import io
 import json
 import os
 import shutil
+import signal
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -354,6 +356,33 @@ def test_damaged_single_file_hf_and_integer_tensors(hf_gqa, tmp_path):
     msg = _error(f"hf:{ints}", f"megallama:{tmp_path / 'o'}")
     assert msg == f"{ints / 'model.safetensors'}: model.norm.weight: dtype I8 is not F32/BF16/F16 " \
                   "(not Llama weights)"
+
+
+def test_killed_conversions_leave_nothing_behind(meta2, tmp_path, monkeypatch):
+    """A SIGTERM mid-conversion removes the temporary output; the temporary directory of a
+    SIGKILLed conversion (its process gone) is removed by the next run on that destination, while
+    one of a live process is left alone."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    out = tmp_path / "out"
+    stale, live = tmp_path / f".out.tmp-{dead.pid}", tmp_path / f".out.tmp-{os.getppid()}"
+    for d in (stale, live):
+        (d / "sub").mkdir(parents=True)
+    import megallama.checkpoint.convert as convert_mod
+
+    def terminated(self, name, t):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(convert_mod.MegallamaSink, "write", terminated)
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(SystemExit) as info:
+            main(["--src", f"meta:{meta2}", "--dst", f"megallama:{out}", "--no-progress"])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert info.value.code == 128 + signal.SIGTERM
+    assert not stale.exists() and live.exists() and not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["meta", live.name])
 
 
 def test_cli(meta2, tmp_path, capsys):

@@ -256,6 +256,29 @@ def _stream(source: Source, sink: Sink, out_dtype: torch.dtype, *, cast_ok: bool
     return count
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_stale_temporaries(dst: Path) -> list[Path]:
+    """Remove ``.<dst>.tmp-<pid>`` directories beside ``dst`` left by conversions that were
+    killed (SIGKILL, power loss): their process no longer exists. A conversion still running
+    into the same destination keeps its directory. Returns what was removed."""
+    removed = []
+    for tmp in dst.parent.glob(f".{dst.name}.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed.append(tmp)
+    return removed
+
+
 def _commit(tmp: Path, dst: Path) -> None:
     """fsync everything written into ``tmp``, then rename it to ``dst`` (atomic publication)."""
     for p in tmp.iterdir():
@@ -286,6 +309,7 @@ def convert(src: str, dst: str, *, tp: int = 1, pp: int = 1, mp: int | None = No
     cfg = source.config
     out_dtype = DTYPES[dtype] if dtype else source.declared_dtype
     check_layout(dst_fmt, dst_path, cfg, tp, pp, mp)
+    remove_stale_temporaries(dst_path)
     tmp = dst_path.with_name(f".{dst_path.name}.tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
