@@ -303,6 +303,15 @@ def test_lossy_dtype_needs_dtype_flag(meta2, tmp_path):
             progress=False)
 
 
+def test_fp16_conversion_refuses_values_beyond_its_range(meta2, tmp_path):
+    for path in (meta2 / "consolidated.00.pth", meta2 / "consolidated.01.pth"):
+        _edit(path, lambda sd: sd["norm.weight"].__setitem__(3, 7.0e4))  # bf16, fine there
+    msg = _error(f"meta:{meta2}", f"hf:{tmp_path / 'o'}", dtype="fp16")
+    assert msg.startswith(f"{meta2 / 'consolidated.00.pth'}: norm.weight: 1 value(s) beyond "
+                          "float16's range (+-65504; largest 70144) would become inf")
+    convert(f"meta:{meta2}", f"hf:{tmp_path / 'ok'}", dtype="fp32", progress=False)
+
+
 class _Exploit:
     def __reduce__(self):
         return (os.system, ("echo pwned",))

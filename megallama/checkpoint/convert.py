@@ -236,6 +236,21 @@ def check_layout(fmt: str, where: Path, cfg: ModelConfig, tp: int, pp: int,
             raise CheckpointError(f"{where}: --pp {pp}: need 1 <= pp <= n_layers={cfg.n_layers}")
 
 
+def _cast(t: torch.Tensor, dtype: torch.dtype, name: str, where: str) -> torch.Tensor:
+    """``t`` as ``dtype``, refusing finite values the narrower type cannot hold (bf16/fp32 weights
+    beyond fp16's +-65504 would silently become inf)."""
+    if t.is_floating_point() and dtype.is_floating_point:
+        limit = torch.finfo(dtype).max
+        finite = torch.isfinite(t)
+        over = int((t.abs() > limit).logical_and(finite).sum())
+        if over:
+            raise CheckpointError(
+                f"{where}: {name}: {over} value(s) beyond {dtype_name(dtype)}'s range "
+                f"(+-{limit:g}; largest {float(t[finite].abs().max()):g}) would become inf; "
+                "convert to bf16 or fp32 instead")
+    return t.to(dtype)
+
+
 def _stream(source: Source, sink: Sink, out_dtype: torch.dtype, *, cast_ok: bool,
             bar: Progress) -> int:
     """Copy every tensor of ``source`` into ``sink`` as ``out_dtype``; returns the count. Without
@@ -248,7 +263,7 @@ def _stream(source: Source, sink: Sink, out_dtype: torch.dtype, *, cast_ok: bool
                     f"{where}: {name}: stored as {dtype_name(t.dtype)}, the output is "
                     f"{dtype_name(out_dtype)}: the cast would lose information; pass --dtype "
                     "to accept it")
-            t = t.to(out_dtype)
+            t = _cast(t, out_dtype, name, where)
         sink.write(name, t)
         bar.update(t.numel() * t.element_size(), name)
         count += 1
