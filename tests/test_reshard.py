@@ -501,7 +501,16 @@ def test_pth_writer_is_byte_identical_to_torch_save(tmp_path):
 def test_tokenizer_shipped_with_hf_and_meta_outputs(meta2, tmp_path, llama_tokenizer_path):
     transformers = pytest.importorskip("transformers")
     sentencepiece = pytest.importorskip("sentencepiece")
-    convert(f"meta:{meta2}", f"hf:{tmp_path / 'hf'}", tokenizer=llama_tokenizer_path,
+    # a tokenizer is checked before anything is written: a SentencePiece model of the model's vocab
+    msg = _error(f"meta:{meta2}", f"hf:{tmp_path / 'x'}", tokenizer=llama_tokenizer_path)
+    assert "model vocab_size 1000 != tokenizer vocab_size 32000" in msg
+    junk = tmp_path / "junk.model"
+    junk.write_bytes(b"not a sentencepiece model")
+    assert _error(f"meta:{meta2}", f"hf:{tmp_path / 'x'}", tokenizer=junk).startswith(
+        f"--tokenizer {junk}: ")
+    cfg = preset("tiny_gqa", vocab_size=32000, n_layers=1)
+    meta = write_meta(tmp_path / "meta32k", cfg, random_state(cfg), k=2)
+    convert(f"meta:{meta}", f"hf:{tmp_path / 'hf'}", tokenizer=llama_tokenizer_path,
             progress=False)
     convert(f"hf:{tmp_path / 'hf'}", f"meta:{tmp_path / 'meta_out'}", mp=2,
             tokenizer=llama_tokenizer_path, progress=False)

@@ -45,6 +45,7 @@ from megallama.checkpoint.weights import (
 from megallama.config import ConfigError, ModelConfig, check_tp_layout
 from megallama.config.grid import Grid
 from megallama.data.progress_bar import progress_bar
+from megallama.data.tokenizer import Tokenizer, TokenizerError, check_vocab
 from megallama.model.layout import ShardSpec, layer_of, shard_specs, stage_of_layers
 
 FORMATS = ("meta", "hf", "megallama")
@@ -271,6 +272,20 @@ def _stream(source: Source, sink: Sink, out_dtype: torch.dtype, *, cast_ok: bool
     return count
 
 
+def check_tokenizer(path: Path, cfg: ModelConfig) -> None:
+    """A ``--tokenizer`` shipped with an export must be a SentencePiece model (``tokenizer.model``
+    itself or inside the given directory) whose vocabulary is the model's."""
+    model = path / "tokenizer.model" if path.is_dir() else path
+    if not model.is_file():
+        if path.is_dir():
+            return  # an HF tokenizer directory without a SentencePiece model: copied as given
+        raise CheckpointError(f"{path}: tokenizer not found")
+    try:
+        check_vocab(Tokenizer(model).vocab_size, cfg.vocab_size, model)
+    except TokenizerError as e:
+        raise CheckpointError(f"--tokenizer {model}: {e}") from None
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -324,6 +339,8 @@ def convert(src: str, dst: str, *, tp: int = 1, pp: int = 1, mp: int | None = No
     cfg = source.config
     out_dtype = DTYPES[dtype] if dtype else source.declared_dtype
     check_layout(dst_fmt, dst_path, cfg, tp, pp, mp)
+    if tokenizer is not None:
+        check_tokenizer(Path(tokenizer), cfg)
     remove_stale_temporaries(dst_path)
     tmp = dst_path.with_name(f".{dst_path.name}.tmp-{os.getpid()}")
     if tmp.exists():
