@@ -56,6 +56,17 @@ class DataConfig:
 
 
 @dataclass
+class WandbConfig:
+    """Weights & Biases logging beside TensorBoard (``pip install 'megallama[wandb]'``)."""
+
+    mode: str = "disabled"  # disabled | offline (files only; `wandb sync` later) | online
+    project: str = "megallama"
+    entity: str | None = None  # W&B team or user; None: the account's default
+    name: str | None = None  # run name; None: the name of trainer.output_dir
+    dir: str | None = None  # W&B writes <dir>/wandb/; None: trainer.output_dir
+
+
+@dataclass
 class TrainerConfig:
     steps: int = 100
     log_interval: int = 10
@@ -68,6 +79,7 @@ class TrainerConfig:
     output_dir: str = "runs/default"
     nonfinite: str = "skip"  # skip (count the step) | stop
     tensorboard: bool = True
+    wandb: WandbConfig = field(default_factory=WandbConfig)
     progress: bool = True
     save_final: bool = True
     keep_last: int = 3  # complete checkpoints kept; older ones are pruned

@@ -23,6 +23,7 @@ from megallama.config.train_config import (
     ParallelConfig,
     TrainConfig,
     TrainerConfig,
+    WandbConfig,
 )
 
 PRECISIONS = ("fp32", "bf16")
@@ -30,11 +31,13 @@ DEVICES = ("auto", "cpu", "cuda")
 NONFINITE = ("skip", "stop")
 PARTITION_METHODS = ("balanced", "uniform")
 OPTIM_IMPLS = ("deepspeed", "fused")
+WANDB_MODES = ("disabled", "offline", "online")
 
 
 def validate_options(cfg: TrainConfig, world_size: int) -> Grid:
     """Raise ConfigError on the first inconsistency; return the rank grid for ``world_size``."""
     check_trainer(cfg.trainer)
+    check_wandb(cfg.trainer.wandb)
     check_optim(cfg.optim)
     grid = check_parallel(cfg.parallel, cfg.model, cfg.data.seq_len, world_size)
     check_optimizer_impl(cfg.optim, cfg.parallel)
@@ -76,6 +79,25 @@ def check_trainer(t: TrainerConfig) -> None:
                 f"trainer.precision=bf16 but {torch.cuda.get_device_name()} has no bf16 support; "
                 "set trainer.precision=fp32"
             )
+
+
+def check_wandb(w: WandbConfig) -> None:
+    """Weights & Biases options, and that the optional ``wandb`` package imports when asked for
+    (on every rank: only rank 0 logs, but a missing package must not fail it alone, later)."""
+    if w.mode not in WANDB_MODES:
+        raise ConfigError(f"trainer.wandb.mode={w.mode!r}: choose one of {list(WANDB_MODES)}")
+    if w.mode == "disabled":
+        return
+    if not w.project:
+        raise ConfigError("trainer.wandb.project is empty: name the W&B project to log to")
+    try:
+        import wandb  # noqa: F401  optional dependency, imported only when W&B logging is asked for
+    except Exception as e:  # not installed (ImportError), or a broken install
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ConfigError(
+            f"trainer.wandb.mode={w.mode} needs the wandb package, which does not import "
+            f"({reason}): pip install 'megallama[wandb]', or set trainer.wandb.mode=disabled"
+        ) from None
 
 
 def check_optim(o: OptimConfig) -> None:
@@ -203,9 +225,11 @@ __all__ = [
     "NONFINITE",
     "PARTITION_METHODS",
     "PRECISIONS",
+    "WANDB_MODES",
     "check_data",
     "check_optim",
     "check_parallel",
     "check_trainer",
+    "check_wandb",
     "validate_options",
 ]

@@ -174,8 +174,7 @@ class Trainer:
             self.start = self.state.resume(resume_from)
             if self.is_logger:
                 print(f"resumed from {resume_from} at step {self.start}", flush=True)
-        self.writer = MetricsWriter(self.out_dir / "tensorboard" if t.tensorboard else None,
-                                    enabled=self.is_logger)
+        self.writer = MetricsWriter.for_run(cfg, enabled=self.is_logger, resumed=self.start > 0)
         self.throughput = Throughput(cfg, grid.world_size, device)
         self.progress = Progress(t.steps, enabled=self.is_logger, bar=t.progress,
                                  initial=self.start,

@@ -1,5 +1,6 @@
 """Training throughput accounting and reporting: FLOPs per token, device peaks (for MFU), peak
-memory, a TensorBoard writer, a console progress bar and the one-line log format.
+memory, a TensorBoard (and Weights & Biases) writer, a console progress bar and the one-line log
+format.
 
 Only one rank reports: :class:`MetricsWriter` and :class:`Progress` take ``enabled`` so every rank
 can construct them unconditionally and the non-reporting ones do nothing.
@@ -18,7 +19,9 @@ from typing import Any, TextIO
 import torch
 
 from megallama.config import ModelConfig
+from megallama.config.train_config import TrainConfig
 from megallama.data.progress_bar import progress_bar, write_line
+from megallama.training.tracking import WandbRun, open_wandb_run
 
 GIB = 1024**3
 
@@ -146,44 +149,61 @@ def format_metrics(step: int, total: int, metrics: Mapping[str, Any]) -> str:
     return " | ".join(parts)
 
 
-# ---- TensorBoard ---------------------------------------------------------------------------------
+# ---- TensorBoard (and W&B) -----------------------------------------------------------------------
 class MetricsWriter:
-    """Scalars to TensorBoard event files under ``log_dir``.
+    """Scalars to TensorBoard event files under ``log_dir`` and, when ``wandb`` is given, to that
+    Weights & Biases run at the same steps (:mod:`megallama.training.tracking`).
 
-    Does nothing when not ``enabled`` (the ranks that do not report) or when ``log_dir`` is None
-    (TensorBoard switched off), so callers never branch on either.
+    Does nothing when not ``enabled`` (the ranks that do not report), and writes no TensorBoard
+    files when ``log_dir`` is None (TensorBoard switched off), so callers never branch on either.
     """
 
-    def __init__(self, log_dir: Path | None, enabled: bool) -> None:
-        self.enabled = enabled and log_dir is not None
+    def __init__(self, log_dir: Path | None, enabled: bool, wandb: WandbRun | None = None) -> None:
+        self._wandb = wandb if enabled else None
+        self.enabled = enabled and (log_dir is not None or self._wandb is not None)
         self._writer: Any = None
-        if self.enabled:
+        if enabled and log_dir is not None:
             from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
 
             Path(log_dir).mkdir(parents=True, exist_ok=True)
             self._writer = SummaryWriter(log_dir=str(log_dir))
 
+    @classmethod
+    def for_run(cls, cfg: TrainConfig, enabled: bool, resumed: bool = False) -> MetricsWriter:
+        """The writer of a training run: TensorBoard under ``<trainer.output_dir>/tensorboard``
+        (``trainer.tensorboard``) and W&B as ``trainer.wandb`` says, opened only where
+        ``enabled`` (the reporting rank); ``resumed`` continues the run's W&B run."""
+        t = cfg.trainer
+        log_dir = Path(t.output_dir) / "tensorboard" if t.tensorboard else None
+        use_wandb = enabled and t.wandb.mode != "disabled"
+        return cls(log_dir, enabled, wandb=open_wandb_run(cfg, resumed) if use_wandb else None)
+
     def scalars(self, step: int, values: Mapping[str, Any]) -> None:
         """Record each value (numbers or 0-d tensors; None skipped) as a scalar at ``step``."""
-        if self._writer is None:
+        if not self.enabled:
             return
-        for tag, value in values.items():
-            if value is None:
-                continue
-            if isinstance(value, torch.Tensor):
-                value = value.item()
-            self._writer.add_scalar(tag, float(value), global_step=step)
+        floats = {tag: float(v.item() if isinstance(v, torch.Tensor) else v)
+                  for tag, v in values.items() if v is not None}
+        if self._writer is not None:
+            for tag, value in floats.items():
+                self._writer.add_scalar(tag, value, global_step=step)
+        if self._wandb is not None:
+            self._wandb.log(step, floats)
 
     def flush(self) -> None:
-        """Write pending events to disk (they are otherwise flushed every two minutes)."""
+        """Write pending TensorBoard events to disk (they are otherwise flushed every two minutes;
+        W&B streams its own)."""
         if self._writer is not None:
             self._writer.flush()
 
     def close(self) -> None:
-        """Flush and close; safe to call twice."""
+        """Flush and close TensorBoard, finish the W&B run; safe to call twice."""
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
 
     def __enter__(self) -> MetricsWriter:
         return self
