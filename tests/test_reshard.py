@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -310,6 +311,47 @@ def test_fp16_conversion_refuses_values_beyond_its_range(meta2, tmp_path):
     assert msg.startswith(f"{meta2 / 'consolidated.00.pth'}: norm.weight: 1 value(s) beyond "
                           "float16's range (+-65504; largest 70144) would become inf")
     convert(f"meta:{meta2}", f"hf:{tmp_path / 'ok'}", dtype="fp32", progress=False)
+
+
+def test_short_storage_record_is_refused_not_read_past(meta2, tmp_path):
+    """A .pth whose storage record holds fewer bytes than its pickle declares: plain torch.load
+    refuses it, the mapped reader must too (it would build weights from the following bytes)."""
+    shard = meta2 / "consolidated.00.pth"
+    with zipfile.ZipFile(shard) as z:
+        records = [(info.filename, z.read(info.filename)) for info in z.infolist()]
+    victim = next(n for n, d in records if "/data/" in n and len(d) > 64)
+    with zipfile.ZipFile(shard, "w", zipfile.ZIP_STORED) as z:
+        for name, data in records:
+            z.writestr(name, data[: len(data) // 2] if name == victim else data)
+    with pytest.raises(RuntimeError, match="record size"):
+        torch.load(shard, weights_only=True)  # the oracle: torch itself refuses the file
+    msg = _error(f"meta:{meta2}", f"hf:{tmp_path / 'o'}")
+    key = victim.rsplit("/", 1)[1]
+    assert msg.startswith(f"{shard}: storage {key} holds ") and "truncated or damaged" in msg
+
+
+@pytest.mark.parametrize("fmt", ["meta", "hf"])
+@pytest.mark.parametrize("content,message", [
+    ("[1, 2]", "expected a JSON object"),
+    ('{"dim": 128, "n_layers": 2, "n_heads": 0}', "n_heads=0: must be >= 1"),
+    ('{"dim": 128, "n_layers": 2, "n_heads": 8, "norm_eps": "1e-5"}', "norm_eps='1e-5'"),
+])
+def test_params_and_config_json_values_are_checked(meta2, hf_gqa, tmp_path, fmt, content,
+                                                   message):
+    src = meta2 if fmt == "meta" else hf_gqa[0]
+    bad = tmp_path / "bad"
+    shutil.copytree(src, bad)
+    name = "params.json" if fmt == "meta" else "config.json"
+    if fmt == "hf" and content.startswith("{"):  # the same values under HF's names
+        fields = json.loads((src / name).read_text())
+        swap = {"n_heads": "num_attention_heads", "norm_eps": "rms_norm_eps"}
+        for key, value in json.loads(content).items():
+            if key in swap:
+                fields[swap[key]] = value
+        content = json.dumps(fields)
+    (bad / name).write_text(content)
+    msg = _error(f"{fmt}:{bad}", f"megallama:{tmp_path / 'o'}")
+    assert msg.startswith(f"{bad / name}: ") and message.replace("n_heads", "n_heads") in msg, msg
 
 
 class _Exploit:

@@ -106,12 +106,14 @@ def read_hf_config(path: Path) -> tuple[ModelConfig, dict[str, Any]]:
         raise CheckpointError(f"{cfg_path}: not found (an HF checkpoint needs config.json)")
     try:
         raw = json.loads(cfg_path.read_text(encoding="utf-8"))
+        if not isinstance(raw, dict):
+            raise ConfigError(f"expected a JSON object, got {type(raw).__name__}")
         if raw.get("model_type") not in (None, "llama"):
             raise ConfigError(f"model_type {raw['model_type']!r} is not 'llama'")
         if raw.get("tie_word_embeddings"):
             raise ConfigError("tie_word_embeddings=true: Llama 2 has an untied output head")
         return ModelConfig.from_hf_config(raw), raw
-    except (json.JSONDecodeError, ConfigError, KeyError, TypeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, ConfigError, KeyError, TypeError) as e:
         what = f"missing field {e}" if isinstance(e, KeyError) else str(e)
         raise CheckpointError(f"{cfg_path}: {what}") from None
 

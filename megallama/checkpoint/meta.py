@@ -25,6 +25,7 @@ import pickle
 import re
 import shutil
 import sys
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -83,9 +84,76 @@ def release_pages(t: torch.Tensor) -> None:
         _libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_DONTNEED)
 
 
+class _Anything:
+    """Stands in for every object of a pickle being scanned: it can be called, filled and built,
+    and nothing it stands for is ever imported or run."""
+
+    def __init__(self, name: str = "") -> None:
+        self.name = name
+
+    def __call__(self, *args: Any, **kwargs: Any) -> _Anything:
+        return _Anything()
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+
+class _StorageScan(pickle.Unpickler):
+    """Collects the storages a torch pickle declares: (key, element type name, element count)."""
+
+    def __init__(self, file: Any) -> None:
+        super().__init__(file)
+        self.storages: list[tuple[str, str, int]] = []
+
+    def find_class(self, module: str, name: str) -> Any:
+        return _Anything(name)
+
+    def persistent_load(self, pid: Any) -> Any:
+        if isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage":
+            self.storages.append((str(pid[2]), getattr(pid[1], "name", ""), int(pid[4])))
+        return _Anything()
+
+
+_STORAGE_BYTES = {"FloatStorage": 4, "BFloat16Storage": 2, "HalfStorage": 2, "DoubleStorage": 8,
+                  "UntypedStorage": 1, "ByteStorage": 1, "CharStorage": 1, "ShortStorage": 2,
+                  "IntStorage": 4, "LongStorage": 8, "BoolStorage": 1}
+
+
+def check_storage_records(path: Path) -> None:
+    """Every storage the pickle declares must have all its bytes in the zip record that holds it.
+
+    ``torch.load(mmap=True)`` maps records by the sizes the pickle declares and skips the record
+    size check plain ``torch.load`` makes, so a short record would yield tensors built from the
+    bytes that follow it: checked here from the zip directory and a scan of the pickle (which
+    imports and runs nothing)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            pkl = next((n for n in z.namelist() if n.endswith("/data.pkl")), None)
+            if pkl is None:
+                raise CheckpointError(f"{path}: not a torch zip checkpoint (no data.pkl)")
+            scan = _StorageScan(io.BytesIO(z.read(pkl)))
+            scan.load()
+            prefix = pkl[: -len("data.pkl")]
+            sizes = {info.filename: info.file_size for info in z.infolist()}
+    except (zipfile.BadZipFile, pickle.UnpicklingError, EOFError, ValueError, OSError) as e:
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({e})") from None
+    for key, kind, numel in scan.storages:
+        need = numel * _STORAGE_BYTES.get(kind, 1)
+        have = sizes.get(f"{prefix}data/{key}")
+        if have is None or have < need:
+            raise CheckpointError(f"{path}: storage {key} holds {have or 0} bytes, its tensors "
+                                  f"need {need} ({numel} x {kind}): the file is truncated or "
+                                  "damaged")
+
+
 def load_mmap(path: Path) -> dict[str, torch.Tensor]:
     """``torch.load(path, mmap=True, weights_only=True)`` with one-line errors; a pickle that
-    references code (a GLOBAL outside torch's allow-list) is refused."""
+    references code (a GLOBAL outside torch's allow-list) is refused, and every storage record is
+    checked to hold the bytes its tensors need (:func:`check_storage_records`)."""
+    check_storage_records(path)
     try:
         sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except pickle.UnpicklingError as e:
@@ -124,12 +192,14 @@ class MetaSource:
         self.shards = [load_mmap(p) for p in self.files]
         try:
             params = json.loads(params_path.read_text(encoding="utf-8"))
+            if not isinstance(params, dict):
+                raise ConfigError(f"expected a JSON object, got {type(params).__name__}")
             vocab = params.get("vocab_size", -1)
             if vocab is None or vocab <= 0:  # Meta ships -1: the tokenizer's size, = embedding rows
                 emb = self.shards[0].get("tok_embeddings.weight")
                 vocab = int(emb.shape[0]) if emb is not None else None
             self.config = ModelConfig.from_meta_params(params, vocab_size=vocab)
-        except (json.JSONDecodeError, ConfigError, TypeError) as e:
+        except (json.JSONDecodeError, UnicodeDecodeError, ConfigError, TypeError) as e:
             raise CheckpointError(f"{params_path}: {e}") from None
         check_mp(self.config, self.mp, self.files[0])
         self.expected = model_tensor_shapes(self.config)

@@ -158,9 +158,15 @@ class ModelConfig:
             raise ConfigError(f"{path}: params.json not found (Meta checkpoints ship one)")
         try:
             params = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"{path}: not valid JSON ({e})") from None
-        return cls.from_meta_params(params, vocab_size=vocab_size)
+        if not isinstance(params, dict):
+            raise ConfigError(f"{path}: expected a JSON object of model fields, got "
+                              f"{type(params).__name__}")
+        try:
+            return cls.from_meta_params(params, vocab_size=vocab_size)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
 
     # ---- Hugging Face config.json -----------------------------------------------------------
     def to_hf_config(self, torch_dtype: str = "float32") -> dict[str, Any]:
@@ -205,7 +211,9 @@ class ModelConfig:
         the derived FFN width equals ``intermediate_size`` exactly."""
         dim = hf["hidden_size"]
         n_heads = hf["num_attention_heads"]
-        if hf.get("head_dim") not in (None, dim // n_heads):
+        positive = all(isinstance(v, int) and not isinstance(v, bool) and v > 0
+                       for v in (dim, n_heads))
+        if positive and hf.get("head_dim") not in (None, dim // n_heads):
             raise ConfigError(f"config.json head_dim={hf['head_dim']} != hidden_size/heads")
         scaling = hf.get("rope_scaling") or hf.get("rope_parameters")
         rope = None
