@@ -74,6 +74,11 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, ConfigError) as e:
         print(f"megallama-reshard: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # the destination: read-only, full, not a directory...
+        where = e.filename or args.dst
+        print(f"megallama-reshard: error: {where}: {e.strerror or e} (nothing was written to "
+              f"{args.dst.partition(':')[2]})", file=sys.stderr)
+        return 2
     gbs = report["bytes"] / 1e9
     print(f"wrote {args.dst}: {report['tensors']} tensors, {gbs:.2f} GB in "
           f"{report['seconds']:.1f} s ({gbs / max(report['seconds'], 1e-9):.2f} GB/s)")

@@ -468,6 +468,15 @@ def test_convert_refuses_tp_below_one(meta2, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_unwritable_destination_is_one_line(meta2, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    assert main(["--src", f"meta:{meta2}", "--dst", f"hf:{blocker / 'out'}", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"megallama-reshard: error: {blocker}/")
+    assert "Not a directory" in err[0]
+
+
 class _Tty(io.StringIO):
     def isatty(self) -> bool:
         return True
