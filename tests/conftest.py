@@ -16,8 +16,21 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+# CI (.ci/run) sets this: there the shared assets are always present and their absence is a fault
+REQUIRE_ASSETS = os.environ.get("MEGALLAMA_REQUIRE_ASSETS") == "1"
+
+
+def require_llama_tokenizer() -> Path:
+    """The real Llama 2 tokenizer; skips (with the reason) when ../shared is absent, or fails
+    when MEGALLAMA_REQUIRE_ASSETS=1 says it must be there."""
+    if not LLAMA_TOKENIZER.is_file():
+        message = f"real Llama 2 tokenizer not found at {LLAMA_TOKENIZER} (../shared is absent)"
+        if REQUIRE_ASSETS:
+            pytest.fail(message + " and MEGALLAMA_REQUIRE_ASSETS=1")
+        pytest.skip(message)
+    return LLAMA_TOKENIZER
+
+
 @pytest.fixture
 def llama_tokenizer_path() -> Path:
-    if not LLAMA_TOKENIZER.is_file():
-        pytest.skip(f"real Llama 2 tokenizer not found at {LLAMA_TOKENIZER} (../shared is absent)")
-    return LLAMA_TOKENIZER
+    return require_llama_tokenizer()

@@ -18,10 +18,10 @@ from megallama.data.preprocess import main, preprocess
 from megallama.data.sources import SourceError
 from megallama.data.tokenizer import Tokenizer, TokenizerError
 from megallama.data.tokenizer_trainer import train_tokenizer
+from tests.conftest import require_llama_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(__file__).resolve().parents[2] / "shared"
-LLAMA_MODEL = SHARED / "assets" / "llama2-tokenizer" / "tokenizer.model"
 SOTU_TRAIN = REPO / "data" / "sotu" / "train.txt.gz"
 
 DOCS = [
@@ -65,9 +65,7 @@ def small_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(params=["trained", "llama"])
 def model(request: pytest.FixtureRequest, small_model: Path) -> Path:
     if request.param == "llama":
-        if not LLAMA_MODEL.is_file():
-            pytest.skip(f"real Llama 2 tokenizer not found at {LLAMA_MODEL}")
-        return LLAMA_MODEL
+        return require_llama_tokenizer()
     return small_model
 
 
