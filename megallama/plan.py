@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from megallama.config import PRESETS, ConfigError, ModelConfig, preset
+from megallama.config.arguments import report_error
 from megallama.training.planner import DEFAULT_OVERHEAD_GIB, GIB, MemoryEstimate, plan
 
 # ---- command line --------------------------------------------------------------------------------
@@ -161,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
                     capacity_bytes=int(capacity * GIB),
                     partition_method=opts.get("partition_method", "balanced"))
     except ConfigError as exc:
-        print(f"megallama-plan: error: {exc}", file=sys.stderr)
+        report_error("megallama-plan", exc)
         return 2
     print(f"{opts['model']}: {cfg.num_parameters() / 1e9:.2f}B parameters (dim {cfg.dim}, "
           f"{cfg.n_layers} layers, {cfg.n_heads} heads / {cfg.n_kv_heads} KV, FFN "
@@ -179,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
             with open(opts["json"], "w", encoding="utf-8") as f:
                 f.writelines(json.dumps(r.to_dict()) + "\n" for r in rows)
         except OSError as exc:
-            print(f"megallama-plan: error: json={opts['json']}: {exc.strerror}", file=sys.stderr)
+            report_error("megallama-plan", f"json={opts['json']}: {exc.strerror}")
             return 2
     return 0
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from megallama.checkpoint.atomic import CheckpointError
 from megallama.config import ConfigError
-from megallama.config.arguments import positive_int
+from megallama.config.arguments import positive_int, report_error
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10,
           "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -72,12 +72,12 @@ def main(argv: list[str] | None = None) -> int:
                          seq_len=args.seq_len, partition_method=args.partition_method,
                          progress=not args.no_progress)
     except (CheckpointError, ConfigError) as e:
-        print(f"megallama-reshard: error: {e}", file=sys.stderr)
+        report_error("megallama-reshard", e)
         return 2
     except OSError as e:  # the destination: read-only, full, not a directory...
         where = e.filename or args.dst
-        print(f"megallama-reshard: error: {where}: {e.strerror or e} (nothing was written to "
-              f"{args.dst.partition(':')[2]})", file=sys.stderr)
+        report_error("megallama-reshard", f"{where}: {e.strerror or e} (nothing was written to "
+                     f"{args.dst.partition(':')[2]})")
         return 2
     gbs = report["bytes"] / 1e9
     print(f"wrote {args.dst}: {report['tensors']} tensors, {gbs:.2f} GB in "

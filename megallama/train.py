@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from megallama.config import ConfigError
+from megallama.config.arguments import report_error
 from megallama.config.train_config import TrainConfig
 from megallama.parallel.runtime import init_distributed, resolve_device, world_info
 
@@ -32,7 +33,7 @@ data, trainer, experiment=tiny_cpu|llama2_7b_pretrain. Any field can be overridd
 
 def _fail(rank: int, message: str) -> int:
     if rank == 0:
-        print(f"megallama.train: error: {message}", file=sys.stderr, flush=True)
+        report_error("megallama.train", message)
     return 2
 
 

@@ -32,7 +32,7 @@ from typing import TextIO
 
 import numpy as np
 
-from megallama.config.arguments import positive_int
+from megallama.config.arguments import positive_int, report_error
 from megallama.data.indexed import IndexedWriter, token_dtype
 from megallama.data.progress_bar import progress_bar, write_line
 from megallama.data.sources import (
@@ -300,11 +300,11 @@ def main(argv: list[str] | None = None) -> int:
             progress=not args.quiet,
         )
     except (SourceError, TokenizerError) as exc:
-        print(f"megallama-preprocess: error: {exc}", file=sys.stderr)
+        report_error("megallama-preprocess", exc)
         return 1
     except OSError as exc:  # the output: read-only or full disk, a missing directory...
         where = exc.filename or args.output_prefix
-        print(f"megallama-preprocess: error: {where}: {exc.strerror or exc}", file=sys.stderr)
+        report_error("megallama-preprocess", f"{where}: {exc.strerror or exc}")
         return 1
     print(json.dumps(summary, indent=2))
     return 0

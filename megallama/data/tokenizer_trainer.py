@@ -33,6 +33,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+from megallama.config.arguments import report_error
 from megallama.data.sources import BadJsonPolicy, SourceError, iter_documents
 from megallama.data.tokenizer import Tokenizer, TokenizerError
 
@@ -256,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
             log=lambda line: print(f"[train-tokenizer] {line}", file=sys.stderr),
         )
     except (TokenizerError, SourceError) as exc:
-        print(f"megallama-train-tokenizer: error: {exc}", file=sys.stderr)
+        report_error("megallama-train-tokenizer", exc)
         return 1
     print(path)
     return 0

@@ -8,13 +8,13 @@ from __future__ import annotations
 import datetime
 import os
 import socket
-import sys
 from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
 
 from megallama.config import ConfigError
+from megallama.config.arguments import report_error
 
 
 def resolve_device(device: str) -> torch.device:
@@ -84,7 +84,7 @@ def run_command(prog: str, body: Callable[[], int], errors: tuple[type[BaseExcep
         return body()
     except errors as e:
         if rank == 0:
-            print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
+            report_error(prog, e)
         return 2
     finally:
         if started_here and dist.is_initialized():
