@@ -14,13 +14,16 @@ import argparse
 import json
 from pathlib import Path
 
+from megallama.config.arguments import non_negative_int, positive_int
 from megallama.inference.evaluation import INPUT_ERRORS, EvalRequest, evaluate, plan_evaluation
-from megallama.inference.loader import FORMATS, PRECISIONS
-from megallama.parallel.runtime import run_command, world_info
+from megallama.inference.loader import FORMATS, PRECISIONS, run_cli
+from megallama.parallel.runtime import world_info
+
+PROG = "megallama.evaluate"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="megallama-evaluate", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", required=True,
                    help="a step directory, a checkpoints/ root (its latest) or a run directory; "
                         "a Meta/HF directory with --format")
@@ -28,12 +31,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", nargs="+", required=True, help="text/JSONL files or token-file prefixes")
     p.add_argument("--tokenizer",
                    help="tokenizer.model for text inputs (default: beside the weights, else the run's)")
-    p.add_argument("--seq-len", type=int, help="default: the run's data.seq_len")
-    p.add_argument("--tp", type=int, default=1)
-    p.add_argument("--pp", type=int, default=1)
-    p.add_argument("--batch-size", type=int, default=8, help="sequences per global batch")
-    p.add_argument("--micro-batch-size", type=int, default=1)
-    p.add_argument("--max-batches", type=int, default=0, help="0: the whole data")
+    p.add_argument("--seq-len", type=positive_int, help="default: the run's data.seq_len")
+    p.add_argument("--tp", type=positive_int, default=1)
+    p.add_argument("--pp", type=positive_int, default=1)
+    p.add_argument("--batch-size", type=positive_int, default=8, help="sequences per global batch")
+    p.add_argument("--micro-batch-size", type=positive_int, default=1)
+    p.add_argument("--max-batches", type=non_negative_int, default=0, help="0: the whole data")
     p.add_argument("--precision", default="fp32", choices=list(PRECISIONS))
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     return p
@@ -59,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(result), flush=True)
         return 0
 
-    return run_command("megallama.evaluate", body, INPUT_ERRORS)
+    return run_cli(PROG, body, INPUT_ERRORS)
 
 
 if __name__ == "__main__":

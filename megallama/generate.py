@@ -24,7 +24,13 @@ from pathlib import Path
 import torch
 
 from megallama.checkpoint.atomic import CheckpointError
-from megallama.config import ConfigError, check_tp_layout
+from megallama.config import ConfigError
+from megallama.config.arguments import (
+    non_negative_float,
+    non_negative_int,
+    positive_int,
+    probability,
+)
 from megallama.data.tokenizer import Tokenizer, TokenizerError, check_vocab
 from megallama.inference.generation import (
     GenerationError,
@@ -37,17 +43,21 @@ from megallama.inference.loader import (
     FORMATS,
     PRECISIONS,
     CheckpointInfo,
+    check_layout,
+    inference_device,
     inspect_checkpoint,
     load_for_inference,
+    open_tokenizer,
+    run_cli,
 )
-from megallama.model import layout
-from megallama.parallel.runtime import resolve_device, run_command, world_info
+from megallama.parallel.runtime import world_info
 
+PROG = "megallama.generate"
 INPUT_ERRORS = (ConfigError, CheckpointError, TokenizerError, GenerationError, OSError)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="megallama-generate", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", required=True,
                    help="megallama step/checkpoints/run directory, or a Meta/HF dir with --format")
     p.add_argument("--format", default="megallama", choices=list(FORMATS))
@@ -56,17 +66,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-file", help="one prompt per line")
     p.add_argument("--chat", action="store_true", help="wrap prompts in Llama-2-chat [INST] format")
     p.add_argument("--system", help="system prompt for --chat (<<SYS>> block)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    p.add_argument("--top-k", type=int, default=0, help="0: no top-k filter")
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--max-new-tokens", type=positive_int, default=64)
+    p.add_argument("--temperature", type=non_negative_float, default=0.0, help="0: greedy")
+    p.add_argument("--top-k", type=non_negative_int, default=0, help="0: no top-k filter")
+    p.add_argument("--top-p", type=probability, default=1.0, help="in (0, 1]; 1: no filter")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-cache", action="store_true", help="recompute the sequence every step")
     p.add_argument("--precision", default="fp32", choices=list(PRECISIONS))
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--no-stream", action="store_true", help="print completions only at the end")
-    p.add_argument("--tp", type=int, help="tensor-parallel size (default: world size / --pp)")
-    p.add_argument("--pp", type=int, default=1, help="pipeline stages (default 1)")
+    p.add_argument("--tp", type=positive_int,
+                   help="tensor-parallel size (default: world size / --pp)")
+    p.add_argument("--pp", type=positive_int, default=1, help="pipeline stages (default 1)")
     return p
 
 
@@ -112,20 +123,19 @@ class _Job:
 def _layout(args: argparse.Namespace, world: int, info: CheckpointInfo) -> tuple[int, int]:
     """(tp, pp): tp * pp must be the world size (generation has no data parallelism)."""
     pp = args.pp
-    if pp < 1 or world % pp:
-        raise ConfigError(f"--pp {pp}: must be >= 1 and divide the world size {world}")
-    tp = args.tp if args.tp is not None else world // pp
-    if tp < 1 or tp * pp != world:
-        raise ConfigError(f"--tp {tp} * --pp {pp} = {tp * pp} != world size {world}; launch "
-                          "tp*pp ranks (torchrun --nproc-per-node)")
-    check_tp_layout(info.cfg, tp)
-    layout.stage_cuts(info.cfg, pp)  # every stage needs a block: pp <= n_layers
+    tp = args.tp if args.tp is not None else max(1, world // pp)
+    check_layout(info.cfg, tp, pp, world, exact=True)
     return tp, pp
 
 
 def _read_prompt_file(path: Path) -> list[str]:
-    """The non-blank lines of ``--prompt-file``; one clear error for text that is not UTF-8."""
-    data = path.read_bytes()
+    """The non-blank lines of ``--prompt-file``; one clear error for a file that cannot be read
+    or is not UTF-8."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise GenerationError(f"--prompt-file {path}: {e.strerror}; give a UTF-8 text file with "
+                              "one prompt per line") from None
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -148,17 +158,19 @@ def _prompts(args: argparse.Namespace, tokenizer: Tokenizer) -> list[list[int]]:
 
 
 def _prepare(args: argparse.Namespace, world: int) -> _Job:
+    """Every check that needs no collective, so that bad input stops every rank alike."""
+    device = inference_device(args.device)
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
     info = inspect_checkpoint(Path(args.checkpoint), args.format)
+    tp, pp = _layout(args, world, info)
     tok_path = Path(args.tokenizer) if args.tokenizer else info.tokenizer
     if tok_path is None:
         raise GenerationError("no tokenizer: pass --tokenizer PATH/tokenizer.model")
-    tokenizer = Tokenizer(tok_path)
+    tokenizer = open_tokenizer(tok_path, explicit=args.tokenizer is not None)
     check_vocab(tokenizer.vocab_size, info.cfg.vocab_size, tok_path)
     prompts = _prompts(args, tokenizer)
     check_prompts(prompts, args.max_new_tokens, info.cfg)
-    tp, pp = _layout(args, world, info)
-    return _Job(info, tokenizer, prompts, sampling, tp, pp, resolve_device(args.device))
+    return _Job(info, tokenizer, prompts, sampling, tp, pp, device)
 
 
 def _run(args: argparse.Namespace, job: _Job, rank: int) -> None:
@@ -192,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         _run(args, job, rank)  # load errors are agreed: every rank raises the same
         return 0
 
-    return run_command("megallama.generate", body, INPUT_ERRORS)
+    return run_cli(PROG, body, INPUT_ERRORS)
 
 
 if __name__ == "__main__":

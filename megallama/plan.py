@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
 
 from megallama.config import PRESETS, ConfigError, ModelConfig, preset
-from megallama.config.arguments import report_error
+from megallama.config.arguments import os_error_message, report_error
 from megallama.training.planner import DEFAULT_OVERHEAD_GIB, GIB, MemoryEstimate, plan
 
 # ---- command line --------------------------------------------------------------------------------
@@ -47,17 +48,37 @@ def load_model(spec: str, overrides: dict[str, Any] | None = None) -> ModelConfi
     if not (path.suffix == ".json" and path.is_file()):
         raise ConfigError(f"unknown model {spec!r}: neither a preset ({', '.join(PRESETS)}) nor "
                           "an existing params.json / config.json")
+    raw = _read_json(path)
     try:
-        raw = json.loads(path.read_text())
+        if "hidden_size" in raw:
+            return dataclasses.replace(ModelConfig.from_hf_config(raw), **overrides)
+        raw.update(overrides)
+        vocab = raw.get("vocab_size", -1)
+        if not isinstance(vocab, int) or isinstance(vocab, bool) or vocab <= 0:
+            raise ConfigError(f"{path} has vocab_size={vocab!r}: pass the tokenizer's, e.g. "
+                              "model.vocab_size=32000")
+        return ModelConfig.from_meta_params(raw)
+    except KeyError as exc:  # a field the format needs
+        raise ConfigError(f"{path}: missing field {exc}") from None
+    except TypeError as exc:  # a field of the wrong JSON type
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    """The JSON object in ``path``; one line naming the file for anything else."""
+    try:
+        raw = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset "
+                          f"{exc.start}); give a Meta params.json or an HF config.json") from None
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{path}: not valid JSON ({exc})") from None
-    if "hidden_size" in raw:
-        return dataclasses.replace(ModelConfig.from_hf_config(raw), **overrides)
-    raw.update(overrides)
-    if raw.get("vocab_size", -1) <= 0:
-        raise ConfigError(f"{path} has vocab_size={raw.get('vocab_size')}: pass the tokenizer's, "
-                          "e.g. model.vocab_size=32000")
-    return ModelConfig.from_meta_params(raw)
+    except OSError as exc:
+        raise ConfigError(f"model={os_error_message(exc)}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a JSON {type(raw).__name__}, expected an object (a Meta "
+                          "params.json or an HF config.json)")
+    return raw
 
 
 def _parse(argv: list[str]) -> tuple[dict[str, str], dict[str, Any]]:
@@ -97,6 +118,8 @@ def _get(opts: dict[str, str], key: str, default: Any, kind: Any = int) -> Any:
     if low is not None and any(not v >= low for v in values):  # also refuses nan
         bound = "> 0" if low == 1e-9 else f">= {low}"
         raise ConfigError(f"{key}={opts[key]}: must be {bound}")
+    if kind is float and value == math.inf:
+        raise ConfigError(f"{key}={opts[key]}: must be a finite number of GiB")
     return value
 
 

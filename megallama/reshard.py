@@ -18,6 +18,7 @@ from megallama.checkpoint.atomic import CheckpointError
 from megallama.config import ConfigError
 from megallama.config.arguments import positive_int, report_error
 
+PROG = "megallama-reshard"
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10,
           "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
@@ -33,12 +34,25 @@ def parse_size(text: str) -> int:
     return size
 
 
+def checkpoint_spec(text: str) -> str:
+    """``--src``/``--dst``: ``FORMAT:PATH`` with a known format, else a usage error naming the
+    option (checked by the converter's own parser, imported here only when an option is given)."""
+    from megallama.checkpoint.convert import parse_spec
+
+    try:
+        parse_spec(text)
+    except CheckpointError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="megallama-reshard", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--src", required=True, metavar="FORMAT:PATH",
+    p.add_argument("--src", required=True, metavar="FORMAT:PATH", type=checkpoint_spec,
                    help="meta:DIR (consolidated.NN.pth + params.json), hf:DIR, megallama:DIR")
-    p.add_argument("--dst", required=True, metavar="FORMAT:PATH", help="new directory to write")
+    p.add_argument("--dst", required=True, metavar="FORMAT:PATH", type=checkpoint_spec,
+                   help="new directory to write")
     p.add_argument("--tp", type=positive_int, default=1, help="megallama output: tensor-parallel size")
     p.add_argument("--pp", type=positive_int, default=1, help="megallama output: pipeline stages")
     p.add_argument("--mp", type=positive_int, default=None,
@@ -59,26 +73,44 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _terminate(signum: int, frame: object) -> None:
+    """SIGTERM (a scheduler, kill) unwinds like Ctrl-C, so the temporary output is removed; the
+    exit status is the shell's for a signal, 128 + 15."""
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Exit status: 0 written; 2 a usage or input error (one line on stderr naming the file or
+    option); 130/143 interrupted by SIGINT/SIGTERM. Unexpected errors keep their traceback (1)."""
     args = build_parser().parse_args(argv)
     # imported after parsing so that --help answers without loading torch and safetensors
     from megallama.checkpoint.convert import convert
 
-    # SIGTERM (a scheduler, kill) unwinds like Ctrl-C: the temporary output is removed
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    dst = args.dst.partition(":")[2]
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         report = convert(args.src, args.dst, tp=args.tp, pp=args.pp, mp=args.mp, dtype=args.dtype,
                          max_shard_size=args.max_shard_size, tokenizer=args.tokenizer,
                          seq_len=args.seq_len, partition_method=args.partition_method,
                          progress=not args.no_progress)
     except (CheckpointError, ConfigError) as e:
-        report_error("megallama-reshard", e)
+        report_error(PROG, e)
         return 2
     except OSError as e:  # the destination: read-only, full, not a directory...
         where = e.filename or args.dst
-        report_error("megallama-reshard", f"{where}: {e.strerror or e} (nothing was written to "
-                     f"{args.dst.partition(':')[2]})")
+        report_error(PROG, f"{where}: {e.strerror or e} (nothing was written to {dst})")
         return 2
+    except KeyboardInterrupt:
+        report_error(PROG, f"interrupted; the temporary output was removed, nothing was written "
+                     f"to {dst}")
+        return 128 + signal.SIGINT
+    except SystemExit as e:
+        if e.code == 128 + signal.SIGTERM:
+            report_error(PROG, f"terminated (SIGTERM); the temporary output was removed, nothing "
+                         f"was written to {dst}")
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     gbs = report["bytes"] / 1e9
     print(f"wrote {args.dst}: {report['tensors']} tensors, {gbs:.2f} GB in "
           f"{report['seconds']:.1f} s ({gbs / max(report['seconds'], 1e-9):.2f} GB/s)")

@@ -4,6 +4,12 @@ Order of events: compose and validate the config on every rank *before* any coll
 option stops every rank with the same one-line message, never a hang), initialise
 torch.distributed and the rank grid, build the engine, then loop: sample a global batch, run one
 DeepSpeed step, log, evaluate, save.
+
+Exit status: 0 when training completes; 2 for a configuration error (an unknown or mistyped
+override, a bad layout, a missing or damaged file...): every rank exits with it before any
+collective and rank 0 prints the one line ``megallama.train: error: ...`` (``MEGALLAMA_DEBUG=1``
+adds the traceback). A failure during training is not a config error: it exits non-zero with its
+traceback.
 """
 
 from __future__ import annotations
@@ -31,10 +37,14 @@ data, trainer, experiment=tiny_cpu|llama2_7b_pretrain. Any field can be overridd
 """
 
 
-def _fail(rank: int, message: str) -> int:
+EXIT_CONFIG = 2  # like argparse's usage errors
+
+
+def _fail(rank: int, message: object) -> int:
+    """Report a config error once (rank 0) and return the exit status every rank uses."""
     if rank == 0:
         report_error("megallama.train", message)
-    return 2
+    return EXIT_CONFIG
 
 
 def prepare(overrides: list[str], world: int) -> tuple[TrainConfig, object, torch.device]:
@@ -60,8 +70,10 @@ def main(argv: list[str] | None = None, hooks: TrainHooks | None = None) -> int:
     rank, world = world_info()
     try:
         cfg, grid, device = prepare(args, world)
-    except (ConfigError, ValueError, FileNotFoundError) as e:
-        return _fail(rank, str(e))
+    except (ConfigError, ValueError) as e:
+        return _fail(rank, e)
+    except OSError as e:  # reading the config or a file it names
+        return _fail(rank, f"{e.filename}: {e.strerror}" if e.filename else e)
     init_distributed(device)
     from megallama.training.loop import train  # imports DeepSpeed: after the config checks
 

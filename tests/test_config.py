@@ -51,10 +51,52 @@ def test_hf_config_round_trip(name):
     assert cfg.to_hf_config()["rms_norm_eps"] == 1e-5
 
 
-def test_hf_config_loads_in_transformers():
+def _hf_fields(hf) -> dict:
+    """The fields of a transformers LlamaConfig that fix the weights and the forward; RoPE's
+    theta and scaling are read where the installed transformers keeps them (``rope_theta`` and
+    ``rope_scaling`` before 5.0, ``rope_parameters`` since)."""
+    rope = {**(getattr(hf, "rope_scaling", None) or {}), **(getattr(hf, "rope_parameters", None) or {})}
+    names = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+             "num_key_value_heads", "head_dim", "vocab_size", "rms_norm_eps", "max_position_embeddings")
+    return {**{k: getattr(hf, k) for k in names},
+            "rope_theta": rope.get("rope_theta", getattr(hf, "rope_theta", None)),
+            "rope_type": rope.get("rope_type", rope.get("type", "default")),
+            "rope_factor": rope.get("factor")}
+
+
+_LLAMA2 = dict(vocab_size=32000, rms_norm_eps=1e-5, max_position_embeddings=4096,
+               rope_theta=10000.0, rope_type="default", rope_factor=None)
+
+
+# Expected values: Llama 2's config.json on the Hub (meta-llama/Llama-2-{7b,13b,70b}-hf), and for
+# the tiny model Meta's FFN rule by hand (int(2/3 * 4 * 128) = 341, up to a multiple of 32: 352).
+@pytest.mark.parametrize("name,over,want", [
+    ("llama2_7b", {}, dict(_LLAMA2, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                           num_attention_heads=32, num_key_value_heads=32, head_dim=128)),
+    ("llama2_13b", {}, dict(_LLAMA2, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
+                            num_attention_heads=40, num_key_value_heads=40, head_dim=128)),
+    ("llama2_70b", {}, dict(_LLAMA2, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                            num_attention_heads=64, num_key_value_heads=8, head_dim=128)),
+    ("tiny_gqa", {"vocab_size": 1000, "rope_theta": 500000.0, "norm_eps": 1e-6,
+                  "rope_scaling": {"type": "linear", "factor": 4.0}},
+     dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=8,
+          num_key_value_heads=2, head_dim=16, vocab_size=1000, rms_norm_eps=1e-6,
+          max_position_embeddings=256, rope_theta=500000.0, rope_type="linear", rope_factor=4.0)),
+], ids=["7b", "13b", "70b", "tiny_gqa-theta-eps-linear"])
+def test_hf_config_loads_in_transformers(name, over, want, tmp_path):
+    """transformers is the oracle: the config.json we write, loaded by transformers.LlamaConfig,
+    has the published sizes, heads, KV heads, eps, RoPE theta/scaling and vocabulary; and a
+    config.json transformers itself writes from it reads back as the same model config."""
     transformers = pytest.importorskip("transformers")
-    hf = transformers.LlamaConfig(**preset("llama2_70b").to_hf_config())
-    assert hf.num_key_value_heads == 8 and hf.intermediate_size == 28672 and hf.rms_norm_eps == 1e-5
+    cfg = preset(name, **over)
+    (tmp_path / "ours").mkdir()
+    (tmp_path / "ours" / "config.json").write_text(json.dumps(cfg.to_hf_config()))
+    hf = transformers.LlamaConfig.from_pretrained(tmp_path / "ours")
+    assert _hf_fields(hf) == want
+    hf.save_pretrained(tmp_path / "theirs")
+    back = ModelConfig.from_hf_config(json.loads((tmp_path / "theirs" / "config.json").read_text()))
+    assert _hf_fields(transformers.LlamaConfig(**back.to_hf_config())) == want
+    assert back.to_hf_config() == cfg.to_hf_config()
 
 
 def test_bad_configs():

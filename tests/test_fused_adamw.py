@@ -121,17 +121,40 @@ def test_accumulation_sums_bf16_gradients_in_fp32():
 
 
 def test_checkpoint_state_round_trip():
+    """What a checkpoint stores (master, both moments through ``full_state``; the Adam step as
+    the engine's ``set_adam_step`` restores it) loads into a fresh optimizer exactly, and the
+    restored optimizer then steps bit for bit like the original (bias correction included)."""
     params = _params(torch.bfloat16)
     opt = _fused(params)
-    for p, g in zip(params, _grads(0, params), strict=True):
-        p.grad = g
-    opt.step()
+    for step in range(2):
+        for p, g in zip(params, _grads(step, params), strict=True):
+            p.grad = g
+        opt.step()
     fresh = _params(torch.bfloat16, seed=7)
     opt2 = _fused(fresh)
+    keys = ("fp32", "exp_avg", "exp_avg_sq")
     for p, q in zip(params, fresh, strict=True):
-        for key in ("fp32", "exp_avg", "exp_avg_sq"):
+        for key in keys:
+            assert not torch.equal(opt2.full_state(q, key), opt.full_state(p, key)), key
             opt2.set_full_state(q, key, opt.full_state(p, key))
+    for state in opt2.state.values():  # as Engine.set_adam_step does
+        state["step"].fill_(float(opt.state[params[0]]["step"]))
+    for p, q in zip(params, fresh, strict=True):
         assert torch.equal(q.detach(), p.detach())  # the bf16 weight follows the master
+        for key in keys:
+            assert torch.equal(opt2.full_state(q, key), opt.full_state(p, key)), \
+                f"{key} not restored"
+    assert int(opt2.step_count) == int(opt.step_count) == 2
+    assert {int(s["step"]) for s in opt2.state.values()} == {2}
+    for opt_, ps in ((opt, params), (opt2, fresh)):  # one more step from the restored state
+        for p, g in zip(ps, _grads(2, ps), strict=True):
+            p.grad = g
+        opt_.step()
+    for p, q in zip(params, fresh, strict=True):
+        assert torch.equal(q.detach(), p.detach())
+        for key in keys:
+            assert torch.equal(opt2.full_state(q, key), opt.full_state(p, key)), \
+                f"{key} differs one step after the restore"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernel needs a CUDA GPU")

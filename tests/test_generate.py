@@ -22,8 +22,6 @@ from megallama.inference.generation import (
 )
 from megallama.model.llama import Transformer
 
-transformers = pytest.importorskip("transformers")
-
 VOCAB = 512
 NEW = 32
 # lengths 7, 19, 1, 12: left padding of 0..18 tokens, and a BOS-only prompt
@@ -31,6 +29,7 @@ PROMPTS = [[1, *range(40, 46)], [1, *range(100, 118)], [1], [1, 7, 300, 9, 11, 2
 
 
 def hf_model_from(model: Transformer):
+    transformers = pytest.importorskip("transformers")  # only the tests that compare with it
     hf_cfg = transformers.LlamaConfig(**model.cfg.to_hf_config())
     hf_cfg._attn_implementation = "eager"
     hf = transformers.LlamaForCausalLM(hf_cfg).eval()

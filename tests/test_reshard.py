@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from megallama.checkpoint.atomic import CheckpointError
 from megallama.checkpoint.convert import convert
 from megallama.checkpoint.meta import ROPE_FREQS, rope_freqs
-from megallama.checkpoint.names import meta_split_dim, meta_tensor_to_hf, model_tensor_shapes
+from megallama.checkpoint.names import meta_split_dim, model_tensor_shapes
 from megallama.checkpoint.weights import (
     _local_shard,
     _named_params,
@@ -88,6 +88,31 @@ def hf_tensors(path: Path) -> dict[str, torch.Tensor]:
     return out
 
 
+def assert_transformers_agrees(hf_dir: Path, cfg, state: dict[str, torch.Tensor]) -> None:
+    """transformers is the oracle of an HF export: LlamaConfig reads ``cfg``'s sizes, heads, KV
+    heads, eps, RoPE theta and vocabulary from its config.json, LlamaForCausalLM loads every tensor
+    (none missing, unexpected or misshapen) in the dtype of ``state``, and its logits equal those of
+    megallama's model holding the Meta-layout ``state`` (both in fp32)."""
+    transformers = pytest.importorskip("transformers")
+    c = transformers.LlamaConfig.from_pretrained(hf_dir)
+    rope = {**(getattr(c, "rope_scaling", None) or {}), **(getattr(c, "rope_parameters", None) or {})}
+    assert (c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.num_attention_heads,
+            c.num_key_value_heads, c.rms_norm_eps, rope.get("rope_theta", getattr(c, "rope_theta", None)),
+            c.vocab_size) == (cfg.dim, state["layers.0.feed_forward.w1.weight"].shape[0], cfg.n_layers,
+                              cfg.n_heads, cfg.n_kv_heads, cfg.norm_eps, cfg.rope_theta, cfg.vocab_size)
+    hf, info = transformers.LlamaForCausalLM.from_pretrained(hf_dir, attn_implementation="eager",
+                                                             output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    assert {p.dtype for p in hf.parameters()} == {t.dtype for t in state.values()}
+    ours = Transformer(cfg).eval()
+    ours.load_state_dict({n: t.float() for n, t in state.items()})
+    tokens = torch.randint(0, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, got = ours.full_logits(tokens), hf.float().eval()(tokens).logits
+    err = ((got - want).norm() / want.norm()).item()
+    assert err < 1e-4, f"transformers' logits of {hf_dir} differ from the weights': {err:.2e}"
+
+
 def test_meta_hf_meta_round_trip_is_bit_exact(tmp_path):
     cfg = preset("tiny_gqa", vocab_size=1000)
     state = random_state(cfg)
@@ -97,8 +122,7 @@ def test_meta_hf_meta_round_trip_is_bit_exact(tmp_path):
     index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
     assert len(shards) > 2 and set(index["weight_map"].values()) == {p.name for p in shards}
     assert all(p.stat().st_size < 400_000 + 4096 for p in shards)  # data <= 400 kB + header
-    hf = hf_tensors(tmp_path / "hf")  # q/k permuted per head (k with the KV-head count)
-    assert_same(hf, dict(meta_tensor_to_hf(n, t, cfg) for n, t in state.items()))
+    assert_transformers_agrees(tmp_path / "hf", cfg, state)  # q/k permuted, k with the KV heads
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert config["num_key_value_heads"] == 2 and config["torch_dtype"] == "bfloat16"
     convert(f"hf:{tmp_path / 'hf'}", f"meta:{tmp_path / 'back'}", mp=2, progress=False)
@@ -185,8 +209,7 @@ def test_70b_shaped_gqa_meta8_megallama_tp4_pp2_meta8_and_hf(tmp_path):
     for orig, back in zip(load_meta(src), load_meta(tmp_path / "back"), strict=True):
         assert_same(orig, back)
     convert(f"megallama:{mg}", f"hf:{tmp_path / 'hf'}", progress=False)
-    assert_same(hf_tensors(tmp_path / "hf"),
-                dict(meta_tensor_to_hf(n, t, cfg) for n, t in state.items()))
+    assert_transformers_agrees(tmp_path / "hf", cfg, state)
 
 
 def test_kv_replicated_slices_stored_once(tmp_path):
@@ -215,9 +238,38 @@ def test_hf_export_loads_in_transformers_with_equal_logits(tmp_path):
     assert ((ours - theirs).norm() / theirs.norm()).item() < 1e-5
 
 
+# transformers' LlamaForCausalLM parameter names, written out here (not megallama's table)
+_HF_TOP = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+           "output.weight": "lm_head.weight"}
+_HF_LAYER = {"attention.wq.weight": "self_attn.q_proj.weight",
+             "attention.wk.weight": "self_attn.k_proj.weight",
+             "attention.wv.weight": "self_attn.v_proj.weight",
+             "attention.wo.weight": "self_attn.o_proj.weight",
+             "feed_forward.w1.weight": "mlp.gate_proj.weight",
+             "feed_forward.w2.weight": "mlp.down_proj.weight",
+             "feed_forward.w3.weight": "mlp.up_proj.weight",
+             "attention_norm.weight": "input_layernorm.weight",
+             "ffn_norm.weight": "post_attention_layernorm.weight"}
+
+
+def _from_transformers(name: str, theirs: dict[str, torch.Tensor], cfg) -> torch.Tensor:
+    """megallama's (Meta) parameter ``name`` taken from transformers' state dict ``theirs``, q/k
+    rows back in Meta's interleaved order: Meta row 2i + j of a head is HF row j * d/2 + i."""
+    _, layer, rest = name.split(".", 2) if name.startswith("layers.") else (None, None, name)
+    w = theirs[_HF_TOP[name] if layer is None else f"model.layers.{layer}.{_HF_LAYER[rest]}"]
+    heads = {"attention.wq.weight": cfg.n_heads, "attention.wk.weight": cfg.n_kv_heads}.get(rest)
+    if heads is None:
+        return w
+    d = cfg.head_dim
+    return w[[h * d + j * (d // 2) + i for h in range(heads) for i in range(d // 2) for j in (0, 1)]]
+
+
 def test_converted_checkpoint_resumes_training(hf_gqa, tmp_path):
-    """Transformer + AdamW (the engine's optimizer on one rank): load the converted weights at the
-    checkpoint's config, take steps on a fixed batch, the loss goes down."""
+    """HF (written by transformers) -> megallama at tp=2, pp=2, loaded into a Transformer at tp=1:
+    every tensor is transformers' own, bit for bit (q/k rows in Meta's order, derived here); the
+    first AdamW step (the engine's optimizer on one rank) starts from the loss transformers' model
+    gives on that batch, and the loss goes down."""
+    transformers = pytest.importorskip("transformers")
     from megallama.checkpoint.lookup import find_checkpoint
 
     src, cfg = hf_gqa
@@ -226,10 +278,18 @@ def test_converted_checkpoint_resumes_training(hf_gqa, tmp_path):
     assert find_checkpoint(mg) == mg
     model = Transformer(cfg, seed=1)
     load_model_weights(model.named_layers(), model.tp, mg, cfg)
-    hf = hf_tensors(src)
-    assert torch.equal(model.norm.weight, hf["model.norm.weight"])
+    hf = transformers.LlamaForCausalLM.from_pretrained(src, attn_implementation="eager").float().eval()
+    theirs = {n: t for n, t in hf.state_dict().items() if "rotary" not in n}
+    ours = model.state_dict()
+    assert len(ours) == len(theirs) == 3 + 9 * cfg.n_layers
+    for name, t in ours.items():
+        want = _from_transformers(name, theirs, cfg)
+        assert t.dtype == want.dtype and torch.equal(t, want), name
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     tokens = torch.randint(0, cfg.vocab_size, (2, 33), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits = hf(tokens[:, :-1]).logits
+        oracle = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
     losses = []
     for _ in range(3):
         loss = model.loss(model(tokens[:, :-1]), tokens[:, 1:])
@@ -237,6 +297,7 @@ def test_converted_checkpoint_resumes_training(hf_gqa, tmp_path):
         loss.backward()
         opt.step()
         losses.append(loss.item())
+    assert abs(losses[0] - oracle.item()) < 1e-5 * oracle.item(), (losses[0], oracle.item())
     assert losses[-1] < losses[0]
 
 

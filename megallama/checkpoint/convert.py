@@ -18,7 +18,6 @@ loader reads any layout, so they only decide which file holds which layer.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 import time
@@ -29,10 +28,18 @@ from typing import Any, Protocol
 
 import torch
 
-from megallama.checkpoint.atomic import CheckpointError, fsync_dir, fsync_file, write_text_atomic
-from megallama.checkpoint.hf import HFSink, HFSource, SafetensorsStream, nbytes_of
+from megallama.checkpoint.atomic import CheckpointError, write_text_atomic
+from megallama.checkpoint.hf import (
+    HF_TOKENIZER_FILES,
+    HFSink,
+    HFSource,
+    SafetensorsStream,
+    nbytes_of,
+)
 from megallama.checkpoint.meta import MetaSink, MetaSource, check_mp, default_mp
 from megallama.checkpoint.names import model_tensor_shapes
+from megallama.checkpoint.shard_index import check_shard_headers
+from megallama.checkpoint.staging import publish, temporary_output
 from megallama.checkpoint.weights import (
     FORMAT,
     INDEX_NAME,
@@ -96,6 +103,7 @@ class MegallamaSource:
         extra = sorted(set(tensors) - {n for n, _ in expected})
         if extra:
             raise CheckpointError(f"{self.path / INDEX_NAME}: {extra[0]}: unexpected tensor")
+        check_shard_headers(self.path, index)  # sizes, shapes and dtypes before any output
         self.names = [n for n, _ in expected]
         self.dtypes = {n: getattr(torch, tensors[n]["dtype"]) for n in self.names}
         self.declared_dtype = self.dtypes[self.names[0]]
@@ -272,50 +280,37 @@ def _stream(source: Source, sink: Sink, out_dtype: torch.dtype, *, cast_ok: bool
     return count
 
 
-def check_tokenizer(path: Path, cfg: ModelConfig) -> None:
+def check_tokenizer(path: Path, cfg: ModelConfig, dst_fmt: str = "hf") -> None:
     """A ``--tokenizer`` shipped with an export must be a SentencePiece model (``tokenizer.model``
-    itself or inside the given directory) whose vocabulary is the model's."""
+    itself or inside the given directory) whose vocabulary is the model's; only an hf output takes
+    a directory of HF tokenizer files without one (copied as given)."""
     model = path / "tokenizer.model" if path.is_dir() else path
+    if path.is_dir() and not model.is_file():
+        if dst_fmt != "hf":
+            raise CheckpointError(f"--tokenizer {path}: no tokenizer.model in this directory (a "
+                                  f"{dst_fmt} output ships the SentencePiece model)")
+        if not any((path / n).is_file() for n in HF_TOKENIZER_FILES):
+            raise CheckpointError(f"--tokenizer {path}: no tokenizer files "
+                                  f"({', '.join(HF_TOKENIZER_FILES)})")
+        return
     if not model.is_file():
-        if path.is_dir():
-            return  # an HF tokenizer directory without a SentencePiece model: copied as given
-        raise CheckpointError(f"{path}: tokenizer not found")
+        raise CheckpointError(f"--tokenizer {path}: not found")
     try:
         check_vocab(Tokenizer(model).vocab_size, cfg.vocab_size, model)
     except TokenizerError as e:
         raise CheckpointError(f"--tokenizer {model}: {e}") from None
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
-
-
-def remove_stale_temporaries(dst: Path) -> list[Path]:
-    """Remove ``.<dst>.tmp-<pid>`` directories beside ``dst`` left by conversions that were
-    killed (SIGKILL, power loss): their process no longer exists. A conversion still running
-    into the same destination keeps its directory. Returns what was removed."""
-    removed = []
-    for tmp in dst.parent.glob(f".{dst.name}.tmp-*"):
-        pid = tmp.name.rsplit("-", 1)[1]
-        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
-            shutil.rmtree(tmp, ignore_errors=True)
-            removed.append(tmp)
-    return removed
-
-
-def _commit(tmp: Path, dst: Path) -> None:
-    """fsync everything written into ``tmp``, then rename it to ``dst`` (atomic publication)."""
-    for p in tmp.iterdir():
-        fsync_file(p)
-    fsync_dir(tmp)
-    os.rename(tmp, dst)
-    fsync_dir(dst.parent)
+def open_sink(fmt: str, out: Path, source: Source, dtype: torch.dtype, opts: dict[str, Any],
+              src_spec: str) -> Sink:
+    """The writer of format ``fmt`` into ``out``; ``opts`` are :func:`convert`'s options."""
+    cfg, tokenizer = source.config, opts["tokenizer"]
+    if fmt == "meta":
+        return MetaSink(out, cfg, dtype, opts["mp"] or default_mp(cfg), tokenizer)
+    if fmt == "hf":
+        return HFSink(out, cfg, dtype, opts["max_shard_size"], tokenizer)
+    return MegallamaSink(out, cfg, dtype, opts["tp"], opts["pp"], opts["seq_len"],
+                         {"converted_from": src_spec}, opts["partition_method"])
 
 
 def convert(src: str, dst: str, *, tp: int = 1, pp: int = 1, mp: int | None = None,
@@ -325,50 +320,41 @@ def convert(src: str, dst: str, *, tp: int = 1, pp: int = 1, mp: int | None = No
     """Convert checkpoint ``src`` (``FORMAT:PATH``) to ``dst``; returns a small report
     (bytes, seconds, tensors). ``dtype`` (bf16/fp16/fp32) casts every tensor; without it the output
     keeps the source's dtype and a tensor that would lose information raises. Raises
-    :class:`CheckpointError` with a one-line message naming the file and key."""
+    :class:`CheckpointError` with a one-line message naming the file and key; on any failure
+    nothing is left at or beside ``dst``."""
     src_fmt, src_path = parse_spec(src)
     dst_fmt, dst_path = parse_spec(dst)
     if dtype is not None and dtype not in DTYPES:
         raise CheckpointError(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
-    if dst_path.exists():
+    if dst_path.exists() or dst_path.is_symlink():
         raise CheckpointError(f"{dst_path}: already exists; choose a new destination")
     if tokenizer is not None and not Path(tokenizer).exists():
-        raise CheckpointError(f"{tokenizer}: tokenizer not found")
+        raise CheckpointError(f"--tokenizer {tokenizer}: not found")
     t0 = time.monotonic()
     source = open_source(src_fmt, src_path)
-    cfg = source.config
     out_dtype = DTYPES[dtype] if dtype else source.declared_dtype
-    check_layout(dst_fmt, dst_path, cfg, tp, pp, mp)
+    check_layout(dst_fmt, dst_path, source.config, tp, pp, mp)
     if tokenizer is not None:
-        check_tokenizer(Path(tokenizer), cfg)
-    remove_stale_temporaries(dst_path)
-    tmp = dst_path.with_name(f".{dst_path.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    bar = Progress(source.nbytes, progress)
-    sink: Sink | None = None
-    try:
-        if dst_fmt == "meta":
-            sink = MetaSink(tmp, cfg, out_dtype, mp or default_mp(cfg), tokenizer)
-        elif dst_fmt == "hf":
-            sink = HFSink(tmp, cfg, out_dtype, max_shard_size, tokenizer)
-        else:
-            extra = {"converted_from": f"{src_fmt}:{src_path}"}
-            sink = MegallamaSink(tmp, cfg, out_dtype, tp, pp, seq_len, extra, partition_method)
-        count = _stream(source, sink, out_dtype, cast_ok=dtype is not None, bar=bar)
-        bar.close()
-        sink.finish()
-        if dst_fmt == "megallama" and tokenizer is not None:
-            src_tok = Path(tokenizer)
-            src_tok = src_tok / "tokenizer.model" if src_tok.is_dir() else src_tok
-            shutil.copyfile(src_tok, tmp / "tokenizer.model")
-        _commit(tmp, dst_path)
-    except BaseException:
-        bar.close()
-        if sink is not None:
-            sink.abort()
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        check_tokenizer(Path(tokenizer), source.config, dst_fmt)
+    opts = {"tp": tp, "pp": pp, "mp": mp, "max_shard_size": max_shard_size, "seq_len": seq_len,
+            "tokenizer": tokenizer, "partition_method": partition_method}
+    with temporary_output(dst_path) as tmp:
+        bar = Progress(source.nbytes, progress)
+        sink: Sink | None = None
+        try:
+            sink = open_sink(dst_fmt, tmp, source, out_dtype, opts, f"{src_fmt}:{src_path}")
+            count = _stream(source, sink, out_dtype, cast_ok=dtype is not None, bar=bar)
+            bar.close()
+            sink.finish()
+            if dst_fmt == "megallama" and tokenizer is not None:
+                src_tok = Path(tokenizer)
+                src_tok = src_tok / "tokenizer.model" if src_tok.is_dir() else src_tok
+                shutil.copyfile(src_tok, tmp / "tokenizer.model")
+            publish(tmp, dst_path)
+        except BaseException:
+            bar.close()
+            if sink is not None:
+                sink.abort()
+            raise
     return {"src": src, "dst": dst, "tensors": count, "bytes": bar.done,
             "seconds": time.monotonic() - t0}

@@ -118,6 +118,23 @@ def read_hf_config(path: Path) -> tuple[ModelConfig, dict[str, Any]]:
         raise CheckpointError(f"{cfg_path}: {what}") from None
 
 
+def _read_weight_map(index: Path) -> dict[str, str]:
+    """The ``weight_map`` of ``model.safetensors.index.json``: tensor name -> a plain file name
+    beside the index (never a path leading elsewhere); one-line errors naming the index."""
+    try:
+        wmap = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{index}: malformed safetensors index ({e})") from None
+    if not isinstance(wmap, dict):
+        raise CheckpointError(f"{index}: malformed safetensors index (weight_map is a "
+                              f"{type(wmap).__name__}, expected an object of tensor -> file)")
+    for key, fname in wmap.items():
+        if not isinstance(fname, str) or Path(fname).name != fname or fname in ("", ".", ".."):
+            raise CheckpointError(f"{index}: {key}: file {fname!r} is not a file name beside the "
+                                  "index")
+    return wmap
+
+
 class HFSource:
     """Streams (Meta name, full tensor in Meta layout, file) out of an HF checkpoint directory,
     after checking the key set and every shape against config.json (headers only)."""
@@ -173,10 +190,7 @@ class HFSource:
     def _weight_map(self) -> dict[str, str]:
         index = self.path / INDEX_FILE
         if index.is_file():
-            try:
-                wmap = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise CheckpointError(f"{index}: malformed safetensors index ({e})") from None
+            wmap = _read_weight_map(index)
             for key, fname in wmap.items():
                 if not (self.path / fname).is_file():
                     raise CheckpointError(f"{self.path / fname}: {key}: listed in {INDEX_FILE} "
@@ -259,7 +273,7 @@ class HFSink:
             self._open[1].abort()
 
 
-_HF_TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
+HF_TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
                        "special_tokens_map.json")
 
 
@@ -268,9 +282,9 @@ def write_hf_tokenizer(src: Path, out: Path, cfg: ModelConfig) -> None:
     the tokenizer_config.json / special_tokens_map.json that LlamaTokenizer expects."""
     src = Path(src)
     if src.is_dir():
-        found = [n for n in _HF_TOKENIZER_FILES if (src / n).is_file()]
+        found = [n for n in HF_TOKENIZER_FILES if (src / n).is_file()]
         if not found:
-            raise CheckpointError(f"{src}: no tokenizer files ({', '.join(_HF_TOKENIZER_FILES)})")
+            raise CheckpointError(f"{src}: no tokenizer files ({', '.join(HF_TOKENIZER_FILES)})")
         for n in found:
             shutil.copyfile(src / n, out / n)
         return

@@ -170,6 +170,20 @@ def load_mmap(path: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
+def check_weight_dtype(path: Path, name: str, dtype: torch.dtype, first: torch.dtype) -> None:
+    """A weight slice must be float32, bfloat16 or float16 (what every reader and writer handles;
+    an integer or float64 tensor is not Llama weights) and of the dtype its first slice has."""
+    def show(d: torch.dtype) -> str:
+        return str(d).removeprefix("torch.")
+
+    if dtype not in _STORAGE_TYPES:
+        raise CheckpointError(f"{path}: {name}: dtype {show(dtype)} is not "
+                              "float32/bfloat16/float16 (not Llama weights)")
+    if dtype != first:
+        raise CheckpointError(f"{path}: {name}: dtype {show(dtype)}, while the earlier shards "
+                              f"store it as {show(first)}")
+
+
 # ---- reader --------------------------------------------------------------------------------------
 class MetaSource:
     """Streams (name, full tensor, file) out of a consolidated checkpoint after validating
@@ -194,11 +208,7 @@ class MetaSource:
             params = json.loads(params_path.read_text(encoding="utf-8"))
             if not isinstance(params, dict):
                 raise ConfigError(f"expected a JSON object, got {type(params).__name__}")
-            vocab = params.get("vocab_size", -1)
-            if vocab is None or vocab <= 0:  # Meta ships -1: the tokenizer's size, = embedding rows
-                emb = self.shards[0].get("tok_embeddings.weight")
-                vocab = int(emb.shape[0]) if emb is not None else None
-            self.config = ModelConfig.from_meta_params(params, vocab_size=vocab)
+            self.config = ModelConfig.from_meta_params(params, vocab_size=self._vocab(params))
         except (json.JSONDecodeError, UnicodeDecodeError, ConfigError, TypeError) as e:
             raise CheckpointError(f"{params_path}: {e}") from None
         check_mp(self.config, self.mp, self.files[0])
@@ -209,13 +219,29 @@ class MetaSource:
         self.declared_dtype = first
         self.nbytes = sum(first.itemsize * torch.Size(s).numel() for _, s in self.expected)
 
+    def _vocab(self, params: dict[str, Any]) -> Any:
+        """params.json's vocab_size, or for Meta's -1 (or none) the embedding's row count: the
+        tokenizer's size. A value of the wrong type is returned as is for ModelConfig to refuse."""
+        vocab = params.get("vocab_size", -1)
+        if vocab is not None and (isinstance(vocab, bool) or not isinstance(vocab, int)
+                                  or vocab > 0):
+            return vocab
+        emb = self.shards[0].get("tok_embeddings.weight")
+        if emb is None or emb.dim() != 2:
+            raise ConfigError(f"vocab_size {vocab} and {self.files[0].name} has no 2-D "
+                              "tok_embeddings.weight to take the vocabulary size from")
+        return int(emb.shape[0])
+
     def _validate(self) -> None:
         want = set(self.names)
+        dtypes: dict[str, torch.dtype] = {}
         for path, sd in zip(self.files, self.shards, strict=True):
-            for key in sd:
+            for key, t in sd.items():
                 if key not in want and key != ROPE_FREQS:
                     raise CheckpointError(f"{path}: {key}: unexpected tensor (not a parameter of "
                                           "the params.json model)")
+                if key in want:
+                    check_weight_dtype(path, key, t.dtype, dtypes.setdefault(key, t.dtype))
             for name, shape in self.expected:
                 if name not in sd:
                     raise CheckpointError(f"{path}: {name}: missing")

@@ -27,6 +27,8 @@ FORMAT = "megallama-weights"
 FORMAT_VERSION = 1
 INDEX_NAME = "model.index.json"
 Box = list[tuple[int, int]]  # [start, stop) per dimension
+# the dtypes weights are stored in: the index's name -> the safetensors header's
+WEIGHT_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 
 
 class _HasGrid(Protocol):
@@ -115,12 +117,60 @@ def read_index(ckpt_dir: Path) -> dict[str, Any]:
             for piece in entry["pieces"]:
                 if piece["file"] not in index["files"]:
                     raise CheckpointError(f"{path}: {name}: file {piece['file']} not in 'files'")
-            if not isinstance(getattr(torch, entry["dtype"], None), torch.dtype):
-                raise CheckpointError(f"{path}: {name}: unknown dtype {entry['dtype']!r}")
+            if entry["dtype"] not in WEIGHT_DTYPES:
+                raise CheckpointError(f"{path}: {name}: dtype {entry['dtype']!r} is not one of "
+                                      f"{', '.join(WEIGHT_DTYPES)} (not model weights)")
     except (KeyError, TypeError, AttributeError) as e:
         what = f"{type(e).__name__}: {e}"
         raise CheckpointError(f"{path}: malformed checkpoint index ({what})") from None
     return index
+
+
+def check_stored(path: Path, name: str, view: Any, shape: list[int], dtype: str) -> None:
+    """A shard's tensor (a safetensors slice) must have the shape and dtype the index gives its
+    piece: an int8 tensor read into a bfloat16 buffer would be converted silently."""
+    if list(view.get_shape()) != shape:
+        raise CheckpointError(f"{path}: {name} has shape {list(view.get_shape())}, the index "
+                              f"says {shape}")
+    if view.get_dtype() != WEIGHT_DTYPES[dtype]:
+        raise CheckpointError(f"{path}: {name} is stored as {view.get_dtype()}, the index says "
+                              f"{dtype} ({WEIGHT_DTYPES[dtype]})")
+
+
+def check_shard_headers(ckpt_dir: Path, index: dict[str, Any]) -> None:
+    """Every shard the index lists has the recorded size and holds each of its pieces with the
+    recorded shape and dtype -- sizes and headers only, so a damaged checkpoint is refused before
+    anything is read from it (contents are sha256-checked when a shard is first read)."""
+    listed: dict[str, list[tuple[str, list[int], str]]] = {f: [] for f in index["files"]}
+    for name, entry in index["tensors"].items():
+        for piece in entry["pieces"]:
+            shape = list(entry["shape"])
+            if entry["split_dim"] is not None:
+                shape[entry["split_dim"]] = piece["length"]
+            listed[piece["file"]].append((name, shape, entry["dtype"]))
+    for fname, pieces in listed.items():
+        path = Path(ckpt_dir) / fname
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            raise CheckpointError(f"{path}: checkpoint shard is missing (listed in "
+                                  f"{INDEX_NAME})") from None
+        if size != index["files"][fname]["size"]:
+            raise CheckpointError(f"{path}: {size} bytes, expected {index['files'][fname]['size']}"
+                                  f" (listed in {INDEX_NAME}); the file is truncated or was not "
+                                  "completely written")
+        try:
+            with safe_open(path, framework="pt") as f:
+                stored = set(f.keys())
+                for name, shape, dtype in pieces:
+                    if name not in stored:
+                        raise CheckpointError(f"{path}: tensor {name} is missing from the shard")
+                    check_stored(path, name, f.get_slice(name), shape, dtype)
+        except CheckpointError:
+            raise
+        except Exception as e:  # SafetensorError (a damaged header) / OSError
+            raise CheckpointError(f"{path}: not a readable safetensors file "
+                                  f"({str(e).splitlines()[0]})") from None
 
 
 class ShardReader:
@@ -164,10 +214,7 @@ class ShardReader:
                 view = f.get_slice(name)
             except Exception:
                 raise CheckpointError(f"{path}: tensor {name} is missing from the shard") from None
-            want = [pb - pa for pa, pb in pbox]
-            if list(view.get_shape()) != want:
-                raise CheckpointError(f"{path}: {name} has shape {list(view.get_shape())}, the "
-                                      f"index says {want}")
+            check_stored(path, name, view, [pb - pa for pa, pb in pbox], entry["dtype"])
             src = tuple(slice(a - pa, b - pa) for (a, b), (pa, _) in zip(cut, pbox, strict=True))
             dst = tuple(slice(a - ba, b - ba) for (a, b), (ba, _) in zip(cut, box, strict=True))
             out[dst] = view[src]

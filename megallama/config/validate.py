@@ -4,7 +4,10 @@
 ``init_process_group``'s first collective, DeepSpeed or the model: a bad layout or a missing file
 then fails as one :class:`~megallama.config.ConfigError` line that names the option and what to do,
 instead of a hang in a collective, a DeepSpeed assertion, or a traceback per rank. Checks are
-ordered cheap-first (numbers, then the layout); the files on disk are checked after these by
+ordered cheap-first and primary-first: what to train on (``data.train``, ``data.seq_len``), the
+loop, W&B and optimizer numbers, the layout, and last the rules that relate options to each other
+(evaluation needs validation data), so a config without training data says so instead of
+complaining about a consequence. The files on disk are checked after these by
 :func:`megallama.data.checks.check_data_files` (:func:`megallama.training.preflight.validate` runs
 both).
 """
@@ -35,13 +38,15 @@ WANDB_MODES = ("disabled", "offline", "online")
 
 
 def validate_options(cfg: TrainConfig, world_size: int) -> Grid:
-    """Raise ConfigError on the first inconsistency; return the rank grid for ``world_size``."""
+    """Raise ConfigError on the first inconsistency, the primary one first (see the module
+    docstring); return the rank grid for ``world_size``."""
+    check_data(cfg.data, cfg.model)
     check_trainer(cfg.trainer)
     check_wandb(cfg.trainer.wandb)
     check_optim(cfg.optim)
     grid = check_parallel(cfg.parallel, cfg.model, cfg.data.seq_len, world_size)
     check_optimizer_impl(cfg.optim, cfg.parallel)
-    check_data(cfg.data, cfg.model, cfg.trainer)
+    check_evaluation(cfg.data, cfg.trainer)
     return grid
 
 
@@ -60,6 +65,10 @@ def check_trainer(t: TrainerConfig) -> None:
         )
     if t.save_interval < 0:
         raise ConfigError(f"trainer.save_interval={t.save_interval}: must be >= 0 (0: at the end)")
+    if t.keep_last < 0:
+        raise ConfigError(f"trainer.keep_last={t.keep_last}: must be >= 0 (0 keeps every checkpoint)")
+    if not 0 <= t.seed < 2**63:  # numpy's generators refuse negative seeds
+        raise ConfigError(f"trainer.seed={t.seed}: must be in [0, 2**63)")
     if not t.output_dir:
         raise ConfigError("trainer.output_dir is empty: give a directory for logs and checkpoints")
     if t.nonfinite not in NONFINITE:
@@ -151,8 +160,11 @@ def check_parallel(p: ParallelConfig, model: ModelConfig, seq_len: int, world_si
     grid = Grid.from_world(world_size, tp=p.tp, pp=p.pp, dp=p.dp)
     if p.micro_batch_size < 1:
         raise ConfigError(f"parallel.micro_batch_size={p.micro_batch_size}: must be >= 1")
+    if p.global_batch_size < 1:
+        raise ConfigError(f"parallel.global_batch_size={p.global_batch_size}: must be >= 1 "
+                          "(samples per optimizer step)")
     per_step = p.micro_batch_size * grid.dp
-    if p.global_batch_size < 1 or p.global_batch_size % per_step:
+    if p.global_batch_size % per_step:
         suggestion = max(per_step, p.global_batch_size // per_step * per_step)
         raise ConfigError(
             f"parallel.global_batch_size={p.global_batch_size} is not a multiple of "
@@ -185,20 +197,21 @@ def check_parallel(p: ParallelConfig, model: ModelConfig, seq_len: int, world_si
     return grid
 
 
-def check_data(d: DataConfig, model: ModelConfig, t: TrainerConfig) -> None:
-    """Sequence length, blend weights and validation data as options (the files on disk are
-    checked by :func:`megallama.data.checks.check_data_files`)."""
+def check_data(d: DataConfig, model: ModelConfig) -> None:
+    """What to train on, as options: training files given, sequence length, blend weights, the
+    held-out fraction (the files on disk are checked by
+    :func:`megallama.data.checks.check_data_files`)."""
+    if not d.train:
+        raise ConfigError(
+            "data.train is empty: give preprocessed token files, e.g. data.train=[path/prefix] "
+            "(the <prefix>.bin/.idx pair written by megallama-preprocess)"
+        )
     if d.seq_len < 1:
         raise ConfigError(f"data.seq_len={d.seq_len}: must be >= 1")
     if d.seq_len > model.max_seq_len:
         raise ConfigError(
             f"data.seq_len={d.seq_len} > model.max_seq_len={model.max_seq_len}: shorten "
             "data.seq_len or raise model.max_seq_len"
-        )
-    if not d.train:
-        raise ConfigError(
-            "data.train is empty: give preprocessed token files, e.g. data.train=[path/prefix] "
-            "(the <prefix>.bin/.idx pair written by megallama-preprocess)"
         )
     if d.train_weights is not None:
         if len(d.train_weights) != len(d.train):
@@ -213,6 +226,10 @@ def check_data(d: DataConfig, model: ModelConfig, t: TrainerConfig) -> None:
             )
     if not 0.0 <= d.valid_fraction < 1.0:
         raise ConfigError(f"data.valid_fraction={d.valid_fraction}: must be in [0, 1)")
+
+
+def check_evaluation(d: DataConfig, t: TrainerConfig) -> None:
+    """Evaluation needs validation data: a consequence of other options, so checked last."""
     if t.eval_interval > 0 and not d.valid and d.valid_fraction == 0:
         raise ConfigError(
             f"trainer.eval_interval={t.eval_interval} but there is no validation data: set "
@@ -227,6 +244,7 @@ __all__ = [
     "PRECISIONS",
     "WANDB_MODES",
     "check_data",
+    "check_evaluation",
     "check_optim",
     "check_parallel",
     "check_trainer",

@@ -1,51 +1,108 @@
-"""Checks of the data a run names, on disk, before any collective: every token file exists, is
-intact, was tokenized with the model's vocabulary and holds at least one sample; the tokenizer
-matches the model. Each failure is one :class:`~megallama.config.ConfigError` line naming the
-option."""
+"""Checks of the data a run names, on disk, before any collective. Each failure is one
+:class:`~megallama.config.ConfigError` line naming the option, and the primary problem is
+reported first: every token file exists and is intact; all of them come from one tokenizer;
+``data.tokenizer`` loads and is that tokenizer; ``model.vocab_size`` matches it; every file holds
+at least one sample; the held-out validation tail (``data.valid_fraction``) fits. So a config
+whose tokenizer disagrees with its token files says that, instead of advising a model vocabulary
+that the token files would then refuse."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 from megallama.config import ConfigError, ModelConfig
 from megallama.config.train_config import DataConfig
 from megallama.data.indexed import IndexedTokens
-from megallama.data.tokenizer import Tokenizer, TokenizerError, check_vocab
+from megallama.data.tokenizer import Tokenizer, TokenizerError
+
+REMEDY = "create it with megallama-preprocess"
+
+
+class _TokenFile(NamedTuple):
+    option: str  # e.g. "data.train[0]"
+    prefix: str
+    vocab_size: int
+    num_tokens: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.option}={self.prefix}"
 
 
 def check_data_files(d: DataConfig, model: ModelConfig) -> None:
-    """The token files of ``data.train`` / ``data.valid`` and ``data.tokenizer``."""
-    for option, prefixes in (("data.train", d.train), ("data.valid", d.valid)):
-        for i, prefix in enumerate(prefixes):
-            _check_token_file(f"{option}[{i}]", prefix, model.vocab_size, d.seq_len)
+    """The token files of ``data.train`` / ``data.valid`` and ``data.tokenizer``, in the order of
+    the module docstring."""
+    files = [_open_token_file(f"{option}[{i}]", prefix)
+             for option, prefixes in (("data.train", d.train), ("data.valid", d.valid))
+             for i, prefix in enumerate(prefixes)]
+    if not files:
+        return
+    first = files[0]
+    for other in files[1:]:
+        if other.vocab_size != first.vocab_size:
+            raise ConfigError(
+                f"{other.name} was tokenized with a {other.vocab_size}-piece vocabulary but "
+                f"{first.name} with a {first.vocab_size}-piece one: all token files must come "
+                "from the same tokenizer; re-tokenize one of them"
+            )
     if d.tokenizer is not None:
-        _check_tokenizer(d.tokenizer, model.vocab_size)
+        _check_tokenizer(d.tokenizer, first, model.vocab_size)
+    if first.vocab_size != model.vocab_size:
+        raise ConfigError(
+            f"{first.name} was tokenized with a {first.vocab_size}-piece vocabulary but "
+            f"model.vocab_size={model.vocab_size}; set model.vocab_size={first.vocab_size} or "
+            "re-tokenize"
+        )
+    for f in files:
+        if f.num_tokens < d.seq_len + 1:
+            raise ConfigError(
+                f"{f.name} holds {f.num_tokens} tokens, fewer than one sample of "
+                f"data.seq_len+1 = {d.seq_len + 1}; give more data or lower data.seq_len"
+            )
+    if not d.valid and d.valid_fraction > 0:
+        _check_holdout(first, d.seq_len, d.valid_fraction)
 
 
-def _check_token_file(option: str, prefix: str, model_vocab: int, seq_len: int) -> None:
+def _open_token_file(option: str, prefix: str) -> _TokenFile:
     try:
         tokens = IndexedTokens(prefix)
-    except ValueError as exc:  # IndexedFormatError: missing, truncated or foreign files
-        raise ConfigError(
-            f"{option}={prefix}: {exc} (create it with megallama-preprocess)"
-        ) from None
-    vocab, num_tokens = tokens.vocab_size, tokens.num_tokens
+    except ValueError as exc:  # IndexedFormatError: missing, unreadable, truncated or foreign
+        raise ConfigError(f"{option}={prefix}: {exc} ({REMEDY})") from None
+    found = _TokenFile(option, prefix, tokens.vocab_size, tokens.num_tokens)
     del tokens  # release the memory map
-    if vocab != model_vocab:
-        raise ConfigError(
-            f"{option}={prefix} was tokenized with a {vocab}-piece vocabulary but "
-            f"model.vocab_size={model_vocab}; set model.vocab_size={vocab} or re-tokenize"
-        )
-    if num_tokens < seq_len + 1:
-        raise ConfigError(
-            f"{option}={prefix} holds {num_tokens} tokens, fewer than one sample of "
-            f"data.seq_len+1 = {seq_len + 1}; give more data or lower data.seq_len"
-        )
+    return found
 
 
-def _check_tokenizer(path: str, model_vocab: int) -> None:
+def _check_tokenizer(path: str, files: _TokenFile, model_vocab: int) -> None:
+    """``data.tokenizer`` loads and has the vocabulary the token files were made with."""
     try:
-        tokenizer = Tokenizer(Path(path))
-        check_vocab(tokenizer.vocab_size, model_vocab, path)
+        vocab = Tokenizer(Path(path)).vocab_size
     except TokenizerError as exc:
         raise ConfigError(f"data.tokenizer: {exc}") from None
+    if vocab == files.vocab_size:
+        return
+    fix = "point data.tokenizer at the tokenizer megallama-preprocess used"
+    if files.vocab_size == model_vocab:
+        raise ConfigError(
+            f"data.tokenizer: model vocab_size {model_vocab} != tokenizer vocab_size {vocab} of "
+            f"{path}, and {files.name} was tokenized with {files.vocab_size} pieces as well: {fix}"
+        )
+    raise ConfigError(
+        f"data.tokenizer={path} has {vocab} pieces but {files.name} was tokenized with a "
+        f"{files.vocab_size}-piece vocabulary: {fix}, or re-tokenize"
+    )
+
+
+def _check_holdout(train: _TokenFile, seq_len: int, fraction: float) -> None:
+    """Without ``data.valid`` the tail of the first training file is held out for validation;
+    the same rule as :func:`megallama.data.dataset._split_point`, checked before any
+    collective instead of failing on every rank after start-up."""
+    total = train.num_tokens
+    keep = total - max(seq_len + 1, round(total * fraction))
+    if keep < seq_len + 1:
+        raise ConfigError(
+            f"{train.name} holds {total} tokens: too few to hold out data.valid_fraction="
+            f"{fraction} for validation and keep a training sample of data.seq_len+1 = "
+            f"{seq_len + 1}; give data.valid, more data or a lower data.seq_len"
+        )

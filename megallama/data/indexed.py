@@ -19,20 +19,24 @@ offset  type   field
 ======  =====  ===========================================================
 
 so ``np.fromfile(idx, "<i8", offset=40)`` gives the offsets and ``np.memmap(bin, dtype)``
-the tokens. The writer creates both under temporary names and renames ``.bin`` then
-``.idx`` (after removing an older ``.idx``), so a reader never pairs a complete index with a
-partial token file; sizes are checked on open.
+the tokens. The writer creates both (and any sidecar, such as preprocessing's summary) under
+temporary names and publishes them as one unit (:func:`megallama.data.outputs.publish`): an
+older set is moved aside index first, the new ``.idx`` is renamed last, and a failed rename puts
+the older set back; so a reader never pairs a complete index with a partial token file, and a
+failed run leaves the previous files as they were. Sizes are checked on open.
 """
 
 from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
 import numpy as np
+
+from megallama.data.outputs import publish
 
 MAGIC = b"MLTOKIDX"
 VERSION = 1
@@ -71,9 +75,10 @@ class IndexedWriter:
         self.dtype = token_dtype(self.vocab_size)
         self.bin_path, self.idx_path = index_paths(self.prefix)
         self.bin_path.parent.mkdir(parents=True, exist_ok=True)
-        tag = f".tmp-{os.getpid()}-{id(self):x}"
-        self._bin_tmp = self.bin_path.with_name(f".{self.bin_path.name}{tag}")
-        self._idx_tmp = self.idx_path.with_name(f".{self.idx_path.name}{tag}")
+        self._tag = f".tmp-{os.getpid()}-{id(self):x}"
+        self._bin_tmp = self.bin_path.with_name(f".{self.bin_path.name}{self._tag}")
+        self._idx_tmp = self.idx_path.with_name(f".{self.idx_path.name}{self._tag}")
+        self._sidecar_tmps: list[Path] = []
         self._file = open(self._bin_tmp, "wb")
         self._lengths: list[int] = []
         self.num_tokens = 0
@@ -110,14 +115,22 @@ class IndexedWriter:
         self._lengths.extend(lengths)
         self.num_tokens += tokens.shape[0]
 
-    def finalize(self) -> None:
-        """Write the index and rename both files into place."""
+    def finalize(self, sidecars: Mapping[Path, bytes] | None = None) -> None:
+        """Write the index and publish ``.bin``, the ``sidecars`` (path -> content, e.g. a
+        summary) and ``.idx`` as one unit: afterwards all of them are the new files or, when this
+        raises, all are as they were before."""
         if self._state != "open":
             raise RuntimeError(f"writer for {self.prefix} is already {self._state}")
         try:
             self._file.flush()
             os.fsync(self._file.fileno())
             self._file.close()
+            moves = [(self._bin_tmp, self.bin_path)]
+            for path, content in (sidecars or {}).items():
+                tmp = Path(path).with_name(f".{Path(path).name}{self._tag}")
+                self._sidecar_tmps.append(tmp)
+                _write_synced(tmp, content)
+                moves.append((tmp, Path(path)))
             offsets = np.zeros(len(self._lengths) + 1, dtype="<i8")
             np.cumsum(self._lengths, out=offsets[1:])
             header = _HEADER.pack(
@@ -128,14 +141,8 @@ class IndexedWriter:
                 self.num_docs,
                 self.num_tokens,
             )
-            with open(self._idx_tmp, "wb") as f:
-                f.write(header)
-                f.write(offsets.tobytes())
-                f.flush()
-                os.fsync(f.fileno())
-            self.idx_path.unlink(missing_ok=True)
-            os.replace(self._bin_tmp, self.bin_path)
-            os.replace(self._idx_tmp, self.idx_path)
+            _write_synced(self._idx_tmp, header + offsets.tobytes())
+            publish([*moves, (self._idx_tmp, self.idx_path)])
         except BaseException:
             self.abort()
             raise
@@ -145,8 +152,8 @@ class IndexedWriter:
         """Discard everything written; previous files at the prefix stay as they were."""
         if not self._file.closed:
             self._file.close()
-        self._bin_tmp.unlink(missing_ok=True)
-        self._idx_tmp.unlink(missing_ok=True)
+        for tmp in (self._bin_tmp, self._idx_tmp, *self._sidecar_tmps):
+            tmp.unlink(missing_ok=True)
         self._state = "aborted"
 
     def __enter__(self) -> IndexedWriter:
@@ -164,12 +171,23 @@ class IndexedWriter:
             self.finalize()
 
 
+def _write_synced(path: Path, content: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(content)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def read_index(idx_path: str | Path) -> tuple[np.dtype, int, np.ndarray]:
     """Parse an ``.idx`` file: ``(token dtype, vocab_size, doc_offsets)``."""
     idx_path = Path(idx_path)
     if not idx_path.is_file():
-        raise IndexedFormatError(f"token index not found: {idx_path}")
-    data = idx_path.read_bytes()
+        what = "is not a file" if idx_path.exists() else "not found"
+        raise IndexedFormatError(f"token index {what}: {idx_path}")
+    try:
+        data = idx_path.read_bytes()
+    except OSError as exc:
+        raise IndexedFormatError(f"cannot read token index {idx_path}: {exc.strerror}") from None
     if len(data) < HEADER_BYTES or data[:8] != MAGIC:
         raise IndexedFormatError(f"{idx_path} is not a megallama token index (bad header)")
     _, version, itemsize, vocab_size, num_docs, num_tokens = _HEADER.unpack_from(data)
@@ -208,7 +226,11 @@ class IndexedTokens:
                 f"says {self.num_tokens} tokens = {expected} bytes"
             )
         if self.num_tokens:
-            self.tokens: np.ndarray = np.memmap(self.bin_path, dtype=self.dtype, mode="r")
+            try:
+                self.tokens: np.ndarray = np.memmap(self.bin_path, dtype=self.dtype, mode="r")
+            except OSError as exc:
+                raise IndexedFormatError(
+                    f"cannot read token file {self.bin_path}: {exc.strerror or exc}") from None
         else:  # numpy cannot map an empty file
             self.tokens = np.empty(0, dtype=self.dtype)
 

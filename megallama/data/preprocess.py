@@ -7,7 +7,10 @@ end. Documents are read in the main process, sent in chunks to a pool of worker 
 depend on the number of workers. With ``workers=1`` everything runs in-process.
 
 Outputs ``<prefix>.bin``, ``<prefix>.idx`` and ``<prefix>.summary.json`` are written under
-temporary names and renamed when complete: a failed run leaves no new files behind.
+temporary names and published together when complete (``outputs.publish``); the prefix is
+checked before any work and missing parent directories are created. A failed run leaves nothing
+behind (no output, no temporary file, no directory it created) and the files of an earlier run
+at the prefix as they were. Exit status: 0 ok, 2 usage or input error, 1 OS error while writing.
 
 CLI::
 
@@ -21,7 +24,6 @@ import argparse
 import itertools
 import json
 import multiprocessing as mp
-import os
 import sys
 import threading
 import time
@@ -34,6 +36,7 @@ import numpy as np
 
 from megallama.config.arguments import positive_int, report_error
 from megallama.data.indexed import IndexedWriter, token_dtype
+from megallama.data.outputs import OutputError, check_output_prefix, created_parents
 from megallama.data.progress_bar import progress_bar, write_line
 from megallama.data.sources import (
     BadJsonPolicy,
@@ -45,6 +48,10 @@ from megallama.data.tokenizer import Tokenizer, TokenizerError
 
 CHUNK_CHARS = 1 << 18  # characters of text per task sent to a worker
 CHUNK_DOCS = 4096  # ... or this many documents, whichever comes first
+OUTPUT_SUFFIXES = (".bin", ".idx", ".summary.json")
+PROG = "megallama-preprocess"
+EXIT_INPUT = 2  # a usage or input error, like argparse's own
+EXIT_FAILED = 1  # an OS error while writing
 
 
 class _Encoder:
@@ -162,13 +169,23 @@ def _default_start_method() -> str:
     return "spawn"
 
 
-def _write_json_atomic(path: Path, payload: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+def _summary(inputs: Sequence[str | Path], output_prefix: str | Path, tokenizer: Tokenizer,
+             readers: Sequence[DocumentReader], totals: dict[str, int], settings: dict,
+             seconds: float) -> dict:
+    """The run's summary: what was read and written, with which settings, how fast."""
+    return {
+        "output_prefix": str(output_prefix),
+        "inputs": [str(p) for p in inputs],
+        "tokenizer": str(tokenizer.path),
+        "vocab_size": tokenizer.vocab_size,
+        "dtype": token_dtype(tokenizer.vocab_size).name,
+        **settings,
+        **totals,
+        "seconds": round(seconds, 3),
+        "tokens_per_s": round(totals["tokens"] / max(seconds, 1e-9), 1),
+        "skipped_bad_json_lines": sum(r.num_bad_lines for r in readers),
+        "skipped_empty_documents": sum(r.num_empty for r in readers),
+    }
 
 
 def _encoded(chunks: Iterable[tuple[list[str], int]], tokenizer: Tokenizer, workers: int,
@@ -212,7 +229,8 @@ def preprocess(
     The summary (also written to ``<output_prefix>.summary.json``) has ``documents``,
     ``tokens``, ``bytes`` (UTF-8 bytes of document text), ``seconds``, ``tokens_per_s`` and
     the settings used. Raises SourceError for missing/empty/malformed inputs (JSONL errors
-    name ``file:line``) and TokenizerError for an unusable tokenizer. ``start_method`` is
+    name ``file:line``), TokenizerError for an unusable tokenizer, OutputError for an output
+    prefix that cannot be written and OSError when writing fails. ``start_method`` is
     the multiprocessing start method for ``workers > 1`` (default: see
     ``_default_start_method``).
     """
@@ -221,51 +239,39 @@ def preprocess(
     if not inputs:
         raise SourceError("no input files given")
     start = time.perf_counter()
-    tokenizer = Tokenizer(tokenizer_path)
     readers = [DocumentReader(p, jsonl_key=jsonl_key, on_bad_json=on_bad_json) for p in inputs]
+    tokenizer = Tokenizer(tokenizer_path)
+    check_output_prefix(output_prefix, OUTPUT_SUFFIXES)  # before any work
     report = _Progress(sum(r.size for r in readers), progress)
-    docs = tokens = nbytes = 0
+    totals = {"documents": 0, "tokens": 0, "bytes": 0}
 
     def consume(result: tuple[np.ndarray, np.ndarray, int], done_bytes: int) -> None:
-        nonlocal docs, tokens, nbytes
         chunk_tokens, lengths, chunk_bytes = result
         writer.add_documents(chunk_tokens, lengths)
-        docs += len(lengths)
-        tokens += len(chunk_tokens)
-        nbytes += chunk_bytes
-        report.update(docs, tokens, done_bytes)
+        totals["documents"] += len(lengths)
+        totals["tokens"] += len(chunk_tokens)
+        totals["bytes"] += chunk_bytes
+        report.update(totals["documents"], totals["tokens"], done_bytes)
 
-    with report, IndexedWriter(output_prefix, tokenizer.vocab_size) as writer:
+    settings = {"bos": prepend_bos, "eos": append_eos, "workers": workers}
+    with (created_parents(output_prefix), report,
+          IndexedWriter(output_prefix, tokenizer.vocab_size) as writer):
         chunks = _chunks(readers, report.log)
         for result, done_bytes in _encoded(chunks, tokenizer, workers, start_method,
                                            prepend_bos, append_eos):
             consume(result, done_bytes)
-    seconds = time.perf_counter() - start
-    summary = {
-        "output_prefix": str(output_prefix),
-        "inputs": [str(p) for p in inputs],
-        "tokenizer": str(tokenizer.path),
-        "vocab_size": tokenizer.vocab_size,
-        "dtype": writer.dtype.name,
-        "bos": prepend_bos,
-        "eos": append_eos,
-        "workers": workers,
-        "documents": docs,
-        "tokens": tokens,
-        "bytes": nbytes,
-        "seconds": round(seconds, 3),
-        "tokens_per_s": round(tokens / max(seconds, 1e-9), 1),
-        "skipped_bad_json_lines": sum(r.num_bad_lines for r in readers),
-        "skipped_empty_documents": sum(r.num_empty for r in readers),
-    }
-    _write_json_atomic(Path(f"{output_prefix}.summary.json"), summary)
+        summary = _summary(inputs, output_prefix, tokenizer, readers, totals, settings,
+                           time.perf_counter() - start)
+        text = json.dumps(summary, indent=2) + "\n"
+        # the summary is published with the token files: all three are new, or none is
+        writer.finalize({Path(f"{output_prefix}.summary.json"): text.encode("utf-8")})
     return summary
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface of ``megallama-preprocess``."""
     parser = argparse.ArgumentParser(
-        prog="megallama-preprocess",
+        prog=PROG,
         description="Tokenize text/JSONL corpora (.gz/.xz ok) into an indexed token file.",
     )
     parser.add_argument("inputs", nargs="+", type=Path, help="text or .jsonl/.json files")
@@ -285,7 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``megallama-preprocess``: prints the JSON summary on stdout."""
+    """Entry point of ``megallama-preprocess``: prints the JSON summary on stdout. Exit status 0
+    on success, 2 for a usage or input error (options, inputs, tokenizer, output prefix) and 1
+    when writing fails (an OS error such as a full disk); each failure is one line on stderr."""
     args = build_parser().parse_args(argv)
     try:
         summary = preprocess(
@@ -299,13 +307,14 @@ def main(argv: list[str] | None = None) -> int:
             prepend_bos=not args.no_bos,
             progress=not args.quiet,
         )
-    except (SourceError, TokenizerError) as exc:
-        report_error("megallama-preprocess", exc)
-        return 1
-    except OSError as exc:  # the output: read-only or full disk, a missing directory...
+    except (SourceError, TokenizerError, OutputError) as exc:
+        report_error(PROG, exc)
+        return EXIT_INPUT
+    except OSError as exc:  # writing the output: a full disk, an I/O error...
         where = exc.filename or args.output_prefix
-        report_error("megallama-preprocess", f"{where}: {exc.strerror or exc}")
-        return 1
+        report_error(PROG, f"{where}: {exc.strerror or exc} (writing --output-prefix "
+                           f"{args.output_prefix}; nothing was written)")
+        return EXIT_FAILED
     print(json.dumps(summary, indent=2))
     return 0
 

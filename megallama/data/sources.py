@@ -76,6 +76,8 @@ class DocumentReader:
         self.num_bad_lines = 0
         self.bad_lines: list[str] = []  # the first MAX_REPORTED_BAD_LINES as "file:line: why"
         self._raw: BinaryIO | None = None
+        if self.path.is_dir():
+            raise SourceError(f"input {self.path} is a directory, not a file: name the files in it")
         if not self.path.is_file():
             raise SourceError(f"input file not found: {self.path}")
 
@@ -93,7 +95,11 @@ class DocumentReader:
         return raw.tell()
 
     def __iter__(self) -> Iterator[str]:
-        with open(self.path, "rb") as raw:
+        try:
+            raw = open(self.path, "rb")
+        except OSError as exc:
+            raise SourceError(f"cannot read input file {self.path}: {exc.strerror}") from None
+        with raw:
             self._raw = raw
             stream = io.TextIOWrapper(_open_binary(raw, self.path), encoding="utf-8")
             lines = self._numbered_lines(stream)
@@ -108,7 +114,17 @@ class DocumentReader:
         except UnicodeDecodeError as exc:
             raise SourceError(self._where_not_utf8(exc)) from None
         except (OSError, EOFError, lzma.LZMAError, zlib.error) as exc:
-            raise SourceError(f"{self.path}: cannot decompress/read: {exc}") from None
+            raise SourceError(self._read_error(exc)) from None
+
+    def _read_error(self, exc: BaseException) -> str:
+        """One line for a failed read: an OS error (``strerror``), or a compressed file that is
+        truncated or damaged (gzip/lzma/zlib errors, EOFError for a missing end marker)."""
+        if isinstance(exc, OSError) and exc.strerror:
+            return f"cannot read input file {self.path}: {exc.strerror}"
+        if self.path.suffix.lower() in COMPRESSED_SUFFIXES:
+            return (f"{self.path}: compressed file is truncated or damaged ({exc}); "
+                    "recreate or re-download it")
+        return f"cannot read input file {self.path}: {exc}"
 
     def _where_not_utf8(self, exc: UnicodeDecodeError) -> str:
         """``file:line: not valid UTF-8 (... at byte B of the line, offset O)``. The text stream
@@ -169,12 +185,33 @@ class DocumentReader:
                     "expected one JSON object per line",
                 )
                 continue
-            if not isinstance(record, dict) or not isinstance(record.get(key), str):
-                self._bad_line(lineno, f"no string field {key!r} in this JSON line")
+            problem = _missing_text(record, key)
+            if problem:
+                self._bad_line(lineno, problem)
                 continue
             text = record[key]
             if self._emit(text):
                 yield text
+
+
+def _missing_text(record: object, key: str) -> str | None:
+    """Why a parsed JSONL line holds no document text, or None when ``record[key]`` is a
+    string."""
+    if not isinstance(record, dict):
+        return f"no string field {key!r}: the line is a JSON {_json_type(record)}, not an object"
+    if key not in record:
+        keys = ", ".join(map(str, list(record)[:8])) or "none"
+        return (f"no string field {key!r} in this JSON line (its keys: {keys}); "
+                "name the text field with --jsonl-key")
+    value = record[key]
+    if not isinstance(value, str):
+        return f"no string field {key!r}: its value is a JSON {_json_type(value)}, not a string"
+    return None
+
+
+def _json_type(value: object) -> str:
+    names = {bool: "boolean", int: "number", float: "number", list: "array", dict: "object"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
 
 
 def iter_documents(

@@ -137,8 +137,11 @@ def _load(path: Path) -> spm.SentencePieceProcessor:
         sp = spm.SentencePieceProcessor(model_proto=data)
     except (RuntimeError, OSError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "ParseFromArray" in first:  # sentencepiece's C++ check, not news to the user
+            first = "its bytes do not parse as a SentencePiece ModelProto"
         raise TokenizerError(
-            f"tokenizer model {path} is not a valid SentencePiece model ({first})"
+            f"tokenizer model {path} is not a valid SentencePiece model ({first}); give a "
+            ".model file such as Llama's tokenizer.model or one from megallama-train-tokenizer"
         ) from None
     if sp.vocab_size() <= 0:
         raise TokenizerError(f"tokenizer model {path} has no vocabulary")

@@ -33,11 +33,18 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-from megallama.config.arguments import report_error
+from megallama.config.arguments import positive_int, report_error
+from megallama.data.outputs import OutputError, check_output_prefix, created_parents
 from megallama.data.sources import BadJsonPolicy, SourceError, iter_documents
 from megallama.data.tokenizer import Tokenizer, TokenizerError
 
 LLAMA_MAX_SENTENCE_BYTES = 4192
+MIN_VOCAB_SIZE = 3 + 256 + 1  # UNK/BOS/EOS and the 256 byte pieces come first, then one merge
+COVERAGE_RANGE = (0.98, 1.0)  # what SentencePiece accepts for character_coverage
+MAX_SEED = 2**32 - 1  # SentencePiece's random seed is an unsigned 32-bit integer
+PROG = "megallama-train-tokenizer"
+EXIT_INPUT = 2  # a usage or input error, like argparse's own
+EXIT_FAILED = 1  # an OS error while writing
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
 
@@ -149,23 +156,39 @@ def _train_model(sentences: list[str], inputs: list[Path], vocab_size: int,
             **options,
         )
     except RuntimeError as exc:
-        message = str(exc).strip().splitlines()[-1] if str(exc).strip() else repr(exc)
-        raise TokenizerError(
-            f"tokenizer training on {', '.join(map(str, inputs))} failed: {message}"
-        ) from None
+        raise TokenizerError(_training_failure(exc, inputs, vocab_size)) from None
     return model.getvalue()
 
 
+def _training_failure(exc: RuntimeError, inputs: list[Path], vocab_size: int) -> str:
+    """One line for a failed SentencePiece training; the common cause, a vocabulary that does
+    not fit the corpus, is said in words with the bound SentencePiece computed."""
+    corpus = ", ".join(map(str, inputs))
+    text = str(exc).strip()
+    too_high = re.search(r"Vocabulary size too high \((\d+)\).*<= (\d+)", text)
+    if too_high:
+        return (f"--vocab-size {vocab_size} is too large for the corpus {corpus}: it yields at "
+                f"most {too_high.group(2)} pieces; lower --vocab-size or give more text")
+    too_low = re.search(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)", text)
+    if too_low:
+        return (f"--vocab-size {vocab_size} is too small for the corpus {corpus}: its characters "
+                f"and the special pieces need {too_low.group(2)}; raise --vocab-size or lower "
+                "--character-coverage")
+    message = text.splitlines()[-1] if text else repr(exc)
+    return f"tokenizer training on {corpus} failed: {message}"
+
+
 def _publish(model: bytes, output: Path) -> None:
-    """Write ``output`` atomically, and only a model that loads."""
-    output.parent.mkdir(parents=True, exist_ok=True)
+    """Write ``output`` atomically, and only a model that loads; on failure neither the model,
+    its temporary file nor a parent directory created here is left."""
     tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_bytes(model)
-        Tokenizer(tmp)  # refuse to publish a model that does not load
-        os.replace(tmp, output)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with created_parents(output):
+        try:
+            tmp.write_bytes(model)
+            Tokenizer(tmp)  # refuse to publish a model that does not load
+            os.replace(tmp, output)
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 def train_tokenizer(
@@ -186,18 +209,24 @@ def train_tokenizer(
 
     ``inputs`` are text or JSONL files, optionally ``.gz``/``.xz`` (see ``sources``).
     ``verbose`` shows sentencepiece's own log; ``log`` receives one-line progress messages.
-    Raises TokenizerError when training fails (e.g. ``vocab_size`` too large for the corpus)
-    and SourceError for unreadable inputs; no output file exists after a failure.
+    Raises TokenizerError when training fails (e.g. ``vocab_size`` too large for the corpus),
+    SourceError for unreadable inputs and OutputError for an output prefix that cannot be
+    written (checked before the corpus is read); no output file exists after a failure.
     """
-    if vocab_size <= 259:
-        raise TokenizerError(
-            f"vocab_size {vocab_size} too small: 3 special and 256 byte pieces come first"
-        )
+    if vocab_size < MIN_VOCAB_SIZE:
+        raise TokenizerError(f"vocab_size {vocab_size} too small: 3 special and 256 byte pieces "
+                             f"come first, so at least {MIN_VOCAB_SIZE}")
     if max_sentences < 1:
         raise ValueError(f"max_sentences must be positive, got {max_sentences}")
+    if not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"seed must be in [0, {MAX_SEED}], got {seed}")
+    if not COVERAGE_RANGE[0] <= character_coverage <= COVERAGE_RANGE[1]:
+        raise ValueError(f"character_coverage must be in {list(COVERAGE_RANGE)}, "
+                         f"got {character_coverage}")
     inputs = [Path(p) for p in inputs]
     if not inputs:
         raise SourceError("no input files given")
+    check_output_prefix(output_prefix, (".model",))
     output = Path(str(output_prefix) + ".model")
     threads = num_threads or default_num_threads()
     start = time.perf_counter()
@@ -215,24 +244,45 @@ def train_tokenizer(
     return output
 
 
+def _bounded(kind: type, low: float, high: float | None,
+             why: str) -> Callable[[str], int | float]:
+    """An argparse type: a ``kind`` (int or float) in ``[low, high]``; anything else is a usage
+    error naming the option (exit status 2) instead of a failure deep inside SentencePiece."""
+    expected = "an integer" if kind is int else "a number"
+
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected {expected}") from None
+        if value < low or (high is not None and value > high):
+            bound = f">= {low}" if high is None else f"in [{low}, {high}]"
+            raise argparse.ArgumentTypeError(f"{value}: must be {bound}{why}")
+        return value
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface of ``megallama-train-tokenizer``."""
     parser = argparse.ArgumentParser(
-        prog="megallama-train-tokenizer",
+        prog=PROG,
         description="Train a SentencePiece BPE tokenizer with Llama 2's settings.",
     )
     parser.add_argument("inputs", nargs="+", type=Path, help="text/JSONL files (.gz/.xz ok)")
     parser.add_argument("--output-prefix", required=True, help="writes PREFIX.model")
-    parser.add_argument("--vocab-size", type=int, default=8000)
+    parser.add_argument("--vocab-size", default=8000, type=_bounded(
+        int, MIN_VOCAB_SIZE, None, " (3 special and 256 byte pieces come first)"))
     parser.add_argument(
         "--max-sentences",
-        type=int,
+        type=positive_int,
         default=2_000_000,
         help="seeded sample size when the corpus has more sentences (default 2000000)",
     )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--character-coverage", type=float, default=0.99995)
-    parser.add_argument("--num-threads", type=int, default=None, help="default: all CPUs")
+    parser.add_argument("--seed", type=_bounded(int, 0, MAX_SEED, ""), default=0)
+    parser.add_argument("--character-coverage", default=0.99995,
+                        type=_bounded(float, *COVERAGE_RANGE, " (SentencePiece's range)"))
+    parser.add_argument("--num-threads", type=positive_int, default=None,
+                        help="default: all CPUs")
     parser.add_argument("--jsonl-key", default="text", help="JSONL field with the text")
     parser.add_argument("--skip-bad-json", action="store_true", help="skip malformed lines")
     parser.add_argument("--verbose", action="store_true", help="show sentencepiece's log")
@@ -240,7 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``megallama-train-tokenizer``; returns the exit status."""
+    """Entry point of ``megallama-train-tokenizer``; returns the exit status: 0 on success, 2 for
+    a usage or input error (options, inputs, a vocabulary the corpus cannot fill, the output
+    prefix) and 1 when writing the model fails (an OS error); each failure is one line."""
     args = build_parser().parse_args(argv)
     try:
         path = train_tokenizer(
@@ -256,9 +308,13 @@ def main(argv: list[str] | None = None) -> int:
             verbose=args.verbose,
             log=lambda line: print(f"[train-tokenizer] {line}", file=sys.stderr),
         )
-    except (TokenizerError, SourceError) as exc:
-        report_error("megallama-train-tokenizer", exc)
-        return 1
+    except (TokenizerError, SourceError, OutputError) as exc:
+        report_error(PROG, exc)
+        return EXIT_INPUT
+    except OSError as exc:  # writing the model: a full disk, an I/O error...
+        where = exc.filename or f"{args.output_prefix}.model"
+        report_error(PROG, f"{where}: {exc.strerror or exc} (nothing was written)")
+        return EXIT_FAILED
     print(path)
     return 0
 

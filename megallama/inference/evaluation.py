@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from megallama.checkpoint.atomic import CheckpointError
-from megallama.config import ConfigError, ModelConfig, check_tp_layout
+from megallama.config import ConfigError, ModelConfig
 from megallama.config.compose import load_saved_config
 from megallama.config.grid import Grid
 from megallama.config.train_config import TrainConfig
@@ -29,16 +29,17 @@ from megallama.data.dataset import DatasetError, PackedDataset, collate
 from megallama.data.indexed import IndexedFormatError
 from megallama.data.preprocess import preprocess
 from megallama.data.sources import SourceError
-from megallama.data.tokenizer import Tokenizer, TokenizerError, check_vocab
+from megallama.data.tokenizer import TokenizerError, check_vocab
 from megallama.inference.loader import (
     PRECISIONS,
     InferenceModel,
+    check_layout,
+    inference_device,
     inspect_checkpoint,
     load_for_inference,
+    open_tokenizer,
 )
-from megallama.model import layout
 from megallama.parallel.cross_entropy import IGNORE_INDEX, perplexity, vocab_parallel_cross_entropy
-from megallama.parallel.runtime import resolve_device
 
 # bad input found while evaluating (on every rank alike): one line, exit code 2
 INPUT_ERRORS = (ConfigError, CheckpointError, DatasetError, IndexedFormatError, SourceError,
@@ -81,72 +82,111 @@ def _is_prefix(path: str) -> bool:
     return Path(path + ".idx").is_file() and Path(path + ".bin").is_file()
 
 
-def _check_data(data: Sequence[str], tokenizer: Path | None, cfg: ModelConfig) -> None:
+def _check_numbers(req: EvalRequest) -> None:
+    """Sizes that make no sense (the command line's argparse types refuse them too; a caller of
+    the API hears the same option names)."""
+    for option, value, low in (("--tp", req.tp, 1), ("--pp", req.pp, 1),
+                               ("--batch-size", req.batch_size, 1),
+                               ("--micro-batch-size", req.micro_batch_size, 1),
+                               ("--max-batches", req.max_batches, 0),
+                               ("--seq-len", 1 if req.seq_len is None else req.seq_len, 1)):
+        if value < low:
+            raise ConfigError(f"{option} {value}: must be >= {low}")
+    if req.precision not in PRECISIONS:
+        raise ConfigError(f"--precision {req.precision}: expected one of {', '.join(PRECISIONS)}")
+
+
+def _check_data(data: Sequence[str], tokenizer: Path | None, explicit: bool,
+                cfg: ModelConfig) -> None:
+    """Every ``--data`` item is a token-file prefix or a file; text has a tokenizer, and a
+    tokenizer in use (or given with ``explicit`` --tokenizer) is SentencePiece of the model's
+    vocabulary."""
     if not data:
         raise ConfigError("--data: give at least one file")
+    text = []
     for item in data:
         if _is_prefix(item):
             continue
         if not Path(item).is_file():
-            raise ConfigError(f"--data {item}: neither a file nor a token-file prefix (.bin/.idx)")
-        if tokenizer is None:
-            raise ConfigError(f"--data {item} is text: pass --tokenizer (none found beside the "
-                              "checkpoint nor in its run's config)")
-        if not tokenizer.is_file():
-            raise ConfigError(f"--tokenizer {tokenizer}: no such file")
-    if tokenizer is not None and not all(_is_prefix(item) for item in data):
-        check_vocab(Tokenizer(tokenizer).vocab_size, cfg.vocab_size, tokenizer)
+            kind = "a directory" if Path(item).is_dir() else "no such file"
+            raise ConfigError(f"--data {item}: {kind}, and no token-file prefix ({item}.bin + "
+                              ".idx); give text/JSONL files or token-file prefixes")
+        text.append(item)
+    if text and tokenizer is None:
+        raise ConfigError(f"--data {text[0]} is text: pass --tokenizer (none found beside the "
+                          "checkpoint nor in its run's config)")
+    if tokenizer is not None and (text or explicit):
+        check_vocab(open_tokenizer(tokenizer, explicit).vocab_size, cfg.vocab_size, tokenizer)
 
 
-def _check_layout(req: EvalRequest, cfg: ModelConfig, world: int, seq_len: int,
-                  method: str) -> Grid:
-    grid = Grid.from_world(world, tp=req.tp, pp=req.pp)
-    check_tp_layout(cfg, req.tp)
-    layout.stage_cuts(cfg, req.pp, seq_len, method)  # pp <= n_layers, a known method
-    if req.micro_batch_size < 1 or req.batch_size < 1 or req.max_batches < 0:
-        raise ConfigError("--batch-size and --micro-batch-size must be >= 1, --max-batches >= 0")
+def _check_batches(req: EvalRequest, grid: Grid) -> None:
     if req.batch_size % (req.micro_batch_size * grid.dp):
-        raise ConfigError(f"--batch-size must be divisible by --micro-batch-size * dp = "
-                          f"{req.micro_batch_size}*{grid.dp}")
-    return grid
+        raise ConfigError(f"--batch-size {req.batch_size}: not divisible by --micro-batch-size * "
+                          f"dp = {req.micro_batch_size}*{grid.dp}; change --batch-size or "
+                          "--micro-batch-size")
 
 
 def plan_evaluation(req: EvalRequest, world: int) -> EvalPlan:
     """Check a request against the checkpoint, the data and a world of ``world`` ranks; raises
     ConfigError / CheckpointError / TokenizerError (one line). No collectives."""
-    if req.precision not in PRECISIONS:
-        raise ConfigError(f"--precision {req.precision}: expected one of {', '.join(PRECISIONS)}")
+    _check_numbers(req)
+    device = inference_device(req.device)
     info = inspect_checkpoint(Path(req.checkpoint), req.fmt)
     run = load_saved_config(info.run_config) if info.run_config else TrainConfig()
-    seq_len = req.seq_len or run.data.seq_len
-    if seq_len < 1:
-        raise ConfigError(f"--seq-len {seq_len}: must be >= 1")
+    seq_len = req.seq_len if req.seq_len is not None else run.data.seq_len
+    method = run.parallel.partition_method
+    grid = check_layout(info.cfg, req.tp, req.pp, world, seq_len=seq_len, partition_method=method)
+    _check_batches(req, grid)
     tokenizer = Path(req.tokenizer) if req.tokenizer else info.tokenizer
-    grid = _check_layout(req, info.cfg, world, seq_len, run.parallel.partition_method)
-    _check_data(req.data, tokenizer, info.cfg)
-    return EvalPlan(req, info.path, info.cfg, grid, seq_len, tokenizer,
-                    run.parallel.partition_method, resolve_device(req.device))
+    _check_data(req.data, tokenizer, req.tokenizer is not None, info.cfg)
+    return EvalPlan(req, info.path, info.cfg, grid, seq_len, tokenizer, method, device)
+
+
+def token_files(data: Sequence[str], tokenizer: Path | None, tmp: Path) -> list[str]:
+    """The token-file prefix of every ``data`` item: a prefix stays, text is tokenized into
+    ``tmp`` exactly as ``megallama-preprocess`` does (one prefix per item: equal names differ)."""
+    return [_token_prefix(item, tokenizer, tmp / f"data{i}") for i, item in enumerate(data)]
+
+
+def check_windows(data: Sequence[str], prefixes: Sequence[str], seq_len: int,
+                  batch_size: int) -> None:
+    """Every item must hold one global batch of windows; the error names the ``--data`` item
+    (not the temporary tokenization of a text file)."""
+    for item, prefix in zip(data, prefixes, strict=True):
+        try:
+            windows = len(PackedDataset(prefix, seq_len))
+        except DatasetError:  # not even one window
+            windows = 0
+        if windows < batch_size:
+            raise ConfigError(f"--data {item}: {windows} windows of {seq_len + 1} tokens, fewer "
+                              f"than --batch-size {batch_size}; give more data or lower "
+                              "--seq-len / --batch-size")
 
 
 def evaluate(plan: EvalPlan) -> dict:
     """Load the checkpoint at the plan's layout and return ``{"val_loss", "perplexity",
-    "tokens"}``, the same on every rank. Collective over the world."""
+    "tokens"}``, the same on every rank. Collective over the world.
+
+    Text is tokenized and every item's windows counted before the model is loaded (and
+    torch.distributed started): such errors stop every rank alike, before any collective."""
     req = plan.request
-    model = load_for_inference(plan.checkpoint, req.fmt, tp=req.tp, pp=req.pp,
-                               dtype=PRECISIONS[req.precision], device=plan.device,
-                               seq_len=plan.seq_len, partition_method=plan.partition_method)
-    return validation_loss(model, req.data, seq_len=plan.seq_len, batch_size=req.batch_size,
-                           micro_batch_size=req.micro_batch_size, max_batches=req.max_batches,
-                           tokenizer=plan.tokenizer)
+    with tempfile.TemporaryDirectory(prefix="megallama-evaluate-") as tmp:
+        prefixes = token_files(req.data, plan.tokenizer, Path(tmp))
+        check_windows(req.data, prefixes, plan.seq_len, req.batch_size)
+        model = load_for_inference(plan.checkpoint, req.fmt, tp=req.tp, pp=req.pp,
+                                   dtype=PRECISIONS[req.precision], device=plan.device,
+                                   seq_len=plan.seq_len, partition_method=plan.partition_method)
+        return validation_loss(model, prefixes, seq_len=plan.seq_len,
+                               batch_size=req.batch_size, micro_batch_size=req.micro_batch_size,
+                               max_batches=req.max_batches)
 
 
-def _token_prefix(item: str, tokenizer: Path | None, tmp: Path) -> str:
-    """``item`` itself if it is a token-file prefix, else its tokenization in ``tmp``."""
+def _token_prefix(item: str, tokenizer: Path | None, prefix: Path) -> str:
+    """``item`` itself if it is a token-file prefix, else its tokenization at ``prefix``."""
     if _is_prefix(item):
         return item
     if tokenizer is None:
         raise ConfigError(f"--data {item} is text: pass --tokenizer")
-    prefix = tmp / Path(item).name.split(".")[0]
     preprocess([item], prefix, tokenizer, workers=1, progress=False)
     return str(prefix)
 
@@ -181,8 +221,8 @@ def validation_loss(model: InferenceModel, data: Sequence[str], *, seq_len: int,
     loss_sum = torch.zeros((), dtype=torch.float64, device=model.device)
     tokens = 0
     with tempfile.TemporaryDirectory() as tmp:
-        for item in data:
-            ds = PackedDataset(_token_prefix(item, tokenizer, Path(tmp)), seq_len)
+        for i, item in enumerate(data):
+            ds = PackedDataset(_token_prefix(item, tokenizer, Path(tmp) / f"data{i}"), seq_len)
             n_batches = len(ds) // batch_size
             if max_batches:
                 n_batches = min(n_batches, max_batches)
@@ -202,5 +242,5 @@ def validation_loss(model: InferenceModel, data: Sequence[str], *, seq_len: int,
     return {"val_loss": val, "perplexity": perplexity(val), "tokens": tokens}
 
 
-__all__ = ["INPUT_ERRORS", "EvalPlan", "EvalRequest", "evaluate", "perplexity", "plan_evaluation",
-           "validation_loss"]
+__all__ = ["INPUT_ERRORS", "EvalPlan", "EvalRequest", "check_windows", "evaluate", "perplexity",
+           "plan_evaluation", "token_files", "validation_loss"]

@@ -11,6 +11,7 @@ stage holds the same tokens and feeds the same next step.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -41,8 +42,9 @@ class Sampling:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise GenerationError(f"temperature={self.temperature} must be >= 0")
+        # written so that nan fails too (it passes every ``<`` test)
+        if not 0 <= self.temperature < math.inf:
+            raise GenerationError(f"temperature={self.temperature} must be finite and >= 0")
         if self.top_k < 0:
             raise GenerationError(f"top_k={self.top_k} must be >= 0")
         if not 0.0 < self.top_p <= 1.0:
@@ -84,14 +86,15 @@ def check_prompts(prompts: Sequence[Sequence[int]], max_new_tokens: int, cfg: Mo
         raise GenerationError(f"max_new_tokens={max_new_tokens} must be >= 1")
     for i, p in enumerate(prompts):
         if len(p) == 0:
-            raise GenerationError(f"prompt {i} is empty (no tokens)")
+            raise GenerationError(f"prompt {i} is empty (no tokens); give non-blank text")
         bad = [t for t in p if not 0 <= t < cfg.vocab_size]
         if bad:
             raise GenerationError(f"prompt {i}: token id {bad[0]} outside the model's vocabulary "
                                   f"[0, {cfg.vocab_size}) -- tokenizer/model mismatch?")
         if len(p) + max_new_tokens > cfg.max_seq_len:
             raise GenerationError(f"prompt {i}: {len(p)} tokens + {max_new_tokens} new tokens "
-                                  f"exceed the model's context of {cfg.max_seq_len}")
+                                  f"exceed the model's context of {cfg.max_seq_len}; shorten "
+                                  "the prompt or lower --max-new-tokens")
 
 
 @dataclass

@@ -15,7 +15,7 @@ stage returns vocab-parallel logits.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -30,8 +30,10 @@ from megallama.checkpoint.hf import HFSource
 from megallama.checkpoint.lookup import find_checkpoint, find_tokenizer, run_config_of
 from megallama.checkpoint.names import hf_to_meta_name
 from megallama.checkpoint.weights import load_model_weights, read_index
-from megallama.config import ConfigError, ModelConfig, kv_replicas_for
+from megallama.config import ConfigError, ModelConfig, check_tp_layout, kv_replicas_for
+from megallama.config.arguments import os_error_message, report_error
 from megallama.config.grid import Grid
+from megallama.data.tokenizer import Tokenizer, TokenizerError
 from megallama.inference.stages import (
     StageKVCache,
     broadcast_from_last,
@@ -41,7 +43,7 @@ from megallama.inference.stages import (
 from megallama.model import layout
 from megallama.model.llama import Transformer, TransformerBlock, layer_defs
 from megallama.parallel.layers import TensorParallel
-from megallama.parallel.runtime import init_distributed, world_info
+from megallama.parallel.runtime import init_distributed, resolve_device, run_command, world_info
 from megallama.parallel.topology import Topology, build_topology
 
 if TYPE_CHECKING:
@@ -77,6 +79,80 @@ def inspect_checkpoint(path: Path, fmt: str = "megallama") -> CheckpointInfo:
         return CheckpointInfo(step, fmt, cfg, find_tokenizer(step), run_config_of(step))
     source = open_source(fmt, path)  # validates the key set and shapes (headers only)
     return CheckpointInfo(path, fmt, source.config, find_tokenizer(path), None)
+
+
+# ---- checks before loading: every rank finds the same, before torch.distributed starts --------
+def inference_device(name: str) -> torch.device:
+    """``--device`` (auto, cpu or cuda) as a torch device; cuda without a GPU is a ConfigError
+    naming the option (not the trainer's ``trainer.device``)."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is visible; use --device cpu (or auto)")
+    try:
+        return resolve_device(name)
+    except ConfigError:
+        raise ConfigError(f"--device {name}: expected auto, cpu or cuda") from None
+
+
+def check_layout(cfg: ModelConfig, tp: int, pp: int, world: int, *, exact: bool = False,
+                 seq_len: int | None = None, partition_method: str = "balanced") -> Grid:
+    """The (tp, pp, dp) grid of ``world`` ranks, or a ConfigError naming ``--tp`` / ``--pp``.
+
+    The model's own limits are checked first (tp must split the heads and the FFN, every stage
+    needs a block), so a single process told ``--tp 3`` hears about the heads, not the world.
+    ``exact``: tp * pp must be the world (generation has no data parallelism)."""
+    if tp < 1 or pp < 1:
+        raise ConfigError(f"--tp {tp} --pp {pp}: both must be >= 1")
+    try:
+        check_tp_layout(cfg, tp)
+    except ConfigError as e:
+        raise ConfigError(f"{str(e).replace(f'parallel.tp={tp}', f'--tp {tp}')}; choose "
+                          "another --tp") from None
+    if pp > cfg.n_layers:
+        raise ConfigError(f"--pp {pp}: more pipeline stages than the model's n_layers="
+                          f"{cfg.n_layers} blocks; choose 1 <= --pp <= {cfg.n_layers}")
+    layout.stage_cuts(cfg, pp, seq_len, partition_method)  # a known partition method
+    if world % (tp * pp) or (exact and tp * pp != world):
+        need = "equal" if exact else "divide"
+        raise ConfigError(f"--tp {tp} * --pp {pp} = {tp * pp} does not {need} the world size "
+                          f"{world}; launch {'' if exact else 'a multiple of '}tp*pp ranks "
+                          "(torchrun --nproc-per-node) or change --tp / --pp")
+    return Grid.from_world(world, tp=tp, pp=pp)
+
+
+def open_tokenizer(path: Path, explicit: bool = True) -> Tokenizer:
+    """The SentencePiece model at ``path``, or a TokenizerError that says where it came from:
+    ``--tokenizer`` (``explicit``) or found beside the checkpoint / in the run's config."""
+    where = "--tokenizer" if explicit else "the tokenizer found with the checkpoint"
+    if not path.is_file():
+        kind = "a directory" if path.is_dir() else "no such file"
+        raise TokenizerError(f"{where} {path}: {kind}; pass --tokenizer PATH/tokenizer.model")
+    try:
+        return Tokenizer(path)
+    except TokenizerError as e:  # its message names the file
+        raise TokenizerError(f"{where}: {e}; pass the SentencePiece tokenizer.model the model "
+                             "was trained with") from None
+
+
+def run_cli(prog: str, body: Callable[[], int], errors: tuple[type[BaseException], ...]) -> int:
+    """:func:`run_command` for the inference command lines, plus two things. Every rank prints
+    the error line, not only rank 0: torchrun stops the other workers as soon as one exits, so
+    a rank 0 a moment late would be killed before it said why (all ranks meet the same error:
+    the checks run before torch.distributed starts, load errors are agreed). An OSError is one
+    line that names its file first."""
+    rank, _ = world_info()
+
+    def reported() -> int:
+        try:
+            return body()
+        except errors as e:
+            error = ConfigError(os_error_message(e)) if isinstance(e, OSError) else e
+            if rank != 0:  # run_command prints rank 0's
+                report_error(prog, error)
+            if error is e:
+                raise
+            raise error from e
+
+    return run_command(prog, reported, (*errors, ConfigError))
 
 
 class InferenceModel(nn.Module):
@@ -282,5 +358,6 @@ def load_for_inference(checkpoint: Path, fmt: str = "megallama", *, tp: int = 1,
 
 
 __all__ = ["FORMATS", "PRECISIONS", "CheckpointInfo", "InferenceModel", "as_inference_model",
-           "build_stage", "inspect_checkpoint", "load_for_inference", "load_from_source",
-           "rank_topology"]
+           "build_stage", "check_layout", "inference_device", "inspect_checkpoint",
+           "load_for_inference", "load_from_source", "open_tokenizer", "rank_topology",
+           "run_cli"]

@@ -1,0 +1,216 @@
+"""The lm-eval model ``megallama`` scores like lm-eval's ``hf`` model on the HF export of the same
+checkpoint: a tiny Llama with the real Llama 2 tokenizer, three local tasks (multiple choice with
+one- and many-token choices, perplexity by rolling windows over texts with leading spaces, runs of
+spaces and more tokens than the context, greedy generation with stop sequences), log-likelihoods
+within 1e-4, equal accuracies and equal generated text; the model's format=hf path agrees too.
+A missing lm-eval is one line naming the extra. The tp=2 x pp=2 run under torchrun is in
+tests/distributed/test_lm_eval_tp.py (it reuses the fixtures here)."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local files only (before huggingface_hub loads)
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+pytest.importorskip("lm_eval")
+pytest.importorskip("accelerate")  # lm-eval's hf model
+
+from lm_eval import simple_evaluate  # noqa: E402
+from lm_eval.tasks import TaskManager  # noqa: E402
+
+import megallama.inference.harness  # noqa: E402,F401  (registers the model "megallama")
+from megallama.checkpoint.convert import convert  # noqa: E402
+from megallama.config import preset  # noqa: E402
+from megallama.model.llama import Transformer  # noqa: E402
+from tests.conftest import LLAMA_TOKENIZER  # noqa: E402
+from tests.test_generate import hf_model_from  # noqa: E402
+
+TOL = 1e-4
+TASKS = ["megallama_mc", "megallama_ll", "megallama_ppl", "megallama_gen_stop",
+         "megallama_gen_long"]
+
+MC = [
+    {"question": "What color is a clear sky at noon?", "choices": ["blue", "green", "bright red"],
+     "answer": 0},
+    {"question": "Is water wet?", "choices": ["yes", "no"], "answer": 0},
+    {"question": "Is fire cold?", "choices": ["yes", "no"], "answer": 1},
+    {"question": "Which number is  largest?", "choices": ["3", "17", "one hundred and four"],
+     "answer": 2},
+    {"question": "Pick the code:", "choices": ["def f(x):\n    return x", "print( 'hi' )"],
+     "answer": 0},
+]
+PPL = [
+    {"text": " = Valkyria Chronicles III = \n Senjō no Valkyria 3 : Unrecorded Chronicles "
+             "( Japanese : 戦場のヴァルキュリア3 ) is a tactical role @-@ playing game ."},
+    {"text": "def f(x):\n    if x  >  0:\n        return  x * 2\n    return -x\n"},
+    {"text": " ".join(["The quick brown fox jumps over the lazy dog, then naps in the sun."] * 12)},
+    {"text": "<s> A text that already starts with the BOS string."},
+    {"text": "a"},
+]
+# targets: most are the start of the seed-7 model's greedy continuation (is_greedy true)
+GEN = [
+    {"prompt": "The capital of France is", "target": "Prefix"},
+    {"prompt": "Once upon a time", "target": "CN"},
+    {"prompt": "1, 2, 3,", "target": "cookie"},
+    {"prompt": "  An indented prompt:", "target": "pré"},
+    {"prompt": "Q: Why?\nA:", "target": "Because"},
+    {"prompt": "", "target": "Hello"},  # empty context: the prefix (BOS) token conditions
+]
+
+
+def _task(name: str, data: Path, **fields: Any) -> dict[str, Any]:
+    return {"task": name, "dataset_path": "json",
+            "dataset_kwargs": {"data_files": {"test": str(data)}}, "test_split": "test", **fields}
+
+
+def write_tasks(root: Path) -> Path:
+    """Task YAMLs (JSON is YAML) over local JSONL files, for TaskManager(include_path=root)."""
+    root.mkdir(parents=True, exist_ok=True)
+    for name, docs in (("mc", MC), ("ppl", PPL), ("gen", GEN)):
+        (root / f"{name}.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    gen = {"output_type": "generate_until", "doc_to_text": "{{prompt}}",
+           "doc_to_target": "{{target}}", "metric_list": [{"metric": "exact_match"}]}
+    tasks = [
+        _task("megallama_mc", root / "mc.jsonl", output_type="multiple_choice",
+              doc_to_text="Question: {{question}}\nAnswer:", doc_to_choice="{{choices}}",
+              doc_to_target="{{answer}}",
+              metric_list=[{"metric": "acc"}, {"metric": "acc_norm"}]),
+        _task("megallama_ll", root / "gen.jsonl", output_type="loglikelihood",
+              doc_to_text="{{prompt}}", doc_to_target="{{target}}",
+              metric_list=[{"metric": "perplexity"}, {"metric": "acc"}]),
+        _task("megallama_ppl", root / "ppl.jsonl", output_type="loglikelihood_rolling",
+              doc_to_text="", doc_to_target="{{text}}",
+              metric_list=[{"metric": "word_perplexity"}, {"metric": "byte_perplexity"},
+                           {"metric": "bits_per_byte"}]),
+        # random weights: "e" and a newline come soon, so this one stops early, mid-batch
+        _task("megallama_gen_stop", root / "gen.jsonl", **gen,
+              generation_kwargs={"until": ["e", "\n"], "max_gen_toks": 12, "do_sample": False}),
+        _task("megallama_gen_long", root / "gen.jsonl", **gen,
+              generation_kwargs={"until": ["\n\n\n"], "max_gen_toks": 10, "do_sample": False}),
+    ]
+    for t in tasks:
+        (root / f"{t['task']}.yaml").write_text(json.dumps(t, indent=1) + "\n")
+    return root
+
+
+@pytest.fixture(scope="session")
+def lm_eval_setup(tmp_path_factory) -> dict[str, Path]:
+    """A tiny GQA Llama (vocab 32000, context 64: long texts take several rolling windows) saved
+    as megallama (tp=2 layout), and its HF export with tokenizer files; the local tasks."""
+    if not LLAMA_TOKENIZER.is_file():
+        pytest.skip(f"real Llama 2 tokenizer not found at {LLAMA_TOKENIZER}")
+    llama_tokenizer_path = LLAMA_TOKENIZER
+    root = tmp_path_factory.mktemp("lm_eval")
+    cfg = preset("tiny_gqa", vocab_size=32000, n_layers=2, max_seq_len=64)
+    hf_model_from(Transformer(cfg, seed=7).eval()).save_pretrained(root / "src")
+    convert(f"hf:{root / 'src'}", f"megallama:{root / 'mg'}", tp=2, tokenizer=llama_tokenizer_path,
+            progress=False)
+    convert(f"megallama:{root / 'mg'}", f"hf:{root / 'hf'}", tokenizer=llama_tokenizer_path,
+            progress=False)
+    return {"megallama": root / "mg", "hf": root / "hf", "tasks": write_tasks(root / "tasks")}
+
+
+def evaluate(model: str, model_args: dict[str, Any], tasks_dir: Path,
+             batch_size: int = 3) -> dict[str, Any]:
+    return simple_evaluate(model=model, model_args=model_args, tasks=TASKS,
+                           task_manager=TaskManager(include_path=str(tasks_dir)),
+                           batch_size=batch_size, device="cpu", log_samples=True,
+                           bootstrap_iters=0)
+
+
+def hf_reference(setup: dict[str, Path]) -> dict[str, Any]:
+    """lm-eval's own ``hf`` model on the HF export (fp32, on the CPU)."""
+    return evaluate("hf", {"pretrained": str(setup["hf"]), "dtype": "float32"}, setup["tasks"],
+                    batch_size=2)
+
+
+def _plain(value: Any) -> Any:
+    """A response as the samples files of a command-line run hold it: tuples as lists, numbers
+    and booleans as strings; read back alike from either source."""
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, bool | float):
+        value = str(value)
+    if value in ("True", "False"):
+        return value == "True"
+    try:
+        return float(value)
+    except ValueError:
+        return value
+
+
+def responses(results: dict[str, Any]) -> dict[str, dict[int, list]]:
+    """Per task, per document: the model's answers (log-likelihoods / texts)."""
+    return {task: {s["doc_id"]: _plain(s["resps"]) for s in samples}
+            for task, samples in results["samples"].items()}
+
+
+def assert_same_scores(ours: dict[str, Any], ref: dict[str, Any]) -> float:
+    """Equal metrics (acc exactly, perplexities within TOL relative) and per-request answers;
+    returns the largest log-likelihood difference seen."""
+    worst = 0.0
+    a, b = responses(ours), responses(ref)
+    assert a.keys() == b.keys() == set(TASKS)
+    for task in TASKS:
+        assert a[task].keys() == b[task].keys(), task
+        for doc, resps in b[task].items():
+            for mine, theirs in zip(a[task][doc], resps, strict=True):
+                if task.startswith("megallama_gen"):
+                    assert mine == theirs, (task, doc, mine, theirs)
+                    continue
+                pair = task != "megallama_ppl"  # (log-likelihood, is_greedy) or a number
+                ll_a, ll_b = (mine[0][0], theirs[0][0]) if pair else (mine[0], theirs[0])
+                worst = max(worst, abs(ll_a - ll_b))
+                assert abs(ll_a - ll_b) < TOL, (task, doc, ll_a, ll_b)
+                if pair:
+                    assert mine[0][1] == theirs[0][1], (task, doc, "is_greedy")
+        for key, value in ref["results"][task].items():
+            if isinstance(value, float) and "stderr" not in key:
+                assert ours["results"][task][key] == pytest.approx(value, rel=TOL, abs=TOL), (task, key)
+    return worst
+
+
+def test_scores_match_hf_backend(lm_eval_setup) -> None:
+    ref = hf_reference(lm_eval_setup)
+    ours = evaluate("megallama", {"checkpoint": str(lm_eval_setup["megallama"]), "tp": 1},
+                    lm_eval_setup["tasks"])
+    worst = assert_same_scores(ours, ref)
+    via_hf = evaluate("megallama", {"checkpoint": str(lm_eval_setup["hf"]), "format": "hf"},
+                      lm_eval_setup["tasks"], batch_size=4)
+    worst = max(worst, assert_same_scores(via_hf, ref))
+    print(f"largest |loglikelihood(megallama) - loglikelihood(hf)|: {worst:.2e}")
+    assert ours["config"]["model"] == "megallama" and ours["config"]["tp"] == 1
+    gen = responses(ours)["megallama_gen_stop"]
+    assert all("e" not in r[0] and "\n" not in r[0] for r in gen.values())
+
+
+def test_missing_lm_eval_is_one_line(monkeypatch, capsys) -> None:
+    """Hide lm-eval: the command says which extra to install (one line, exit 2) and importing
+    the model module raises ImportError naming it."""
+    from megallama import lm_eval as entry
+
+    monkeypatch.setitem(sys.modules, "lm_eval", None)
+    assert entry.main() == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "pip install 'megallama[eval]'" in err, err
+    monkeypatch.delitem(sys.modules, "megallama.inference.harness", raising=False)
+    with pytest.raises(ImportError, match=r"pip install 'megallama\[eval\]'"):
+        importlib.import_module("megallama.inference.harness")
+
+
+def test_bad_arguments_fail_clearly(lm_eval_setup) -> None:
+    from megallama.config import ConfigError
+    from megallama.inference.harness import MegallamaLM
+
+    with pytest.raises(ConfigError, match="tp\\*pp = 2 processes"):
+        MegallamaLM(checkpoint=str(lm_eval_setup["megallama"]), tp=2, device="cpu")
+    with pytest.raises(ConfigError, match="no 'auto'"):
+        MegallamaLM(checkpoint=str(lm_eval_setup["megallama"]), batch_size="auto")
