@@ -128,6 +128,9 @@ def _check_output(path: str) -> None:
     parent = Path(path).expanduser().resolve().parent
     if not parent.is_dir():
         raise ConfigError(f"json={path}: directory {parent} does not exist")
+    if Path(path).expanduser().is_dir():
+        raise ConfigError(f"json={path}: a directory; name the file to write, e.g. "
+                          f"json={Path(path) / 'plan.jsonl'}")
 
 
 def _switch(opts: dict[str, str], key: str) -> tuple[bool, ...]:

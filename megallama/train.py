@@ -6,10 +6,10 @@ torch.distributed and the rank grid, build the engine, then loop: sample a globa
 DeepSpeed step, log, evaluate, save.
 
 Exit status: 0 when training completes; 2 for a configuration error (an unknown or mistyped
-override, a bad layout, a missing or damaged file...): every rank exits with it before any
-collective and rank 0 prints the one line ``megallama.train: error: ...`` (``MEGALLAMA_DEBUG=1``
-adds the traceback). A failure during training is not a config error: it exits non-zero with its
-traceback.
+override, a bad layout, a missing or damaged file...): every rank finds it on its own, before any
+collective, ends with the one line ``megallama.train: error: ...`` (``MEGALLAMA_DEBUG=1`` adds
+the traceback) and exits with 2; see :func:`_fail` for why a launcher's terminal shows the line
+once. A failure during training is not a config error: it exits non-zero with its traceback.
 """
 
 from __future__ import annotations
@@ -17,12 +17,13 @@ from __future__ import annotations
 import faulthandler
 import signal
 import sys
+import time
 from typing import TYPE_CHECKING
 
 import torch
 
 from megallama.config import ConfigError
-from megallama.config.arguments import report_error
+from megallama.config.arguments import os_error_message, report_error
 from megallama.config.train_config import TrainConfig
 from megallama.parallel.runtime import init_distributed, resolve_device, world_info
 
@@ -38,12 +39,21 @@ data, trainer, experiment=tiny_cpu|llama2_7b_pretrain. Any field can be overridd
 
 
 EXIT_CONFIG = 2  # like argparse's usage errors
+PEER_REPORT_DELAY_S = 5.0
 
 
 def _fail(rank: int, message: object) -> int:
-    """Report a config error once (rank 0) and return the exit status every rank uses."""
-    if rank == 0:
-        report_error("megallama.train", message)
+    """Report a config error and return the exit status every rank uses.
+
+    Rank 0 reports at once. The other ranks found the same error on their own and report it
+    after ``PEER_REPORT_DELAY_S``: torchrun stops the remaining workers as soon as one has failed,
+    so when rank 0 has reported, they are stopped silently and the terminal shows the line once;
+    when rank 0 is slower (a loaded node) or elsewhere (another node's log), the line still
+    appears. Called inside the ``except`` block, so ``MEGALLAMA_DEBUG=1`` shows the traceback.
+    """
+    if rank != 0:
+        time.sleep(PEER_REPORT_DELAY_S)
+    report_error("megallama.train", message)
     return EXIT_CONFIG
 
 
@@ -73,7 +83,7 @@ def main(argv: list[str] | None = None, hooks: TrainHooks | None = None) -> int:
     except (ConfigError, ValueError) as e:
         return _fail(rank, e)
     except OSError as e:  # reading the config or a file it names
-        return _fail(rank, f"{e.filename}: {e.strerror}" if e.filename else e)
+        return _fail(rank, os_error_message(e))
     init_distributed(device)
     from megallama.training.loop import train  # imports DeepSpeed: after the config checks
 

@@ -316,6 +316,9 @@ CASES = [
         damage=edit_json("params.json", _set("norm_eps", "1e-5"))),
     row("meta-params-vocab-string", "meta", "{src}/params.json", "vocab_size='many'",
         damage=edit_json("params.json", _set("vocab_size", "many"))),
+    row("meta-params-rope-scaling-a-list", "meta", "{src}/params.json",
+        "rope_scaling=[2]: expected an object or null",
+        damage=edit_json("params.json", _set("rope_scaling", [2]))),
     row("meta-vocab-minus-1-without-embedding", "meta", "{src}/params.json", "vocab_size -1",
         damage=both_meta_shards(lambda sd: sd.pop("tok_embeddings.weight"))),
     row("meta-no-consolidated-files", "meta", "{src}", "no consolidated.NN.pth files",
@@ -359,6 +362,13 @@ CASES = [
         damage=edit_json("config.json", _set("model_type", "mistral"))),
     row("hf-tied-embeddings", "hf", "{src}/config.json", "tie_word_embeddings",
         damage=edit_json("config.json", _set("tie_word_embeddings", True))),
+    row("hf-rope-scaling-a-string", "hf", "{src}/config.json", "rope_scaling='yes'",
+        damage=edit_json("config.json", _set("rope_scaling", "yes"))),
+    row("hf-rope-factor-not-a-number", "hf", "{src}/config.json", "rope_scaling.factor='x'",
+        damage=edit_json("config.json", _set("rope_scaling", {"type": "linear", "factor": "x"}))),
+    row("hf-rope-factor-nan", "hf", "{src}/config.json", "rope_scaling.factor=nan",
+        damage=edit_json("config.json", _set("rope_scaling", {"type": "linear",
+                                                              "factor": float("nan")}))),
     row("hf-no-weights", "hf", "{src}", "neither model.safetensors",
         damage=remove("model.safetensors")),
     row("hf-truncated", "hf", ST, "not a readable safetensors file",
@@ -391,6 +401,11 @@ CASES = [
         damage=write_text("model.index.json", '{"format": "megallama-weights",')),
     row("mg-index-tensors-a-list", "megallama", MG_INDEX, "malformed checkpoint index",
         damage=megallama_index(_set("tensors", []))),
+    row("mg-index-split-dim-out-of-range", "megallama", MG_INDEX, "malformed checkpoint index",
+        damage=megallama_index(_tensor("output.weight", "split_dim", 5))),
+    row("mg-index-file-outside-the-directory", "megallama", MG_INDEX, "'../x.safetensors'",
+        damage=megallama_index(lambda i: {**i, "files": {**i["files"], "../x.safetensors": {
+            "size": 1, "sha256": "0"}}})),
     row("mg-index-unknown-dtype", "megallama", f"{MG_INDEX}: norm.weight", "dtype 'float99'",
         damage=megallama_index(_tensor("norm.weight", "dtype", "float99"))),
     row("mg-index-int8-dtype", "megallama", f"{MG_INDEX}: norm.weight", "dtype 'int8'",
@@ -516,6 +531,7 @@ def test_sigkill_mid_write_then_rerun_succeeds(tmp_path):
     finally:
         proc.kill()
         proc.wait()
+        proc.stderr.close()
     assert tmp.is_dir() and not dst.exists()
     assert main(argv) == 0
     assert not list(tmp_path.glob(".out.tmp-*"))

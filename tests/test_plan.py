@@ -243,10 +243,28 @@ def test_cli_model_overrides_and_fp32_cpu(capsys):
     (["model=tiny", "gpus=1", "model.norm_eps=abc"], "norm_eps='abc': expected a number"),
     (["model=tiny", "gpus=1", "json=/nonexistent/dir/plan.jsonl"],
      "json=/nonexistent/dir/plan.jsonl: directory /nonexistent/dir does not exist"),
+    (["model=tiny", "gpus=1", "json=/"], "json=/: a directory; name the file to write"),
+    (["model=tiny", "gpus=1", "gpu_mem_gib=inf"], "gpu_mem_gib=inf: must be a finite number"),
+    (["model=tiny", "gpus=1", "overhead_gib=inf"], "overhead_gib=inf: must be a finite number"),
 ])
 def test_cli_errors_are_one_clear_line(argv, message, capsys):
     rc, out, err = run(argv, capsys)
     assert rc == 2 and message in err and err.count("\n") == 1 and not out
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"[32, 4096]", "a JSON list, expected an object"),
+    (b'{"dim": 4096, \xff}', "not UTF-8 text (byte 0xff at offset 14)"),
+    (b'{"dim": 4096', "not valid JSON"),
+    (b'{"hidden_size": 4096}', "missing field 'num_attention_heads'"),
+    (b'{"dim": 4096, "vocab_size": "many"}', "vocab_size='many'"),
+])
+def test_cli_model_file_errors_name_the_file(content, message, capsys, tmp_path):
+    params = tmp_path / "params.json"
+    params.write_bytes(content)
+    rc, out, err = run([f"model={params}", "gpus=1"], capsys)
+    assert rc == 2 and err.startswith(f"megallama-plan: error: {params}") and message in err
+    assert err.count("\n") == 1 and not out and params.read_bytes() == content
 
 
 def test_estimate_rejects_what_the_trainer_rejects():

@@ -260,7 +260,7 @@ def test_missing_inputs_and_tokenizer(
     with pytest.raises(SourceError, match="input file not found"):
         preprocess([tmp_path / "nope.txt"], tmp_path / "x", small_model, progress=False)
     argv = [str(good), "--tokenizer", str(missing_model), "--output-prefix", str(tmp_path / "x")]
-    assert main(argv) == 1
+    assert main(argv) == 2  # an input error, like a usage error
     assert f"error: tokenizer model not found: {missing_model}" in capsys.readouterr().err
     assert not list(tmp_path.glob("x*"))
 

@@ -285,7 +285,7 @@ def test_trainer_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
     assert out.out.strip() == f"{prefix}.model"
     assert "training sentences" in out.err
     assert Tokenizer(f"{prefix}.model").vocab_size == 400
-    assert main([str(tmp_path / "missing.txt"), "--output-prefix", str(prefix)]) == 1
+    assert main([str(tmp_path / "missing.txt"), "--output-prefix", str(prefix)]) == 2
     assert "input file not found" in capsys.readouterr().err
     with pytest.raises(SourceError):
         train_tokenizer([], prefix)

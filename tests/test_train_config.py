@@ -193,6 +193,7 @@ def files(tmp_path_factory) -> dict[str, str]:
         "valid": _write_tokens(root / "valid", 500),
         "short": _write_tokens(root / "short", 20),
         "trunc": _write_tokens(root / "trunc", 500),
+        "vocab300": _write_tokens(root / "vocab300", 500, vocab=300),
         "tokenizer": str(train_tokenizer([corpus], root / "tok", VOCAB, num_threads=1)),
         "other_tokenizer": str(train_tokenizer([corpus], root / "tok300", 300, num_threads=1)),
         "root": str(root),
@@ -273,6 +274,31 @@ BAD = [  # (changes, world size, expected fragment of the one-line message)
     ({"optim.decay_steps": 10}, 8, "optim.decay_steps=10 <= warmup_steps=10"),
     ({"optim.beta2": 1.0}, 8, "optim.beta2=1.0"),
     ({"optim.eps": 0.0}, 8, "optim.eps=0.0"),
+    # sizes and counts below their range, the run directory, more file classes
+    ({"parallel.global_batch_size": 0}, 8, "parallel.global_batch_size=0: must be >= 1"),
+    ({"parallel.dp": 0}, 8, "parallel.dp=0: must be >= 1"),
+    ({"trainer.steps": -5}, 8, "trainer.steps=-5: must be >= 1"),
+    ({"trainer.save_interval": -1}, 8, "trainer.save_interval=-1: must be >= 0"),
+    ({"trainer.eval_interval": -1}, 8, "trainer.eval_interval=-1: must be >= 0"),
+    ({"trainer.keep_last": -1}, 8, "trainer.keep_last=-1: must be >= 0 (0 keeps every"),
+    ({"trainer.seed": -1}, 8, "trainer.seed=-1: must be in [0, 2**63)"),
+    ({"data.seq_len": 0}, 8, "data.seq_len=0: must be >= 1"),
+    ({"optim.lr": -1e-3}, 8, "optim.lr=-0.001: the peak learning rate must be > 0"),
+    ({"optim.lr": float("nan")}, 8, "optim.lr=nan"),
+    ({"optim.weight_decay": -0.1}, 8, "optim.weight_decay=-0.1: must be >= 0"),
+    ({"optim.grad_clip": -1.0}, 8, "optim.grad_clip=-1.0: must be >= 0"),
+    ({"trainer.output_dir": ""}, 8, "trainer.output_dir is empty"),
+    ({"trainer.output_dir": "{root}/corpus.txt"}, 8,
+     "trainer.output_dir={root}/corpus.txt is a file, not a directory"),
+    ({"trainer.output_dir": "{root}/corpus.txt/run"}, 8,
+     "trainer.output_dir={root}/corpus.txt/run is under the file {root}/corpus.txt"),
+    ({"data.train": ["{root}/corpus.txt"]}, 8, "token index not found: {root}/corpus.txt.idx"),
+    ({"data.valid": ["{vocab300}"]}, 8, "data.valid[0]={vocab300} was tokenized with a 300-piece "
+                                        "vocabulary but data.train[0]={train} with a 320-piece"),
+    ({"data.tokenizer": "{root}"}, 8, "data.tokenizer: tokenizer model is not a file"),
+    ({"data.tokenizer": "{root}/corpus.txt"}, 8, "is not a valid SentencePiece model"),
+    ({"data.train": ["{valid}"], "data.valid": [], "data.valid_fraction": 0.9}, 8,
+     "data.train[0]={valid} holds 500 tokens: too few to hold out data.valid_fraction=0.9"),
 ]
 
 
@@ -292,3 +318,25 @@ def test_validate_rejects(good, files, monkeypatch, changes, world, message):
     text = str(info.value)
     assert re.search(re.escape(message.format(**files)), text), text
     assert "\n" not in text
+
+
+# Several problems at once: the primary one is reported, not a consequence of it.
+ORDER = [
+    ({"data.train": [], "data.valid": [], "parallel.global_batch_size": 7, "trainer.steps": 0},
+     8, "data.train is empty"),
+    ({"data.seq_len": -3, "parallel.sequence_parallel": True}, 8, "data.seq_len=-3: must be >= 1"),
+    ({"data.train": ["{root}/nope"], "data.tokenizer": "{root}/missing.model"}, 8,
+     "data.train[0]={root}/nope: token index not found"),
+    ({"data.valid": ["{vocab300}"], "model.vocab_size": 300}, 8,
+     "data.valid[0]={vocab300} was tokenized with a 300-piece vocabulary but data.train[0]"),
+    ({"data.tokenizer": "{other_tokenizer}", "model.vocab_size": 300}, 8,
+     "data.tokenizer={other_tokenizer} has 300 pieces but data.train[0]={train} was tokenized "
+     "with a 320-piece vocabulary: point data.tokenizer at the tokenizer megallama-preprocess"),
+    ({"data.train": ["{short}"], "data.valid": ["{vocab300}"]}, 8, "all token files must come"),
+]
+
+
+@pytest.mark.parametrize("changes,world,message", ORDER, ids=[m[:40] for _, _, m in ORDER])
+def test_validate_reports_the_primary_problem_first(good, files, monkeypatch, changes, world,
+                                                    message):
+    test_validate_rejects(good, files, monkeypatch, changes, world, message)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import shutil
 import struct
 from collections.abc import Iterator
@@ -99,6 +100,18 @@ class SafetensorsStream:
 
 
 # ---- reader --------------------------------------------------------------------------------------
+def check_rope_scaling(scaling: Any) -> None:
+    """A config's ``rope_scaling`` must be null or an object whose ``factor``, when given, is a
+    finite number (ModelConfig would keep a string, a list or NaN and fail or export it later)."""
+    if scaling is None:
+        return
+    if not isinstance(scaling, dict):
+        raise ConfigError(f"rope_scaling={scaling!r}: expected an object or null")
+    factor = scaling.get("factor", 1.0)
+    if isinstance(factor, bool) or not isinstance(factor, int | float) or not math.isfinite(factor):
+        raise ConfigError(f"rope_scaling.factor={factor!r}: expected a finite number")
+
+
 def read_hf_config(path: Path) -> tuple[ModelConfig, dict[str, Any]]:
     """(ModelConfig, raw config.json) of an HF Llama checkpoint directory; one-line errors."""
     cfg_path = Path(path) / "config.json"
@@ -112,6 +125,10 @@ def read_hf_config(path: Path) -> tuple[ModelConfig, dict[str, Any]]:
             raise ConfigError(f"model_type {raw['model_type']!r} is not 'llama'")
         if raw.get("tie_word_embeddings"):
             raise ConfigError("tie_word_embeddings=true: Llama 2 has an untied output head")
+        check_rope_scaling(raw.get("rope_scaling") or raw.get("rope_parameters") or None)
+        inter = raw.get("intermediate_size", 1)  # solved into multiple_of/ffn_dim_multiplier
+        if isinstance(inter, bool) or not isinstance(inter, int) or inter < 1:
+            raise ConfigError(f"intermediate_size={inter!r}: expected an integer >= 1")
         return ModelConfig.from_hf_config(raw), raw
     except (json.JSONDecodeError, UnicodeDecodeError, ConfigError, KeyError, TypeError) as e:
         what = f"missing field {e}" if isinstance(e, KeyError) else str(e)
@@ -274,7 +291,7 @@ class HFSink:
 
 
 HF_TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
-                       "special_tokens_map.json")
+                      "special_tokens_map.json")
 
 
 def write_hf_tokenizer(src: Path, out: Path, cfg: ModelConfig) -> None:

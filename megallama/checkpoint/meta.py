@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from megallama.checkpoint.atomic import CheckpointError
+from megallama.checkpoint.hf import check_rope_scaling
 from megallama.checkpoint.names import meta_split_dim, model_tensor_shapes
 from megallama.config import ConfigError, ModelConfig
 
@@ -208,6 +209,7 @@ class MetaSource:
             params = json.loads(params_path.read_text(encoding="utf-8"))
             if not isinstance(params, dict):
                 raise ConfigError(f"expected a JSON object, got {type(params).__name__}")
+            check_rope_scaling(params.get("rope_scaling"))
             self.config = ModelConfig.from_meta_params(params, vocab_size=self._vocab(params))
         except (json.JSONDecodeError, UnicodeDecodeError, ConfigError, TypeError) as e:
             raise CheckpointError(f"{params_path}: {e}") from None

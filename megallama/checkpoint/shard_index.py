@@ -112,6 +112,9 @@ def read_index(ckpt_dir: Path) -> dict[str, Any]:
         for fname, rec in index["files"].items():
             if not (isinstance(rec["size"], int) and isinstance(rec["sha256"], str)):
                 raise TypeError(f"files[{fname!r}] needs an integer size and a sha256 string")
+            if Path(fname).name != fname or fname in (".", ".."):
+                raise CheckpointError(f"{path}: file {fname!r} is not a file name beside the "
+                                      "index")
         for name, entry in index["tensors"].items():
             _check_pieces(name, entry, path)
             for piece in entry["pieces"]:
@@ -120,7 +123,7 @@ def read_index(ckpt_dir: Path) -> dict[str, Any]:
             if entry["dtype"] not in WEIGHT_DTYPES:
                 raise CheckpointError(f"{path}: {name}: dtype {entry['dtype']!r} is not one of "
                                       f"{', '.join(WEIGHT_DTYPES)} (not model weights)")
-    except (KeyError, TypeError, AttributeError) as e:
+    except (KeyError, IndexError, TypeError, AttributeError) as e:
         what = f"{type(e).__name__}: {e}"
         raise CheckpointError(f"{path}: malformed checkpoint index ({what})") from None
     return index

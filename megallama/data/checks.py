@@ -16,7 +16,6 @@ from megallama.config.train_config import DataConfig
 from megallama.data.indexed import IndexedTokens
 from megallama.data.tokenizer import Tokenizer, TokenizerError
 
-REMEDY = "create it with megallama-preprocess"
 
 
 class _TokenFile(NamedTuple):
@@ -68,7 +67,9 @@ def _open_token_file(option: str, prefix: str) -> _TokenFile:
     try:
         tokens = IndexedTokens(prefix)
     except ValueError as exc:  # IndexedFormatError: missing, unreadable, truncated or foreign
-        raise ConfigError(f"{option}={prefix}: {exc} ({REMEDY})") from None
+        verb = "create" if "not found" in str(exc) else "re-create"
+        raise ConfigError(f"{option}={prefix}: {exc} ({verb} it with megallama-preprocess)"
+                          ) from None
     found = _TokenFile(option, prefix, tokens.vocab_size, tokens.num_tokens)
     del tokens  # release the memory map
     return found

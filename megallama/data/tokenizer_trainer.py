@@ -255,7 +255,7 @@ def _bounded(kind: type, low: float, high: float | None,
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r}: expected {expected}") from None
-        if value < low or (high is not None and value > high):
+        if value != value or value < low or (high is not None and value > high):  # nan too
             bound = f">= {low}" if high is None else f"in [{low}, {high}]"
             raise argparse.ArgumentTypeError(f"{value}: must be {bound}{why}")
         return value

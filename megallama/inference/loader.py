@@ -128,9 +128,8 @@ def open_tokenizer(path: Path, explicit: bool = True) -> Tokenizer:
         raise TokenizerError(f"{where} {path}: {kind}; pass --tokenizer PATH/tokenizer.model")
     try:
         return Tokenizer(path)
-    except TokenizerError as e:  # its message names the file
-        raise TokenizerError(f"{where}: {e}; pass the SentencePiece tokenizer.model the model "
-                             "was trained with") from None
+    except TokenizerError as e:  # its message names the file and what to give instead
+        raise TokenizerError(f"{where}: {e}") from None
 
 
 def run_cli(prog: str, body: Callable[[], int], errors: tuple[type[BaseException], ...]) -> int:

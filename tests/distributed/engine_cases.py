@@ -44,6 +44,20 @@ def rank_micro_batches(step: int, cfg: TrainConfig, dp_rank: int, dp: int):
 
 def reference_run(cfg: TrainConfig) -> tuple[list[float], list[float]]:
     """Losses and pre-clipping gradient norms of a plain torch run on one process."""
+    losses, norms, _ = reference_train(cfg, cfg.trainer.steps)
+    return losses, norms
+
+
+def reference_weights(cfg: TrainConfig, steps: int) -> dict[str, torch.Tensor]:
+    """The plain torch run's parameters (global names, unpadded full tensors) after ``steps``
+    optimizer steps of the ``cfg.trainer.steps``-step schedule."""
+    return reference_train(cfg, steps)[2]
+
+
+def reference_train(cfg: TrainConfig, steps: int
+                    ) -> tuple[list[float], list[float], dict[str, torch.Tensor]]:
+    """``steps`` steps of the plain torch run (same init, data, AdamW, clipping and LR schedule
+    as the engine): losses, pre-clipping gradient norms and the parameters after the last step."""
     model = Transformer(cfg.model, seed=cfg.trainer.seed)
     o = cfg.optim
     opt = torch.optim.AdamW(param_groups(model.named_parameters(), o.weight_decay), lr=o.lr,
@@ -51,7 +65,7 @@ def reference_run(cfg: TrainConfig) -> tuple[list[float], list[float]]:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, o, cfg.trainer.steps) / o.lr)
     losses, norms = [], []
     m = cfg.parallel.micro_batch_size
-    for step in range(cfg.trainer.steps):
+    for step in range(steps):
         tokens, labels = global_batch(step, cfg.parallel.global_batch_size)
         n_micro = tokens.size(0) // m
         opt.zero_grad()
@@ -64,4 +78,5 @@ def reference_run(cfg: TrainConfig) -> tuple[list[float], list[float]]:
         opt.step()
         sched.step()
         losses.append(total)
-    return losses, norms
+    weights = {name: p.detach().clone() for name, p in model.named_parameters()}
+    return losses, norms, weights

@@ -92,6 +92,11 @@ def test_torchrun_restarts_after_a_crash(token_files, tmp_path, reference):
 
 
 def test_sigterm_saves_and_exits(token_files, tmp_path):
+    """SIGTERM to the training processes (what a scheduler's preemption delivers): every rank
+    saves the same step and exits 0, so torchrun exits 0 too; the checkpoint then resumes.
+    (torchrun itself answers a SIGTERM of its own by exiting 1 whatever its workers do, so the
+    signal goes to the workers, not to the launcher.)"""
+    psutil = pytest.importorskip("psutil")  # a DeepSpeed dependency
     out = tmp_path / "preempted"
     args = overrides(token_files, out, "trainer.log_interval=1", "trainer.eval_interval=0",
                      "data.valid=[]", "trainer.steps=500", "parallel.pp=2")
@@ -99,16 +104,36 @@ def test_sigterm_saves_and_exits(token_files, tmp_path):
            "-m", "megallama.train", *args]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
-    deadline = time.monotonic() + 180
+    deadline, seen = time.monotonic() + 180, []
     for line in proc.stdout:  # wait until training runs
+        seen.append(line)
         if line.startswith("step 3/") or time.monotonic() > deadline:
             break
-    proc.send_signal(signal.SIGTERM)
+    workers = psutil.Process(proc.pid).children()
+    assert len(workers) == 2, ("expected torchrun's 2 workers", workers, "".join(seen)[-3000:])
+    for w in workers:
+        w.send_signal(signal.SIGTERM)
     rest = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0, f"exit status {proc.returncode}:\n{rest[-3000:]}"
     assert "SIGTERM: saving step" in rest, rest[-3000:]
     ckpt = latest_checkpoint(out / "checkpoints")
     assert ckpt is not None and (ckpt / "trainer_state.json").is_file()
-    assert 3 <= json.loads((ckpt / "trainer_state.json").read_text())["step"] < 500
+    saved = json.loads((ckpt / "trainer_state.json").read_text())["step"]
+    assert 3 <= saved < 500 and ckpt.name == f"step_{saved:08d}"
+    assert f"SIGTERM: saving step {saved} and exiting" in rest, rest[-3000:]
+    # the saved state resumes: two more steps from it, through the same entry point
+    resumed = tmp_path / "resumed"
+    args = overrides(token_files, resumed, "trainer.log_interval=1", "trainer.eval_interval=0",
+                     "data.valid=[]", f"trainer.steps={saved + 2}", "parallel.pp=2",
+                     f"trainer.resume={ckpt}")
+    proc, _ = torchrun(2, "megallama.train", args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"resumed from {ckpt} at step {saved}" in proc.stdout, proc.stdout[-3000:]
+    state = json.loads((resumed / "checkpoints" / f"step_{saved + 2:08d}" / "trainer_state.json")
+                       .read_text())
+    assert state["step"] == saved + 2
+    assert state["sampler"]["consumed_samples"] == (saved + 2) * 8
+    assert len(losses(resumed)) == 2  # steps saved+1 and saved+2 only
 
 
 @pytest.mark.parametrize("optimizer", [(), ("optim.impl=fused", "parallel.zero_stage=0")],
