@@ -14,6 +14,7 @@ import errno
 import gzip
 import hashlib
 import json
+import lzma
 import os
 import subprocess
 import sys
@@ -56,6 +57,8 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     packed = gzip.compress(good.encode())
     (root / "trunc.txt.gz").write_bytes(packed[: len(packed) // 2])
     (root / "plain.txt.gz").write_text("not gzip at all\n", encoding="utf-8")
+    packed = lzma.compress(good.encode())
+    (root / "trunc.txt.xz").write_bytes(packed[: len(packed) // 2])
     train_tokenizer([root / "good.txt"], root / "tok", vocab_size=300, num_threads=1)
     (root / "fake.model").write_bytes(b"this is not a protobuf \xff\xfe" * 10)
     (root / "empty.model").write_bytes(b"")
@@ -94,6 +97,8 @@ ROWS: list[tuple[str, str, tuple[str, ...], str, int]] = [
     # compressed inputs: truncated, not compressed at all
     ("gz-truncated", P, ("{in}/trunc.txt.gz", *TOK),
      "{in}/trunc.txt.gz: compressed file is truncated or damaged", 2),
+    ("xz-truncated", P, ("{in}/trunc.txt.xz", *TOK),
+     "{in}/trunc.txt.xz: compressed file is truncated or damaged", 2),
     ("gz-not-gzip", P, ("{in}/plain.txt.gz", *TOK),
      "{in}/plain.txt.gz: compressed file is truncated or damaged", 2),
     # the tokenizer: missing, a directory, empty, not a SentencePiece model

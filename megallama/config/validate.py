@@ -66,7 +66,8 @@ def check_trainer(t: TrainerConfig) -> None:
     if t.save_interval < 0:
         raise ConfigError(f"trainer.save_interval={t.save_interval}: must be >= 0 (0: at the end)")
     if t.keep_last < 0:
-        raise ConfigError(f"trainer.keep_last={t.keep_last}: must be >= 0 (0 keeps every checkpoint)")
+        raise ConfigError(
+            f"trainer.keep_last={t.keep_last}: must be >= 0 (0 keeps every checkpoint)")
     if not 0 <= t.seed < 2**63:  # numpy's generators refuse negative seeds
         raise ConfigError(f"trainer.seed={t.seed}: must be in [0, 2**63)")
     if not t.output_dir:

@@ -17,7 +17,6 @@ from megallama.data.indexed import IndexedTokens
 from megallama.data.tokenizer import Tokenizer, TokenizerError
 
 
-
 class _TokenFile(NamedTuple):
     option: str  # e.g. "data.train[0]"
     prefix: str

@@ -1,5 +1,5 @@
-"""Everything checked before torch.distributed starts: the options (:mod:`megallama.config.validate`),
-the files they name (:mod:`megallama.data.checks`) and the directories the run will write. Run on
+"""Everything checked before torch.distributed starts: the options
+(:mod:`megallama.config.validate`), the files they name (:mod:`megallama.data.checks`) and the directories the run will write. Run on
 every rank, so a bad input stops all of them with the same one line instead of a hang in the first
 collective; nothing is created on disk until all of it has passed."""
 
