@@ -103,7 +103,7 @@ def assert_transformers_agrees(hf_dir: Path, cfg, state: dict[str, torch.Tensor]
     hf, info = transformers.LlamaForCausalLM.from_pretrained(hf_dir, attn_implementation="eager",
                                                              output_loading_info=True)
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
-    assert {p.dtype for p in hf.parameters()} == {t.dtype for t in state.values()}
+    assert {t.dtype for t in hf_tensors(hf_dir).values()} == {t.dtype for t in state.values()}
     ours = Transformer(cfg).eval()
     ours.load_state_dict({n: t.float() for n, t in state.items()})
     tokens = torch.randint(0, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
