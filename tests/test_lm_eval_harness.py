@@ -3,15 +3,13 @@ checkpoint: a tiny Llama with the real Llama 2 tokenizer, three local tasks (mul
 one- and many-token choices, perplexity by rolling windows over texts with leading spaces, runs of
 spaces and more tokens than the context, greedy generation with stop sequences), log-likelihoods
 within 1e-4, equal accuracies and equal generated text; the model's format=hf path agrees too.
-A missing lm-eval is one line naming the extra. The tp=2 x pp=2 run under torchrun is in
+The tp=2 x pp=2 run under torchrun is in
 tests/distributed/test_lm_eval_tp.py (it reuses the fixtures here)."""
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -190,20 +188,6 @@ def test_scores_match_hf_backend(lm_eval_setup) -> None:
     assert ours["config"]["model"] == "megallama" and ours["config"]["tp"] == 1
     gen = responses(ours)["megallama_gen_stop"]
     assert all("e" not in r[0] and "\n" not in r[0] for r in gen.values())
-
-
-def test_missing_lm_eval_is_one_line(monkeypatch, capsys) -> None:
-    """Hide lm-eval: the command says which extra to install (one line, exit 2) and importing
-    the model module raises ImportError naming it."""
-    from megallama import lm_eval as entry
-
-    monkeypatch.setitem(sys.modules, "lm_eval", None)
-    assert entry.main() == 2
-    err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "pip install 'megallama[eval]'" in err, err
-    monkeypatch.delitem(sys.modules, "megallama.inference.harness", raising=False)
-    with pytest.raises(ImportError, match=r"pip install 'megallama\[eval\]'"):
-        importlib.import_module("megallama.inference.harness")
 
 
 def test_bad_arguments_fail_clearly(lm_eval_setup) -> None:
