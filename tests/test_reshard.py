@@ -16,7 +16,6 @@ import signal
 import subprocess
 import sys
 import zipfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -38,8 +37,8 @@ from megallama.checkpoint.weights import (
 from megallama.config import preset
 from megallama.model.layout import stage_cuts
 from megallama.model.llama import Transformer
-from megallama.parallel.layers import TensorParallel
 from megallama.reshard import main, parse_size
+from tests.test_layout import RankTP
 
 
 @pytest.fixture(autouse=True)
@@ -145,25 +144,6 @@ def hf_gqa(tmp_path_factory) -> tuple[Path, object]:
     return path, cfg
 
 
-@dataclass(frozen=True)
-class RankTP(TensorParallel):
-    """The TP view of one rank of a tp-sized group, without processes (for building its slices)."""
-
-    n: int = 1
-    r: int = 0
-    kv: int = 1
-
-    @property
-    def size(self) -> int:
-        return self.n
-
-    @property
-    def rank(self) -> int:
-        return self.r
-
-    @property
-    def kv_replicas(self) -> int:
-        return self.kv
 
 
 def test_hf_megallama_hf_round_trip_and_save_model_weights_parity(hf_gqa, tmp_path):

@@ -10,15 +10,19 @@ import sys
 import traceback
 
 
-def positive_int(text: str) -> int:
-    """An integer >= 1 (sizes and counts: tp, pp, workers, sequence lengths...)."""
+def _int_at_least(text: str, low: int) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r}: expected an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value}: must be >= 1")
+    if value < low:
+        raise argparse.ArgumentTypeError(f"{value}: must be >= {low}")
     return value
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1 (sizes and counts: tp, pp, workers, sequence lengths...)."""
+    return _int_at_least(text, 1)
 
 
 DEBUG_ENV = "MEGALLAMA_DEBUG"
@@ -35,13 +39,7 @@ def report_error(prog: str, message: object) -> None:
 
 def non_negative_int(text: str) -> int:
     """An integer >= 0 (counts where 0 means "no limit" or "off": --max-batches, --top-k)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value}: must be >= 0")
-    return value
+    return _int_at_least(text, 0)
 
 
 def _finite_float(text: str) -> float:

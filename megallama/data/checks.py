@@ -13,6 +13,7 @@ from typing import NamedTuple
 
 from megallama.config import ConfigError, ModelConfig
 from megallama.config.train_config import DataConfig
+from megallama.data.dataset import holdout_start
 from megallama.data.indexed import IndexedTokens
 from megallama.data.tokenizer import Tokenizer, TokenizerError
 
@@ -96,10 +97,10 @@ def _check_tokenizer(path: str, files: _TokenFile, model_vocab: int) -> None:
 
 def _check_holdout(train: _TokenFile, seq_len: int, fraction: float) -> None:
     """Without ``data.valid`` the tail of the first training file is held out for validation;
-    the same rule as :func:`megallama.data.dataset._split_point`, checked before any
+    the rule of :func:`megallama.data.dataset.holdout_start`, checked before any
     collective instead of failing on every rank after start-up."""
     total = train.num_tokens
-    keep = total - max(seq_len + 1, round(total * fraction))
+    keep = holdout_start(total, seq_len, fraction)
     if keep < seq_len + 1:
         raise ConfigError(
             f"{train.name} holds {total} tokens: too few to hold out data.valid_fraction="

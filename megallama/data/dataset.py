@@ -173,12 +173,19 @@ class BlendedDataset:
         return self.datasets[d][int(self.dataset_sample_index[index])]
 
 
+def holdout_start(total: int, seq_len: int, valid_fraction: float) -> int:
+    """Token position where the validation tail held out of ``total`` tokens starts (before
+    moving to a document boundary): at least one sample of ``seq_len + 1`` tokens is held out.
+    A result below ``seq_len + 1`` leaves no training sample."""
+    return total - max(seq_len + 1, round(total * valid_fraction))
+
+
 def _split_point(indexed: IndexedTokens, seq_len: int, valid_fraction: float) -> int:
     """Token position where the held-out tail starts: the document boundary nearest to
     ``(1 - valid_fraction) * num_tokens`` if it keeps the tail within half of its intended
     size (so no document is in both splits), else exactly that position."""
     total = indexed.num_tokens
-    want = total - max(seq_len + 1, round(total * valid_fraction))
+    want = holdout_start(total, seq_len, valid_fraction)
     if want < seq_len + 1:
         raise DatasetError(
             f"{indexed.prefix} has {total} tokens: too few to hold out a validation tail and "
