@@ -29,44 +29,14 @@ from safetensors.torch import load_file, save_file
 
 from megallama.checkpoint.atomic import file_sha256
 from megallama.checkpoint.convert import convert
-from megallama.checkpoint.meta import ROPE_FREQS, rope_freqs
-from megallama.checkpoint.names import meta_split_dim, meta_tensor_to_hf, model_tensor_shapes
-from megallama.config import ModelConfig, preset
+from megallama.checkpoint.names import meta_tensor_to_hf
+from megallama.config import preset
 from megallama.config.arguments import DEBUG_ENV
 from megallama.reshard import main
+from tests.test_reshard import one_thread, random_state, write_meta  # noqa: F401 (fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 PROG = "megallama-reshard: error: "
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: extra threads only contend on a loaded machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-# ---- valid sources -------------------------------------------------------------------------------
-def random_state(cfg: ModelConfig, dtype: torch.dtype = torch.bfloat16,
-                 seed: int = 0) -> dict[str, torch.Tensor]:
-    """Every parameter of ``cfg`` (Meta names), random."""
-    g = torch.Generator().manual_seed(seed)
-    return {n: torch.randn(s, generator=g).to(dtype) for n, s in model_tensor_shapes(cfg)}
-
-
-def write_meta(path: Path, cfg: ModelConfig, state: dict[str, torch.Tensor], k: int) -> Path:
-    """A consolidated checkpoint as Meta ships it: fairscale slices, rope.freqs, vocab_size -1."""
-    path.mkdir(parents=True)
-    for i in range(k):
-        sd = {ROPE_FREQS: rope_freqs(cfg, torch.bfloat16)}
-        for name, t in state.items():
-            dim = meta_split_dim(name)
-            sd[name] = t.clone() if dim is None else t.chunk(k, dim)[i].clone()
-        torch.save(sd, path / f"consolidated.{i:02d}.pth")
-    (path / "params.json").write_text(json.dumps({**cfg.to_meta_params(), "vocab_size": -1}))
-    return path
 
 
 @pytest.fixture(scope="module")
