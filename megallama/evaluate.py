@@ -16,8 +16,8 @@ from pathlib import Path
 
 from megallama.config.arguments import non_negative_int, positive_int
 from megallama.inference.evaluation import INPUT_ERRORS, EvalRequest, evaluate, plan_evaluation
-from megallama.inference.loader import FORMATS, PRECISIONS, run_cli
-from megallama.parallel.runtime import world_info
+from megallama.inference.loader import FORMATS, PRECISIONS
+from megallama.parallel.runtime import run_command, world_info
 
 PROG = "megallama.evaluate"
 
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(result), flush=True)
         return 0
 
-    return run_cli(PROG, body, INPUT_ERRORS)
+    return run_command(PROG, body, INPUT_ERRORS)
 
 
 if __name__ == "__main__":

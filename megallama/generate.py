@@ -48,9 +48,8 @@ from megallama.inference.loader import (
     inspect_checkpoint,
     load_for_inference,
     open_tokenizer,
-    run_cli,
 )
-from megallama.parallel.runtime import world_info
+from megallama.parallel.runtime import run_command, world_info
 
 PROG = "megallama.generate"
 INPUT_ERRORS = (ConfigError, CheckpointError, TokenizerError, GenerationError, OSError)
@@ -204,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         _run(args, job, rank)  # load errors are agreed: every rank raises the same
         return 0
 
-    return run_cli(PROG, body, INPUT_ERRORS)
+    return run_command(PROG, body, INPUT_ERRORS)
 
 
 if __name__ == "__main__":

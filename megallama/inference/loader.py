@@ -15,7 +15,7 @@ stage returns vocab-parallel logits.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -31,7 +31,6 @@ from megallama.checkpoint.lookup import find_checkpoint, find_tokenizer, run_con
 from megallama.checkpoint.names import hf_to_meta_name
 from megallama.checkpoint.weights import load_model_weights, read_index
 from megallama.config import ConfigError, ModelConfig, check_tp_layout, kv_replicas_for
-from megallama.config.arguments import os_error_message, report_error
 from megallama.config.grid import Grid
 from megallama.data.tokenizer import Tokenizer, TokenizerError
 from megallama.inference.stages import (
@@ -43,7 +42,7 @@ from megallama.inference.stages import (
 from megallama.model import layout
 from megallama.model.llama import Transformer, TransformerBlock, layer_defs
 from megallama.parallel.layers import TensorParallel
-from megallama.parallel.runtime import init_distributed, resolve_device, run_command, world_info
+from megallama.parallel.runtime import init_distributed, resolve_device, world_info
 from megallama.parallel.topology import Topology, build_topology
 
 if TYPE_CHECKING:
@@ -130,28 +129,6 @@ def open_tokenizer(path: Path, explicit: bool = True) -> Tokenizer:
         return Tokenizer(path)
     except TokenizerError as e:  # its message names the file and what to give instead
         raise TokenizerError(f"{where}: {e}") from None
-
-
-def run_cli(prog: str, body: Callable[[], int], errors: tuple[type[BaseException], ...]) -> int:
-    """:func:`run_command` for the inference command lines, plus two things. Every rank prints
-    the error line, not only rank 0: torchrun stops the other workers as soon as one exits, so
-    a rank 0 a moment late would be killed before it said why (all ranks meet the same error:
-    the checks run before torch.distributed starts, load errors are agreed). An OSError is one
-    line that names its file first."""
-    rank, _ = world_info()
-
-    def reported() -> int:
-        try:
-            return body()
-        except errors as e:
-            error = ConfigError(os_error_message(e)) if isinstance(e, OSError) else e
-            if rank != 0:  # run_command prints rank 0's
-                report_error(prog, error)
-            if error is e:
-                raise
-            raise error from e
-
-    return run_command(prog, reported, (*errors, ConfigError))
 
 
 class InferenceModel(nn.Module):
@@ -358,5 +335,4 @@ def load_for_inference(checkpoint: Path, fmt: str = "megallama", *, tp: int = 1,
 
 __all__ = ["FORMATS", "PRECISIONS", "CheckpointInfo", "InferenceModel", "as_inference_model",
            "build_stage", "check_layout", "inference_device", "inspect_checkpoint",
-           "load_for_inference", "load_from_source", "open_tokenizer", "rank_topology",
-           "run_cli"]
+           "load_for_inference", "load_from_source", "open_tokenizer", "rank_topology"]

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from megallama.config import ConfigError
-from megallama.config.arguments import report_error
+from megallama.config.arguments import os_error_message, report_error
 
 
 def resolve_device(device: str) -> torch.device:
@@ -75,16 +75,19 @@ def world_info() -> tuple[int, int]:
 
 
 def run_command(prog: str, body: Callable[[], int], errors: tuple[type[BaseException], ...]) -> int:
-    """Run a command line's ``body`` as every rank should: an expected error (``errors``) is one
-    line ``prog: error: ...`` on rank 0's stderr and exit status 2, no traceback; a process group
-    the body started is destroyed on the way out (a caller's group is the caller's to end)."""
-    rank, _ = world_info()
+    """Run a command line's ``body`` as every rank should: an expected error (``errors``; an
+    OSError among them is shown as ``PATH: reason``) is one line ``prog: error: ...`` on stderr
+    and exit status 2, no traceback; a process group the body started is destroyed on the way
+    out (a caller's group is the caller's to end).
+
+    Every rank prints the line, not only rank 0: torchrun stops the other workers as soon as one
+    exits, so a rank 0 a moment late would be killed before it said why. All ranks meet the same
+    error (checks run before torch.distributed starts; load errors are agreed over ranks)."""
     started_here = not dist.is_initialized()
     try:
         return body()
     except errors as e:
-        if rank == 0:
-            report_error(prog, e)
+        report_error(prog, os_error_message(e) if isinstance(e, OSError) else e)
         return 2
     finally:
         if started_here and dist.is_initialized():
