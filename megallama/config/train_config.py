@@ -40,8 +40,11 @@ class OptimConfig:
     grad_clip: float = 1.0  # 0 disables; always passed to DeepSpeed explicitly
     # deepspeed: torch AdamW wrapped by DeepSpeed's ZeRO / bf16 optimizer (state sharded over DP);
     # fused: megallama's one-pass master-weight AdamW (needs parallel.zero_stage=0; faster, not
-    # sharded). See megallama/engine/fused_adamw.py and docs/PERFORMANCE.md.
+    # sharded); distributed: the fused AdamW with its state sharded over DP and bucketed gradient
+    # reduce-scatter overlapped with backward (zero_stage 0). See megallama/optim/ and
+    # docs/PERFORMANCE.md.
     impl: str = "deepspeed"
+    bucket_mb: float = 25.0  # optim.impl=distributed: gradient bucket size (MiB of gradients)
 
 
 @dataclass
@@ -53,6 +56,11 @@ class DataConfig:
     tokenizer: str | None = None
     seq_len: int = 256
     valid_fraction: float = 0.0  # held-out tail of train when no valid files are given
+    # concat: the token stream cut into windows, attention across documents (pretraining);
+    # documents: whole documents packed into windows, attention and RoPE positions restart at
+    # each document; padded: one document per window, padded (fine-tuning)
+    packing: str = "concat"
+    loss_mask: bool = True  # use the loss mask written by preprocessing (chat data); false: all tokens
 
 
 @dataclass
@@ -75,6 +83,7 @@ class TrainerConfig:
     save_interval: int = 0  # 0: save only at the end
     seed: int = 1234
     precision: str = "fp32"  # fp32 | bf16
+    fp8: str = "none"  # none | tensorwise | rowwise: FP8 matmuls in the TP linears (needs bf16)
     device: str = "auto"  # auto | cpu | cuda
     output_dir: str = "runs/default"
     nonfinite: str = "skip"  # skip (count the step) | stop
