@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", help="tokenizer.model (default: the directory's / the run's)")
     p.add_argument("--prompt", action="append", default=[], help="repeat for a batch")
     p.add_argument("--prompt-file", help="one prompt per line")
-    p.add_argument("--chat", action="store_true", help="wrap prompts in Llama-2-chat [INST] format")
+    p.add_argument("--chat", action="store_true",
+                   help="each prompt is a user turn in Llama 2's chat format ([INST] ... [/INST])")
     p.add_argument("--system", help="system prompt for --chat (<<SYS>> block)")
     p.add_argument("--max-new-tokens", type=positive_int, default=64)
     p.add_argument("--temperature", type=non_negative_float, default=0.0, help="0: greedy")
@@ -151,8 +152,8 @@ def _prompts(args: argparse.Namespace, tokenizer: Tokenizer) -> list[list[int]]:
         texts += _read_prompt_file(Path(args.prompt_file))
     if not texts:
         raise GenerationError("give at least one --prompt or --prompt-file")
-    if args.chat:
-        texts = [chat_prompt(t, args.system) for t in texts]
+    if args.chat:  # the format of megallama.data.chat, as chat training data is tokenized
+        return [chat_prompt(tokenizer, t, args.system) for t in texts]
     return [tokenizer.encode(t, bos=True) if t.strip() else [] for t in texts]
 
 

@@ -61,11 +61,12 @@ def prepare(overrides: list[str], world: int) -> tuple[TrainConfig, object, torc
     """Config, grid and device, checked without touching torch.distributed."""
     from megallama.config.compose import load_config
     from megallama.training.preflight import validate
-    from megallama.training.run_files import resolve_resume
+    from megallama.training.run_files import resolve_init, resolve_resume
 
     cfg = load_config(overrides)
     grid = validate(cfg, world)
     resolve_resume(cfg)  # a bad trainer.resume path fails here, before any collective
+    resolve_init(cfg)  # ... and a bad trainer.init_from path
     return cfg, grid, resolve_device(cfg.trainer.device)
 
 

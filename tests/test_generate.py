@@ -124,9 +124,22 @@ def test_bad_input_is_a_clear_error(gqa: Transformer) -> None:
         Sampling(temperature=1.0, top_p=0.0)
 
 
-def test_chat_prompt_format() -> None:
-    assert chat_prompt(" hi ") == "[INST] hi [/INST]"
-    assert chat_prompt("hi", "be brief") == "[INST] <<SYS>>\nbe brief\n<</SYS>>\n\nhi [/INST]"
+def test_chat_prompt_format(llama_tokenizer_path) -> None:
+    """``--chat`` prompts are the ids of Meta's format (sentencepiece on the literal strings), the
+    same as megallama.data.chat.encode_dialog_prompt gives (the definition training data uses)."""
+    import sentencepiece as spm
+
+    from megallama.data.chat import encode_dialog_prompt
+    from megallama.data.tokenizer import Tokenizer
+
+    tok = Tokenizer(llama_tokenizer_path)
+    sp = spm.SentencePieceProcessor(model_file=str(llama_tokenizer_path))
+    assert chat_prompt(tok, " hi \n") == [1, *sp.encode("[INST] hi [/INST]")]
+    # the system text is kept as given (Meta strips only the combined user content)
+    with_system = [1, *sp.encode("[INST] <<SYS>>\n be brief\n<</SYS>>\n\nhi [/INST]")]
+    assert chat_prompt(tok, "hi ", " be brief") == with_system
+    assert with_system == encode_dialog_prompt(tok, [{"role": "system", "content": " be brief"},
+                                                     {"role": "user", "content": "hi "}])
 
 
 # ---- command line --------------------------------------------------------------------------------
@@ -156,6 +169,25 @@ def test_cli_hf_and_megallama_checkpoints(tmp_path, capsys, llama_tokenizer_path
     assert main(["--checkpoint", str(mega), *args, "--no-stream", "--prompt", "Hi"]) == 0
     out = capsys.readouterr().out
     assert f"{expected}\n" in out and out.count("\n\n") == 2
+
+
+def test_cli_chat_prompts_are_the_chat_format(tmp_path, capsys, llama_tokenizer_path) -> None:
+    """``--chat --system``: the model is fed exactly the ids of the chat format (sentencepiece on
+    Meta's literal string) and its greedy continuation is printed after the prompt's text."""
+    import sentencepiece as spm
+
+    from megallama.data.tokenizer import Tokenizer
+
+    model, hf_dir = _hf_dir(tmp_path, 32000)
+    tok = Tokenizer(llama_tokenizer_path)
+    sp = spm.SentencePieceProcessor(model_file=str(llama_tokenizer_path))
+    ids = [1, *sp.encode("[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nName a colour. [/INST]")]
+    expected = tok.decode(ids + generate(model, [ids], 6, eos_id=tok.eos_id)[0])
+    capsys.readouterr()
+    assert main(["--checkpoint", str(hf_dir), "--format", "hf", "--tokenizer",
+                 str(llama_tokenizer_path), "--chat", "--system", "Be brief.", "--prompt",
+                 "Name a colour.", "--max-new-tokens", "6", "--no-stream"]) == 0
+    assert capsys.readouterr().out == f"{expected}\n\n"
 
 
 def test_cli_tokenizer_mismatch_and_empty_prompt(tmp_path, capsys, llama_tokenizer_path) -> None:

@@ -12,8 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from megallama.config import ConfigError, preset
+from megallama.config.train_config import DataConfig
 from megallama.data import preprocess as preprocess_module
-from megallama.data.indexed import IndexedTokens
+from megallama.data.chat import encode_dialog, record_messages
+from megallama.data.checks import check_data_files
+from megallama.data.indexed import IndexedFormatError, IndexedTokens
 from megallama.data.preprocess import main, preprocess
 from megallama.data.sources import SourceError
 from megallama.data.tokenizer import Tokenizer, TokenizerError
@@ -304,3 +308,171 @@ def test_cli_refuses_workers_below_one(small_model: Path, tmp_path: Path, capsys
               str(tmp_path / "out"), "--workers", value])
     assert info.value.code == 2 and not list(tmp_path.glob("out*"))
     assert message in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+# --- chat data: dialogs -> tokens + loss mask ------------------------------------------------
+
+def _msg(role: str, content: str) -> dict[str, str]:
+    return {"role": role, "content": content}
+
+
+CHAT_RECORDS = [
+    {"messages": [_msg("system", "You are terse."), _msg("user", " Name three colours.\n"),
+                  _msg("assistant", "Red, green, blue.")]},
+    {"prompt": "  What is 2 + 2?", "response": "\n4\n"},
+    {"messages": [_msg("user", "Hi"), _msg("assistant", "Hello."), _msg("user", "Bye"),
+                  _msg("assistant", "Goodbye! 😀")]},
+    {"system": "Answer in French.", "prompt": "Thanks", "response": "Merci, de rien."},
+]
+
+
+def _write_records(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def _dialogs(model: Path, records: list[dict]) -> list[tuple[list[int], list[bool]]]:
+    tok = Tokenizer(model)
+    return [encode_dialog(tok, record_messages(r)) for r in records]
+
+
+def _masks(prefix: Path) -> list[list[int]]:
+    indexed = IndexedTokens(prefix)
+    assert indexed.loss_mask is not None and indexed.loss_mask.dtype == np.uint8
+    return [indexed.loss_mask[a:b].tolist()
+            for a, b in zip(indexed.doc_offsets[:-1], indexed.doc_offsets[1:], strict=True)]
+
+
+def test_chat_jsonl_matches_encode_dialog(model: Path, tmp_path: Path) -> None:
+    """Dialogs are encode_dialog's ids and mask; the text documents beside them are unchanged
+    and all targets (mask 1); the summary counts both."""
+    text = _write_text(tmp_path / "t.txt", DOCS[:2])
+    chat = _write_records(tmp_path / "c.jsonl", CHAT_RECORDS)
+    summary = preprocess([text, chat], tmp_path / "out" / "m", model, progress=False)
+    dialogs = _dialogs(model, CHAT_RECORDS)
+    texts = _expected(model, DOCS[:2])
+    assert _documents(tmp_path / "out" / "m") == texts + [ids for ids, _ in dialogs]
+    assert _masks(tmp_path / "out" / "m") == ([[1] * len(t) for t in texts]
+                                              + [[int(b) for b in mask] for _, mask in dialogs])
+    masked = sum(m.count(False) for _, m in dialogs)
+    assert summary["chat_documents"] == 4 and summary["documents"] == 6
+    assert summary["masked_tokens"] == masked
+    assert summary["unmasked_tokens"] == summary["tokens"] - masked
+    assert summary["loss_mask"] == f"{tmp_path / 'out' / 'm'}.mask"
+    assert _outputs(tmp_path / "out") == ["m.bin", "m.idx", "m.mask", "m.summary.json"]
+
+
+def test_text_only_corpus_has_no_mask(small_model: Path, tmp_path: Path) -> None:
+    summary = preprocess([_write_jsonl(tmp_path / "a.jsonl", DOCS)], tmp_path / "t", small_model,
+                         progress=False)
+    assert IndexedTokens(tmp_path / "t").loss_mask is None and summary["loss_mask"] is None
+    assert summary["chat_documents"] == summary["masked_tokens"] == 0
+    assert not (tmp_path / "t.mask").exists()
+
+
+def test_chat_workers_one_and_two_write_identical_files(
+    small_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(preprocess_module, "CHUNK_DOCS", 3)  # many chunks in flight
+    records = [dict(CHAT_RECORDS[i % 4]) for i in range(40)]
+    for i, record in enumerate(records):
+        if "prompt" in record:
+            record["prompt"] += f" number {i}"
+    inputs = [_write_text(tmp_path / "a.txt", DOCS), _write_records(tmp_path / "b.jsonl", records),
+              _write_jsonl(tmp_path / "c.jsonl", DOCS)]
+    for workers in (1, 2):
+        preprocess(inputs, tmp_path / f"w{workers}", small_model, workers=workers,
+                   progress=False, max_tokens=30)
+    for suffix in (".bin", ".idx", ".mask"):
+        assert (tmp_path / f"w1{suffix}").read_bytes() == (tmp_path / f"w2{suffix}").read_bytes()
+    summaries = [json.loads((tmp_path / f"w{w}.summary.json").read_text()) for w in (1, 2)]
+    for key in ("documents", "tokens", "chat_documents", "masked_tokens", "dropped_overlong",
+                "truncated_overlong"):
+        assert summaries[0][key] == summaries[1][key], key
+    assert summaries[0]["dropped_overlong"] > 0  # the limit did bite
+
+
+def test_overlong_documents_dropped_or_truncated_and_counted(
+    small_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    dialogs = _dialogs(small_model, CHAT_RECORDS)
+    lengths = sorted(len(ids) for ids, _ in dialogs)
+    limit = lengths[1]  # two dialogs fit, two are longer
+    long_dialogs = sum(len(ids) > limit for ids, _ in dialogs)
+    texts = _expected(small_model, DOCS)
+    long_texts = sum(len(t) > limit for t in texts)
+    assert long_dialogs == 2 and long_texts >= 1
+    chat = _write_records(tmp_path / "c.jsonl", CHAT_RECORDS)
+    text = _write_text(tmp_path / "t.txt", DOCS)
+    # defaults: a dialog is dropped, a text truncated
+    summary = preprocess([chat, text], tmp_path / "d", small_model, max_tokens=limit,
+                         progress=False)
+    kept = [(ids, mask) for ids, mask in dialogs if len(ids) <= limit]
+    assert _documents(tmp_path / "d") == [ids for ids, _ in kept] + [t[:limit] for t in texts]
+    assert summary["dropped_overlong"] == long_dialogs
+    assert summary["truncated_overlong"] == long_texts
+    assert summary["documents"] == len(CHAT_RECORDS) - long_dialogs + len(DOCS)
+    # --overlong truncate: the dialogs are cut, their masks with them
+    argv = [str(chat), "--tokenizer", str(small_model), "--output-prefix", str(tmp_path / "t"),
+            "--max-tokens", str(limit), "--overlong", "truncate", "--quiet"]
+    assert main(argv) == 0
+    out = capsys.readouterr()
+    assert json.loads(out.out)["truncated_overlong"] == long_dialogs
+    assert out.err.strip().splitlines()[-1] == (f"[preprocess] documents over --max-tokens "
+                                                f"{limit}: 0 dropped, 2 truncated (of 4)")
+    assert _documents(tmp_path / "t") == [ids[:limit] for ids, _ in dialogs]
+    assert _masks(tmp_path / "t") == [[int(b) for b in mask[:limit]] for _, mask in dialogs]
+    # --overlong drop applies to text as well
+    summary = preprocess([text], tmp_path / "x", small_model, max_tokens=limit, overlong="drop",
+                         progress=False)
+    assert _documents(tmp_path / "x") == [t for t in texts if len(t) <= limit]
+    assert summary["dropped_overlong"] == long_texts and summary["truncated_overlong"] == 0
+
+
+def test_every_document_dropped_is_an_error(small_model: Path, tmp_path: Path) -> None:
+    chat = _write_records(tmp_path / "c.jsonl", CHAT_RECORDS)
+    with pytest.raises(SourceError, match="all 4 documents are longer than --max-tokens 3"):
+        preprocess([chat], tmp_path / "out" / "n", small_model, max_tokens=3, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_text_corpus_over_a_chat_prefix_removes_the_stale_mask(
+    small_model: Path, tmp_path: Path
+) -> None:
+    prefix = tmp_path / "p"
+    chat = _write_records(tmp_path / "c.jsonl", CHAT_RECORDS)
+    preprocess([chat], prefix, small_model, progress=False)
+    assert IndexedTokens(prefix).loss_mask is not None
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"caf\xe9\n")
+    before = {name: (tmp_path / name).read_bytes() for name in _outputs(tmp_path)}
+    with pytest.raises(SourceError):  # a failed text run leaves the chat corpus, mask included
+        preprocess([bad], prefix, small_model, progress=False)
+    assert {name: (tmp_path / name).read_bytes() for name in _outputs(tmp_path)} == before
+    preprocess([_write_text(tmp_path / "t.txt", DOCS)], prefix, small_model, progress=False)
+    assert IndexedTokens(prefix).loss_mask is None
+    assert sorted(p.name for p in tmp_path.glob("p.*")) == ["p.bin", "p.idx", "p.summary.json"]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporaries
+    assert _documents(prefix) == _expected(small_model, DOCS)
+
+
+def test_truncated_or_long_mask_is_a_clear_error(small_model: Path, tmp_path: Path) -> None:
+    prefix = tmp_path / "p"
+    preprocess([_write_records(tmp_path / "c.jsonl", CHAT_RECORDS)], prefix, small_model,
+               progress=False)
+    mask = Path(f"{prefix}.mask")
+    data = mask.read_bytes()
+    n = len(data)
+    mask.write_bytes(data[:-3])
+    with pytest.raises(IndexedFormatError, match=rf"loss mask {mask} is truncated: {n - 3} bytes, "
+                                                 rf"index .* says {n} tokens"):
+        IndexedTokens(prefix)
+    cfg = DataConfig(train=[str(prefix)], valid=[str(prefix)], seq_len=8)
+    with pytest.raises(ConfigError, match=rf"^data.train\[0\]={prefix}: loss mask .* is truncated"
+                                          r".*\(re-create it with megallama-preprocess\)$"):
+        check_data_files(cfg, preset("tiny", vocab_size=500))
+    mask.write_bytes(data + b"\x01")
+    with pytest.raises(IndexedFormatError, match="longer than its index"):
+        IndexedTokens(prefix)
+    mask.write_bytes(data)
+    check_data_files(cfg, preset("tiny", vocab_size=500))  # intact again: no error

@@ -77,6 +77,7 @@ class WandbConfig:
 @dataclass
 class TrainerConfig:
     steps: int = 100
+    epochs: float = 0.0  # > 0: steps = ceil(epochs * training samples / global_batch_size)
     log_interval: int = 10
     eval_interval: int = 50
     eval_iters: int = 10
@@ -93,6 +94,9 @@ class TrainerConfig:
     save_final: bool = True
     keep_last: int = 3  # complete checkpoints kept; older ones are pruned
     resume: str = "auto"  # auto (latest of this run, if any) | none | PATH
+    # weights to start from when the run has no checkpoint of its own to resume (fine-tuning a
+    # converted Meta/HF model or another run's checkpoint): model weights only, fresh optimizer
+    init_from: str | None = None
 
 
 @dataclass

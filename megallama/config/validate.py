@@ -14,6 +14,7 @@ both).
 
 from __future__ import annotations
 
+import importlib.util
 import math
 
 import torch
@@ -30,11 +31,13 @@ from megallama.config.train_config import (
 )
 
 PRECISIONS = ("fp32", "bf16")
+FP8_RECIPES = ("none", "tensorwise", "rowwise")  # megallama.parallel.fp8 (torchao's recipe names)
 DEVICES = ("auto", "cpu", "cuda")
 NONFINITE = ("skip", "stop")
 PARTITION_METHODS = ("balanced", "uniform")
-OPTIM_IMPLS = ("deepspeed", "fused")
+OPTIM_IMPLS = ("deepspeed", "fused", "distributed")
 WANDB_MODES = ("disabled", "offline", "online")
+PACKINGS = ("concat", "documents", "padded")  # megallama.data.packing
 
 
 def validate_options(cfg: TrainConfig, world_size: int) -> Grid:
@@ -54,6 +57,8 @@ def check_trainer(t: TrainerConfig) -> None:
     """Loop lengths, precision and device."""
     if t.steps < 1:
         raise ConfigError(f"trainer.steps={t.steps}: must be >= 1 (optimizer steps to run)")
+    if not (math.isfinite(t.epochs) and t.epochs >= 0):
+        raise ConfigError(f"trainer.epochs={t.epochs}: must be >= 0 (0: run trainer.steps)")
     if t.log_interval < 1:
         raise ConfigError(f"trainer.log_interval={t.log_interval}: must be >= 1")
     if t.eval_interval < 0:
@@ -89,6 +94,31 @@ def check_trainer(t: TrainerConfig) -> None:
                 f"trainer.precision=bf16 but {torch.cuda.get_device_name()} has no bf16 support; "
                 "set trainer.precision=fp32"
             )
+    check_fp8(t)
+
+
+def check_fp8(t: TrainerConfig) -> None:
+    """``trainer.fp8``: a known recipe, bf16 around it, torchao installed (the extra
+    ``megallama[fp8]``), and FP8 gemms on the GPU it will run on (CPU runs emulate them)."""
+    if t.fp8 not in FP8_RECIPES:
+        raise ConfigError(f"trainer.fp8={t.fp8!r}: choose one of {list(FP8_RECIPES)}")
+    if t.fp8 == "none":
+        return
+    if t.precision != "bf16":
+        raise ConfigError(
+            f"trainer.fp8={t.fp8} needs trainer.precision=bf16 (FP8 matmuls take bf16 "
+            f"activations and weights), not {t.precision}; set trainer.precision=bf16")
+    if importlib.util.find_spec("torchao") is None:
+        raise ConfigError(
+            f"trainer.fp8={t.fp8} needs torchao, which is not installed: "
+            "pip install 'megallama[fp8]', or set trainer.fp8=none")
+    if t.device != "cpu" and torch.cuda.is_available():
+        capability = torch.cuda.get_device_capability()
+        if capability < (8, 9):
+            raise ConfigError(
+                f"trainer.fp8={t.fp8} needs FP8 matmuls (compute capability >= 8.9: Ada, Hopper "
+                f"or later), but {torch.cuda.get_device_name()} is "
+                f"{capability[0]}.{capability[1]}; set trainer.fp8=none")
 
 
 def check_wandb(w: WandbConfig) -> None:
@@ -149,6 +179,13 @@ def check_optimizer_impl(o: OptimConfig, p: ParallelConfig) -> None:
             f"optim.impl=fused with parallel.zero_stage={p.zero_stage}: the fused optimizer keeps "
             "the whole optimizer state on every rank; set parallel.zero_stage=0 (or use "
             "optim.impl=deepspeed for ZeRO sharding)")
+    if o.impl == "distributed" and p.zero_stage != 0:
+        raise ConfigError(
+            f"optim.impl=distributed with parallel.zero_stage={p.zero_stage}: the distributed "
+            "optimizer shards its state over data parallelism itself; set parallel.zero_stage=0")
+    if o.impl == "distributed" and not o.bucket_mb > 0:
+        raise ConfigError(f"optim.bucket_mb={o.bucket_mb}: must be > 0 (MiB of gradients per "
+                          "reduce-scatter bucket of optim.impl=distributed)")
 
 
 def check_parallel(p: ParallelConfig, model: ModelConfig, seq_len: int, world_size: int) -> Grid:
@@ -227,6 +264,9 @@ def check_data(d: DataConfig, model: ModelConfig) -> None:
             )
     if not 0.0 <= d.valid_fraction < 1.0:
         raise ConfigError(f"data.valid_fraction={d.valid_fraction}: must be in [0, 1)")
+    if d.packing not in PACKINGS:
+        raise ConfigError(f"data.packing={d.packing!r}: choose one of {list(PACKINGS)} "
+                          "(concat: pretraining; documents or padded: attention within documents)")
 
 
 def check_evaluation(d: DataConfig, t: TrainerConfig) -> None:
@@ -240,12 +280,14 @@ def check_evaluation(d: DataConfig, t: TrainerConfig) -> None:
 
 __all__ = [
     "DEVICES",
+    "FP8_RECIPES",
     "NONFINITE",
     "PARTITION_METHODS",
     "PRECISIONS",
     "WANDB_MODES",
     "check_data",
     "check_evaluation",
+    "check_fp8",
     "check_optim",
     "check_parallel",
     "check_trainer",

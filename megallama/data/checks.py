@@ -1,10 +1,11 @@
 """Checks of the data a run names, on disk, before any collective. Each failure is one
 :class:`~megallama.config.ConfigError` line naming the option, and the primary problem is
-reported first: every token file exists and is intact; all of them come from one tokenizer;
-``data.tokenizer`` loads and is that tokenizer; ``model.vocab_size`` matches it; every file holds
-at least one sample; the held-out validation tail (``data.valid_fraction``) fits. So a config
-whose tokenizer disagrees with its token files says that, instead of advising a model vocabulary
-that the token files would then refuse."""
+reported first: every token file exists and is intact (its index, its tokens and, for chat data,
+its loss mask: a truncated ``.mask`` is reported like a truncated ``.bin``); all of them come
+from one tokenizer; ``data.tokenizer`` loads and is that tokenizer; ``model.vocab_size`` matches
+it; every file holds at least one sample; the held-out validation tail (``data.valid_fraction``)
+fits. So a config whose tokenizer disagrees with its token files says that, instead of advising
+a model vocabulary that the token files would then refuse."""
 
 from __future__ import annotations
 
@@ -67,6 +68,7 @@ def _open_token_file(option: str, prefix: str) -> _TokenFile:
     try:
         tokens = IndexedTokens(prefix)
     except ValueError as exc:  # IndexedFormatError: missing, unreadable, truncated or foreign
+        # (the .idx, the .bin or the .mask beside them)
         verb = "create" if "not found" in str(exc) else "re-create"
         raise ConfigError(f"{option}={prefix}: {exc} ({verb} it with megallama-preprocess)"
                           ) from None

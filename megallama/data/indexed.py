@@ -19,11 +19,21 @@ offset  type   field
 ======  =====  ===========================================================
 
 so ``np.fromfile(idx, "<i8", offset=40)`` gives the offsets and ``np.memmap(bin, dtype)``
-the tokens. The writer creates both (and any sidecar, such as preprocessing's summary) under
+the tokens.
+
+``<prefix>.mask`` (optional) is the per-token loss mask of chat data: raw ``uint8``, one byte per
+token of ``.bin`` in the same order (so its size is num_tokens bytes), 1 where the token is a
+training target (an answer's tokens and its EOS), 0 where it only conditions the model (BOS, system
+prompt, ``[INST] ... [/INST]``); see :mod:`megallama.data.chat`. Text-only corpora have no mask
+file: every token is a target. When a corpus mixes text and chat documents the text documents'
+bytes are all 1. :attr:`IndexedTokens.loss_mask` is the mask memory-mapped, or None.
+
+The writer creates both (and any sidecar, such as preprocessing's summary) under
 temporary names and publishes them as one unit (:func:`megallama.data.outputs.publish`): an
 older set is moved aside index first, the new ``.idx`` is renamed last, and a failed rename puts
 the older set back; so a reader never pairs a complete index with a partial token file, and a
-failed run leaves the previous files as they were. Sizes are checked on open.
+failed run leaves the previous files as they were; a corpus written without a mask removes an
+older ``.mask`` at the prefix in the same step. Sizes are checked on open.
 """
 
 from __future__ import annotations
@@ -33,6 +43,7 @@ import struct
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import BinaryIO
 
 import numpy as np
 
@@ -62,11 +73,18 @@ def index_paths(prefix: str | Path) -> tuple[Path, Path]:
     return Path(f"{prefix}.bin"), Path(f"{prefix}.idx")
 
 
+def mask_path(prefix: str | Path) -> Path:
+    """``<prefix>.mask``: the loss mask beside the tokens (chat data only)."""
+    return Path(f"{prefix}.mask")
+
+
 class IndexedWriter:
     """Appends documents to a new token file; ``finalize()`` publishes it atomically.
 
     Use as a context manager: leaving the block normally finalizes, leaving it with an
-    exception removes the temporary files and leaves any previous files untouched.
+    exception removes the temporary files and leaves any previous files untouched. The loss mask
+    file is started by the first ``add_documents`` call that passes a mask (the tokens before it
+    get 1s: all targets) and is then written for every later document.
     """
 
     def __init__(self, prefix: str | Path, vocab_size: int) -> None:
@@ -78,6 +96,9 @@ class IndexedWriter:
         self._tag = f".tmp-{os.getpid()}-{id(self):x}"
         self._bin_tmp = self.bin_path.with_name(f".{self.bin_path.name}{self._tag}")
         self._idx_tmp = self.idx_path.with_name(f".{self.idx_path.name}{self._tag}")
+        self.mask_path = mask_path(self.prefix)
+        self._mask_tmp = self.mask_path.with_name(f".{self.mask_path.name}{self._tag}")
+        self._mask_file: BinaryIO | None = None
         self._sidecar_tmps: list[Path] = []
         self._file = open(self._bin_tmp, "wb")
         self._lengths: list[int] = []
@@ -96,8 +117,10 @@ class IndexedWriter:
             raise ValueError(f"a document is a 1-D sequence of ids, got shape {array.shape}")
         self.add_documents(array, [array.shape[0]])
 
-    def add_documents(self, tokens: np.ndarray, lengths: Sequence[int] | np.ndarray) -> None:
-        """Append several documents given as one concatenated id array and their lengths."""
+    def add_documents(self, tokens: np.ndarray, lengths: Sequence[int] | np.ndarray,
+                      mask: np.ndarray | None = None) -> None:
+        """Append several documents given as one concatenated id array and their lengths, with
+        their loss mask (one 0/1 per token) or None (every token a target)."""
         if self._state != "open":
             raise RuntimeError(f"writer for {self.prefix} is already {self._state}")
         tokens = np.asarray(tokens)
@@ -111,9 +134,24 @@ class IndexedWriter:
             if low < 0 or high >= self.vocab_size:
                 bad = low if low < 0 else high
                 raise ValueError(f"token id {bad} outside [0, {self.vocab_size}) for {self.prefix}")
+        if mask is not None and np.asarray(mask).shape != tokens.shape:
+            raise ValueError(f"loss mask of {np.asarray(mask).shape} for {tokens.shape} tokens")
+        self._write_mask(mask, tokens.shape[0])
         self._file.write(tokens.astype(self.dtype, copy=False).tobytes())
         self._lengths.extend(lengths)
         self.num_tokens += tokens.shape[0]
+
+    def _write_mask(self, mask: np.ndarray | None, count: int) -> None:
+        if mask is None and self._mask_file is None:
+            return
+        if self._mask_file is None:  # the first masked documents: the earlier ones get 1s
+            self._mask_file = open(self._mask_tmp, "wb")
+            for start in range(0, self.num_tokens, 1 << 24):
+                self._mask_file.write(b"\x01" * min(1 << 24, self.num_tokens - start))
+        if mask is None:
+            self._mask_file.write(b"\x01" * count)
+        else:
+            self._mask_file.write(np.asarray(mask).astype(np.uint8, copy=False).tobytes())
 
     def finalize(self, sidecars: Mapping[Path, bytes] | None = None) -> None:
         """Write the index and publish ``.bin``, the ``sidecars`` (path -> content, e.g. a
@@ -126,6 +164,11 @@ class IndexedWriter:
             os.fsync(self._file.fileno())
             self._file.close()
             moves = [(self._bin_tmp, self.bin_path)]
+            if self._mask_file is not None:
+                self._mask_file.flush()
+                os.fsync(self._mask_file.fileno())
+                self._mask_file.close()
+                moves.append((self._mask_tmp, self.mask_path))
             for path, content in (sidecars or {}).items():
                 tmp = Path(path).with_name(f".{Path(path).name}{self._tag}")
                 self._sidecar_tmps.append(tmp)
@@ -142,7 +185,7 @@ class IndexedWriter:
                 self.num_tokens,
             )
             _write_synced(self._idx_tmp, header + offsets.tobytes())
-            publish([*moves, (self._idx_tmp, self.idx_path)])
+            _publish_without_stale_mask([*moves, (self._idx_tmp, self.idx_path)], self.mask_path)
         except BaseException:
             self.abort()
             raise
@@ -152,7 +195,9 @@ class IndexedWriter:
         """Discard everything written; previous files at the prefix stay as they were."""
         if not self._file.closed:
             self._file.close()
-        for tmp in (self._bin_tmp, self._idx_tmp, *self._sidecar_tmps):
+        if self._mask_file is not None and not self._mask_file.closed:
+            self._mask_file.close()
+        for tmp in (self._bin_tmp, self._idx_tmp, self._mask_tmp, *self._sidecar_tmps):
             tmp.unlink(missing_ok=True)
         self._state = "aborted"
 
@@ -169,6 +214,23 @@ class IndexedWriter:
             self.abort()
         elif self._state == "open":
             self.finalize()
+
+
+def _publish_without_stale_mask(moves: list[tuple[Path, Path]], mask: Path) -> None:
+    """``publish(moves)``; when the new set has no mask, an older ``mask`` at the prefix is moved
+    aside first and deleted after the publication (put back when it fails), so that the new
+    tokens are never read with the old corpus's mask."""
+    if any(final == mask for _, final in moves) or not os.path.lexists(mask):
+        publish(moves)
+        return
+    aside = mask.with_name(f".{mask.name}.old-{os.getpid()}")
+    os.replace(mask, aside)
+    try:
+        publish(moves)
+    except BaseException:
+        os.replace(aside, mask)
+        raise
+    aside.unlink(missing_ok=True)
 
 
 def _write_synced(path: Path, content: bytes) -> None:
@@ -233,6 +295,29 @@ class IndexedTokens:
                     f"cannot read token file {self.bin_path}: {exc.strerror or exc}") from None
         else:  # numpy cannot map an empty file
             self.tokens = np.empty(0, dtype=self.dtype)
+        self.mask_path = mask_path(self.prefix)
+        self.loss_mask: np.ndarray | None = self._open_mask()
+
+    def _open_mask(self) -> np.ndarray | None:
+        """``<prefix>.mask`` memory-mapped (uint8, one per token), or None when there is none."""
+        if not os.path.lexists(self.mask_path):
+            return None
+        if not self.mask_path.is_file():
+            raise IndexedFormatError(f"loss mask {self.mask_path} is not a file")
+        size = self.mask_path.stat().st_size
+        if size != self.num_tokens:
+            what = "truncated" if size < self.num_tokens else "longer than its index"
+            raise IndexedFormatError(
+                f"loss mask {self.mask_path} is {what}: {size} bytes, index {self.idx_path} says "
+                f"{self.num_tokens} tokens (one byte each)"
+            )
+        if not self.num_tokens:
+            return np.empty(0, dtype=np.uint8)
+        try:
+            return np.memmap(self.mask_path, dtype=np.uint8, mode="r")
+        except OSError as exc:
+            raise IndexedFormatError(
+                f"cannot read loss mask {self.mask_path}: {exc.strerror or exc}") from None
 
     @property
     def num_tokens(self) -> int:

@@ -2,15 +2,23 @@
 
 Each document becomes ``[BOS] + encode(text) + [EOS]`` (both on by default) so that packed
 training samples, which cross document boundaries, still see where documents start and
-end. Documents are read in the main process, sent in chunks to a pool of worker processes
-(each loads the tokenizer once) and written back in input order, so the output does not
-depend on the number of workers. With ``workers=1`` everything runs in-process.
+end. A dialog of a chat JSONL file (``messages`` or ``prompt``/``response`` records, see
+:mod:`megallama.data.chat`) becomes one document in Llama 2's chat format, and its loss mask
+(answers and their EOS are targets, the rest is not) goes to ``<prefix>.mask`` (see
+``indexed``). ``max_tokens`` limits the tokens of a document: longer ones are dropped or
+truncated to it (``overlong``; by default dialogs are dropped, since a cut answer teaches a cut
+answer, and text is truncated) and counted. Documents are read in the main process, sent in
+chunks to a pool of worker processes (``encoding``; each loads the tokenizer once) and written
+back in input order, so the output does not depend on the number of workers. With
+``workers=1`` everything runs in-process.
 
-Outputs ``<prefix>.bin``, ``<prefix>.idx`` and ``<prefix>.summary.json`` are written under
-temporary names and published together when complete (``outputs.publish``); the prefix is
-checked before any work and missing parent directories are created. A failed run leaves nothing
-behind (no output, no temporary file, no directory it created) and the files of an earlier run
-at the prefix as they were. Exit status: 0 ok, 2 usage or input error, 1 OS error while writing.
+Outputs ``<prefix>.bin``, ``<prefix>.idx``, ``<prefix>.summary.json`` (and ``<prefix>.mask``
+for chat data) are written under temporary names and published together when complete
+(``outputs.publish``; an older ``.mask`` at the prefix goes when the new corpus has none); the
+prefix is checked before any work and missing parent directories are created. A failed run
+leaves nothing behind (no output, no temporary file, no directory it created) and the files of
+an earlier run at the prefix as they were. Exit status: 0 ok, 2 usage or input error, 1 OS
+error while writing.
 
 CLI::
 
@@ -21,20 +29,15 @@ CLI::
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
-import multiprocessing as mp
 import sys
-import threading
 import time
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TextIO
 
-import numpy as np
-
 from megallama.config.arguments import positive_int, report_error
+from megallama.data.encoding import DEFAULT_OVERLONG, Encoded, Item, OverlongPolicy, encoded_chunks
 from megallama.data.indexed import IndexedWriter, token_dtype
 from megallama.data.outputs import OutputError, check_output_prefix, created_parents
 from megallama.data.progress_bar import progress_bar, write_line
@@ -48,42 +51,10 @@ from megallama.data.tokenizer import Tokenizer, TokenizerError
 
 CHUNK_CHARS = 1 << 18  # characters of text per task sent to a worker
 CHUNK_DOCS = 4096  # ... or this many documents, whichever comes first
-OUTPUT_SUFFIXES = (".bin", ".idx", ".summary.json")
+OUTPUT_SUFFIXES = (".bin", ".idx", ".summary.json", ".mask")
 PROG = "megallama-preprocess"
 EXIT_INPUT = 2  # a usage or input error, like argparse's own
 EXIT_FAILED = 1  # an OS error while writing
-
-
-class _Encoder:
-    """Turns a list of texts into one id array plus per-document lengths."""
-
-    def __init__(self, tokenizer: Tokenizer, bos: bool, eos: bool) -> None:
-        self.tokenizer = tokenizer
-        self.bos = bos
-        self.eos = eos
-        self.dtype = token_dtype(tokenizer.vocab_size)
-
-    def __call__(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray, int]:
-        encoded = self.tokenizer.encode_batch(texts, bos=self.bos, eos=self.eos)
-        lengths = np.fromiter((len(ids) for ids in encoded), dtype=np.int64, count=len(encoded))
-        tokens = np.fromiter(
-            itertools.chain.from_iterable(encoded), dtype=self.dtype, count=int(lengths.sum())
-        )
-        nbytes = sum(len(text.encode("utf-8")) for text in texts)
-        return tokens, lengths, nbytes
-
-
-_WORKER_ENCODER: _Encoder | None = None
-
-
-def _init_worker(tokenizer_path: str, bos: bool, eos: bool) -> None:
-    global _WORKER_ENCODER
-    _WORKER_ENCODER = _Encoder(Tokenizer(tokenizer_path), bos, eos)
-
-
-def _encode_in_worker(texts: list[str]) -> tuple[np.ndarray, np.ndarray, int]:
-    assert _WORKER_ENCODER is not None, "worker not initialised"
-    return _WORKER_ENCODER(texts)
 
 
 class _Progress:
@@ -101,11 +72,12 @@ class _Progress:
             max(1, total_bytes), enabled=enabled, file=self.stream,
             desc="[preprocess]", unit="B", unit_scale=True,
         )
-        self.docs = self.tokens = 0
+        self.docs = self.tokens = self.dropped = self.truncated = 0
 
-    def update(self, docs: int, tokens: int, done_bytes: int) -> None:
+    def update(self, totals: dict[str, int], done_bytes: int) -> None:
         """Record the totals so far and ``done_bytes`` of input read (cumulative)."""
-        self.docs, self.tokens = docs, tokens
+        self.docs, self.tokens = totals["documents"], totals["tokens"]
+        self.dropped, self.truncated = totals["dropped_overlong"], totals["truncated_overlong"]
         if self.bar.disable:
             return
         self._set_postfix()
@@ -117,9 +89,11 @@ class _Progress:
 
     def _set_postfix(self) -> None:
         elapsed = max(self.bar.format_dict["elapsed"], 1e-9)
+        overlong = (f", overlong: {self.dropped:,} dropped, {self.truncated:,} truncated"
+                    if self.dropped or self.truncated else "")
         self.bar.set_postfix_str(
-            f"{self.docs:,} docs, {self.tokens:,} tokens, {self.tokens / elapsed:,.0f} tok/s",
-            refresh=False,
+            f"{self.docs:,} docs, {self.tokens:,} tokens, {self.tokens / elapsed:,.0f} tok/s"
+            f"{overlong}", refresh=False,
         )
 
     def __enter__(self) -> _Progress:
@@ -134,21 +108,22 @@ class _Progress:
 
 def _chunks(
     readers: Sequence[DocumentReader], log: Callable[[str], None]
-) -> Iterator[tuple[list[str], int]]:
-    """Chunks of documents from all readers in order, each with the bytes read so far;
-    skipped lines are reported through ``log`` (above the progress bar)."""
+) -> Iterator[tuple[list[Item], int]]:
+    """Chunks of documents from all readers in order, each with the bytes read so far; a chunk
+    holds one file's documents (so all texts or all dialogs). Skipped lines are reported through
+    ``log`` (above the progress bar)."""
     done_files = 0
     for reader in readers:
-        texts: list[str] = []
+        items: list[Item] = []
         chars = 0
-        for text in reader:
-            texts.append(text)
-            chars += len(text)
-            if chars >= CHUNK_CHARS or len(texts) >= CHUNK_DOCS:
-                yield texts, done_files + reader.position
-                texts, chars = [], 0
-        if texts:
-            yield texts, done_files + reader.size
+        for item in reader:
+            items.append(item)
+            chars += len(item) if isinstance(item, str) else item.nbytes
+            if chars >= CHUNK_CHARS or len(items) >= CHUNK_DOCS:
+                yield items, done_files + reader.position
+                items, chars = [], 0
+        if items:
+            yield items, done_files + reader.size
         for message in reader.bad_lines:
             log(f"[preprocess] skipped malformed JSON: {message}")
         if reader.num_bad_lines > len(reader.bad_lines):
@@ -157,16 +132,6 @@ def _chunks(
         if reader.num_documents == 0:
             raise SourceError(empty_input_message(reader))
         done_files += reader.size
-
-
-def _default_start_method() -> str:
-    """``fork`` (workers start in milliseconds) when this process is a plain single-threaded
-    one, else ``spawn`` (about 0.3 s per pool): forking a process that runs other threads,
-    e.g. torch's, can copy a lock some thread holds and deadlock the child."""
-    single_threaded = threading.active_count() == 1 and "torch" not in sys.modules
-    if single_threaded and "fork" in mp.get_all_start_methods():
-        return "fork"
-    return "spawn"
 
 
 def _summary(inputs: Sequence[str | Path], output_prefix: str | Path, tokenizer: Tokenizer,
@@ -188,28 +153,23 @@ def _summary(inputs: Sequence[str | Path], output_prefix: str | Path, tokenizer:
     }
 
 
-def _encoded(chunks: Iterable[tuple[list[str], int]], tokenizer: Tokenizer, workers: int,
-             start_method: str | None, prepend_bos: bool, append_eos: bool,
-             ) -> Iterator[tuple[tuple[np.ndarray, np.ndarray, int], int]]:
-    """(encoded chunk, input bytes done) in input order: in this process when ``workers`` is 1,
-    else over a pool with a bounded number of chunks in flight."""
-    if workers == 1:
-        encoder = _Encoder(tokenizer, prepend_bos, append_eos)
-        for texts, done_bytes in chunks:
-            yield encoder(texts), done_bytes
-        return
-    context = mp.get_context(start_method or _default_start_method())
-    initargs = (str(tokenizer.path), prepend_bos, append_eos)
-    with context.Pool(workers, initializer=_init_worker, initargs=initargs) as pool:
-        pending: deque = deque()
-        for texts, done_bytes in chunks:
-            pending.append((pool.apply_async(_encode_in_worker, (texts,)), done_bytes))
-            if len(pending) >= 4 * workers:  # bounded memory, order preserved
-                result, done = pending.popleft()
-                yield result.get(), done
-        while pending:
-            result, done = pending.popleft()
-            yield result.get(), done
+def _overlong_policies(max_tokens: int | None, overlong: OverlongPolicy | None,
+                       ) -> dict[str, OverlongPolicy]:
+    """What happens to a text and a chat document longer than ``max_tokens``."""
+    if max_tokens is not None and max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+    if overlong not in (None, "truncate", "drop"):
+        raise ValueError(f"overlong must be 'truncate' or 'drop', got {overlong!r}")
+    return dict(DEFAULT_OVERLONG) if overlong is None else {"text": overlong, "chat": overlong}
+
+
+def _overlong_line(totals: dict[str, int], max_tokens: int | None) -> str | None:
+    """The closing line about overlong documents, or None when there were none."""
+    dropped, truncated = totals["dropped_overlong"], totals["truncated_overlong"]
+    if not dropped and not truncated:
+        return None
+    return (f"[preprocess] documents over --max-tokens {max_tokens}: {dropped:,} dropped, "
+            f"{truncated:,} truncated (of {totals['documents'] + dropped:,})")
 
 
 def preprocess(
@@ -223,48 +183,72 @@ def preprocess(
     prepend_bos: bool = True,
     progress: bool = True,
     start_method: str | None = None,
+    max_tokens: int | None = None,
+    overlong: OverlongPolicy | None = None,
 ) -> dict:
-    """Tokenize ``inputs`` into ``<output_prefix>.bin/.idx`` and return the summary dict.
+    """Tokenize ``inputs`` into ``<output_prefix>.bin/.idx`` (and ``.mask`` when there are
+    dialogs) and return the summary dict.
 
     The summary (also written to ``<output_prefix>.summary.json``) has ``documents``,
-    ``tokens``, ``bytes`` (UTF-8 bytes of document text), ``seconds``, ``tokens_per_s`` and
-    the settings used. Raises SourceError for missing/empty/malformed inputs (JSONL errors
-    name ``file:line``), TokenizerError for an unusable tokenizer, OutputError for an output
-    prefix that cannot be written and OSError when writing fails. ``start_method`` is
-    the multiprocessing start method for ``workers > 1`` (default: see
-    ``_default_start_method``).
+    ``tokens``, ``bytes`` (UTF-8 bytes of document text), ``chat_documents``,
+    ``unmasked_tokens`` (loss targets) and ``masked_tokens``, ``dropped_overlong`` and
+    ``truncated_overlong``, ``seconds``, ``tokens_per_s`` and the settings used. Raises
+    SourceError for missing/empty/malformed inputs (JSONL and dialog errors name
+    ``file:line``), TokenizerError for an unusable tokenizer, OutputError for an output
+    prefix that cannot be written and OSError when writing fails. ``prepend_bos`` and
+    ``append_eos`` apply to text documents; dialogs always follow the chat format.
+    ``max_tokens``/``overlong``: see the module docstring. ``start_method`` is the
+    multiprocessing start method for ``workers > 1`` (default: see ``encoding.default_start_method``).
     """
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
+    policies = _overlong_policies(max_tokens, overlong)
     if not inputs:
         raise SourceError("no input files given")
     start = time.perf_counter()
-    readers = [DocumentReader(p, jsonl_key=jsonl_key, on_bad_json=on_bad_json) for p in inputs]
+    readers = [DocumentReader(p, jsonl_key=jsonl_key, on_bad_json=on_bad_json, chat=True)
+               for p in inputs]
     tokenizer = Tokenizer(tokenizer_path)
     check_output_prefix(output_prefix, OUTPUT_SUFFIXES)  # before any work
     report = _Progress(sum(r.size for r in readers), progress)
-    totals = {"documents": 0, "tokens": 0, "bytes": 0}
+    totals = dict.fromkeys(("documents", "tokens", "bytes", "chat_documents", "unmasked_tokens",
+                            "masked_tokens", "dropped_overlong", "truncated_overlong"), 0)
 
-    def consume(result: tuple[np.ndarray, np.ndarray, int], done_bytes: int) -> None:
-        chunk_tokens, lengths, chunk_bytes = result
-        writer.add_documents(chunk_tokens, lengths)
-        totals["documents"] += len(lengths)
-        totals["tokens"] += len(chunk_tokens)
-        totals["bytes"] += chunk_bytes
-        report.update(totals["documents"], totals["tokens"], done_bytes)
+    def consume(result: Encoded, done_bytes: int) -> None:
+        writer.add_documents(result.tokens, result.lengths, result.mask)
+        targets = len(result.tokens) if result.mask is None else int(result.mask.sum())
+        totals["documents"] += len(result.lengths)
+        totals["tokens"] += len(result.tokens)
+        totals["bytes"] += result.nbytes
+        totals["chat_documents"] += 0 if result.mask is None else len(result.lengths)
+        totals["unmasked_tokens"] += targets
+        totals["masked_tokens"] += len(result.tokens) - targets
+        totals["dropped_overlong"] += result.dropped
+        totals["truncated_overlong"] += result.truncated
+        report.update(totals, done_bytes)
 
-    settings = {"bos": prepend_bos, "eos": append_eos, "workers": workers}
+    settings = {"bos": prepend_bos, "eos": append_eos, "workers": workers,
+                "max_tokens": max_tokens, "overlong": policies if max_tokens else None}
+    encoder_args = (prepend_bos, append_eos, max_tokens, policies)
     with (created_parents(output_prefix), report,
           IndexedWriter(output_prefix, tokenizer.vocab_size) as writer):
         chunks = _chunks(readers, report.log)
-        for result, done_bytes in _encoded(chunks, tokenizer, workers, start_method,
-                                           prepend_bos, append_eos):
+        for result, done_bytes in encoded_chunks(chunks, tokenizer, workers, start_method,
+                                           encoder_args):
             consume(result, done_bytes)
+        if totals["documents"] == 0:  # every document was over max_tokens and dropped
+            raise SourceError(f"all {totals['dropped_overlong']:,} documents are longer than "
+                              f"--max-tokens {max_tokens}: nothing to write; raise the limit or "
+                              "use --overlong truncate")
         summary = _summary(inputs, output_prefix, tokenizer, readers, totals, settings,
                            time.perf_counter() - start)
+        summary["loss_mask"] = str(writer.mask_path) if totals["chat_documents"] else None
         text = json.dumps(summary, indent=2) + "\n"
         # the summary is published with the token files: all three are new, or none is
         writer.finalize({Path(f"{output_prefix}.summary.json"): text.encode("utf-8")})
+    line = _overlong_line(totals, max_tokens)
+    if line:
+        report.log(line)
     return summary
 
 
@@ -272,7 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The command-line interface of ``megallama-preprocess``."""
     parser = argparse.ArgumentParser(
         prog=PROG,
-        description="Tokenize text/JSONL corpora (.gz/.xz ok) into an indexed token file.",
+        description="Tokenize text/JSONL corpora (.gz/.xz ok) into an indexed token file; "
+                    "chat JSONL (messages or prompt/response records) also gets a loss mask.",
     )
     parser.add_argument("inputs", nargs="+", type=Path, help="text or .jsonl/.json files")
     parser.add_argument("--tokenizer", required=True, type=Path, help="SentencePiece .model")
@@ -284,8 +269,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="skip (and count) malformed JSONL lines instead of failing",
     )
-    parser.add_argument("--no-eos", action="store_true", help="do not append EOS")
-    parser.add_argument("--no-bos", action="store_true", help="do not prepend BOS")
+    parser.add_argument("--no-eos", action="store_true", help="do not append EOS (text only)")
+    parser.add_argument("--no-bos", action="store_true", help="do not prepend BOS (text only)")
+    parser.add_argument("--max-tokens", type=positive_int, metavar="N",
+                        help="documents longer than N tokens are dropped or truncated "
+                             "(--overlong) and counted; default: no limit")
+    parser.add_argument("--overlong", choices=["truncate", "drop"],
+                        help="what --max-tokens does to a longer document (default: drop a "
+                             "dialog, truncate a text)")
     parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
     return parser
 
@@ -294,7 +285,10 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``megallama-preprocess``: prints the JSON summary on stdout. Exit status 0
     on success, 2 for a usage or input error (options, inputs, tokenizer, output prefix) and 1
     when writing fails (an OS error such as a full disk); each failure is one line on stderr."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.overlong is not None and args.max_tokens is None:
+        parser.error("--overlong needs --max-tokens N (the limit it applies to)")
     try:
         summary = preprocess(
             args.inputs,
@@ -306,6 +300,8 @@ def main(argv: list[str] | None = None) -> int:
             append_eos=not args.no_eos,
             prepend_bos=not args.no_bos,
             progress=not args.quiet,
+            max_tokens=args.max_tokens,
+            overlong=args.overlong,
         )
     except (SourceError, TokenizerError, OutputError) as exc:
         report_error(PROG, exc)

@@ -9,6 +9,11 @@ Two formats, each optionally compressed (``.gz`` via gzip, ``.xz`` via lzma, cho
 - JSONL (``.jsonl`` or ``.json``): one JSON object per line whose string field ``key``
   (default ``"text"``) is the document. Blank lines are ignored; malformed lines are an error
   naming ``file:line``, or are skipped and counted when ``on_bad_json="skip"``.
+- chat JSONL (read when ``chat=True``, as preprocessing does): records with ``messages`` or the
+  short form ``prompt``/``response`` (optional ``system``) are dialogs (see
+  :mod:`megallama.data.chat`), checked here and yielded as :class:`ChatRecord`. The first record
+  decides what a file holds: dialogs or text records, not both. A malformed dialog, or a record
+  of the other kind, is a bad line like malformed JSON (error naming ``file:line``, or skipped).
 
 Documents with empty text are skipped and counted; they would only add BOS/EOS.
 Inputs are streamed line by line, so files larger than memory are fine.
@@ -22,8 +27,11 @@ import json
 import lzma
 import zlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Literal
+from typing import Any, BinaryIO, Literal
+
+from megallama.data.chat import CHAT_KEYS, ChatFormatError, json_type, record_messages, split_dialog
 
 BadJsonPolicy = Literal["fail", "skip"]
 COMPRESSED_SUFFIXES = (".gz", ".xz")
@@ -33,6 +41,20 @@ MAX_REPORTED_BAD_LINES = 20
 
 class SourceError(ValueError):
     """An input file that cannot be read as a corpus (missing, malformed, not UTF-8, empty)."""
+
+
+@dataclass(frozen=True)
+class ChatRecord:
+    """One dialog of a chat JSONL file, already checked (:func:`~megallama.data.chat.split_dialog`)
+    and with the ``file:line`` it came from, for errors found later (while tokenizing)."""
+
+    messages: list[dict[str, Any]]
+    where: str
+
+    @property
+    def nbytes(self) -> int:
+        """UTF-8 bytes of the message contents."""
+        return sum(len(m["content"].encode("utf-8")) for m in self.messages)
 
 
 def input_format(path: Path) -> Literal["text", "jsonl"]:
@@ -64,6 +86,7 @@ class DocumentReader:
         path: str | Path,
         jsonl_key: str = "text",
         on_bad_json: BadJsonPolicy = "fail",
+        chat: bool = False,
     ) -> None:
         if on_bad_json not in ("fail", "skip"):
             raise ValueError(f"on_bad_json must be 'fail' or 'skip', got {on_bad_json!r}")
@@ -71,7 +94,11 @@ class DocumentReader:
         self.format = input_format(self.path)
         self.jsonl_key = jsonl_key
         self.on_bad_json = on_bad_json
+        self.chat = chat
+        self.kind: Literal["text", "chat"] | None = None  # of a JSONL file: its first record's
+        self.first_line = 0  # ... at this line
         self.num_documents = 0
+        self.num_dialogs = 0
         self.num_empty = 0
         self.num_bad_lines = 0
         self.bad_lines: list[str] = []  # the first MAX_REPORTED_BAD_LINES as "file:line: why"
@@ -94,7 +121,7 @@ class DocumentReader:
             return 0
         return raw.tell()
 
-    def __iter__(self) -> Iterator[str]:
+    def __iter__(self) -> Iterator[str | ChatRecord]:
         try:
             raw = open(self.path, "rb")
         except OSError as exc:
@@ -171,7 +198,7 @@ class DocumentReader:
         if len(self.bad_lines) < MAX_REPORTED_BAD_LINES:
             self.bad_lines.append(message)
 
-    def _jsonl_documents(self, lines: Iterator[tuple[int, str]]) -> Iterator[str]:
+    def _jsonl_documents(self, lines: Iterator[tuple[int, str]]) -> Iterator[str | ChatRecord]:
         key = self.jsonl_key
         for lineno, line in lines:
             if not line.strip():
@@ -185,6 +212,15 @@ class DocumentReader:
                     "expected one JSON object per line",
                 )
                 continue
+            if self.chat and not self._same_kind(record, lineno):
+                continue
+            if self.kind == "chat":
+                dialog = self._dialog(record, lineno)
+                if dialog is not None:
+                    self.num_documents += 1
+                    self.num_dialogs += 1
+                    yield dialog
+                continue
             problem = _missing_text(record, key)
             if problem:
                 self._bad_line(lineno, problem)
@@ -194,24 +230,50 @@ class DocumentReader:
                 yield text
 
 
+    def _same_kind(self, record: object, lineno: int) -> bool:
+        """Whether ``record`` is of the file's kind (set by the first record); reports a bad line
+        when it is not."""
+        kind = "chat" if isinstance(record, dict) and any(k in record for k in CHAT_KEYS) else "text"
+        if self.kind is None:
+            self.kind, self.first_line = kind, lineno
+        if kind == self.kind:
+            return True
+        first = "a dialog" if self.kind == "chat" else "a text record"
+        if kind == "chat":
+            why = "a dialog ('messages' or 'prompt'/'response')"
+        elif isinstance(record, dict):
+            keys = ", ".join(map(str, list(record)[:8])) or "none"
+            why = f"not a dialog: no 'messages' or 'prompt'/'response' field (its keys: {keys})"
+        else:
+            why = f"not a dialog: the line is {json_type(record)}, not an object"
+        self._bad_line(lineno, f"{why}, but the file's first record (line {self.first_line}) is "
+                               f"{first}: a file holds dialogs or text records, not both")
+        return False
+
+    def _dialog(self, record: dict, lineno: int) -> ChatRecord | None:
+        """The checked dialog of a chat record, or None when it is malformed (and skipped)."""
+        try:
+            messages = record_messages(record)
+            split_dialog(messages, last="assistant")
+        except ChatFormatError as exc:
+            self._bad_line(lineno, f"bad dialog: {exc}")
+            return None
+        return ChatRecord(messages, f"{self.path}:{lineno}")
+
+
 def _missing_text(record: object, key: str) -> str | None:
     """Why a parsed JSONL line holds no document text, or None when ``record[key]`` is a
     string."""
     if not isinstance(record, dict):
-        return f"no string field {key!r}: the line is a JSON {_json_type(record)}, not an object"
+        return f"no string field {key!r}: the line is {json_type(record)}, not an object"
     if key not in record:
         keys = ", ".join(map(str, list(record)[:8])) or "none"
         return (f"no string field {key!r} in this JSON line (its keys: {keys}); "
                 "name the text field with --jsonl-key")
     value = record[key]
     if not isinstance(value, str):
-        return f"no string field {key!r}: its value is a JSON {_json_type(value)}, not a string"
+        return f"no string field {key!r}: its value is {json_type(value)}, not a string"
     return None
-
-
-def _json_type(value: object) -> str:
-    names = {bool: "boolean", int: "number", float: "number", list: "array", dict: "object"}
-    return "null" if value is None else names.get(type(value), type(value).__name__)
 
 
 def iter_documents(

@@ -28,11 +28,14 @@ from megallama.engine import ds_config
 from megallama.engine.ds_state import DeepSpeedState, OptimizerStateAccess
 from megallama.engine.pipeline import LlamaPipeline
 from megallama.model.llama import Transformer, compile_blocks, layer_defs, make_loss_fn
+from megallama.optim.distributed_adamw import DistributedAdamW
 from megallama.optim.fused_adamw import MasterWeightAdamW
 from megallama.optim.schedule import lr_at, param_groups
+from megallama.parallel.fp8 import convert_to_float8
 from megallama.parallel.topology import Topology
 
-MicroBatch = tuple[torch.Tensor, torch.Tensor]  # tokens [b, s], labels [b, s]
+# tokens [b, s], labels [b, s] (-100: no loss), and with packed documents segments [b, s]
+MicroBatch = tuple[torch.Tensor, ...]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -43,8 +46,18 @@ class _SingleStage(nn.Module):
         super().__init__()
         self.model, self.loss_fn = model, loss_fn
 
-    def forward(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return self.loss_fn(self.model(tokens), labels)
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor,
+                segments: torch.Tensor | None = None) -> torch.Tensor:
+        return self.loss_fn(self.model(tokens, segments=segments), labels)
+
+
+def _pipeline_item(batch: MicroBatch) -> tuple[Any, torch.Tensor]:
+    """A micro-batch as DeepSpeed's PipelineEngine reads it: (inputs, labels)."""
+    if len(batch) == 3:
+        tokens, labels, segments = batch
+        return (tokens, segments), labels
+    tokens, labels = batch
+    return tokens, labels
 
 
 @dataclass
@@ -76,10 +89,12 @@ class Engine:
         self.cfg, self.topo, self.device = cfg, topo, device
         p, grid = cfg.parallel, topo.grid
         self.gas = p.global_batch_size // (p.micro_batch_size * grid.dp)
-        self.fused = cfg.optim.impl == "fused"  # megallama's optimizer instead of DeepSpeed's
+        # megallama's optimizer instead of DeepSpeed's: whole (fused) or sharded over DP
+        self.fused = cfg.optim.impl in ("fused", "distributed")
         self.tp = topo.tensor_parallel(cfg.model.n_kv_heads, p.sequence_parallel)
         self.loss_fn = loss_fn or make_loss_fn(cfg.model, self.tp, compiled=p.compile_blocks)
         module = self._module(cfg, topo)
+        convert_to_float8(module, cfg.trainer.fp8, self.tp, emulate=device.type != "cuda")
         if p.compile_blocks:
             compile_blocks(module)
         module.to(device)
@@ -127,6 +142,11 @@ class Engine:
         if cfg.trainer.precision == "bf16":  # what DeepSpeed's bf16 mode does: params, not buffers
             for param in module.parameters():
                 param.data = param.data.to(torch.bfloat16)
+        if o.impl == "distributed":
+            return DistributedAdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+                                    max_grad_norm=o.grad_clip, topo=topo, gas=self.gas,
+                                    bucket_bytes=int(o.bucket_mb * (1 << 20)),
+                                    registration_order=module.parameters())
         return MasterWeightAdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
                                  max_grad_norm=o.grad_clip, topo=topo, gas=self.gas)
 
@@ -150,7 +170,8 @@ class Engine:
     def optimizer_state(self) -> OptimizerStateAccess:
         """Full fp32 master weights and Adam moments per parameter (collective over DP)."""
         if self._state_access is None:
-            self._state_access = (self.optimizer if isinstance(self.optimizer, MasterWeightAdamW)
+            own = isinstance(self.optimizer, (MasterWeightAdamW, DistributedAdamW))
+            self._state_access = (self.optimizer if own
                                   else DeepSpeedState(self.ds_optimizer))
         return self._state_access
 
@@ -199,14 +220,31 @@ class Engine:
         return int(self.ds.skipped_steps)
 
     # ---- steps -------------------------------------------------------------------------------
+    def _weigh_tokens(self, micro_batches: list[MicroBatch], micro_batches_per_rank: int) -> None:
+        """Make the loss of this step the mean over every target token of the global batch,
+        however the tokens fall over micro-batches and DP ranks: each micro-batch's summed token
+        loss is divided by (global target tokens) / (global micro-batches), and DeepSpeed's mean
+        over micro-batches and DP ranks (of the loss and the gradients) does the rest. Only the
+        last stage computes the loss; it counts the labels of its DP group's micro-batches."""
+        if not self.topo.is_last_stage or not hasattr(self.loss_fn, "denominator"):
+            return
+        count = sum(int((batch[1] != -100).sum()) for batch in micro_batches)
+        total = torch.tensor(float(count), dtype=torch.float64, device=self.device)
+        if self.topo.grid.dp > 1:
+            dist.all_reduce(total, group=self.topo.dp_group)
+        global_micro_batches = micro_batches_per_rank * self.topo.grid.dp
+        self.loss_fn.denominator = max(float(total), 1.0) / global_micro_batches
+
     def train_step(self, micro_batches: Iterable[MicroBatch]) -> StepResult:
-        """One optimizer step over ``gas`` micro-batches of this DP rank."""
+        """One optimizer step over ``gas`` micro-batches of this DP rank; the loss is the mean
+        over all target tokens of the global batch (:meth:`_weigh_tokens`)."""
         lr = self.optimizer.param_groups[0]["lr"]
-        it = iter(micro_batches)
+        micro_batches = list(micro_batches)
+        self._weigh_tokens(micro_batches, self.gas)
         if self.is_pipeline:
-            loss = self.ds.train_batch(data_iter=it)
+            loss = self.ds.train_batch(data_iter=map(_pipeline_item, micro_batches))
         else:
-            loss = self._train_single(it)
+            loss = self._train_single(iter(micro_batches))
         norm = self.ds.get_global_grad_norm()
         norm = None if norm is None else float(norm)
         # DeepSpeed's ZeRO optimizers skip the update (and the LR step) when the global gradient
@@ -218,8 +256,7 @@ class Engine:
     def _train_single(self, it: Iterator[MicroBatch]) -> torch.Tensor:
         total: torch.Tensor | None = None
         for _ in range(self.gas):
-            tokens, labels = next(it)
-            loss = self.ds(tokens.to(self.device), labels.to(self.device))
+            loss = self.ds(*(t.to(self.device) for t in next(it)))
             self.ds.backward(loss)
             self.ds.step()
             total = loss.detach().float() if total is None else total + loss.detach().float()
@@ -232,21 +269,21 @@ class Engine:
 
     @torch.no_grad()
     def eval_loss(self, micro_batches: list[MicroBatch]) -> float:
-        """Mean loss over the given micro-batches, averaged over DP (same value on every rank)."""
+        """Mean loss over every target token of the given micro-batches of all DP ranks (the
+        training loss's definition; the same value on every rank). Middle pipeline stages pass
+        placeholders: they only need the count."""
+        n = len(micro_batches) - len(micro_batches) % self.gas  # whole chunks of gas micro-batches
+        micro_batches = micro_batches[:n]
+        self._weigh_tokens(micro_batches, n)
         if self.is_pipeline:
-            n = len(micro_batches)
-            # eval_batch consumes ``micro_batches`` (gas) items per call
-            losses = []
-            for start in range(0, n, self.gas):
-                chunk = micro_batches[start:start + self.gas]
-                if len(chunk) < self.gas:
-                    break
-                losses.append(float(self.ds.eval_batch(iter(chunk))))
+            # eval_batch consumes gas micro-batches per call and averages them over DP
+            losses = [float(self.ds.eval_batch(map(_pipeline_item, micro_batches[i:i + self.gas])))
+                      for i in range(0, n, self.gas)]
             return sum(losses) / max(1, len(losses))
         self.ds.eval()
         total = torch.zeros((), device=self.device)
-        for tokens, labels in micro_batches:
-            total += self.module(tokens.to(self.device), labels.to(self.device)).float()
+        for batch in micro_batches:
+            total += self.module(*(t.to(self.device) for t in batch)).float()
         total /= max(1, len(micro_batches))
         if self.topo.grid.dp > 1:
             dist.all_reduce(total, group=self.topo.dp_group)

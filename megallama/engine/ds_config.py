@@ -22,7 +22,7 @@ from megallama.parallel.topology import Topology
 def deepspeed_config(cfg: TrainConfig, dp: int) -> dict[str, Any]:
     """DeepSpeed's config dict for this run at data-parallel size ``dp``."""
     p = cfg.parallel
-    fused = cfg.optim.impl == "fused"
+    fused = cfg.optim.impl in ("fused", "distributed")  # megallama's own optimizer
     return {
         "train_batch_size": p.global_batch_size,
         "train_micro_batch_size_per_gpu": p.micro_batch_size,

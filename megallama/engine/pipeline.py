@@ -3,10 +3,17 @@
 Where the stages cut is :func:`megallama.model.layout.stage_cuts` -- the rule the resharder and the
 planner use too -- not DeepSpeed's partitioner: :class:`LlamaPipeline` replaces
 ``_partition_layers`` with those cuts, and keeps the layers' global names.
+
+Packed documents (``data.packing=documents|padded``): the first stage reads ``(tokens,
+segments)`` and every activation between layers and stages is ``(hidden, segments)`` -- DeepSpeed
+sends the integer tensor along and gives it no gradient -- until the final norm, after which only
+the hidden states go on. The layers are the model's own classes, subclassed (:func:`carrying`) so
+parameter names stay those of the model.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -16,7 +23,27 @@ from torch import nn
 
 from megallama.config import ModelConfig
 from megallama.model.layout import layer_names, stage_cuts
-from megallama.model.llama import LayerDef
+from megallama.model.llama import FinalNorm, LayerDef, TransformerBlock
+
+
+@functools.cache
+def carrying(cls: type[nn.Module]) -> type[nn.Module]:
+    """``cls`` taking and passing on ``(hidden, segments)`` when given a tuple: a block attends
+    within the segments, the final norm drops them, the embedding passes them on."""
+
+    class Carrying(cls):  # type: ignore[misc, valid-type]
+        def forward(self, x):  # noqa: ANN001 -- a tensor or DeepSpeed's activation tuple
+            if not isinstance(x, tuple):
+                return super().forward(x)
+            h, segments = x
+            if issubclass(cls, TransformerBlock):
+                return super().forward(h, None, segments), segments
+            if issubclass(cls, FinalNorm):
+                return super().forward(h)
+            return super().forward(h), segments
+
+    Carrying.__name__ = Carrying.__qualname__ = cls.__name__
+    return Carrying
 
 
 class LlamaPipeline(PipelineModule):
@@ -32,7 +59,7 @@ class LlamaPipeline(PipelineModule):
         object.__setattr__(self, "_layer_names", names)
         object.__setattr__(self, "_cuts", stage_cuts(cfg, pp, seq_len, partition_method))
         super().__init__(
-            layers=[LayerSpec(d.cls, *d.args, **d.kwargs) for d in defs],
+            layers=[LayerSpec(carrying(d.cls), *d.args, **d.kwargs) for d in defs],
             loss_fn=loss_fn,
             topology=PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=dp),
             partition_method="balanced",  # ignored: _partition_layers below uses _cuts

@@ -18,12 +18,11 @@ from dataclasses import dataclass
 import torch
 
 from megallama.config import ModelConfig
+from megallama.data.chat import encode_dialog_prompt
+from megallama.data.tokenizer import Tokenizer
 from megallama.inference.loader import InferenceModel, as_inference_model
 from megallama.model.llama import Transformer
 from megallama.parallel import mappings
-
-B_INST, E_INST = "[INST]", "[/INST]"
-B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
 
 
 class GenerationError(ValueError):
@@ -51,12 +50,12 @@ class Sampling:
             raise GenerationError(f"top_p={self.top_p} must be in (0, 1]")
 
 
-def chat_prompt(user: str, system: str | None = None) -> str:
-    """The Llama-2-chat format of one user turn (BOS is added by the tokenizer):
-    ``[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n{user} [/INST]``."""
-    if system:
-        user = f"{B_SYS}{system.strip()}{E_SYS}{user.strip()}"
-    return f"{B_INST} {user.strip()} {E_INST}"
+def chat_prompt(tokenizer: Tokenizer, user: str, system: str | None = None) -> list[int]:
+    """The prompt ids of one user turn (after an optional system prompt) in Llama 2's chat
+    format, ``<s>[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n{user} [/INST]``: exactly what
+    :func:`megallama.data.chat.encode_dialog_prompt` gives, the definition training data uses."""
+    system_turn = [] if system is None else [{"role": "system", "content": system}]
+    return encode_dialog_prompt(tokenizer, [*system_turn, {"role": "user", "content": user}])
 
 
 def next_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> torch.Tensor:

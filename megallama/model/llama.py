@@ -12,7 +12,6 @@ KV heads) is also read from the layout.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +21,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from megallama.config import ConfigError, ModelConfig, check_tp_layout, kv_replicas_for
+from megallama.model.documents import cached_positions, document_attention
 from megallama.model.layout import is_block, layer_names, shard_spec
 from megallama.parallel import mappings
 from megallama.parallel.cross_entropy import vocab_parallel_cross_entropy
@@ -151,28 +151,37 @@ class Attention(nn.Module):
             return cos[:seqlen], sin[:seqlen]
         return rope_cos_sin(self.cfg, seqlen, device)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None,
+                segments: torch.Tensor | None = None) -> torch.Tensor:
         """Causal self-attention over x; with ``cache`` (generation), over the cached tokens and
-        x, at the cache's positions and under its mask, appending x's keys/values to it."""
+        x, at the cache's positions and under its mask, appending x's keys/values to it; with
+        ``segments`` [b, s] (packed documents), within each document, positions restarting at
+        each (:mod:`megallama.model.documents`)."""
         x = self.tp.enter(x)
         bsz, seqlen, _ = x.shape
         xq = self.wq(x).view(bsz, seqlen, self.n_local_heads, self.head_dim)
         xk = self.wk(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
         xv = self.wv(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
-        if cache is None:
-            cos, sin = self.rope(seqlen, x.device)
-        else:
+        if cache is not None:
             cos, sin = cache.cos, cache.sin
+        elif segments is not None:
+            cos, sin = self.rope(seqlen, x.device)
+            positions = cached_positions(segments)
+            cos, sin = cos[positions], sin[positions]
+        else:
+            cos, sin = self.rope(seqlen, x.device)
         xq, xk = apply_rotary(xq, cos, sin), apply_rotary(xk, cos, sin)
         if cache is not None:
             xk, xv = cache.update(self.layer_id, xk, xv)
         q = xq.transpose(1, 2)
         k = xk.repeat_interleave(self.n_rep, dim=2).transpose(1, 2)
         v = xv.repeat_interleave(self.n_rep, dim=2).transpose(1, 2)
-        if cache is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:
+        if cache is not None:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=cache.mask)
+        elif segments is not None:
+            out = document_attention(q, k, v, segments)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         out = out.transpose(1, 2).reshape(bsz, seqlen, -1)
         return self.tp.exit(self.wo(out))
 
@@ -205,14 +214,16 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps, tp)
         self.activation_checkpointing = activation_checkpointing
 
-    def _forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), cache)
+    def _forward(self, x: torch.Tensor, cache: KVCache | None = None,
+                 segments: torch.Tensor | None = None) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cache, segments)
         return h + self.feed_forward(self.ffn_norm(h))
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None,
+                segments: torch.Tensor | None = None) -> torch.Tensor:
         if cache is None and self.activation_checkpointing and torch.is_grad_enabled():
-            return checkpoint(self._forward, x, use_reentrant=False)
-        return self._forward(x, cache)
+            return checkpoint(self._forward, x, None, segments, use_reentrant=False)
+        return self._forward(x, cache, segments)
 
 
 class Embedding(VocabParallelEmbedding):
@@ -283,12 +294,14 @@ class Transformer(nn.Module):
         self.norm = built["norm"]
         self.output = built["output"]
 
-    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None,
+                segments: torch.Tensor | None = None) -> torch.Tensor:
         """Vocab-parallel logits of ``tokens``; with a prepared ``cache``, tokens continue the
-        cached ones (see :class:`KVCache`) and are appended to it."""
+        cached ones (see :class:`KVCache`) and are appended to it; with ``segments`` [b, s],
+        attention stays within each packed document (see :mod:`megallama.model.documents`)."""
         h = self.tok_embeddings(tokens)
         for layer in self.layers:
-            h = layer(h) if cache is None else layer(h, cache)
+            h = layer(h, cache, segments)
         logits = self.output(self.norm(h))
         if cache is not None:
             cache.advance(tokens.shape[1])
@@ -317,11 +330,23 @@ def compile_blocks(module: nn.Module) -> nn.Module:
     return module
 
 
-def make_loss_fn(cfg: ModelConfig, tp: TensorParallel,
-                 compiled: bool = False) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """The loss as a callable(logits, labels) -- what DeepSpeed's PipelineModule expects.
-    ``compiled`` fuses its per-chunk math with torch.compile (with ``compile_blocks``)."""
-    def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return vocab_parallel_cross_entropy(logits, labels, tp.group, cfg.vocab_size,
-                                            compiled=compiled)
-    return loss_fn
+class TokenLoss:
+    """The loss as a callable(logits, labels) -- what DeepSpeed's PipelineModule expects: the
+    vocab-parallel cross-entropy of one micro-batch. With ``denominator`` unset it is the mean over
+    the micro-batch's target tokens; the engine sets it to (target tokens of the global batch) /
+    (micro-batches of the global batch) for each step, so that DeepSpeed's mean over micro-batches
+    and DP ranks becomes the mean over every target token of the global batch.
+    ``compiled`` fuses the per-chunk math with torch.compile (with ``compile_blocks``)."""
+
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel, compiled: bool = False) -> None:
+        self.cfg, self.tp, self.compiled = cfg, tp, compiled
+        self.denominator: float | None = None
+
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return vocab_parallel_cross_entropy(logits, labels, self.tp.group, self.cfg.vocab_size,
+                                            compiled=self.compiled, denominator=self.denominator)
+
+
+def make_loss_fn(cfg: ModelConfig, tp: TensorParallel, compiled: bool = False) -> TokenLoss:
+    """The training loss of this model (see :class:`TokenLoss`)."""
+    return TokenLoss(cfg, tp, compiled)

@@ -29,23 +29,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from megallama.optim.adamw_kernel import (
-    AdamWScalars,
-    adamw_fused,
-    adamw_reference,
-    join_fp32,
-    split_fp32,
-    sum_of_squares,
-    triton_available,
+from megallama.optim.adamw_kernel import adamw_fused, join_fp32, split_fp32, triton_available
+from megallama.optim.master_step import (
+    adam_scalars,
+    clip_coefficient,
+    copy_to_host,
+    local_sum_of_squares,
+    needs_fp32_grad_buffer,
+    update,
 )
 from megallama.parallel.mappings import all_reduce_mean_, all_reduce_sum_
 from megallama.parallel.topology import Topology
 
-
-def needs_fp32_grad_buffer(param_dtype: torch.dtype, gas: int, dp: int) -> bool:
-    """Whether gradients go through an fp32 ``main_grad`` buffer: when a low-precision gradient
-    is summed (over micro-batches or DP ranks), the sum must be taken in fp32."""
-    return param_dtype != torch.float32 and (gas > 1 or dp > 1)
+__all__ = ["MasterWeightAdamW", "needs_fp32_grad_buffer"]
 
 
 class MasterWeightAdamW(torch.optim.Optimizer):
@@ -100,13 +96,7 @@ class MasterWeightAdamW(torch.optim.Optimizer):
         tp_rank = self.topo.tp_rank
         counted = [self._grad(p) for p in params
                    if getattr(p, "model_parallel", False) or tp_rank == 0]
-        device = params[0].device
-        if counted and self.use_kernel:
-            sq = sum_of_squares(counted)
-        elif counted:
-            sq = torch.stack(torch._foreach_norm(counted, 2.0, dtype=torch.float32)).square().sum()
-        else:
-            sq = torch.zeros((), device=device)
+        sq = local_sum_of_squares(counted, params[0].device, self.use_kernel)
         all_reduce_sum_(sq, self.topo.tp_group)
         all_reduce_sum_(sq, self.topo.pp_group)
         return sq.sqrt()
@@ -122,11 +112,8 @@ class MasterWeightAdamW(torch.optim.Optimizer):
         all_reduce_mean_(grads, self.topo.dp_group)
         norm = self.grad_norm(params)
         ok = torch.isfinite(norm).float()
-        if self.max_grad_norm > 0:
-            coef = torch.clamp(self.max_grad_norm / (norm + 1e-6), max=1.0)
-        else:
-            coef = torch.ones_like(norm)
-        norm_host = _copy_to_host(norm)
+        coef = clip_coefficient(norm, self.max_grad_norm)
+        norm_host = copy_to_host(norm)
         self.step_count += 1
         step = int(self.step_count)
         self._update(coef, ok, step)
@@ -135,27 +122,22 @@ class MasterWeightAdamW(torch.optim.Optimizer):
         if self.overflow:
             self.step_count -= 1
 
-    def _scalars(self, group: dict[str, Any], step: int) -> AdamWScalars:
-        b1, b2 = group["betas"]
-        return AdamWScalars(group["lr"], b1, b2, group["eps"], group["weight_decay"], step)
-
     def _update(self, coef: torch.Tensor, ok: torch.Tensor, step: int) -> None:
         """One AdamW update per parameter: the Triton kernel reads ``ok`` on the device; the
         torch reference is skipped from the host (one sync, CPU or a GPU without Triton)."""
         apply = self.use_kernel or bool(ok)
         for group in self.param_groups:
-            s = self._scalars(group, step)
+            s = adam_scalars(group, step)
             for p in group["params"]:
                 state, grad = self.state[p], self._grad(p)
                 if grad is None:
                     continue
                 tensors = (p.data, grad, state.get("master_lo"), state["exp_avg"],
                            state["exp_avg_sq"], coef)
-                if self.use_kernel:
+                if self.use_kernel:  # zeroes the fp32 buffer in the same pass
                     adamw_fused(*tensors, ok, s, zero_grad="main_grad" in state)
                     continue
-                if apply:
-                    adamw_reference(*tensors, s)
+                update(*tensors, ok, s, use_kernel=False, apply=apply)
                 if "main_grad" in state:
                     state["main_grad"].zero_()
 
@@ -183,19 +165,3 @@ class MasterWeightAdamW(torch.optim.Optimizer):
             self.state[p]["master_lo"].copy_(lo)
         else:
             p.data.copy_(value)
-
-
-def _copy_to_host(x: torch.Tensor) -> Callable[[], torch.Tensor]:
-    """Start copying a device scalar to the host; the returned callable waits for that copy only
-    (not for the kernels queued after it)."""
-    if not x.is_cuda:
-        return lambda: x
-    host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
-    host.copy_(x, non_blocking=True)
-    done = torch.cuda.Event()
-    done.record()
-
-    def wait() -> torch.Tensor:
-        done.synchronize()
-        return host
-    return wait

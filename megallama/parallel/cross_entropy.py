@@ -87,7 +87,7 @@ def _kernel(name: str, compiled: bool):
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, labels, group, vocab_size, ignore_index, compiled):
+    def forward(ctx, logits, labels, group, vocab_size, ignore_index, compiled, denominator):
         per_rank = logits.size(-1)
         start = mappings.group_rank(group) * per_rank
         logits2d, labels1d = logits.reshape(-1, per_rank), labels.reshape(-1)
@@ -111,7 +111,10 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         target = mappings._all_reduce(target.masked_fill(~owned, 0.0), group)
         sum_exp = mappings._all_reduce(sum_exp, group)
 
-        n_valid = valid.sum().clamp(min=1)
+        if denominator is None:  # the mean over this call's tokens
+            n_valid = valid.sum().clamp(min=1).to(row_max.dtype)
+        else:  # a sum over this call's tokens, divided by a count over a larger batch
+            n_valid = torch.tensor(float(denominator), dtype=row_max.dtype, device=row_max.device)
         token_loss = (sum_exp.log() - target).masked_fill(~valid, 0.0)
         ctx.save_for_backward(logits, row_max, sum_exp, idx, owned, valid, n_valid)
         ctx.pad, ctx.chunks, ctx.compiled = pad, chunks, compiled
@@ -130,7 +133,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
                 grad[lo:hi] = _kernel("grad", True)(*args)
             else:
                 _chunk_grad(*args, out=grad[lo:hi])
-        return grad.view_as(logits), None, None, None, None, None
+        return grad.view_as(logits), None, None, None, None, None, None
 
 
 def vocab_parallel_cross_entropy(
@@ -140,11 +143,14 @@ def vocab_parallel_cross_entropy(
     vocab_size: int,
     ignore_index: int = IGNORE_INDEX,
     compiled: bool = False,
+    denominator: float | None = None,
 ) -> torch.Tensor:
     """Mean token loss over labels != ignore_index; logits [..., V_local], labels [...].
-    ``compiled``: run the per-chunk math under torch.compile (one fused kernel per pass; GPU)."""
+    ``denominator``: divide the summed token losses by it instead of by this call's token count
+    (a token-weighted mean over a batch split into several calls). ``compiled``: run the
+    per-chunk math under torch.compile (one fused kernel per pass; GPU)."""
     return _VocabParallelCrossEntropy.apply(logits, labels, group, vocab_size, ignore_index,
-                                            compiled)
+                                            compiled, denominator)
 
 
 def perplexity(loss: float) -> float:

@@ -10,6 +10,7 @@ DeepSpeed's gradient-norm code reads); replicated ones carry neither, so DeepSpe
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -85,6 +86,15 @@ def full_tensor(t: torch.Tensor, param: nn.Parameter, tp: TensorParallel) -> tor
     return full
 
 
+Matmul = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x, weight) -> x @ weight.T
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, fp8_matmul: Matmul | None) -> torch.Tensor:
+    """``x @ weight.T``: in bf16/fp32, or through the FP8 matmul :mod:`megallama.parallel.fp8`
+    gave the layer (``trainer.fp8``)."""
+    return F.linear(x, weight) if fp8_matmul is None else fp8_matmul(x, weight)
+
+
 class ColumnParallelLinear(nn.Module):
     """y = x W^T with W split along its output rows; the output stays split (no gather).
 
@@ -107,12 +117,13 @@ class ColumnParallelLinear(nn.Module):
         self.weight = nn.Parameter(shard(full, 0, tp.rank // replicas, parts))
         self.replica_group = replica_group if replicas > 1 else None
         mark_tensor_parallel(self.weight, 0, tp.size, replicas, tp.rank)
+        self.fp8_matmul: Matmul | None = None  # set by megallama.parallel.fp8.convert_to_float8
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight
         if self.replica_group is not None:
             weight = mappings.copy_to_tp(weight, self.replica_group)
-        return F.linear(x, weight)
+        return _linear(x, weight, self.fp8_matmul)
 
 
 class RowParallelLinear(nn.Module):
@@ -126,9 +137,10 @@ class RowParallelLinear(nn.Module):
         full = full_normal((out_features, in_features), std, seed, key)
         self.weight = nn.Parameter(shard(full, 1, tp.rank, tp.size))
         mark_tensor_parallel(self.weight, 1, tp.size)
+        self.fp8_matmul: Matmul | None = None  # set by megallama.parallel.fp8.convert_to_float8
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight)
+        return _linear(x, self.weight, self.fp8_matmul)
 
 
 class VocabParallelEmbedding(nn.Module):

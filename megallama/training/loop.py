@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -24,7 +23,8 @@ from megallama.checkpoint.stateful import SavedHook
 from megallama.config.compose import save_config
 from megallama.config.grid import Grid
 from megallama.config.train_config import TrainConfig
-from megallama.data.dataset import BlendedDataset, PackedDataset, build_train_valid, collate
+from megallama.data.dataset import BlendedDataset, PackedDataset, build_train_valid
+from megallama.data.packing import collate_windows, windows_for
 from megallama.data.sampler import DataSampler
 from megallama.engine import Engine, MicroBatch, StepResult
 from megallama.parallel.cross_entropy import perplexity
@@ -37,7 +37,7 @@ from megallama.training.metrics import (
     format_metrics,
     peak_memory_bytes,
 )
-from megallama.training.run_files import resolve_resume
+from megallama.training.run_files import resolve_init, resolve_resume
 from megallama.training.train_state import TrainingState
 
 
@@ -51,13 +51,17 @@ class TrainHooks:
 
 
 def build_datasets(cfg: TrainConfig) -> tuple[Any, Any]:
-    """Train (blended when several files are given) and validation datasets."""
+    """Train (blended when several files are given) and validation datasets, as windows of the
+    configured packing (``data.packing``, ``data.loss_mask``; see megallama.data.packing)."""
     d = cfg.data
     valid_prefix = d.valid[0] if d.valid else None
     first, valid = build_train_valid(d.train[0], d.seq_len, valid_prefix, d.valid_fraction)
+    first = windows_for(first, d.packing, d.loss_mask)
+    valid = None if valid is None else windows_for(valid, d.packing, d.loss_mask)
     if len(d.train) == 1:
         return first, valid
-    parts = [first] + [PackedDataset(p, d.seq_len) for p in d.train[1:]]
+    parts = [first] + [windows_for(PackedDataset(p, d.seq_len), d.packing, d.loss_mask)
+                       for p in d.train[1:]]
     weights = d.train_weights or [len(p) for p in parts]
     total = cfg.trainer.steps * cfg.parallel.global_batch_size
     return BlendedDataset(parts, weights, num_samples=max(total, sum(map(len, parts))),
@@ -76,8 +80,8 @@ class BatchSource:
         indices = self.sampler.next_batch()  # advance on every rank, read only where needed
         if not load:
             return []
-        tokens, labels = collate([np.asarray(self.dataset[i]) for i in indices])
-        return list(zip(tokens.split(self.micro), labels.split(self.micro), strict=True))
+        batch = collate_windows([self.dataset[i] for i in indices])
+        return list(zip(*(t.split(self.micro) for t in batch), strict=True))
 
 
 def validation_loss(engine: Engine, dataset, cfg: TrainConfig, topo: Topology) -> float:
@@ -161,24 +165,37 @@ class Trainer:
         self.topo = build_topology(grid, kv_replicas_for(cfg.model.n_kv_heads, grid.tp))
         torch.manual_seed(t.seed)
         self.is_logger, self.out_dir = self.topo.rank == 0, Path(t.output_dir)
+        train_set, self.valid_set = build_datasets(cfg)
+        if t.epochs > 0:  # the schedule, the logs and the saved config all see these steps
+            t.steps = max(1, math.ceil(t.epochs * len(train_set) / cfg.parallel.global_batch_size))
         if self.is_logger:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out_dir / "config.yaml")
-        train_set, self.valid_set = build_datasets(cfg)
         self.engine = Engine(cfg, self.topo, device)
         self.source = BatchSource(train_set, cfg, self.topo)
         self.state = TrainingState(self.engine, cfg, self.topo, self.source.sampler)
         self.state.on_saved += self.hooks.piece_saved
         self.start = 0
-        if (resume_from := resolve_resume(cfg)) is not None:
-            self.start = self.state.resume(resume_from)
-            if self.is_logger:
-                print(f"resumed from {resume_from} at step {self.start}", flush=True)
+        self._restore()
         self.writer = MetricsWriter.for_run(cfg, enabled=self.is_logger, resumed=self.start > 0)
         self.throughput = Throughput(cfg, grid.world_size, device)
         self.progress = Progress(t.steps, enabled=self.is_logger, bar=t.progress,
                                  initial=self.start,
                                  tokens_per_step=self.throughput.tokens_per_step)
+
+    def _restore(self) -> None:
+        """Resume this run's latest checkpoint (``trainer.resume``) or, when there is none, start
+        from ``trainer.init_from``'s weights with a fresh optimizer."""
+        if (resume_from := resolve_resume(self.cfg)) is not None:
+            self.start = self.state.resume(resume_from)
+            what = f"resumed from {resume_from} at step {self.start}"
+        elif (init := resolve_init(self.cfg)) is not None:
+            self.state.load_weights(init)
+            what = f"initialised from the weights of {init} (fresh optimizer)"
+        else:
+            return
+        if self.is_logger:
+            print(what, flush=True)
 
     def train(self) -> dict[str, Any]:
         """Run the steps; returns the final metrics (on every rank)."""

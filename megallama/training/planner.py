@@ -31,6 +31,7 @@ from megallama.parallel.layers import padded_vocab_size
 GIB = 1024**3
 DS_BUCKET = 500_000_000  # DeepSpeed's reduce_bucket_size / MEMORY_OPT_ALLREDUCE_SIZE (elements)
 FUSED_BUCKET = 256 << 20  # bytes of the fused optimizer's DP all-reduce bucket (parallel.mappings)
+DIST_BUCKET = 25 << 20  # optim.bucket_mb default: bytes of weights per distributed-optimizer bucket
 DEFAULT_OVERHEAD_GIB = {"cuda": 3.0, "cpu": 0.0}
 ELEMENT = {"bf16": 2, "fp32": 4}
 
@@ -155,11 +156,28 @@ class States(NamedTuple):
     step: int
 
 
+def distributed_states(p: int, dp: int, precision: str, device: str, *, gas: int = 1,
+                       bucket_bytes: int = DIST_BUCKET) -> States:
+    """``optim.impl=distributed`` (docs/PLANNER.md): the weights and a flat gradient buffer
+    (fp32 where gradients are summed) for all ``p`` parameters, plus the reduced fp32 gradient,
+    the master's remainder (bf16) and the Adam moments of this rank's 1/dp shard only. The CPU
+    update (torch reference) makes ~16 bytes of temporaries per element of one bucket's shard."""
+    e, shard = ELEMENT[precision], -(-p // dp)
+    summed = precision == "fp32" or needs_fp32_grad_buffer(torch.bfloat16, gas, dp)
+    grads = (4 if summed else e) * p + (4 * shard if dp > 1 else 0)
+    master = 2 * shard if precision == "bf16" else 0
+    run = min(shard, -(-bucket_bytes // (e * dp)))
+    return States(e * p, grads, 0, 0, False, master, 8 * shard, 16 * run if device == "cpu" else 0)
+
+
 def optimizer_states(p: int, dp: int, precision: str, zero: int, device: str, *,
-                     largest_layer: int = 0, gas: int = 1) -> States:
+                     largest_layer: int = 0, gas: int = 1, impl: str = "fused") -> States:
     """What DeepSpeed keeps for ``p`` local parameters on the optimizer path it takes for this
     precision and ZeRO stage (docs/PLANNER.md, "Model states"), with ``dp``-way sharding;
-    ``zero=0`` is megallama's fused optimizer (``optim.impl=fused``)."""
+    ``zero=0`` is megallama's own optimizer: ``impl`` "fused" (nothing sharded) or
+    "distributed" (:func:`distributed_states`)."""
+    if zero == 0 and impl == "distributed":
+        return distributed_states(p, dp, precision, device, gas=gas)
     shard, cpu = -(-p // dp), device == "cpu"
     touched = min(DS_BUCKET, p)  # CPU: only the pages a bucket copy touches become resident
     adam_tmp = 8 * shard if cpu else 0  # CPU AdamW's sqrt(v) and sqrt(v)/c; fused CUDA has none

@@ -32,3 +32,14 @@ def resolve_resume(cfg: TrainConfig) -> Path | None:
         return find_checkpoint(Path(spec))
     except CheckpointError as e:
         raise ConfigError(f"trainer.resume={spec}: {e}") from None
+
+
+def resolve_init(cfg: TrainConfig) -> Path | None:
+    """``trainer.init_from``: the checkpoint whose model weights start a run (None: random init)."""
+    spec = cfg.trainer.init_from
+    if spec in (None, "", "none"):
+        return None
+    try:
+        return find_checkpoint(Path(spec))
+    except CheckpointError as e:
+        raise ConfigError(f"trainer.init_from={spec}: {e}") from None

@@ -180,3 +180,8 @@ class TrainingState:
             return 0
         load_pieces(self.pieces, path)
         return self.step
+
+    def load_weights(self, path: Path) -> None:
+        """Start from ``path``'s model weights alone (``trainer.init_from``): the optimizer, the
+        schedule and the data order start fresh, at any layout the checkpoint was saved at."""
+        self.pieces["model"].load(path, {})

@@ -1,0 +1,81 @@
+"""What megallama's two master-weight AdamW optimizers share (``optim.impl=fused``, every DP rank
+holding the whole state, and ``optim.impl=distributed``, the state sharded over DP): when
+gradients need an fp32 buffer, the local part of the squared global gradient norm, the clip
+coefficient, the Adam scalars of a parameter group, one AdamW update of a tensor (the Triton kernel
+on CUDA, the torch reference elsewhere) and a non-blocking copy of the norm to the host.
+
+Both optimizers follow one rule for a step whose global norm is not finite: nothing changes (the
+kernel reads ``ok`` on the device; the reference is skipped from the host) and ``overflow`` is set,
+which makes DeepSpeed count the step as skipped and hold the LR schedule.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from megallama.optim.adamw_kernel import (
+    AdamWScalars,
+    adamw_fused,
+    adamw_reference,
+    sum_of_squares,
+)
+
+
+def needs_fp32_grad_buffer(param_dtype: torch.dtype, gas: int, dp: int) -> bool:
+    """Whether gradients go through an fp32 ``main_grad`` buffer: when a low-precision gradient
+    is summed (over micro-batches or DP ranks), the sum must be taken in fp32."""
+    return param_dtype != torch.float32 and (gas > 1 or dp > 1)
+
+
+def local_sum_of_squares(tensors: list[torch.Tensor], device: torch.device,
+                         use_kernel: bool) -> torch.Tensor:
+    """sum(t^2) over all elements of ``tensors`` in fp32, as a 0-d tensor on ``device`` (this
+    rank's part of the squared global gradient norm)."""
+    if tensors and use_kernel:
+        return sum_of_squares(tensors)
+    if tensors:
+        return torch.stack(torch._foreach_norm(tensors, 2.0, dtype=torch.float32)).square().sum()
+    return torch.zeros((), device=device)
+
+
+def clip_coefficient(norm: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
+    """min(1, max_norm / (norm + 1e-6)) as torch's ``clip_grad_norm_`` computes it (1: no clip)."""
+    if max_grad_norm > 0:
+        return torch.clamp(max_grad_norm / (norm + 1e-6), max=1.0)
+    return torch.ones_like(norm)
+
+
+def adam_scalars(group: dict[str, Any], step: int) -> AdamWScalars:
+    """The Adam scalars of one parameter group at (1-based) Adam step ``step``."""
+    b1, b2 = group["betas"]
+    return AdamWScalars(group["lr"], b1, b2, group["eps"], group["weight_decay"], step)
+
+
+def update(weight: torch.Tensor, grad: torch.Tensor, lo: torch.Tensor | None,
+           exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, coef: torch.Tensor,
+           ok: torch.Tensor, s: AdamWScalars, *, use_kernel: bool, apply: bool) -> None:
+    """One AdamW update of ``weight`` (its master split with ``lo`` when bf16). The kernel reads
+    ``ok`` on the device; the reference runs only when the host says ``apply``."""
+    if use_kernel:
+        adamw_fused(weight, grad, lo, exp_avg, exp_avg_sq, coef, ok, s)
+    elif apply:
+        adamw_reference(weight, grad, lo, exp_avg, exp_avg_sq, coef, s)
+
+
+def copy_to_host(x: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """Start copying a device scalar to the host; the returned callable waits for that copy only
+    (not for the kernels queued after it)."""
+    if not x.is_cuda:
+        return lambda: x
+    host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+    host.copy_(x, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+
+    def wait() -> torch.Tensor:
+        done.synchronize()
+        return host
+    return wait

@@ -1,0 +1,121 @@
+"""FP8 training of the tensor-parallel linears (``trainer.fp8``), through torchao's float8 recipes.
+
+:func:`convert_to_float8` gives every :class:`ColumnParallelLinear` (wq, wk, wv, w1, w3) and
+:class:`RowParallelLinear` (wo, w2) of a stage module an FP8 matmul: the three gemms of forward and
+backward run on e4m3/e5m2 operands scaled dynamically as torchao's ``Float8LinearConfig`` recipe
+says (``tensorwise``: one scale per tensor, e5m2 gradients; ``rowwise``: one scale per row, e4m3
+throughout, power-of-two scales). The output head (an ``OutputHead``, a subclass, skipped on
+purpose) and the embedding stay bf16, as in torchao's and torchtitan's recipes. Parameters are
+untouched -- names, shapes, dtype (the bf16 weight and the fp32 master), TP tags -- so optimizers,
+DeepSpeed and checkpoints see exactly what they see without FP8; checkpoints stay bf16/fp32.
+On a CPU, or a GPU without FP8 gemms, ``emulate=True`` runs the same casts with fp32 gemms.
+
+**Which scales must agree across TP ranks.** At tp = 1 each scale comes from the amax of the whole
+operand (or of a whole row / column). A TP rank holds a shard of some operands, and its local
+amax is then not tp = 1's; if ranks scaled with different amaxes, the sum over ranks of the partial
+products (row-parallel) or the concatenated output columns (column-parallel) would be quantized
+differently from tp = 1. So: *an amax is MAX-reduced over the TP group exactly when the set of
+elements it covers crosses the sharded dimension* -- always for a tensorwise scale of a sharded
+operand, and for a rowwise scale when its reduced axis is the sharded one. In the gemms' 2-D frame
+(input [T, K], weight [N, K], grad output [T, N]):
+
+| layer | operand | split | tensorwise | rowwise: forward gemm | rowwise: backward gemm |
+|---|---|---|---|---|---|
+| column (N split) | input | no (full on every rank after ``enter``) | local | local | local |
+| column | weight | N | MAX | local (per row, over K) | MAX (per k, over N) for grad input |
+| column | grad output | N | MAX | -- | MAX (per token, over N) for grad input; local (per column, over T) for grad weight |
+| row (K split) | input | K | MAX | MAX (per token, over K) | local (per k, over T) for grad weight |
+| row | weight | K | MAX | MAX (per row, over K) | local (per k, over N) for grad input |
+| row | grad output | no (identical on every rank) | local | -- | local |
+
+Sequence parallelism adds nothing: the linears always see the whole sequence (``enter``
+all-gathers it before the column-parallel matmuls; the row-parallel output is reduce-scattered and
+its gradient all-gathered), so T is never split. Data and pipeline parallelism add nothing either
+(each DP rank scales its own micro-batch, as a tp = 1 replica would; each stage converts its own
+layers). The amaxes a pass needs reduced go in one all-reduce (a scalar or a row per operand):
+tensorwise issues one per column-parallel linear in forward (weight) and one in backward (grad
+output; the weight's forward scale is reused), one per row-parallel linear in forward (input and
+weight); rowwise one per column-parallel linear in backward and one per row-parallel in forward. With these reductions tp = 2 quantizes every element as tp = 1 does,
+and the results differ by bf16 round-off of the partial sums only (tests/distributed/
+test_fp8_tp.py). One exception: when tp > n_kv_heads, the TP ranks replicating a KV head compute
+partial gradients of wk/wv's output that tp = 1 would sum before scaling; their grad-output scale
+is the maximum of the partial amaxes, an fp8-round-off-sized difference.
+
+The recipe's choice (tensorwise vs rowwise) and the speed-up are GPU measurements
+(docs/PERFORMANCE.md, "FP8"); on CPU both only emulate.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib
+import logging
+from collections.abc import Iterator
+from types import ModuleType
+
+from torch import nn
+
+from megallama.config.validate import FP8_RECIPES
+from megallama.parallel.layers import ColumnParallelLinear, RowParallelLinear, TensorParallel
+
+RECIPES = tuple(r for r in FP8_RECIPES if r != "none")  # ("tensorwise", "rowwise")
+# torchao's import warns through these loggers that its CUDA extension libraries do not load
+# (always so with a CPU torch): noise for a CPU run, and FP8 does not use those kernels.
+_NOISY_LOGGERS = ("torchao", "torch.utils._pytree")
+
+
+@contextlib.contextmanager
+def _quiet(names: tuple[str, ...]) -> Iterator[None]:
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+def load_torchao() -> ModuleType:
+    """:mod:`megallama.parallel.fp8_matmul` (which imports torchao, the optional extra
+    ``megallama[fp8]``), imported here only when FP8 is asked for, without torchao's
+    import-time warnings."""
+    with _quiet(_NOISY_LOGGERS):
+        return importlib.import_module("megallama.parallel.fp8_matmul")
+
+
+def float8_config(recipe: str, *, emulate: bool):  # -> torchao.float8.Float8LinearConfig
+    """torchao's ``Float8LinearConfig`` of a recipe name (``tensorwise`` or ``rowwise``)."""
+    if recipe not in RECIPES:
+        raise ValueError(f"unknown FP8 recipe {recipe!r}: choose one of {list(RECIPES)}")
+    load_torchao()
+    from torchao.float8 import Float8LinearConfig  # optional dependency, loaded quietly above
+    return dataclasses.replace(Float8LinearConfig.from_recipe_name(recipe), emulate=emulate)
+
+
+def convert_to_float8(module: nn.Module, recipe: str, tp: TensorParallel, *,
+                      emulate: bool) -> int:
+    """Give this stage's column- and row-parallel linears FP8 matmuls with TP-reduced scales
+    (``recipe`` ``none`` changes nothing); returns how many were converted. ``emulate`` runs the
+    gemms in fp32 (CPU, or GPUs without FP8). Call before ``torch.compile`` and before the
+    optimizer is built; works with activation checkpointing (the recomputed forward issues the
+    same reductions on every rank) and inside a pipeline stage."""
+    if recipe == "none":
+        return 0
+    config = float8_config(recipe, emulate=emulate)
+    kernels = load_torchao()
+    column = kernels.Float8Matmul(config, kernels.COLUMN, tp.group)
+    row = kernels.Float8Matmul(config, kernels.ROW, tp.group)
+    converted = 0
+    for layer in module.modules():
+        # exact types: the output head subclasses ColumnParallelLinear and stays bf16
+        if type(layer) is ColumnParallelLinear:
+            layer.fp8_matmul = column
+        elif type(layer) is RowParallelLinear:
+            layer.fp8_matmul = row
+        else:
+            continue
+        converted += 1
+    return converted

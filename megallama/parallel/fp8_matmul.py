@@ -1,0 +1,180 @@
+"""The FP8 matmul of one tensor-parallel linear: torchao's float8 training with TP-aware scales.
+
+torchao's ``Float8Linear`` computes each scale from the tensor it sees. Our TP is hand-written, so a
+rank sees only its shard of some operands; this module does what torchao's
+``matmul_with_hp_or_float8_args`` does (the same casts, configs, roles and gemms, so at tp = 1 it is
+bit-identical to ``torchao.float8.convert_to_float8_training``) but reduces with MAX over the TP
+group every amax whose extent crosses a sharded dimension. The rule, per operand of the three
+gemms, is derived in :mod:`megallama.parallel.fp8`, which is the module to import (this one needs
+torchao, the optional extra ``megallama[fp8]``).
+
+What backward keeps: the input as the forward's fp8 copy when the recipe casts it once for both of
+its gemms (tensorwise), else the high-precision input; the weight as itself (a parameter, no extra
+memory) plus, for tensorwise, its forward scale, so backward re-casts it without a collective.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torchao.float8.config import (
+    CastConfig,
+    Float8LinearConfig,
+    ScalingGranularity,
+    ScalingType,
+)
+from torchao.float8.float8_training_tensor import (
+    Float8TrainingTensor,
+    GemmInputRole,
+    LinearMMConfig,
+    ScaledMMConfig,
+    hp_tensor_and_scale_to_float8,
+)
+from torchao.float8.float8_utils import amax_to_scale, tensor_to_amax
+
+from megallama.parallel.mappings import Group, group_size
+
+INPUT, WEIGHT, GRAD_OUTPUT = GemmInputRole.INPUT, GemmInputRole.WEIGHT, GemmInputRole.GRAD_OUTPUT
+
+
+@dataclass(frozen=True)
+class Sharding:
+    """Which dimension of each 2-D gemm operand is split over the TP group (None: replicated):
+    ``input`` [T, K], ``weight_t`` [K, N] (the transposed weight), ``grad_output`` [T, N]."""
+
+    input: int | None
+    weight_t: int | None
+    grad_output: int | None
+
+
+COLUMN = Sharding(input=None, weight_t=1, grad_output=1)  # N split: weight rows, output columns
+ROW = Sharding(input=1, weight_t=0, grad_output=None)  # K split: weight columns, input columns
+
+
+def mm_config(config: Float8LinearConfig) -> LinearMMConfig:
+    """The three gemms' settings, as ``torchao.float8.Float8Linear.__init__`` builds them."""
+    def gemm(c):
+        return ScaledMMConfig(config.emulate, c.use_fast_accum, False, config.pad_inner_dim)
+    return LinearMMConfig(gemm(config.gemm_config_output), gemm(config.gemm_config_grad_input),
+                          gemm(config.gemm_config_grad_weight))
+
+
+def _axis(cast: CastConfig, axis: int) -> int | None:
+    """torchao's ``get_maybe_axiswise_dim``: the amax axis for rowwise casts, None for tensorwise."""
+    return axis if cast.scaling_granularity is ScalingGranularity.AXISWISE else None
+
+
+def crosses_shard(cast: CastConfig, axis: int | None, shard_dim: int | None) -> bool:
+    """Whether the amax of this cast covers elements on other TP ranks: a tensorwise scale of a
+    sharded operand, or a rowwise scale whose reduced axis is the sharded one."""
+    if shard_dim is None or cast.scaling_type is ScalingType.DISABLED:
+        return False
+    return axis is None or axis % 2 == shard_dim
+
+
+@torch.no_grad()
+def _scales(items: list[tuple[torch.Tensor, CastConfig, int | None, int | None]], group: Group,
+            round_pow2: bool) -> list[torch.Tensor | None]:
+    """Scales of (tensor, cast, axis, shard dim) casts; every amax that crosses a shard is MAX-
+    reduced over ``group``, all of them in one all-reduce. None for disabled casts."""
+    amaxes: list[torch.Tensor | None] = [
+        None if cast.scaling_type is ScalingType.DISABLED
+        else tensor_to_amax(t, False, None, cast.scaling_granularity, axis)
+        for t, cast, axis, _ in items]
+    shared = [i for i, (_, cast, axis, shard) in enumerate(items)
+              if crosses_shard(cast, axis, shard)] if group_size(group) > 1 else []
+    if shared:
+        flat = torch.cat([amaxes[i].reshape(-1).float() for i in shared])
+        dist.all_reduce(flat, op=dist.ReduceOp.MAX, group=group)
+        for i, part in zip(shared, flat.split([amaxes[i].numel() for i in shared]), strict=True):
+            amaxes[i] = part.view(amaxes[i].shape)
+    return [None if a is None else amax_to_scale(a, cast.target_dtype, round_pow2)
+            for a, (_, cast, _, _) in zip(amaxes, items, strict=True)]
+
+
+def _cast(t: torch.Tensor, scale: torch.Tensor | None, cast: CastConfig, mm: LinearMMConfig,
+          role: GemmInputRole, axis: int | None) -> torch.Tensor:
+    if scale is None:  # scaling disabled: this gemm runs in high precision
+        return t
+    return hp_tensor_and_scale_to_float8(t, scale, cast.target_dtype, mm, role, axis)
+
+
+def _tensorwise(cast: CastConfig) -> bool:
+    return (cast.scaling_type is ScalingType.DYNAMIC
+            and cast.scaling_granularity is ScalingGranularity.TENSORWISE)
+
+
+@dataclass(frozen=True)
+class Float8Matmul:
+    """``x @ weight.T`` of one TP linear in FP8 (the callable a TP layer's ``fp8_matmul`` holds)."""
+
+    config: Float8LinearConfig
+    sharding: Sharding
+    group: Group = None
+
+    @property
+    def mm(self) -> LinearMMConfig:
+        return mm_config(self.config)
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return _Float8TPMatmul.apply(x, weight, self)
+
+
+class _Float8TPMatmul(torch.autograd.Function):
+    """torchao's ``matmul_with_hp_or_float8_args`` for high-precision arguments, with the TP
+    reductions of :func:`_scales` (and the tensorwise casts shared between gemms)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, spec: Float8Matmul) -> torch.Tensor:
+        c, sh, mm = spec.config, spec.sharding, spec.mm
+        x2, w_t = x.reshape(-1, x.shape[-1]), weight.t()
+        ax_in, ax_w = _axis(c.cast_config_input, -1), _axis(c.cast_config_weight, 0)
+        s_in, s_w = _scales([(x2, c.cast_config_input, ax_in, sh.input),
+                             (w_t, c.cast_config_weight, ax_w, sh.weight_t)],
+                            spec.group, c.round_scales_to_power_of_2)
+        x8 = _cast(x2, s_in, c.cast_config_input, mm, INPUT, ax_in)
+        out = torch.mm(x8, _cast(w_t, s_w, c.cast_config_weight, mm, WEIGHT, ax_w))
+        ctx.spec, ctx.shape, ctx.dtype = spec, x.shape, x.dtype
+        # tensorwise: the fp8 input serves the grad-weight gemm too; the weight's scale is saved
+        keep_fp8 = _tensorwise(c.cast_config_input) and \
+            c.cast_config_input_for_grad_weight == c.cast_config_input
+        ctx.keep_fp8 = keep_fp8
+        w_scale = s_w if _tensorwise(c.cast_config_weight) and \
+            c.cast_config_weight_for_grad_input == c.cast_config_weight else None
+        saved = (x8._data, x8._scale) if keep_fp8 else (x2, None)
+        ctx.save_for_backward(*saved, weight, w_scale)
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        spec = ctx.spec
+        c, sh, mm, pow2 = spec.config, spec.sharding, spec.mm, spec.config.round_scales_to_power_of_2
+        x_saved, x_scale, weight, w_scale = ctx.saved_tensors
+        go = grad_out.reshape(-1, grad_out.shape[-1])
+        w_t = weight.t()
+        cg, cw, cgw, ci = (c.cast_config_grad_output, c.cast_config_weight_for_grad_input,
+                           c.cast_config_grad_output_for_grad_weight,
+                           c.cast_config_input_for_grad_weight)
+        ax_g, ax_w, ax_gw, ax_i = _axis(cg, -1), _axis(cw, -1), _axis(cgw, 0), _axis(ci, 0)
+        share_go = _tensorwise(cg) and cgw == cg
+        items = [(go, cg, ax_g, sh.grad_output)]
+        items += [] if w_scale is not None else [(w_t, cw, ax_w, sh.weight_t)]
+        items += [] if share_go else [(go, cgw, ax_gw, sh.grad_output)]
+        items += [] if ctx.keep_fp8 else [(x_saved, ci, ax_i, sh.input)]
+        scales = iter(_scales(items, spec.group, pow2))
+        go8 = _cast(go, next(scales), cg, mm, GRAD_OUTPUT, ax_g)
+        w_s = w_scale if w_scale is not None else next(scales)
+        go8_gw = go8 if share_go else _cast(go, next(scales), cgw, mm, GRAD_OUTPUT, ax_gw)
+        if ctx.keep_fp8:
+            x8 = Float8TrainingTensor(x_saved, x_scale, ctx.dtype, mm, INPUT, None)
+        else:
+            x8 = _cast(x_saved, next(scales), ci, mm, INPUT, ax_i)
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.mm(go8, _cast(w_t, w_s, cw, mm, WEIGHT, ax_w).t())
+            grad_x = grad_x.reshape(*ctx.shape[:-1], grad_x.shape[-1])
+        if ctx.needs_input_grad[1]:
+            grad_w = torch.mm(go8_gw.t(), x8)
+        return grad_x, grad_w, None

@@ -1,0 +1,233 @@
+"""optim.impl=distributed (DistributedAdamW: fused AdamW, state sharded over DP, gradient
+reduce-scatter started from the backward) at every layout, against independent oracles:
+
+* fp32: 5 steps with clipping active give the losses and global gradient norms of plain
+  single-process torch AdamW (engine_cases.reference_run) within 1e-5 relative, at (tp, pp, dp) =
+  (1,1,2), (1,1,4), (2,1,2), (1,2,2) and (2,2,2) with SP, each with 1 and 4 micro-batches per step;
+  buckets of 0.5 MiB so that the tiny model spans ~8 buckets and parameters straddle DP shards;
+* bf16: tracks impl=fused within the bf16 tolerances of test_fused_optimizer at dp 2 and at
+  tp2 x pp2 x dp2, and a non-finite step is skipped identically on every rank;
+* resume: same layout bit-exact; a (2,2,2) checkpoint resumes as (1,1,4) and (2,2,1) within 1e-5;
+  an impl=deepspeed checkpoint resumes under impl=distributed and back;
+* memory: the bytes each rank holds (weights, gradient buffers, sharded state) at dp 1, 2 and 4
+  are the planner's (megallama.training.planner.optimizer_states) within 10%;
+* overlap: the reduce-scatter of the bucket holding the output head starts in the last
+  micro-batch's backward, before any gradient of the first transformer block is computed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from megallama.checkpoint.stateful import load_pieces, save_pieces
+from megallama.engine import Engine
+from megallama.parallel.runtime import init_distributed
+from megallama.parallel.topology import Grid, build_topology, kv_replicas_for
+from megallama.training.planner import optimizer_states
+from megallama.training.train_state import TrainingState
+from tests.distributed.engine_cases import STEPS, make_config, rank_micro_batches, reference_run
+from tests.distributed.harness import run_world
+from tests.distributed.test_fused_optimizer import LOSS_TOL, NORM_TOL, _skip_step
+
+pytestmark = pytest.mark.slow
+TOL = 1e-5  # fp32 against torch: only the summation order differs
+MEM_TOL = 0.10
+SAVED_AT = 2  # the resume tests save after this many steps
+
+
+def _engine(world: int, tp: int, pp: int, gas: int, *, sp: bool = False, precision: str = "fp32",
+            impl: str = "distributed", global_batch: int | None = None, bucket_mb: float = 0.5):
+    """An engine at (tp, pp, world / (tp pp)) with ``gas`` micro-batches per step (global batch
+    4 * dp unless given)."""
+    dp = world // (tp * pp)
+    global_batch = global_batch or 4 * dp
+    cfg = make_config(tp=tp, pp=pp, zero=1 if impl == "deepspeed" else 0, sp=sp,
+                      micro=global_batch // (dp * gas), global_batch=global_batch)
+    cfg.optim.impl, cfg.optim.bucket_mb, cfg.trainer.precision = impl, bucket_mb, precision
+    grid = Grid.from_world(world, tp=tp, pp=pp)
+    topo = build_topology(grid, kv_replicas_for(cfg.model.n_kv_heads, tp))
+    return Engine(cfg, topo, torch.device("cpu")), cfg, topo
+
+
+def _train(engine, cfg, topo, steps: range) -> list[tuple[float, float]]:
+    return [(r.loss, r.grad_norm) for r in
+            (engine.train_step(rank_micro_batches(s, cfg, topo.dp_rank, topo.grid.dp))
+             for s in steps)]
+
+
+def _close(got: list[float], want: list[float], tol: float, what: str) -> None:
+    for step, (g, w) in enumerate(zip(got, want, strict=True)):
+        assert abs(g - w) <= tol * abs(w), f"{what} step {step}: {g} != {w} (rel tol {tol})"
+
+
+def _fp32(world: int, tp: int, pp: int, refs: dict, sp: bool = False) -> None:
+    """5 fp32 steps equal plain torch AdamW, with 1 and with 4 micro-batches per step."""
+    for gas in (1, 4):
+        engine, cfg, topo = _engine(world, tp, pp, gas, sp=sp)
+        assert len(engine.optimizer.buckets) > 4, "several buckets expected"
+        losses, norms = refs[(cfg.parallel.global_batch_size, cfg.parallel.micro_batch_size)]
+        assert max(norms) > cfg.optim.grad_clip, "clipping must be active in this test"
+        out = _train(engine, cfg, topo, range(STEPS))
+        what = f"fp32 (tp, pp, dp)=({tp}, {pp}, {topo.grid.dp}) sp={sp} gas={gas}"
+        _close([x[0] for x in out], losses, TOL, f"{what} loss")
+        _close([x[1] for x in out], norms, TOL, f"{what} grad norm")
+
+
+def _bf16(world: int, tp: int, pp: int) -> None:
+    """bf16 distributed tracks bf16 fused; non-finite steps are skipped on every rank alike."""
+    runs = {}
+    for impl in ("fused", "distributed"):
+        engine, cfg, topo = _engine(world, tp, pp, 2, precision="bf16", impl=impl)
+        runs[impl] = _train(engine, cfg, topo, range(STEPS))
+    what = f"bf16 (tp, pp, dp)=({tp}, {pp}, {topo.grid.dp})"
+    for step, ((l0, n0), (l1, n1)) in enumerate(zip(runs["fused"], runs["distributed"],
+                                                    strict=True)):
+        assert abs(l1 - l0) <= LOSS_TOL[step > 0] * l0, f"{what} step {step}: loss {l1} vs {l0}"
+        assert abs(n1 - n0) <= NORM_TOL[step > 0] * n0, f"{what} step {step}: norm {n1} vs {n0}"
+    world = dist.get_world_size()
+    _skip_step(engine, cfg, topo, topo.grid, poisoned=True, label=f"{what}, NaN everywhere")
+    _skip_step(engine, cfg, topo, topo.grid, poisoned=topo.rank == world - 1,
+               label=f"{what}, NaN on rank {world - 1} only")
+    assert engine.skipped_steps == 2
+
+
+def _memory(world: int, tp: int, pp: int, precision: str, gas: int) -> None:
+    """Bytes held per rank = the planner's model of impl=distributed, within MEM_TOL."""
+    engine, cfg, topo = _engine(world, tp, pp, gas, precision=precision)
+    local = sum(p.numel() for p in engine.module.parameters())
+    want = optimizer_states(local, topo.grid.dp, precision, 0, "cpu", gas=gas,
+                            impl="distributed")
+    got = engine.optimizer.resident_bytes()
+    planned = {"weights": want.weights, "grads": want.grads_keep, "state": want.master + want.adam}
+    for k, v in planned.items():
+        assert abs(got[k] - v) <= MEM_TOL * v, \
+            f"{precision} dp={topo.grid.dp}: {k} {got[k]} bytes, planner {v}"
+
+
+def _overlap(world: int) -> None:
+    """The output head's bucket is reduce-scattered during the last micro-batch's backward,
+    before the first transformer block's backward runs."""
+    gas = 4
+    engine, cfg, topo = _engine(world, 1, 1, gas)
+    opt, layers = engine.optimizer, dict(engine.local_layers())
+    head = layers["output"].weight
+    first = next(i for i, b in enumerate(opt.buckets) if any(p is head for p in b.params))
+    events: list[tuple[str, int]] = []
+    opt.on_launch = lambda b: events.append(("reduce_scatter", opt.buckets.index(b)))
+    hooks = [layers["tok_embeddings"].register_forward_pre_hook(
+        lambda m, a: events.append(("forward", 0)))]
+    hooks += [p.register_hook(lambda g: events.append(("backward", 0)))
+              for p in layers["layers.0"].parameters()]
+    engine.train_step(rank_micro_batches(0, cfg, topo.dp_rank, topo.grid.dp))
+    for h in hooks:
+        h.remove()
+    forwards = [i for i, (kind, _) in enumerate(events) if kind == "forward"]
+    launches = [i for i, (kind, _) in enumerate(events) if kind == "reduce_scatter"]
+    assert len(forwards) == gas and len(launches) == len(opt.buckets), events
+    assert min(launches) > forwards[-1], f"a reduce-scatter before the last micro-batch: {events}"
+    block0 = min(i for i, (kind, _) in enumerate(events) if kind == "backward" and i > forwards[-1])
+    assert events.index(("reduce_scatter", first)) < block0, \
+        f"the head's bucket was reduced only after layers.0's backward began: {events}"
+
+
+def _worker_dp2(rank: int, world: int, refs: dict) -> None:
+    init_distributed(torch.device("cpu"))
+    _fp32(world, 1, 1, refs)
+    _overlap(world)
+    _memory(world, 1, 1, "bf16", 2)
+    _bf16(world, 1, 1)
+
+
+@pytest.fixture(scope="module")
+def refs() -> dict:
+    """Plain torch runs of every (global batch, micro-batch) the tests use."""
+    out = {}
+    for gb, micro in ((8, 4), (8, 1), (16, 4), (16, 1), (8, 2)):
+        cfg = make_config(micro=micro, global_batch=gb)
+        out[(gb, micro)] = reference_run(cfg)
+    return out
+
+
+def test_dp2_fp32_bf16_overlap_memory(refs):
+    run_world(2, _worker_dp2, refs)
+
+
+class _NoSampler:
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def _state(engine, cfg, topo) -> TrainingState:
+    return TrainingState(engine, cfg, topo, _NoSampler())  # type: ignore[arg-type]
+
+
+def _save(engine, cfg, topo, path: Path) -> None:
+    state = _state(engine, cfg, topo)
+    state.step = SAVED_AT
+    save_pieces(state.pieces, path, write_json=topo.rank == 0)
+    dist.barrier()
+
+
+def _resumed(path: Path, world: int, tp: int, pp: int, gas: int, impl: str = "distributed",
+             sp: bool = False) -> list[float]:
+    """Losses of the steps after SAVED_AT of a run resumed from ``path`` (global batch 8)."""
+    engine, cfg, topo = _engine(world, tp, pp, gas, impl=impl, global_batch=8, sp=sp)
+    load_pieces(_state(engine, cfg, topo).pieces, path)
+    return [x[0] for x in _train(engine, cfg, topo, range(SAVED_AT, STEPS))]
+
+
+def _worker_3d(rank: int, world: int, refs: dict, ckpt: Path, out: Path) -> None:
+    init_distributed(torch.device("cpu"))
+    _fp32(world, 2, 2, refs, sp=True)
+    engine, cfg, topo = _engine(world, 2, 2, 1, sp=True)
+    _train(engine, cfg, topo, range(SAVED_AT))
+    _save(engine, cfg, topo, ckpt)
+    cont = [x[0] for x in _train(engine, cfg, topo, range(SAVED_AT, STEPS))]
+    again = _resumed(ckpt, world, 2, 2, 1, sp=True)
+    assert again == cont, f"same-layout resume is not bit-exact: {again} vs {cont}"
+    if rank == 0:
+        out.write_text(json.dumps(cont))
+    _bf16(world, 2, 2)
+
+
+@pytest.fixture(scope="module")
+def saved_3d(refs, tmp_path_factory) -> tuple[Path, list[float]]:
+    """The (2,2,2)+SP launch: fp32 parity, a checkpoint after 2 steps, same-layout resume, bf16."""
+    root = tmp_path_factory.mktemp("dist3d")
+    run_world(8, _worker_3d, refs, root / "ckpt", root / "losses.json")
+    return root / "ckpt", json.loads((root / "losses.json").read_text())
+
+
+def test_3d_fp32_bf16_same_layout_resume(saved_3d):
+    assert len(saved_3d[1]) == STEPS - SAVED_AT
+
+
+def _worker_dp4(rank: int, world: int, refs: dict, ckpt: Path, cont: list[float],
+                tmp: Path) -> None:
+    init_distributed(torch.device("cpu"))
+    for tp, pp in ((1, 1), (2, 1), (1, 2)):
+        _fp32(world, tp, pp, refs)
+    _memory(world, 1, 1, "bf16", 2)   # dp 4
+    _memory(world, 2, 2, "bf16", 2)   # dp 1
+    for tp, pp, gas in ((1, 1, 1), (2, 2, 2)):  # (2,2,2) -> (1,1,4) and (2,2,1)
+        _close(_resumed(ckpt, world, tp, pp, gas), cont, TOL, f"(2,2,2) -> ({tp},{pp})")
+    # impl=distributed -> impl=deepspeed, and impl=deepspeed -> impl=distributed
+    _close(_resumed(ckpt, world, 1, 1, 1, impl="deepspeed"), cont, TOL, "distributed -> ds")
+    engine, cfg, topo = _engine(world, 1, 1, 1, impl="deepspeed", global_batch=8)
+    _train(engine, cfg, topo, range(SAVED_AT))
+    _save(engine, cfg, topo, tmp / "ds")
+    _close(_resumed(tmp / "ds", world, 1, 1, 1), refs[(8, 2)][0][SAVED_AT:], TOL,
+           "deepspeed -> distributed")
+
+
+def test_dp4_layouts_resharded_resume_memory(refs, saved_3d, tmp_path):
+    ckpt, cont = saved_3d
+    run_world(4, _worker_dp4, refs, ckpt, cont, tmp_path)

@@ -1,0 +1,199 @@
+"""Llama 2 chat format (megallama.data.chat) on the real Llama 2 tokenizer.
+
+The oracle is sentencepiece itself: the exact strings of Meta's ``chat_completion`` format are
+written out literally below and encoded with ``SentencePieceProcessor.encode``, plus the BOS/EOS
+ids. The loss mask is checked independently of how the code finds it: the target tokens of each
+pair must be exactly ``encode(answer) + [EOS]`` (the answer encoded alone, which gives the same
+pieces as after ``[/INST] `` because Llama's tokenizer splits on whitespace) and the rest must be
+``[BOS] + encode("[INST] ... [/INST]")``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import sentencepiece as spm
+
+from megallama.data.chat import (
+    ChatFormatError,
+    encode_dialog,
+    encode_dialog_prompt,
+    record_messages,
+    split_dialog,
+)
+from megallama.data.tokenizer import Tokenizer
+from tests.conftest import require_llama_tokenizer
+
+
+@pytest.fixture(scope="module")
+def llama() -> Tokenizer:
+    return Tokenizer(require_llama_tokenizer())
+
+
+@pytest.fixture(scope="module")
+def sp() -> spm.SentencePieceProcessor:
+    return spm.SentencePieceProcessor(model_file=str(require_llama_tokenizer()))
+
+
+def msg(role: str, content: str) -> dict[str, str]:
+    return {"role": role, "content": content}
+
+
+# (messages, [(prompt string, answer string)] of Meta's format, written out by hand)
+DIALOGS = {
+    "one-turn": (
+        [msg("user", "What is the capital of France?"), msg("assistant", "Paris.")],
+        [("[INST] What is the capital of France? [/INST]", "Paris. ")],
+    ),
+    "spaces-and-newlines": (
+        [msg("user", "  \n Tell me\na joke.\t\n"), msg("assistant", "\n\n  Why did the chicken"
+                                                                     "\ncross?  \n ")],
+        [("[INST] Tell me\na joke. [/INST]", "Why did the chicken\ncross? ")],
+    ),
+    # the system prompt is not stripped (Meta strips the combined user content only): its own
+    # spaces and newlines stay, and so do the user's leading spaces after the <</SYS>> block
+    "system-multi-turn": (
+        [msg("system", " Answer briefly.\n"), msg("user", "  hi there "),
+         msg("assistant", " Hello! "), msg("user", "\nCount to 3.\n"),
+         msg("assistant", "1, 2, 3"), msg("user", "Thanks"), msg("assistant", "You're welcome.\n")],
+        [("[INST] <<SYS>>\n Answer briefly.\n\n<</SYS>>\n\n  hi there [/INST]", "Hello! "),
+         ("[INST] Count to 3. [/INST]", "1, 2, 3 "),
+         ("[INST] Thanks [/INST]", "You're welcome. ")],
+    ),
+    "unicode": (
+        [msg("system", "Réponds en français."), msg("user", "Ça va? 😀"),
+         msg("assistant", " Très bien, merci! 中文 ")],
+        [("[INST] <<SYS>>\nRéponds en français.\n<</SYS>>\n\nÇa va? 😀 [/INST]",
+          "Très bien, merci! 中文 ")],
+    ),
+}
+
+
+def expected(sp: spm.SentencePieceProcessor, pairs: list[tuple[str, str]],
+             ) -> tuple[list[int], list[bool]]:
+    ids: list[int] = []
+    mask: list[bool] = []
+    for prompt, answer in pairs:
+        ids += [sp.bos_id()] + sp.encode(f"{prompt} {answer}") + [sp.eos_id()]
+        mask += [False] * (1 + len(sp.encode(prompt))) + [True] * (len(sp.encode(answer)) + 1)
+    return ids, mask
+
+
+@pytest.mark.parametrize("name", list(DIALOGS))
+def test_encode_dialog_matches_sentencepiece(name: str, llama: Tokenizer, sp) -> None:
+    messages, pairs = DIALOGS[name]
+    ids, mask = encode_dialog(llama, messages)
+    want_ids, want_mask = expected(sp, pairs)
+    assert ids == want_ids
+    assert mask == want_mask and len(mask) == len(ids)
+    # the targets are each answer and its EOS, and nothing else
+    targets = [i for i, m in zip(ids, mask, strict=True) if m]
+    answers = [t for _, answer in pairs for t in [*sp.encode(answer), sp.eos_id()]]
+    assert targets == answers
+    assert sum(1 for i, m in zip(ids, mask, strict=True) if m and i == sp.eos_id()) == len(pairs)
+    assert not any(m for i, m in zip(ids, mask, strict=True) if i == sp.bos_id())
+
+
+def test_prompt_for_generation_matches_sentencepiece(llama: Tokenizer, sp) -> None:
+    messages, pairs = DIALOGS["system-multi-turn"]
+    ids = encode_dialog_prompt(llama, messages[:-1])  # ends with the user's "Thanks"
+    finished, _ = expected(sp, pairs[:2])
+    assert ids == finished + [sp.bos_id()] + sp.encode("[INST] Thanks [/INST]")
+    only = encode_dialog_prompt(llama, [msg("system", "Be brief."), msg("user", " hi ")])
+    # the user's leading space stays after the system block, as in Meta's code
+    assert only == [sp.bos_id()] + sp.encode("[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\n hi [/INST]")
+    # the training ids of the dialog start with the prompt ids of its first turn
+    train_ids, _ = encode_dialog(llama, [msg("system", "Be brief."), msg("user", " hi "),
+                                         msg("assistant", "Hi.")])
+    assert train_ids[: len(only)] == only and train_ids[len(only):] == sp.encode("Hi. ") + [2]
+
+
+def test_short_form_records(llama: Tokenizer, sp) -> None:
+    record = {"system": "Be brief.", "prompt": "2+2?", "response": "4"}
+    ids, mask = encode_dialog(llama, record_messages(record))
+    assert (ids, mask) == expected(sp, [("[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\n2+2? [/INST]",
+                                         "4 ")])
+    assert record_messages({"prompt": "a", "response": "b"}) == [msg("user", "a"),
+                                                                 msg("assistant", "b")]
+
+
+BAD_DIALOGS = [  # (messages, fragment of the error)
+    ([msg("user", "a"), msg("user", "b"), msg("assistant", "c")],
+     "message 2: expected 'assistant' after a 'user' turn, got 'user'"),
+    ([msg("assistant", "a")], "message 1: expected 'user' at the start, got 'assistant'"),
+    ([msg("system", "s"), msg("assistant", "a")],
+     "message 2: expected 'user' at the start, got 'assistant'"),
+    ([msg("user", "a"), msg("assistant", "b"), msg("user", "c")],
+     "the dialog ends with a 'user' turn (message 3); a training dialog must end with an "
+     "'assistant' turn"),
+    ([msg("user", "a"), msg("assistant", " \n ")], "message 2: empty assistant turn"),
+    ([msg("user", "a"), msg("assistant", "")], "message 2: empty assistant turn"),
+    ([msg("user", "a"), msg("bot", "b")], "message 2: unknown role 'bot'"),
+    ([{"content": "a"}], "message 1: unknown role None"),
+    ([msg("user", "a"), {"role": "assistant", "content": 5}],
+     "message 2 (assistant): 'content' must be a string, got a JSON number"),
+    ([msg("user", "a"), {"role": "assistant"}], "'content' must be a string, got none"),
+    ([msg("user", "a"), msg("assistant", "b"), msg("system", "s"), msg("user", "c"),
+      msg("assistant", "d")], "message 3: a system message is allowed only as the first"),
+    ([msg("system", "s")], "only a system message"),
+    ([], "'messages' is empty"),
+    ("user: hi", "'messages' must be a list"),
+    ({"role": "user"}, "'messages' must be a list"),
+    (["hi"], "message 1 is a JSON string, not an object"),
+]
+
+
+@pytest.mark.parametrize("messages,message", BAD_DIALOGS,
+                         ids=[f"bad{i}" for i in range(len(BAD_DIALOGS))])
+def test_malformed_dialogs_are_clear_errors(messages, message: str, llama: Tokenizer) -> None:
+    with pytest.raises(ChatFormatError) as info:
+        encode_dialog(llama, messages)
+    assert message in str(info.value)
+    assert isinstance(info.value, ValueError)
+
+
+def test_prompt_dialogs_must_end_with_a_user_turn(llama: Tokenizer) -> None:
+    with pytest.raises(ChatFormatError, match="ends with an 'assistant' turn .*a prompt must end "
+                                              "with a 'user' turn"):
+        encode_dialog_prompt(llama, [msg("user", "a"), msg("assistant", "b")])
+    assert split_dialog([msg("user", "a")], last="user") == (["a"], [])
+
+
+@pytest.mark.parametrize("record,message", [
+    ({"messages": [msg("user", "a"), msg("assistant", "b")], "prompt": "a"},
+     "both 'messages' and 'prompt'"),
+    ({"messages": [], "system": "s"}, "both 'messages' and 'system'"),
+    ({"prompt": "a"}, "'prompt' without 'response'"),
+    ({"response": "b"}, "'response' without 'prompt'"),
+    ({"prompt": ["a"], "response": "b"}, "'prompt' must be a string, got a JSON array"),
+    ({"prompt": "a", "response": None}, "'response' must be a string, got a JSON null"),
+])
+def test_malformed_records(record: dict, message: str) -> None:
+    with pytest.raises(ChatFormatError, match=message):
+        record_messages(record)
+
+
+class _MergingTokenizer:
+    """Characters as ids, except that it merges "] " into one piece: the prompt's last token
+    ("]") is then not a prefix of the pair's tokens."""
+
+    path = Path("merging.model")
+
+    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+        ids = [1] if bos else []
+        i = 0
+        while i < len(text):
+            if text.startswith("] ", i):
+                ids.append(1000)
+                i += 2
+            else:
+                ids.append(ord(text[i]))
+                i += 1
+        return ids + ([2] if eos else [])
+
+
+def test_a_tokenizer_merging_across_the_prompt_end_fails_clearly() -> None:
+    with pytest.raises(ChatFormatError, match=r"turn 1: tokenizer merging.model merges the end "
+                                              r"of '\[/INST\]' with the answer"):
+        encode_dialog(_MergingTokenizer(), [msg("user", "a"), msg("assistant", "b")])
