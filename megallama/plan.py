@@ -17,12 +17,14 @@ from megallama.training.planner import DEFAULT_OVERHEAD_GIB, GIB, MemoryEstimate
 # ---- command line --------------------------------------------------------------------------------
 USAGE = """usage: megallama-plan model=NAME|params.json gpus=N [seq_len=4096] [global_batch=1024]
   [gpu_mem_gib=80] [precision=bf16|fp32] [zero_stage=1 (0 = optim.impl=fused)] [micro_batch=1,2] [tp=1,2,4,8] [pp=...]
+  [optim_impl=fused|distributed (with zero_stage=0)]
   [activation_checkpointing=both|on|off] [sequence_parallel=both|on|off] [device=cuda|cpu]
   [overhead_gib=3 (cuda) / 0 (cpu)] [max_tp=8] [partition_method=balanced] [top=20] [json=PATH]
   [model.FIELD=VALUE ...]   (formulas: docs/PLANNER.md)"""
 OPTIONS = ("model", "gpus", "seq_len", "global_batch", "gpu_mem_gib", "precision", "zero_stage",
            "micro_batch", "tp", "pp", "activation_checkpointing", "sequence_parallel", "device",
-           "overhead_gib", "max_tp", "partition_method", "top", "json")
+           "overhead_gib", "max_tp", "partition_method", "top", "json", "optim_impl")
+OPTIM_IMPLS = ("fused", "distributed")  # megallama's optimizers (zero_stage=0)
 _COLUMNS = [("weights", "weights"), ("grads", "gradients"), ("master", "master"),
             ("adam", "optimizer"), ("act", "activations"), ("logits", "logits"), ("step", "step"),
             ("ovh", "overhead")]
@@ -145,7 +147,8 @@ def format_table(rows: list[MemoryEstimate], top: int | None = None) -> str:
     """One line per layout, memory in GiB; layouts over capacity are marked NO."""
     head = (f"{'fits':4} {'tp':>3} {'pp':>3} {'dp':>4} {'mb':>3} {'gas':>5} {'ckpt':>4} {'sp':>3} "
             f"{'stage':>5} |" + "".join(f"{name:>8}" for name, _ in _COLUMNS)
-            + f" | {'total':>7} {'peak':>4} {'bubble':>6} {'TP-comm':>8}")
+            + f" | {'total':>7} {'peak':>4} {'bubble':>6} {'TP-comm':>8} {'DP-comm':>8}"
+            f" {'PP-comm':>8}")
     lines = [head, "-" * len(head)]
     for r in rows[:top] if top else rows:
         lay = r.layout
@@ -154,7 +157,8 @@ def format_table(rows: list[MemoryEstimate], top: int | None = None) -> str:
             f"{lay.micro_batch:>3} {r.gas:>5} {'on' if r.activation_checkpointing else 'off':>4} "
             f"{'on' if r.sequence_parallel else 'off':>3} {r.stage:>5} |"
             + "".join(f"{getattr(r, field) / GIB:8.2f}" for _, field in _COLUMNS)
-            + f" | {r.total / GIB:7.2f} {r.peak_phase:>4} {r.bubble:6.3f} {r.tp_comm / GIB:8.1f}")
+            + f" | {r.total / GIB:7.2f} {r.peak_phase:>4} {r.bubble:6.3f} {r.tp_comm / GIB:8.1f}"
+            f" {r.dp_comm / GIB:8.1f} {r.pp_comm / GIB:8.1f}")
     return "\n".join(lines)
 
 
@@ -174,6 +178,12 @@ def main(argv: list[str] | None = None) -> int:
         overhead = _get(opts, "overhead_gib", DEFAULT_OVERHEAD_GIB.get(device, 0.0), float)
         seq_len, batch = _get(opts, "seq_len", cfg.max_seq_len), _get(opts, "global_batch", 1024)
         zero, top = _get(opts, "zero_stage", 1), _get(opts, "top", 20)
+        impl = opts.get("optim_impl", "fused")
+        if impl not in OPTIM_IMPLS:
+            raise ConfigError(f"optim_impl={impl!r}: choose {' or '.join(OPTIM_IMPLS)}")
+        if impl == "distributed" and zero != 0:
+            raise ConfigError(f"optim_impl=distributed with zero_stage={zero}: the distributed "
+                              "optimizer runs with zero_stage=0")
         if "json" in opts:
             _check_output(opts["json"])
         if seq_len > cfg.max_seq_len:
@@ -186,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
                     max_tp=_get(opts, "max_tp", 8), precision=precision, zero_stage=zero,
                     overhead_bytes=int(overhead * GIB), device=device,
                     capacity_bytes=int(capacity * GIB),
-                    partition_method=opts.get("partition_method", "balanced"))
+                    partition_method=opts.get("partition_method", "balanced"), optim_impl=impl)
     except ConfigError as exc:
         report_error("megallama-plan", exc)
         return 2
@@ -194,10 +204,11 @@ def main(argv: list[str] | None = None) -> int:
           f"{cfg.n_layers} layers, {cfg.n_heads} heads / {cfg.n_kv_heads} KV, FFN "
           f"{cfg.ffn_hidden_dim}, vocab {cfg.vocab_size})")
     print(f"{gpus} x {capacity:g} GiB ({device}), seq_len {seq_len}, global batch {batch} "
-          f"({batch * seq_len / 1e6:.2f}M tokens), {precision}, ZeRO-{zero}, overhead "
+          f"({batch * seq_len / 1e6:.2f}M tokens), {precision}, "
+          f"{f'optim.impl={impl}' if zero == 0 else f'ZeRO-{zero}'}, overhead "
           f"{overhead:g} GiB: {sum(r.fits for r in rows)} of {len(rows)} layouts fit")
     print("GiB per GPU, worst pipeline stage; total = peak over the step, set by the backward "
-          "('bwd') or the optimizer step ('step'); TP-comm: GiB sent per GPU per step")
+          "('bwd') or the optimizer step ('step'); TP-/DP-/PP-comm: GiB sent per GPU per step")
     print(format_table(rows, top))
     if top and len(rows) > top:
         print(f"... {len(rows) - top} more (top=0 prints all)")

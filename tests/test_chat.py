@@ -10,6 +10,7 @@ pieces as after ``[/INST] `` because Llama's tokenizer splits on whitespace) and
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -197,3 +198,45 @@ def test_a_tokenizer_merging_across_the_prompt_end_fails_clearly() -> None:
     with pytest.raises(ChatFormatError, match=r"turn 1: tokenizer merging.model merges the end "
                                               r"of '\[/INST\]' with the answer"):
         encode_dialog(_MergingTokenizer(), [msg("user", "a"), msg("assistant", "b")])
+
+
+# --- the shipped demo instruction set ----------------------------------------------------------
+
+DEMO = Path(__file__).resolve().parents[1] / "data" / "instruct_demo"
+
+
+def test_demo_set_is_the_scripts_output_and_follows_its_rule(tmp_path: Path) -> None:
+    """tools/make_instruct_demo.py regenerates the shipped files byte for byte; every dialog is
+    valid chat data whose answers are the user's words reversed, and no validation word tuple is
+    in the training set."""
+    import subprocess
+    import sys
+
+    script = DEMO.parents[1] / "tools" / "make_instruct_demo.py"
+    subprocess.run([sys.executable, str(script), "--out", str(tmp_path)], check=True,
+                   capture_output=True, timeout=120)
+    tuples = {}
+    for name in ("train.jsonl", "valid.jsonl"):
+        shipped = (DEMO / name).read_bytes()
+        assert (tmp_path / name).read_bytes() == shipped, f"{name} differs from the script's output"
+        assert len(shipped) < 400_000
+        tuples[name] = set()
+        for line in shipped.decode("utf-8").splitlines():
+            users, answers = split_dialog(record_messages(json.loads(line)))
+            for user, answer in zip(users, answers, strict=True):
+                words = user.split("<</SYS>>\n\n")[-1].split(":")[-1].rstrip("?").split()
+                assert 3 <= len(words) <= 4 and answer == " ".join(reversed(words)), (user, answer)
+                tuples[name].add(tuple(words))
+    assert not tuples["train.jsonl"] & tuples["valid.jsonl"]
+
+
+def test_demo_dialogs_are_short(llama: Tokenizer) -> None:
+    """Under 100 tokens each with the Llama 2 tokenizer (the demo's 8000-piece SOTU tokenizer
+    gives 20-78); the answers are a fifth of the tokens or so."""
+    lengths, targets = [], 0
+    for line in (DEMO / "train.jsonl").read_text(encoding="utf-8").splitlines():
+        ids, mask = encode_dialog(llama, record_messages(json.loads(line)))
+        lengths.append(len(ids))
+        targets += sum(mask)
+    assert max(lengths) < 100 and len(lengths) == 2000
+    assert 0.1 < targets / sum(lengths) < 0.3

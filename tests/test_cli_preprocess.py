@@ -54,6 +54,9 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "nokey.jsonl").write_text('{"body": "no text field"}\n', encoding="utf-8")
     (root / "nonstr.jsonl").write_text('{"text": 5}\n', encoding="utf-8")
     (root / "array.jsonl").write_text('["a", "list"]\n', encoding="utf-8")
+    for name, records in CHAT_FILES.items():  # a good dialog first: the bad one is on line 2
+        lines = [{"prompt": "a b c", "response": "c b a"}, *records]
+        (root / name).write_text("".join(json.dumps(r) + "\n" for r in lines), encoding="utf-8")
     packed = gzip.compress(good.encode())
     (root / "trunc.txt.gz").write_bytes(packed[: len(packed) // 2])
     (root / "plain.txt.gz").write_text("not gzip at all\n", encoding="utf-8")
@@ -64,6 +67,22 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "empty.model").write_bytes(b"")
     return root
 
+
+def _m(role: str, content: object) -> dict[str, object]:
+    return {"role": role, "content": content}
+
+
+CHAT_FILES = {  # chat JSONL inputs whose second record is bad
+    "alternate.jsonl": [{"messages": [_m("user", "a"), _m("user", "b"), _m("assistant", "c")]}],
+    "ends-user.jsonl": [{"messages": [_m("user", "a"), _m("assistant", "b"), _m("user", "c")]}],
+    "empty-answer.jsonl": [{"messages": [_m("user", "a"), _m("assistant", "  ")]}],
+    "role.jsonl": [{"messages": [_m("user", "a"), _m("bot", "b")]}],
+    "content.jsonl": [{"messages": [_m("user", ["a"]), _m("assistant", "b")]}],
+    "both.jsonl": [{"messages": [_m("user", "a"), _m("assistant", "b")], "prompt": "a"}],
+    "no-response.jsonl": [{"prompt": "a"}],
+    "mixed.jsonl": [{"text": "a text record"}],
+    "good-chat.jsonl": [],
+}
 
 # (id, program, argv, fragment of the last line after "<prog>: error: ", exit status);
 # {in} is the inputs directory, {out} an output prefix whose parent directory does not exist
@@ -94,6 +113,33 @@ ROWS: list[tuple[str, str, tuple[str, ...], str, int]] = [
      "{in}/nonstr.jsonl:1: no string field 'text': its value is a JSON number", 2),
     ("jsonl-not-object", P, ("{in}/array.jsonl", *TOK), "{in}/array.jsonl:1: no string field "
                                                         "'text': the line is a JSON array", 2),
+    # chat JSONL: dialogs that break the format, records that mix the forms or the kinds
+    ("chat-not-alternating", P, ("{in}/alternate.jsonl", *TOK), "{in}/alternate.jsonl:2: bad "
+     "dialog: message 2: expected 'assistant' after a 'user' turn, got 'user'", 2),
+    ("chat-ends-with-user", P, ("{in}/ends-user.jsonl", *TOK), "{in}/ends-user.jsonl:2: bad "
+     "dialog: the dialog ends with a 'user' turn (message 3); a training dialog must end with "
+     "an 'assistant' turn", 2),
+    ("chat-empty-answer", P, ("{in}/empty-answer.jsonl", *TOK), "{in}/empty-answer.jsonl:2: bad "
+     "dialog: message 2: empty assistant turn", 2),
+    ("chat-unknown-role", P, ("{in}/role.jsonl", *TOK), "{in}/role.jsonl:2: bad dialog: "
+     "message 2: unknown role 'bot'", 2),
+    ("chat-content-not-string", P, ("{in}/content.jsonl", *TOK), "{in}/content.jsonl:2: bad "
+     "dialog: message 1 (user): 'content' must be a string, got a JSON array", 2),
+    ("chat-messages-and-prompt", P, ("{in}/both.jsonl", *TOK), "{in}/both.jsonl:2: bad dialog: "
+     "the record has both 'messages' and 'prompt'", 2),
+    ("chat-prompt-without-response", P, ("{in}/no-response.jsonl", *TOK),
+     "{in}/no-response.jsonl:2: bad dialog: 'prompt' without 'response'", 2),
+    ("chat-and-text-records", P, ("{in}/mixed.jsonl", *TOK), "{in}/mixed.jsonl:2: not a dialog: "
+     "no 'messages' or 'prompt'/'response' field (its keys: text), but the file's first record "
+     "(line 1) is a dialog", 2),
+    ("chat-all-overlong", P, ("{in}/good-chat.jsonl", *TOK, "--max-tokens", "3"),
+     "the one document is longer than --max-tokens 3: nothing to write", 2),
+    ("max-tokens-0", P, ("{in}/good-chat.jsonl", *TOK, "--max-tokens", "0"),
+     "argument --max-tokens: 0: must be >= 1", 2),
+    ("overlong-without-max-tokens", P, ("{in}/good-chat.jsonl", *TOK, "--overlong", "drop"),
+     "--overlong needs --max-tokens N", 2),
+    ("overlong-unknown", P, ("{in}/good-chat.jsonl", *TOK, "--max-tokens", "9", "--overlong",
+                             "cut"), "argument --overlong: invalid choice: 'cut'", 2),
     # compressed inputs: truncated, not compressed at all
     ("gz-truncated", P, ("{in}/trunc.txt.gz", *TOK),
      "{in}/trunc.txt.gz: compressed file is truncated or damaged", 2),

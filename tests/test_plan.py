@@ -246,6 +246,8 @@ def test_cli_model_overrides_and_fp32_cpu(capsys):
     (["model=tiny", "gpus=1", "json=/"], "json=/: a directory; name the file to write"),
     (["model=tiny", "gpus=1", "gpu_mem_gib=inf"], "gpu_mem_gib=inf: must be a finite number"),
     (["model=tiny", "gpus=1", "overhead_gib=inf"], "overhead_gib=inf: must be a finite number"),
+    (["model=tiny", "gpus=2", "optim_impl=zero"], "optim_impl='zero': choose fused or distributed"),
+    (["model=tiny", "gpus=2", "optim_impl=distributed"], "optim_impl=distributed with zero_stage=1"),
 ])
 def test_cli_errors_are_one_clear_line(argv, message, capsys):
     rc, out, err = run(argv, capsys)
@@ -299,3 +301,49 @@ def test_fused_optimizer_states():
     assert summed.grads_keep == 4 * p and summed.grads_accum == 0 and summed.adam == 8 * p
     fp32 = planner.optimizer_states(p, 1, "fp32", 0, "cuda", gas=4)
     assert (fp32.weights, fp32.master, fp32.grads_accum) == (4 * p, 0, 4 * p)
+
+
+def test_distributed_optimizer_states_by_hand():
+    """optim.impl=distributed: bf16 weights and an fp32 gradient buffer for every parameter,
+    the reduced fp32 gradient, master remainder (2 bytes) and moments (8) of a 1/dp shard only:
+    2 + 4 + (4 + 2 + 8) / dp bytes per parameter (at dp 1 no reduced copy: 2 + 4 + 10)."""
+    p = 8_000_000
+    for dp, want in ((1, 16 * p), (2, 6 * p + 7 * p), (8, 6 * p + 14 * p // 8)):
+        st = planner.optimizer_states(p, dp, "bf16", 0, "cuda", gas=4, impl="distributed")
+        assert st.weights + st.grads_keep + st.grads_accum + st.master + st.adam == want, dp
+        assert st.step == 0 and st.bucket == 0
+    fp32 = planner.optimizer_states(p, 4, "fp32", 0, "cuda", impl="distributed")
+    assert (fp32.weights, fp32.grads_keep, fp32.master, fp32.adam) == (4 * p, 5 * p, 0, 2 * p)
+    # the fused optimizer keeps everything on every rank: 2 + 4 + 4 + 8 bytes/param at any dp
+    fused = planner.optimizer_states(p, 8, "bf16", 0, "cuda", gas=4)
+    assert fused.weights + fused.grads_keep + fused.master + fused.adam == 18 * p
+
+
+def test_communication_bytes_per_step_by_hand():
+    """Ring collectives: a reduce-scatter / all-gather of N bytes sends (dp-1)/dp N per rank, an
+    all-reduce twice that. llama2_7b, tp=1 pp=2 dp=4, bf16, micro 1, global batch 64 (gas 16)."""
+    cfg = preset("llama2_7b")
+    lay = planner.Layout(1, 2, 4, 1)
+    kw = {"seq_len": 4096, "global_batch": 64, "zero_stage": 0}
+    dist_rows = planner.estimate_stages(cfg, lay, optim_impl="distributed", **kw)
+    fused_rows = planner.estimate_stages(cfg, lay, **kw)
+    for d, f in zip(dist_rows, fused_rows, strict=True):
+        part = d.params * 3 // 4
+        assert d.dp_comm == part * (4 + 2)  # fp32 reduce-scatter + bf16 all-gather
+        assert f.dp_comm == 2 * part * 4  # fp32 all-reduce
+        # one [1, 4096, 4096] bf16 activation out and one gradient back per micro-batch
+        assert d.pp_comm == 16 * 4096 * 4096 * 2
+    one = planner.estimate(cfg, planner.Layout(1, 1, 1, 1), optim_impl="distributed",
+                           seq_len=4096, global_batch=64, zero_stage=0)
+    assert one.dp_comm == 0 and one.pp_comm == 0
+    # 7B on 8 GPUs at tp=1: the fused optimizer does not fit in 80 GiB, the distributed one does
+    lay8 = planner.Layout(1, 1, 8, 1)
+    kw8 = {"seq_len": 4096, "global_batch": 1024, "zero_stage": 0, "activation_checkpointing": True}
+    assert not planner.estimate(cfg, lay8, **kw8).fits
+    assert planner.estimate(cfg, lay8, optim_impl="distributed", **kw8).fits
+
+
+def test_cli_distributed_optimizer(capsys):
+    rc, out, err = run(["model=llama2_7b", "gpus=8", "zero_stage=0", "optim_impl=distributed",
+                        "tp=1", "pp=1", "top=0"], capsys)
+    assert rc == 0 and not err and "optim.impl=distributed" in out and "DP-comm" in out

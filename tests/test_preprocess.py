@@ -399,11 +399,12 @@ def test_overlong_documents_dropped_or_truncated_and_counted(
     lengths = sorted(len(ids) for ids, _ in dialogs)
     limit = lengths[1]  # two dialogs fit, two are longer
     long_dialogs = sum(len(ids) > limit for ids, _ in dialogs)
-    texts = _expected(small_model, DOCS)
+    docs = [*DOCS, "a long document of many words " * 20]
+    texts = _expected(small_model, docs)
     long_texts = sum(len(t) > limit for t in texts)
     assert long_dialogs == 2 and long_texts >= 1
     chat = _write_records(tmp_path / "c.jsonl", CHAT_RECORDS)
-    text = _write_text(tmp_path / "t.txt", DOCS)
+    text = _write_text(tmp_path / "t.txt", docs)
     # defaults: a dialog is dropped, a text truncated
     summary = preprocess([chat, text], tmp_path / "d", small_model, max_tokens=limit,
                          progress=False)
@@ -411,7 +412,7 @@ def test_overlong_documents_dropped_or_truncated_and_counted(
     assert _documents(tmp_path / "d") == [ids for ids, _ in kept] + [t[:limit] for t in texts]
     assert summary["dropped_overlong"] == long_dialogs
     assert summary["truncated_overlong"] == long_texts
-    assert summary["documents"] == len(CHAT_RECORDS) - long_dialogs + len(DOCS)
+    assert summary["documents"] == len(CHAT_RECORDS) - long_dialogs + len(docs)
     # --overlong truncate: the dialogs are cut, their masks with them
     argv = [str(chat), "--tokenizer", str(small_model), "--output-prefix", str(tmp_path / "t"),
             "--max-tokens", str(limit), "--overlong", "truncate", "--quiet"]
@@ -476,3 +477,19 @@ def test_truncated_or_long_mask_is_a_clear_error(small_model: Path, tmp_path: Pa
         IndexedTokens(prefix)
     mask.write_bytes(data)
     check_data_files(cfg, preset("tiny", vocab_size=500))  # intact again: no error
+
+
+def test_bad_dialogs_are_skipped_and_counted_with_skip_bad_json(
+    small_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    records = [CHAT_RECORDS[0], {"prompt": "no response"}, CHAT_RECORDS[1],
+               {"messages": [_msg("user", "a"), _msg("user", "b")]}, {"text": "a text record"}]
+    source = _write_records(tmp_path / "c.jsonl", records)
+    with pytest.raises(SourceError, match=rf"^{source}:2: bad dialog: 'prompt' without 'response'"):
+        preprocess([source], tmp_path / "f", small_model, progress=False)
+    summary = preprocess([source], tmp_path / "s", small_model, on_bad_json="skip",
+                         progress=False)
+    assert summary["skipped_bad_json_lines"] == 3 and summary["chat_documents"] == 2
+    assert _documents(tmp_path / "s") == [ids for ids, _ in _dialogs(small_model, CHAT_RECORDS[:2])]
+    err = capsys.readouterr().err
+    assert all(f"{source}:{line}:" in err for line in (2, 4, 5))

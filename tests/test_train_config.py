@@ -236,6 +236,9 @@ BAD = [  # (changes, world size, expected fragment of the one-line message)
     ({"parallel.global_batch_size": 6}, 8, "parallel.global_batch_size=6 is not a multiple of "
                                            "micro_batch_size*dp = 2*2 = 4; set it to e.g. 4"),
     ({"parallel.micro_batch_size": 0}, 8, "parallel.micro_batch_size=0"),
+    ({"data.packing": "sft"}, 8, "data.packing='sft': choose one of ['concat', 'documents', "
+                                 "'padded']"),
+    ({"trainer.epochs": float("nan")}, 8, "trainer.epochs=nan: must be >= 0"),
     ({"parallel.pp": 8}, 16, "parallel.pp=8 > model.n_layers=4"),
     ({"parallel.tp": 3}, 12, "parallel.tp=3 does not divide n_heads=8"),
     ({"parallel.tp": 0}, 8, "parallel.tp=0: must be >= 1"),

@@ -237,9 +237,10 @@ def preprocess(
                                            encoder_args):
             consume(result, done_bytes)
         if totals["documents"] == 0:  # every document was over max_tokens and dropped
-            raise SourceError(f"all {totals['dropped_overlong']:,} documents are longer than "
-                              f"--max-tokens {max_tokens}: nothing to write; raise the limit or "
-                              "use --overlong truncate")
+            dropped = totals["dropped_overlong"]
+            which = f"all {dropped:,} documents are" if dropped > 1 else "the one document is"
+            raise SourceError(f"{which} longer than --max-tokens {max_tokens}: nothing to write; "
+                              "raise the limit or use --overlong truncate")
         summary = _summary(inputs, output_prefix, tokenizer, readers, totals, settings,
                            time.perf_counter() - start)
         summary["loss_mask"] = str(writer.mask_path) if totals["chat_documents"] else None

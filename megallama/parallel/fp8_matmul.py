@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 from torchao.float8.config import (
     CastConfig,
     Float8LinearConfig,
@@ -87,7 +87,8 @@ def _scales(items: list[tuple[torch.Tensor, CastConfig, int | None, int | None]]
               if crosses_shard(cast, axis, shard)] if group_size(group) > 1 else []
     if shared:
         flat = torch.cat([amaxes[i].reshape(-1).float() for i in shared])
-        dist.all_reduce(flat, op=dist.ReduceOp.MAX, group=group)
+        # the functional collective (as torchao's own amax reduction): traceable by torch.compile
+        flat = funcol.wait_tensor(funcol.all_reduce(flat, "max", group))
         for i, part in zip(shared, flat.split([amaxes[i].numel() for i in shared]), strict=True):
             amaxes[i] = part.view(amaxes[i].shape)
     return [None if a is None else amax_to_scale(a, cast.target_dtype, round_pow2)

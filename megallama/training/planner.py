@@ -50,7 +50,8 @@ class Layout:
 class MemoryEstimate:
     """Bytes per GPU of one pipeline stage. ``total`` is the peak over a training step (see
     :func:`estimate_stages`), so it is not the plain sum of the components; ``bubble`` is the idle
-    fraction of 1F1B and ``tp_comm`` the bytes a GPU sends in TP collectives per optimizer step."""
+    fraction of 1F1B and ``tp_comm`` / ``dp_comm`` / ``pp_comm`` the bytes a GPU sends per
+    optimizer step in TP collectives, DP gradient and weight collectives and pipeline sends."""
 
     layout: Layout
     activation_checkpointing: bool
@@ -73,6 +74,8 @@ class MemoryEstimate:
     bubble: float
     tp_comm: int
     capacity: int
+    dp_comm: int = 0  # bytes a GPU sends per optimizer step in DP gradient / weight collectives
+    pp_comm: int = 0  # bytes a GPU sends per optimizer step to its pipeline neighbours
 
     @property
     def fits(self) -> bool:
@@ -205,6 +208,21 @@ def optimizer_states(p: int, dp: int, precision: str, zero: int, device: str, *,
     return States(weights, 4 * shard, 0, bucket, not cpu, master, adam, 4 * shard + adam_tmp)
 
 
+def dp_comm_bytes(p: int, dp: int, precision: str, zero: int, impl: str = "fused") -> int:
+    """Bytes one rank sends per optimizer step over DP for ``p`` local parameters, ring
+    collectives (a reduce-scatter or all-gather of N bytes sends (dp-1)/dp N, an all-reduce twice
+    that): ``impl=distributed`` reduce-scatters the fp32 gradients and all-gathers the updated
+    weights; ``impl=fused`` all-reduces fp32 gradients (fp32 params: the .grad); DeepSpeed's bf16
+    ZeRO-1 all-reduces fp32 gradients and all-gathers bf16 weights, its fp32 ZeRO-1/2
+    reduce-scatters and all-gathers, ZeRO-3 also gathers the weights in forward and backward."""
+    e, part = ELEMENT[precision], p * (dp - 1) // dp
+    if zero == 0:
+        return part * (4 + e) if impl == "distributed" else 2 * part * 4
+    if precision == "bf16" and zero == 1:
+        return 2 * part * 4 + part * e
+    return part * (4 + e) if zero < 3 else part * (4 + 2 * e)
+
+
 def bubble_fraction(pp: int, micro_batches: int) -> float:
     """Idle fraction of a 1F1B pipeline: (p - 1) / (m + p - 1)."""
     return (pp - 1) / (micro_batches + pp - 1)
@@ -216,7 +234,9 @@ def estimate(model_cfg: ModelConfig, layout: Layout, **kwargs: Any) -> MemoryEst
     ``tp_comm``."""
     stages = estimate_stages(model_cfg, layout, **kwargs)
     worst = max(stages, key=lambda r: r.total)
-    return dataclasses.replace(worst, tp_comm=max(r.tp_comm for r in stages))
+    return dataclasses.replace(worst, tp_comm=max(r.tp_comm for r in stages),
+                               dp_comm=max(r.dp_comm for r in stages),
+                               pp_comm=max(r.pp_comm for r in stages))
 
 
 def estimate_stages(model_cfg: ModelConfig, layout: Layout, *, seq_len: int, global_batch: int,
@@ -224,7 +244,8 @@ def estimate_stages(model_cfg: ModelConfig, layout: Layout, *, seq_len: int, glo
                     activation_checkpointing: bool = False, sequence_parallel: bool = False,
                     overhead_bytes: int | None = None, device: str = "cuda",
                     capacity_bytes: int = 80 * GIB,
-                    partition_method: str = "balanced") -> list[MemoryEstimate]:
+                    partition_method: str = "balanced",
+                    optim_impl: str = "fused") -> list[MemoryEstimate]:
     """Peak bytes per GPU of every pipeline stage of ``layout`` training ``model_cfg``.
 
     total = weights + master + Adam + persistent grads + overhead + the largest of: the start of a
@@ -232,7 +253,8 @@ def estimate_stages(model_cfg: ModelConfig, layout: Layout, *, seq_len: int, glo
     logits on the last stage, a backward workspace, and the accumulated grads when an earlier
     micro-batch already ran backward), the end of a backward (all grads, one block's activations)
     and the optimizer step. Raises ConfigError, with the trainer's message, for any layout that
-    megallama.config.validate would refuse.
+    megallama.config.validate would refuse. ``optim_impl`` ("fused" or "distributed") picks
+    megallama's optimizer where ``zero_stage`` is 0.
     """
     cfg, lay, e = model_cfg, layout, ELEMENT.get(precision, 0)
     if not e or device not in DEFAULT_OVERHEAD_GIB:
@@ -258,7 +280,8 @@ def estimate_stages(model_cfg: ModelConfig, layout: Layout, *, seq_len: int, glo
         boundary=boundary,
         sent=boundary // t if t > 1 and not sequence_parallel else boundary,  # pipe_partitioned
         ckpt=activation_checkpointing, sp=sequence_parallel, precision=precision,
-        zero_stage=zero_stage, device=device, overhead=overhead_bytes, capacity=capacity_bytes)
+        zero_stage=zero_stage, device=device, overhead=overhead_bytes, capacity=capacity_bytes,
+        optim_impl=optim_impl)
     bounds = stage_bounds(cfg, lay.pp, seq_len=seq_len, method=partition_method)
     names = layer_names(cfg)
     return [_stage_estimate(shape, s, names[bounds[s]:bounds[s + 1]]) for s in range(lay.pp)]
@@ -287,6 +310,7 @@ class _StepShape:
     device: str
     overhead: int
     capacity: int
+    optim_impl: str = "fused"
 
 
 def _stage_estimate(x: _StepShape, s: int, mine: list[str]) -> MemoryEstimate:
@@ -297,7 +321,8 @@ def _stage_estimate(x: _StepShape, s: int, mine: list[str]) -> MemoryEstimate:
     blocks = sum(model_layout.is_block(n) for n in mine)
     params = sum(sizes.get(n, sizes["block"]) for n in mine)
     st = optimizer_states(params, lay.dp, x.precision, x.zero_stage, x.device, gas=x.gas,
-                          largest_layer=max(sizes.get(n, sizes["block"]) for n in mine))
+                          largest_layer=max(sizes.get(n, sizes["block"]) for n in mine),
+                          impl=x.optim_impl)
     # a weight's new gradient before it is added to .grad / the fp32 buffer: the head's comes
     # early in backward, the embedding's last, a w1/w2/w3 shard's anywhere
     table, w1 = sizes["output"], h * cfg.ffn_hidden_dim // t
@@ -322,7 +347,9 @@ def _stage_estimate(x: _StepShape, s: int, mine: list[str]) -> MemoryEstimate:
         st.grads_keep + st.grads_accum + st.bucket + fresh, st.master, st.adam,
         acts + x.workspace, logits, st.step, x.overhead, fixed + max(start, end, st.step),
         "bwd" if max(start, end) >= st.step else "step", bubble_fraction(lay.pp, x.gas),
-        x.gas * comm * e * tokens * h * (t - 1) // t, x.capacity)
+        x.gas * comm * e * tokens * h * (t - 1) // t, x.capacity,
+        dp_comm_bytes(params, lay.dp, x.precision, x.zero_stage, x.optim_impl),
+        x.gas * x.sent * ((not first) + (not last)))  # activations out, their gradients back
 
 
 def candidate_layouts(model_cfg: ModelConfig, gpus: int, *, global_batch: int,

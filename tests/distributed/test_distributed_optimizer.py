@@ -4,7 +4,7 @@ reduce-scatter started from the backward) at every layout, against independent o
 * fp32: 5 steps with clipping active give the losses and global gradient norms of plain
   single-process torch AdamW (engine_cases.reference_run) within 1e-5 relative, at (tp, pp, dp) =
   (1,1,2), (1,1,4), (2,1,2), (1,2,2) and (2,2,2) with SP, each with 1 and 4 micro-batches per step;
-  buckets of 0.5 MiB so that the tiny model spans ~8 buckets and parameters straddle DP shards;
+  buckets of 0.1 MiB so that every rank holds several and parameters straddle DP shards;
 * bf16: tracks impl=fused within the bf16 tolerances of test_fused_optimizer at dp 2 and at
   tp2 x pp2 x dp2, and a non-finite step is skipped identically on every rank;
 * resume: same layout bit-exact; a (2,2,2) checkpoint resumes as (1,1,4) and (2,2,1) within 1e-5;
@@ -41,7 +41,7 @@ SAVED_AT = 2  # the resume tests save after this many steps
 
 
 def _engine(world: int, tp: int, pp: int, gas: int, *, sp: bool = False, precision: str = "fp32",
-            impl: str = "distributed", global_batch: int | None = None, bucket_mb: float = 0.5):
+            impl: str = "distributed", global_batch: int | None = None, bucket_mb: float = 0.1):
     """An engine at (tp, pp, world / (tp pp)) with ``gas`` micro-batches per step (global batch
     4 * dp unless given)."""
     dp = world // (tp * pp)
@@ -69,7 +69,7 @@ def _fp32(world: int, tp: int, pp: int, refs: dict, sp: bool = False) -> None:
     """5 fp32 steps equal plain torch AdamW, with 1 and with 4 micro-batches per step."""
     for gas in (1, 4):
         engine, cfg, topo = _engine(world, tp, pp, gas, sp=sp)
-        assert len(engine.optimizer.buckets) > 4, "several buckets expected"
+        assert len(engine.optimizer.buckets) >= 3, "several buckets expected"
         losses, norms = refs[(cfg.parallel.global_batch_size, cfg.parallel.micro_batch_size)]
         assert max(norms) > cfg.optim.grad_clip, "clipping must be active in this test"
         out = _train(engine, cfg, topo, range(STEPS))
