@@ -17,13 +17,14 @@ from megallama.training.planner import DEFAULT_OVERHEAD_GIB, GIB, MemoryEstimate
 # ---- command line --------------------------------------------------------------------------------
 USAGE = """usage: megallama-plan model=NAME|params.json gpus=N [seq_len=4096] [global_batch=1024]
   [gpu_mem_gib=80] [precision=bf16|fp32] [zero_stage=1 (0 = optim.impl=fused)] [micro_batch=1,2] [tp=1,2,4,8] [pp=...]
-  [optim_impl=fused|distributed (with zero_stage=0)]
+  [optim_impl=fused|distributed (with zero_stage=0)] [fp8=none|tensorwise|rowwise (trainer.fp8)]
   [activation_checkpointing=both|on|off] [sequence_parallel=both|on|off] [device=cuda|cpu]
   [overhead_gib=3 (cuda) / 0 (cpu)] [max_tp=8] [partition_method=balanced] [top=20] [json=PATH]
   [model.FIELD=VALUE ...]   (formulas: docs/PLANNER.md)"""
 OPTIONS = ("model", "gpus", "seq_len", "global_batch", "gpu_mem_gib", "precision", "zero_stage",
            "micro_batch", "tp", "pp", "activation_checkpointing", "sequence_parallel", "device",
-           "overhead_gib", "max_tp", "partition_method", "top", "json", "optim_impl")
+           "overhead_gib", "max_tp", "partition_method", "top", "json", "optim_impl",
+           "fp8")
 OPTIM_IMPLS = ("fused", "distributed")  # megallama's optimizers (zero_stage=0)
 _COLUMNS = [("weights", "weights"), ("grads", "gradients"), ("master", "master"),
             ("adam", "optimizer"), ("act", "activations"), ("logits", "logits"), ("step", "step"),
@@ -196,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
                     max_tp=_get(opts, "max_tp", 8), precision=precision, zero_stage=zero,
                     overhead_bytes=int(overhead * GIB), device=device,
                     capacity_bytes=int(capacity * GIB),
-                    partition_method=opts.get("partition_method", "balanced"), optim_impl=impl)
+                    partition_method=opts.get("partition_method", "balanced"), optim_impl=impl,
+                    fp8=opts.get("fp8", "none"))
     except ConfigError as exc:
         report_error("megallama-plan", exc)
         return 2
@@ -205,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{cfg.ffn_hidden_dim}, vocab {cfg.vocab_size})")
     print(f"{gpus} x {capacity:g} GiB ({device}), seq_len {seq_len}, global batch {batch} "
           f"({batch * seq_len / 1e6:.2f}M tokens), {precision}, "
+          f"{'' if opts.get('fp8', 'none') == 'none' else 'fp8 ' + opts['fp8'] + ', '}"
           f"{f'optim.impl={impl}' if zero == 0 else f'ZeRO-{zero}'}, overhead "
           f"{overhead:g} GiB: {sum(r.fits for r in rows)} of {len(rows)} layouts fit")
     print("GiB per GPU, worst pipeline stage; total = peak over the step, set by the backward "

@@ -16,6 +16,7 @@ from megallama import plan
 from megallama.config import ConfigError, preset
 from megallama.model.llama import TransformerBlock
 from megallama.parallel import cross_entropy
+from megallama.parallel.fp8 import convert_to_float8
 from megallama.parallel.layers import TensorParallel
 from megallama.training import planner
 
@@ -248,6 +249,9 @@ def test_cli_model_overrides_and_fp32_cpu(capsys):
     (["model=tiny", "gpus=1", "overhead_gib=inf"], "overhead_gib=inf: must be a finite number"),
     (["model=tiny", "gpus=2", "optim_impl=zero"], "optim_impl='zero': choose fused or distributed"),
     (["model=tiny", "gpus=2", "optim_impl=distributed"], "optim_impl=distributed with zero_stage=1"),
+    (["model=tiny", "gpus=1", "fp8=e4m3"], "fp8='e4m3': choose one of ['none', 'tensorwise'"),
+    (["model=tiny", "gpus=1", "fp8=rowwise", "precision=fp32"],
+     "fp8=rowwise needs precision=bf16 (as trainer.fp8 does), not fp32"),
 ])
 def test_cli_errors_are_one_clear_line(argv, message, capsys):
     rc, out, err = run(argv, capsys)
@@ -347,3 +351,51 @@ def test_cli_distributed_optimizer(capsys):
     rc, out, err = run(["model=llama2_7b", "gpus=8", "zero_stage=0", "optim_impl=distributed",
                         "tp=1", "pp=1", "top=0"], capsys)
     assert rc == 0 and not err and "optim.impl=distributed" in out and "DP-comm" in out
+
+
+# ---- FP8 linears (trainer.fp8) ------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["tiny", "tiny_gqa"])
+@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
+def test_fp8_block_activations_match_saved_tensors(name, recipe):
+    """What the FP8 matmul keeps (fp8 input copies and scales for tensorwise, the bf16 inputs for
+    rowwise) against autograd's saved tensors of a bf16 block, as the bf16 formula is checked."""
+    cfg = preset(name)
+    block = TransformerBlock(0, cfg, TensorParallel())
+    for p in block.parameters():
+        p.data = p.data.to(torch.bfloat16)
+    convert_to_float8(block, recipe, TensorParallel(), emulate=True)
+    x = torch.randn(2, 64, cfg.dim, dtype=torch.bfloat16, requires_grad=True)
+    weights = {t.untyped_storage().data_ptr() for t in (*block.parameters(), *block.buffers())}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in weights:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        block(x)
+    est = planner.block_activation_bytes(cfg, tokens=128, seq_len=64, tp=1,
+                                         sequence_parallel=False, element=2, fp8=recipe)
+    plain = planner.block_activation_bytes(cfg, tokens=128, seq_len=64, tp=1,
+                                           sequence_parallel=False, element=2)
+    assert sum(saved.values()) == est
+    # by hand (dim 128, FFN 352, 128 tokens): 5 fp8 inputs replace 2 bf16 ones, wo adds an fp8
+    # copy of the 128-wide attention output, w2's fp8 input replaces the bf16 SwiGLU product
+    assert est - plain == ((128 * (5 * 128 - 4 * 128 + 128 - 352) + 56) if recipe == "tensorwise"
+                           else 0)
+
+
+def test_fp8_estimate_adds_activations_and_cast_workspace(capsys):
+    cfg, lay = preset("llama2_7b"), planner.Layout(tp=2, pp=1, dp=1)
+    kw = dict(seq_len=4096, global_batch=8, sequence_parallel=True)
+    plain, fp8 = (planner.estimate(cfg, lay, fp8=f, **kw) for f in ("none", "tensorwise"))
+    tokens, h, f = 4096, 4096, 11008 // 2
+    per_block = (5 - 4) * tokens * h + tokens * h // 2 + (1 - 2) * tokens * f + 56
+    cast = 9 * tokens * f  # the largest operand cast: w2's input [T, f/t] (and w1/w3's gradients)
+    assert fp8.activations - plain.activations == 32 * per_block + cast
+    assert (fp8.weights, fp8.gradients, fp8.master, fp8.optimizer) == \
+        (plain.weights, plain.gradients, plain.master, plain.optimizer)
+    rc, out, _ = run(["model=llama2_7b", "gpus=2", "tp=2", "pp=1", "fp8=tensorwise"], capsys)
+    assert rc == 0 and "bf16, fp8 tensorwise" in out

@@ -493,3 +493,46 @@ def test_bad_dialogs_are_skipped_and_counted_with_skip_bad_json(
     assert _documents(tmp_path / "s") == [ids for ids, _ in _dialogs(small_model, CHAT_RECORDS[:2])]
     err = capsys.readouterr().err
     assert all(f"{source}:{line}:" in err for line in (2, 4, 5))
+
+
+def test_progress_bar_counts_overlong_documents(
+    small_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    limit = sorted(len(ids) for ids, _ in _dialogs(small_model, CHAT_RECORDS))[1]
+    terminal = _Tty()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    preprocess([_write_records(tmp_path / "c.jsonl", CHAT_RECORDS)], tmp_path / "o", small_model,
+               max_tokens=limit)
+    lines = terminal.getvalue().rstrip("\n").split("\n")
+    assert lines[-1] == (f"[preprocess] documents over --max-tokens {limit}: 2 dropped, "
+                         "0 truncated (of 4)")
+    bar = lines[-2].split("\r")[-1]
+    assert bar.startswith("[preprocess]: 100%") and "2 docs" in bar
+    assert "overlong: 2 dropped, 0 truncated" in bar
+
+
+def test_failed_publish_over_a_chat_prefix_keeps_its_mask(
+    small_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A text corpus whose publication fails (the summary's rename) over a chat corpus: the
+    older .bin/.idx/.summary.json and the .mask moved aside for it are all put back."""
+    import errno
+    import os
+
+    prefix = tmp_path / "p"
+    preprocess([_write_records(tmp_path / "c.jsonl", CHAT_RECORDS)], prefix, small_model,
+               progress=False)
+    text = _write_text(tmp_path / "t.txt", DOCS)
+    before = {name: (tmp_path / name).read_bytes() for name in _outputs(tmp_path)}
+    real_replace = os.replace
+
+    def failing_replace(src, dst):
+        if ".summary.json.tmp" in str(src):
+            raise OSError(errno.EIO, "Input/output error", str(dst))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(OSError, match="Input/output error"):
+        preprocess([text], prefix, small_model, progress=False)
+    assert {name: (tmp_path / name).read_bytes() for name in _outputs(tmp_path)} == before
+    assert IndexedTokens(prefix).loss_mask is not None

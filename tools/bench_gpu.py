@@ -23,9 +23,27 @@ Variants:
   ml_fused    ml_compile with optim.impl=fused parallel.zero_stage=0: megallama's one-pass
               master-weight AdamW (Triton) instead of DeepSpeed's bf16 optimizer
   ml_fused_eager  ml_fused with eager blocks
+  ml_distributed  ml_compile with optim.impl=distributed parallel.zero_stage=0: the fused update
+              with its state sharded over DP and bucketed gradients (at dp = 1: its buffers'
+              cost against ml_fused, which is what decides whether it can be the default)
   hf_eager    LlamaForCausalLM, fp32 params, bf16 autocast, SDPA attention, fused torch AdamW
   hf_compile  the same with torch.compile(model)
   hf_bf16     LlamaForCausalLM with bf16 params and bf16 AdamW states (no fp32 master), eager
+  ml_fp8      ml_fused (the fastest bf16 variant) with trainer.fp8=tensorwise: the TP linears'
+              matmuls in FP8 through torchao (megallama.parallel.fp8); head and embedding bf16
+  ml_fp8_rowwise  the same with trainer.fp8=rowwise
+  ml_fp8_eager    ml_fused_eager with trainer.fp8=tensorwise (on CPU, --tiny, torchao emulates)
+FP8 variants report MFU against the bf16 peak (the model's FLOPs, whatever precision runs them).
+
+The real model and a real batch: ``--layers 32`` is the full Llama-2-7B, ``--ckpt`` turns on
+activation checkpointing (megallama: parallel.activation_checkpointing; transformers:
+gradient_checkpointing_enable) where the activations of 32 layers do not fit, and
+``--micro-batches N`` accumulates gradients over N micro-batches of one sequence per optimizer
+step (tokens/s counts all N). A variant that runs out of GPU memory is reported as OOM (with the
+memory it had reached), not as a failure of the command:
+
+    python3 tools/bench_gpu.py --variants ml_fused,ml_fp8,hf_compile --micro-batches 8 --out b.jsonl
+    python3 tools/bench_gpu.py --layers 32 --ckpt --variants ml_fused,ml_fp8,hf_eager --out b.jsonl
 The megallama variants also record their per-step losses; the parent compares each with ml_base
 (same init, same data), which is the "unchanged numerics" check.
 """
@@ -45,6 +63,11 @@ H100_BF16_PEAK = 989e12  # dense bf16 FLOP/s of an H100 SXM
 ML_VARIANTS = ("ml_base", "ml_eager", "ml_compile", "ml_compile_mem", "ml_fused", "ml_fused_eager")
 COMPILED = ("ml_compile", "ml_compile_mem", "ml_fused")
 HF_VARIANTS = ("hf_eager", "hf_bf16", "hf_compile")
+FP8_RECIPE = {"ml_fp8": "tensorwise", "ml_fp8_rowwise": "rowwise", "ml_fp8_eager": "tensorwise"}
+ML_VARIANTS += tuple(FP8_RECIPE)
+COMPILED += ("ml_fp8", "ml_fp8_rowwise")
+ML_VARIANTS += ("ml_distributed",)
+COMPILED += ("ml_distributed",)
 MARK = "BENCH_RESULT "
 
 
@@ -58,11 +81,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--steps", type=int, default=15, help="timed steps (median)")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--mem-budget", type=float, default=0.5, help="activation budget, ml_compile_mem")
+    ap.add_argument("--micro-batches", type=int, default=1,
+                    help="micro-batches (of one sequence) per optimizer step: gradient accumulation")
+    ap.add_argument("--ckpt", action="store_true", help="activation checkpointing (every variant)")
     ap.add_argument("--out", default=None, help="JSON-lines file (appended)")
     ap.add_argument("--profile", default=None, help="directory: torch-profiler summary per ml variant")
     ap.add_argument("--in-process", action="store_true", help="run the variants in this process")
     ap.add_argument("--variant", default=None, help=argparse.SUPPRESS)  # child mode
     args = ap.parse_args(argv)
+    if args.micro_batches < 1:
+        ap.error(f"--micro-batches {args.micro_batches}: must be >= 1")
     if args.tiny:
         args.layers, args.seq, args.vocab = 2, 64, 512
         args.steps, args.warmup = min(args.steps, 3), min(args.warmup, 1)
@@ -90,7 +118,7 @@ def batches(args, device, n: int = 2):
 
     g = torch.Generator().manual_seed(0)
     out = []
-    for _ in range(n):
+    for _ in range(max(n, args.micro_batches)):  # one step's micro-batches are all different
         seq = torch.randint(0, args.vocab, (1, args.seq + 1), generator=g)
         out.append((seq[:, :-1].to(device), seq[:, 1:].contiguous().to(device)))
     return out
@@ -197,12 +225,13 @@ def summarise(name, args, times, losses, fpt, device) -> dict:
     import torch
 
     step = statistics.median(times)
-    tokens = args.seq  # micro-batch 1, one micro-batch per step
+    tokens = args.seq * args.micro_batches  # micro-batches of one sequence per step
     tps = tokens / step
     result = {
         "variant": name, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__, "layers": args.layers, "seq": args.seq, "vocab": args.vocab,
         "steps_timed": len(times), "warmup": args.warmup,
+        "micro_batches": args.micro_batches, "activation_checkpointing": args.ckpt,
         "step_ms_median": step * 1e3, "step_ms_min": min(times) * 1e3, "step_ms_max": max(times) * 1e3,
         "tokens_per_s": tps, "flops_per_token": fpt, "model_tflops": fpt * tps / 1e12,
         "mfu": fpt * tps / H100_BF16_PEAK, "losses": losses,
@@ -241,7 +270,9 @@ def run_megallama(name: str, args, device) -> dict:
     else:
         cfg.model = preset("llama2_7b", vocab_size=args.vocab, n_layers=args.layers,
                            max_seq_len=args.seq)
-    cfg.parallel.micro_batch_size = cfg.parallel.global_batch_size = 1
+    cfg.parallel.micro_batch_size, cfg.parallel.global_batch_size = 1, args.micro_batches
+    cfg.parallel.activation_checkpointing = args.ckpt
+    cfg.trainer.fp8 = FP8_RECIPE.get(name, "none")
     cfg.parallel.zero_stage = 1
     cfg.trainer.precision, cfg.trainer.steps, cfg.trainer.seed = "bf16", 1000, 1234
     cfg.optim.lr, cfg.optim.warmup_steps = 3e-4, 2
@@ -255,8 +286,10 @@ def run_megallama(name: str, args, device) -> dict:
             return ds
         engine_mod.deepspeed_config = deepspeed_config
     cfg.parallel.compile_blocks = name in COMPILED
-    if name.startswith("ml_fused"):
+    if name.startswith("ml_fused") or name in FP8_RECIPE:
         cfg.optim.impl, cfg.parallel.zero_stage = "fused", 0
+    if name == "ml_distributed":
+        cfg.optim.impl, cfg.parallel.zero_stage = "distributed", 0
     if name == "ml_compile_mem":
         import torch._functorch.config
 
@@ -279,7 +312,8 @@ def run_megallama(name: str, args, device) -> dict:
     data = batches(args, device)
 
     def step(i):
-        return engine.train_step([data[i % len(data)]]).loss
+        n = args.micro_batches
+        return engine.train_step([data[(i * n + j) % len(data)] for j in range(n)]).loss
 
     prof = os.path.join(args.profile, f"profile_{name}.txt") if args.profile else None
     times, losses = timed_loop(step, args, device, prof)
@@ -310,6 +344,8 @@ def run_hf(name: str, args, device) -> dict:
     if bf16_params:
         model = model.to(torch.bfloat16)
     model.train()
+    if args.ckpt:  # transformers 5.x renames gradient_checkpointing_enable
+        getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
     fused = {"fused": True} if device.type == "cuda" else {}
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), eps=1e-5,
                             weight_decay=0.1, **fused)
@@ -319,15 +355,18 @@ def run_hf(name: str, args, device) -> dict:
     data = batches(args, device)
 
     def step(i):
-        tokens, labels = data[i % len(data)]
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=not bf16_params):
-            logits = fwd(input_ids=tokens).logits
-        loss = F.cross_entropy(logits.float().view(-1, args.vocab), labels.view(-1))
-        loss.backward()
+        total = 0.0
+        for j in range(args.micro_batches):  # gradient accumulation: mean over micro-batches
+            tokens, labels = data[(i * args.micro_batches + j) % len(data)]
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=not bf16_params):
+                logits = fwd(input_ids=tokens).logits
+            loss = F.cross_entropy(logits.float().view(-1, args.vocab), labels.view(-1))
+            (loss / args.micro_batches).backward()
+            total += loss.detach() / args.micro_batches
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return loss.detach()
+        return total
 
     times, losses = timed_loop(step, args, device)
     out = summarise(name, args, times, losses, fpt, device)
@@ -345,7 +384,12 @@ def run_variant(name: str, args) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     torch.backends.cuda.matmul.allow_tf32 = True
     t0 = time.perf_counter()
-    out = run_megallama(name, args, device) if name.startswith("ml_") else run_hf(name, args, device)
+    try:
+        out = run_megallama(name, args, device) if name.startswith("ml_") else run_hf(name, args, device)
+    except torch.OutOfMemoryError as exc:  # a result (this variant does not fit), not a crash
+        reached = memory_stats(device).get("peak_mem_gib")
+        return {"variant": name, "oom": True, "error": f"out of memory at {reached:.1f} GiB: "
+                + str(exc).splitlines()[0][:200]}
     out["wall_s"] = time.perf_counter() - t0
     return out
 
@@ -364,7 +408,7 @@ def table(results: list[dict]) -> str:
     lines = [head, "-" * len(head)]
     for r in results:
         if "error" in r:
-            lines.append(f"{r['variant']:<11} ERROR {r['error']}")
+            lines.append(f"{r['variant']:<11} {'OOM' if r.get('oom') else 'ERROR'} {r['error']}")
             continue
         mem = "-" if r.get("peak_mem_gib") is None else f"{r['peak_mem_gib']:.2f}"
         diff = r.get("loss_max_abs_diff_vs_base")
@@ -399,7 +443,7 @@ def main(argv=None) -> int:
             for r in results:
                 f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                                     "command": " ".join(["tools/bench_gpu.py", *argv]), **r}) + "\n")
-    return 1 if any("error" in r for r in results) else 0
+    return 1 if any("error" in r and not r.get("oom") for r in results) else 0
 
 
 if __name__ == "__main__":

@@ -1,17 +1,20 @@
 """Training state beside the weights: fp32 master weights and Adam moments, RNG, sampler, step.
 
-The optimizer state is stored in the *same* layout-independent format as the weights: for each
-of ``fp32`` (master weights), ``exp_avg`` and ``exp_avg_sq`` a sub-directory holds safetensors
-shards and an index keyed by the parameters' global names. The state is read and written one full
-parameter at a time through :class:`OptimizerStateAccess` (the engine assembles ZeRO partitions
-over DP behind it), so a checkpoint saved at one (tp, pp, dp) resumes at any other: the same
-loader reshards weights and optimizer state alike.
+The optimizer state is stored in a layout-independent format: for each of ``fp32`` (master
+weights), ``exp_avg`` and ``exp_avg_sq`` a sub-directory holds safetensors shards and an index
+keyed by the parameters' global names. DeepSpeed's and the fused optimizer's state is written in
+the weights' format, one full parameter at a time through :class:`OptimizerStateAccess` (the
+engine assembles ZeRO partitions over DP behind it); the distributed optimizer
+(``optim.impl=distributed``) writes, on every rank, the pieces of state it owns and nothing else
+(:mod:`megallama.checkpoint.optim_pieces`: boxes of the global tensors, no gather). Either is read
+by every optimizer at any (tp, pp, dp): a checkpoint saved at one layout resumes at any other.
 
 Directory of one step::
 
     step_00000100/
       model.index.json, model-ppXX-tpYY.safetensors   model weights (training dtype)
-      optim/{fp32,exp_avg,exp_avg_sq}/...              same format, fp32
+      optim/{fp32,exp_avg,exp_avg_sq}/...              same format, fp32 (or pieces.index.json
+                                                       + optim-ppXX-tpYY-dpZZ.safetensors)
       trainer_state.json                               step, sampler, scheduler, Adam step, layout
       rng/rank00000.json ...                           RNG states of every rank
       config.yaml                                      the resolved run config
@@ -30,6 +33,7 @@ import torch
 from torch import nn
 
 from megallama.checkpoint.atomic import CheckpointError, write_text_atomic
+from megallama.checkpoint.optim_pieces import has_pieces, load_from_pieces, save_owned_state
 from megallama.checkpoint.weights import load_model_weights, save_model_weights
 from megallama.config import ModelConfig
 from megallama.parallel.layers import TensorParallel
@@ -79,8 +83,12 @@ class OptimizerStateAccess(Protocol):
 
 def save_optimizer_state(layers: Layers, tp: TensorParallel, topo: Topology, ckpt_dir: Path,
                          cfg: ModelConfig, access: OptimizerStateAccess) -> None:
-    """Write fp32 master weights and Adam moments (collective: every rank calls it)."""
+    """Write fp32 master weights and Adam moments (collective: every rank calls it): the pieces
+    each rank owns where the optimizer says which (``owned_pieces``), else full parameters."""
     for key in OPTIM_KEYS:
+        if hasattr(access, "owned_pieces"):
+            save_owned_state(layers, tp, topo, ckpt_dir / "optim" / key, cfg, access, key)
+            continue
         views = _views(layers, lambda p, k=key: access.full_state(p, k).detach().float().cpu())
         save_model_weights(views, tp, topo, ckpt_dir / "optim" / key, cfg)
         del views
@@ -89,8 +97,12 @@ def save_optimizer_state(layers: Layers, tp: TensorParallel, topo: Topology, ckp
 def load_optimizer_state(layers: Layers, tp: TensorParallel, ckpt_dir: Path, cfg: ModelConfig,
                          access: OptimizerStateAccess) -> None:
     """Read master weights and moments from any saved layout into the optimizer (DeepSpeed's
-    partitions or the fused optimizer's state), through ``access``."""
+    partitions or the fused optimizer's state), through ``access``; either format."""
     for key in OPTIM_KEYS:
+        if has_pieces(ckpt_dir / "optim" / key):
+            load_from_pieces(layers, tp, ckpt_dir / "optim" / key, cfg,
+                             lambda p, v, k=key: access.set_full_state(p, k, v.to(p.device)))
+            continue
         views = _views(layers, lambda p: torch.zeros(_full_shape(p), dtype=torch.float32))
         load_model_weights(views, tp, ckpt_dir / "optim" / key, cfg)
         for (_, module), (_, view) in zip(layers, views, strict=True):

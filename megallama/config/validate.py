@@ -173,12 +173,13 @@ def check_optimizer_impl(o: OptimConfig, p: ParallelConfig) -> None:
     if o.impl == "deepspeed" and p.zero_stage == 0:
         raise ConfigError(
             "parallel.zero_stage=0 with optim.impl=deepspeed: use 1, 2 or 3 (ZeRO's optimizer is "
-            "what skips steps with non-finite gradients on every rank), or optim.impl=fused")
+            "what skips steps with non-finite gradients on every rank), or optim.impl=fused or "
+            "distributed")
     if o.impl == "fused" and p.zero_stage != 0:
         raise ConfigError(
             f"optim.impl=fused with parallel.zero_stage={p.zero_stage}: the fused optimizer keeps "
             "the whole optimizer state on every rank; set parallel.zero_stage=0 (or use "
-            "optim.impl=deepspeed for ZeRO sharding)")
+            "optim.impl=distributed or deepspeed for state sharded over DP)")
     if o.impl == "distributed" and p.zero_stage != 0:
         raise ConfigError(
             f"optim.impl=distributed with parallel.zero_stage={p.zero_stage}: the distributed "

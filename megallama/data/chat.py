@@ -41,7 +41,9 @@ def json_type(value: object) -> str:
     """How JSON names the type of a parsed value, with its article: "a JSON number", ..."""
     names = {bool: "boolean", int: "number", float: "number", list: "array", dict: "object",
              str: "string"}
-    return "a JSON null" if value is None else f"a JSON {names.get(type(value), type(value).__name__)}"
+    if value is None:
+        return "a JSON null"
+    return f"a JSON {names.get(type(value), type(value).__name__)}"
 
 
 def _messages(messages: object) -> list[tuple[str, str]]:
@@ -93,12 +95,13 @@ def split_dialog(messages: object, last: Literal["user", "assistant"] = "assista
                                   "on); drop the turn or the record")
     if not turns:
         raise ChatFormatError("the dialog has only a system message: it needs a user turn")
-    if turns[-1][0] != last:
-        raise ChatFormatError(f"the dialog ends with {'an' if last == 'user' else 'a'} "
-                              f"{turns[-1][0]!r} turn (message {first + len(turns) - 1}); "
-                              f"{'a training dialog' if last == 'assistant' else 'a prompt'} "
-                              f"must end with {'an' if last == 'assistant' else 'a'} {last!r} "
-                              "turn")
+    if turns[-1][0] != last:  # then it is the other role: turns alternate
+        where = f"(message {first + len(turns) - 1})"
+        if last == "assistant":
+            ended = f"a 'user' turn {where}; a training dialog must end with an 'assistant' turn"
+        else:
+            ended = f"an 'assistant' turn {where}; a prompt must end with a 'user' turn"
+        raise ChatFormatError(f"the dialog ends with {ended}")
     users = [content for role, content in turns if role == "user"]
     answers = [content for role, content in turns if role == "assistant"]
     if system is not None:

@@ -53,19 +53,13 @@ class Encoder:
     def __call__(self, items: list[Item]) -> Encoded:
         masks: list[list[bool]] | None = None
         if isinstance(items[0], ChatRecord):
-            encoded, masks = [], []
-            for record in items:
-                assert isinstance(record, ChatRecord)
-                try:
-                    ids, mask = encode_dialog(self.tokenizer, record.messages)
-                except ChatFormatError as exc:  # checked on reading; a tokenizer's own problem
-                    raise SourceError(f"{record.where}: {exc}") from None
-                encoded.append(ids)
-                masks.append(mask)
-            nbytes = sum(record.nbytes for record in items)  # type: ignore[union-attr]
+            dialogs = [item for item in items if isinstance(item, ChatRecord)]
+            encoded, masks = self._dialogs(dialogs)
+            nbytes = sum(record.nbytes for record in dialogs)
         else:
-            encoded = self.tokenizer.encode_batch(items, bos=self.bos, eos=self.eos)
-            nbytes = sum(len(text.encode("utf-8")) for text in items)  # type: ignore[union-attr]
+            texts = [item for item in items if isinstance(item, str)]
+            encoded = self.tokenizer.encode_batch(texts, bos=self.bos, eos=self.eos)
+            nbytes = sum(len(text.encode("utf-8")) for text in texts)
         dropped, truncated = self._limit(encoded, masks)
         lengths = np.fromiter((len(ids) for ids in encoded), dtype=np.int64, count=len(encoded))
         count = int(lengths.sum())
@@ -73,6 +67,18 @@ class Encoder:
         mask = None if masks is None else np.fromiter(
             itertools.chain.from_iterable(masks), dtype=np.uint8, count=count)
         return Encoded(tokens, lengths, mask, nbytes, dropped, truncated)
+
+    def _dialogs(self, dialogs: list[ChatRecord]) -> tuple[list[list[int]], list[list[bool]]]:
+        """Ids and loss masks of ``dialogs`` (:func:`~megallama.data.chat.encode_dialog`)."""
+        encoded, masks = [], []
+        for record in dialogs:
+            try:
+                ids, mask = encode_dialog(self.tokenizer, record.messages)
+            except ChatFormatError as exc:  # checked on reading; here a tokenizer's own problem
+                raise SourceError(f"{record.where}: {exc}") from None
+            encoded.append(ids)
+            masks.append(mask)
+        return encoded, masks
 
     def _limit(self, encoded: list[list[int]], masks: list[list[bool]] | None) -> tuple[int, int]:
         """Drop or truncate (in place) the documents longer than ``max_tokens``; the counts."""
@@ -118,7 +124,8 @@ def default_start_method() -> str:
 
 
 def encoded_chunks(chunks: Iterable[tuple[list[Item], int]], tokenizer: Tokenizer, workers: int,
-             start_method: str | None, encoder_args: tuple) -> Iterator[tuple[Encoded, int]]:
+                   start_method: str | None, encoder_args: tuple,
+                   ) -> Iterator[tuple[Encoded, int]]:
     """(encoded chunk, input bytes done) in input order: in this process when ``workers`` is 1,
     else over a pool with a bounded number of chunks in flight. ``encoder_args`` are
     :class:`Encoder`'s arguments after the tokenizer."""

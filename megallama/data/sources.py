@@ -229,7 +229,6 @@ class DocumentReader:
             if self._emit(text):
                 yield text
 
-
     def _same_kind(self, record: object, lineno: int) -> bool:
         """Whether ``record`` is of the file's kind (set by the first record); reports a bad line
         when it is not."""

@@ -43,6 +43,7 @@ def _cached(segments: torch.Tensor) -> dict[str, Any]:
     return cache
 
 
+@torch.compiler.disable  # a Python-side cache: run eagerly inside compiled blocks
 def cached_positions(segments: torch.Tensor) -> torch.Tensor:
     """:func:`document_positions`, computed once per segments tensor."""
     cache = _cached(segments)
@@ -51,6 +52,7 @@ def cached_positions(segments: torch.Tensor) -> torch.Tensor:
     return cache["positions"]
 
 
+@torch.compiler.disable
 def dense_mask(segments: torch.Tensor) -> torch.Tensor:
     """[b, 1, s, s] boolean mask (True = attend) of the rule: the reference path."""
     cache = _cached(segments)
@@ -69,6 +71,7 @@ def _flex(compiled: bool) -> Any:
     return torch.compile(flex_attention, dynamic=False) if compiled else flex_attention
 
 
+@torch.compiler.disable
 def block_mask(segments: torch.Tensor) -> Any:
     """FlexAttention's BlockMask of the rule for ``segments``."""
     cache = _cached(segments)

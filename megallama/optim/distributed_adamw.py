@@ -92,7 +92,7 @@ class DistributedAdamW(torch.optim.Optimizer):
         dtype, dp = params[0].dtype, self.topo.grid.dp
         summed = dtype == torch.float32 or needs_fp32_grad_buffer(dtype, self.gas, dp)
         grad_dtype = torch.float32 if summed else dtype
-        elems = max(1, bucket_bytes // params[0].element_size())
+        elems = max(1, bucket_bytes // grad_dtype.itemsize)  # bucket_bytes: of gradients
         return [Bucket([order[i] for i in idx], grad_dtype, dp, self.topo.dp_rank,
                        self.topo.dp_group)
                 for idx in plan_buckets([p.numel() for p in order], elems)]
@@ -222,6 +222,26 @@ class DistributedAdamW(torch.optim.Optimizer):
         weight = self.buckets[b].weight_shard()
         lo = state.get("master_lo")
         return weight.float() if lo is None else join_fp32(weight, lo)
+
+    def owned_pieces(self, p: nn.Parameter, key: str) -> list[tuple[int, torch.Tensor]]:
+        """The state of ``p`` this rank owns, with no communication: (first element in ``p``
+        flattened, fp32 values) per piece of ``p`` in this rank's shard (what a checkpoint
+        writes, :mod:`megallama.checkpoint.optim_pieces`)."""
+        b, i = self.where[p]
+        bucket, state = self.buckets[b], self.shards[b]
+        out = []
+        for seg in bucket.segments:
+            if seg.index != i:
+                continue
+            cut = slice(seg.shard_start, seg.shard_start + seg.length)
+            if key != "fp32":
+                value = state[key][cut]
+            elif "master_lo" in state:
+                value = join_fp32(bucket.weight_shard()[cut], state["master_lo"][cut])
+            else:
+                value = bucket.weight_shard()[cut].float()
+            out.append((seg.start, value))
+        return out
 
     def full_state(self, p: nn.Parameter, key: str) -> torch.Tensor:
         """``fp32`` (master weight), ``exp_avg`` or ``exp_avg_sq`` of ``p`` as a full fp32 tensor.

@@ -8,7 +8,8 @@ throughout, power-of-two scales). The output head (an ``OutputHead``, a subclass
 purpose) and the embedding stay bf16, as in torchao's and torchtitan's recipes. Parameters are
 untouched -- names, shapes, dtype (the bf16 weight and the fp32 master), TP tags -- so optimizers,
 DeepSpeed and checkpoints see exactly what they see without FP8; checkpoints stay bf16/fp32.
-On a CPU, or a GPU without FP8 gemms, ``emulate=True`` runs the same casts with fp32 gemms.
+On a CPU ``emulate=True`` runs the same casts with fp32 gemms (config validation refuses GPUs
+without FP8 gemms, compute capability < 8.9).
 
 **Which scales must agree across TP ranks.** At tp = 1 each scale comes from the amax of the whole
 operand (or of a whole row / column). A TP rank holds a shard of some operands, and its local
@@ -35,11 +36,18 @@ its gradient all-gathered), so T is never split. Data and pipeline parallelism a
 layers). The amaxes a pass needs reduced go in one all-reduce (a scalar or a row per operand):
 tensorwise issues one per column-parallel linear in forward (weight) and one in backward (grad
 output; the weight's forward scale is reused), one per row-parallel linear in forward (input and
-weight); rowwise one per column-parallel linear in backward and one per row-parallel in forward. With these reductions tp = 2 quantizes every element as tp = 1 does,
-and the results differ by bf16 round-off of the partial sums only (tests/distributed/
-test_fp8_tp.py). One exception: when tp > n_kv_heads, the TP ranks replicating a KV head compute
-partial gradients of wk/wv's output that tp = 1 would sum before scaling; their grad-output scale
-is the maximum of the partial amaxes, an fp8-round-off-sized difference.
+weight); rowwise one per column-parallel linear in backward and one per row-parallel in forward.
+
+With these reductions tp = 2 quantizes every element as tp = 1 does: with fp32 activations the
+two agree to fp32 round-off (2e-7), without the reductions tensorwise differs by 4e-2; in bf16,
+tp's round-off of partial sums flips some fp8 roundings, so there they agree within fp8 tolerance
+(tests/distributed/test_fp8_tp.py). Rowwise scales are powers of two, so a different scale barely
+changes e4m3 values (only in its subnormal range): for rowwise the reductions matter little. One
+exception: when tp > n_kv_heads (KV heads replicated over TP ranks), each replica of a wk/wv slice
+quantizes its own partial gradient of the slice's output, while tp = 1 quantizes their sum;
+quantization does not commute with the sum, so the forward still equals tp = 1 (2e-7 in fp32 at
+tp = 4, 2 KV heads) but the gradients agree only within fp8 tolerance (0.04-0.10 relative, the
+size of FP8's own error).
 
 The recipe's choice (tensorwise vs rowwise) and the speed-up are GPU measurements
 (docs/PERFORMANCE.md, "FP8"); on CPU both only emulate.
@@ -56,6 +64,7 @@ from types import ModuleType
 
 from torch import nn
 
+from megallama.config import ModelConfig
 from megallama.config.validate import FP8_RECIPES
 from megallama.parallel.layers import ColumnParallelLinear, RowParallelLinear, TensorParallel
 
@@ -119,3 +128,36 @@ def convert_to_float8(module: nn.Module, recipe: str, tp: TensorParallel, *,
             continue
         converted += 1
     return converted
+
+
+# ---- memory: what the FP8 matmul keeps (the planner's terms, docs/PLANNER.md "FP8") ------------
+SCALES_PER_BLOCK = 7 * 2 * 4  # tensorwise: an fp32 input scale and weight scale per linear
+
+
+def activation_delta_bytes(cfg: ModelConfig, *, tokens: int, tp: int, element: int,
+                           recipe: str) -> int:
+    """What FP8 linears change in one block's saved activations (one micro-batch of ``tokens`` on
+    one TP rank, ``element`` bytes per bf16 value). Tensorwise keeps each linear's input as its
+    own fp8 copy (the forward cast, reused by the grad-weight gemm) instead of a reference to the
+    bf16 input it shares with other consumers; rowwise keeps the bf16 input (its grad-weight cast
+    scales along the other axis), so it changes nothing."""
+    if recipe != "tensorwise":
+        return 0
+    h, e = cfg.dim, element
+    hq, ffn = cfg.n_heads * cfg.head_dim // tp, cfg.ffn_hidden_dim // tp
+    return ((5 - 2 * e) * tokens * h  # wq/wk/wv, w1/w3: 5 fp8 copies replace 2 bf16 inputs
+            + tokens * hq             # wo: an fp8 copy beside SDPA's output (SDPA keeps that)
+            + (1 - e) * tokens * ffn  # w2: an fp8 copy replaces the SwiGLU product
+            + SCALES_PER_BLOCK)
+
+
+def cast_workspace_bytes(cfg: ModelConfig, *, tokens: int, tp: int, recipe: str) -> int:
+    """Transient bytes of one eager fp8 cast of the largest linear operand (an input, a gradient
+    or a weight shard): torchao's cast holds an fp32 copy, then its scaled and its clamped fp32
+    copies beside the fp8 result (9 bytes per element at the peak). There is no weight cast
+    cache: no fp8 weight lives between forward and backward (tensorwise keeps the weight's
+    4-byte scale and re-casts it), so nothing scales with the number of layers."""
+    if recipe == "none":
+        return 0
+    h, ffn, hq = cfg.dim, cfg.ffn_hidden_dim // tp, cfg.n_heads * cfg.head_dim // tp
+    return 9 * max(tokens * h, tokens * ffn, tokens * hq, h * ffn)

@@ -6,6 +6,8 @@ so attention's three input projections share one all-gather under sequence paral
 
 Sharded parameters carry ``tensor_model_parallel = model_parallel = True`` (the attributes
 DeepSpeed's gradient-norm code reads); replicated ones carry neither, so DeepSpeed counts them once.
+The linears' matmul can be swapped for an FP8 one (``fp8_matmul``, set by
+:func:`megallama.parallel.fp8.convert_to_float8`) without touching their parameters.
 """
 
 from __future__ import annotations

@@ -22,16 +22,17 @@ import torch
 
 from megallama.config import ConfigError, ModelConfig, check_tp_layout
 from megallama.config.train_config import ParallelConfig
-from megallama.config.validate import check_parallel
+from megallama.config.validate import FP8_RECIPES, check_parallel
 from megallama.model import layout as model_layout
 from megallama.optim.fused_adamw import needs_fp32_grad_buffer
 from megallama.parallel import cross_entropy
+from megallama.parallel import fp8 as fp8_linears
 from megallama.parallel.layers import padded_vocab_size
 
 GIB = 1024**3
 DS_BUCKET = 500_000_000  # DeepSpeed's reduce_bucket_size / MEMORY_OPT_ALLREDUCE_SIZE (elements)
 FUSED_BUCKET = 256 << 20  # bytes of the fused optimizer's DP all-reduce bucket (parallel.mappings)
-DIST_BUCKET = 25 << 20  # optim.bucket_mb default: bytes of weights per distributed-optimizer bucket
+DIST_BUCKET = 25 << 20  # optim.bucket_mb default: gradient bytes per distributed-optimizer bucket
 DEFAULT_OVERHEAD_GIB = {"cuda": 3.0, "cpu": 0.0}
 ELEMENT = {"bf16": 2, "fp32": 4}
 
@@ -112,9 +113,10 @@ def stage_bounds(cfg: ModelConfig, pp: int, *, seq_len: int, method: str = "bala
 
 # ---- activations -------------------------------------------------------------------------------
 def block_activation_bytes(cfg: ModelConfig, *, tokens: int, seq_len: int, tp: int,
-                           sequence_parallel: bool, element: int) -> int:
+                           sequence_parallel: bool, element: int, fp8: str = "none") -> int:
     """Bytes one transformer block's autograd graph keeps for one micro-batch of ``tokens``
-    (= micro_batch * seq_len) on one TP rank, term by term as docs/PLANNER.md derives them."""
+    (= micro_batch * seq_len) on one TP rank, term by term as docs/PLANNER.md derives them
+    (``fp8``: trainer.fp8, see :func:`megallama.parallel.fp8.activation_delta_bytes`)."""
     h, e = cfg.dim, element
     hq, heads, ffn = cfg.n_heads * cfg.head_dim // tp, cfg.n_heads // tp, cfg.ffn_hidden_dim // tp
     ts = tokens // tp if sequence_parallel else tokens  # tokens of the sequence-split region
@@ -122,7 +124,8 @@ def block_activation_bytes(cfg: ModelConfig, *, tokens: int, seq_len: int, tp: i
             + 2 * e * tokens * h                # inputs of wq/wk/wv and w1/w3 (full seq under SP)
             + 4 * e * tokens * hq               # SDPA q, k and v (repeated to query heads), output
             + 4 * tokens * heads                # SDPA logsumexp (fp32)
-            + 4 * e * tokens * ffn)             # SwiGLU: w1 out, silu out, w3 out, product
+            + 4 * e * tokens * ffn              # SwiGLU: w1 out, silu out, w3 out, product
+            + fp8_linears.activation_delta_bytes(cfg, tokens=tokens, tp=tp, element=e, recipe=fp8))
     # (RoPE cos/sin are slices of a per-block fp32 buffer, 4 * max_seq_len * head_dim bytes: not
     # activations, and < 0.1% of a block's weights)
 
@@ -169,7 +172,7 @@ def distributed_states(p: int, dp: int, precision: str, device: str, *, gas: int
     summed = precision == "fp32" or needs_fp32_grad_buffer(torch.bfloat16, gas, dp)
     grads = (4 if summed else e) * p + (4 * shard if dp > 1 else 0)
     master = 2 * shard if precision == "bf16" else 0
-    run = min(shard, -(-bucket_bytes // (e * dp)))
+    run = min(shard, -(-bucket_bytes // (4 * dp)))  # one bucket's shard (bytes of fp32 grads)
     return States(e * p, grads, 0, 0, False, master, 8 * shard, 16 * run if device == "cpu" else 0)
 
 
@@ -245,7 +248,7 @@ def estimate_stages(model_cfg: ModelConfig, layout: Layout, *, seq_len: int, glo
                     overhead_bytes: int | None = None, device: str = "cuda",
                     capacity_bytes: int = 80 * GIB,
                     partition_method: str = "balanced",
-                    optim_impl: str = "fused") -> list[MemoryEstimate]:
+                    optim_impl: str = "fused", fp8: str = "none") -> list[MemoryEstimate]:
     """Peak bytes per GPU of every pipeline stage of ``layout`` training ``model_cfg``.
 
     total = weights + master + Adam + persistent grads + overhead + the largest of: the start of a
@@ -254,7 +257,8 @@ def estimate_stages(model_cfg: ModelConfig, layout: Layout, *, seq_len: int, glo
     micro-batch already ran backward), the end of a backward (all grads, one block's activations)
     and the optimizer step. Raises ConfigError, with the trainer's message, for any layout that
     megallama.config.validate would refuse. ``optim_impl`` ("fused" or "distributed") picks
-    megallama's optimizer where ``zero_stage`` is 0.
+    megallama's optimizer where ``zero_stage`` is 0. ``fp8`` (trainer.fp8) changes the blocks'
+    activations and adds an fp8 cast's transient to the workspace.
     """
     cfg, lay, e = model_cfg, layout, ELEMENT.get(precision, 0)
     if not e or device not in DEFAULT_OVERHEAD_GIB:
@@ -265,18 +269,23 @@ def estimate_stages(model_cfg: ModelConfig, layout: Layout, *, seq_len: int, glo
                          global_batch_size=global_batch, partition_method=partition_method,
                          activation_checkpointing=activation_checkpointing)
     check_parallel(par, cfg, seq_len, lay.tp * lay.pp * lay.dp)
+    if fp8 not in FP8_RECIPES:
+        raise ConfigError(f"fp8={fp8!r}: choose one of {list(FP8_RECIPES)}")
+    if fp8 != "none" and precision != "bf16":
+        raise ConfigError(f"fp8={fp8} needs precision=bf16 (as trainer.fp8 does), not {precision}")
     if overhead_bytes is None:
         overhead_bytes = int(DEFAULT_OVERHEAD_GIB[device] * GIB)
     t, h, tokens = lay.tp, cfg.dim, lay.micro_batch * seq_len
     ts = tokens // t if sequence_parallel else tokens
     block = block_activation_bytes(cfg, tokens=tokens, seq_len=seq_len, tp=t,
-                                   sequence_parallel=sequence_parallel, element=e)
+                                   sequence_parallel=sequence_parallel, element=e, fp8=fp8)
     boundary = e * ts * h  # one [micro, seq(/tp), dim] activation crossing a stage boundary
     shape = _StepShape(
         cfg=cfg, layout=lay, element=e, gas=global_batch // (lay.micro_batch * lay.dp),
         tokens=tokens, ts=ts, sizes=layer_params(cfg, t), block=block,
         stored=e * ts * h if activation_checkpointing else block,  # per block per micro-batch
-        workspace=max(2 * e * tokens * cfg.ffn_hidden_dim // t + e * ts * h, 16 * ts * h),
+        workspace=max(2 * e * tokens * cfg.ffn_hidden_dim // t + e * ts * h, 16 * ts * h)
+        + fp8_linears.cast_workspace_bytes(cfg, tokens=tokens, tp=t, recipe=fp8),
         boundary=boundary,
         sent=boundary // t if t > 1 and not sequence_parallel else boundary,  # pipe_partitioned
         ckpt=activation_checkpointing, sp=sequence_parallel, precision=precision,

@@ -3,12 +3,15 @@ reduce-scatter started from the backward) at every layout, against independent o
 
 * fp32: 5 steps with clipping active give the losses and global gradient norms of plain
   single-process torch AdamW (engine_cases.reference_run) within 1e-5 relative, at (tp, pp, dp) =
-  (1,1,2), (1,1,4), (2,1,2), (1,2,2) and (2,2,2) with SP, each with 1 and 4 micro-batches per step;
-  buckets of 0.1 MiB so that every rank holds several and parameters straddle DP shards;
+  (1,1,2), (1,1,4), (2,1,2), (1,2,2) (activation checkpointing on) and (2,2,2) with SP, each with
+  1 and 4 micro-batches per step; buckets of 0.1 MiB so that every rank holds several and
+  parameters straddle DP shards; after 2 steps at (2,1,2) every parameter equals torch's;
 * bf16: tracks impl=fused within the bf16 tolerances of test_fused_optimizer at dp 2 and at
   tp2 x pp2 x dp2, and a non-finite step is skipped identically on every rank;
-* resume: same layout bit-exact; a (2,2,2) checkpoint resumes as (1,1,4) and (2,2,1) within 1e-5;
-  an impl=deepspeed checkpoint resumes under impl=distributed and back;
+* resume: each rank writes only the state it owns (no gather; every DP rank writes a file); same
+  layout bit-exact; a (2,2,2) checkpoint resumes as (1,1,4) and (2,2,1) within 1e-5 of the
+  uninterrupted run; impl=deepspeed and impl=fused checkpoints resume under impl=distributed and
+  back, within 1e-5 of plain torch;
 * memory: the bytes each rank holds (weights, gradient buffers, sharded state) at dp 1, 2 and 4
   are the planner's (megallama.training.planner.optimizer_states) within 10%;
 * overlap: the reduce-scatter of the bucket holding the output head starts in the last
@@ -30,9 +33,17 @@ from megallama.parallel.runtime import init_distributed
 from megallama.parallel.topology import Grid, build_topology, kv_replicas_for
 from megallama.training.planner import optimizer_states
 from megallama.training.train_state import TrainingState
-from tests.distributed.engine_cases import STEPS, make_config, rank_micro_batches, reference_run
+from tests.distributed.engine_cases import (
+    STEPS,
+    make_config,
+    rank_micro_batches,
+    reference_run,
+    reference_weights,
+)
 from tests.distributed.harness import run_world
 from tests.distributed.test_fused_optimizer import LOSS_TOL, NORM_TOL, _skip_step
+from tests.distributed.test_updated_weights import TOL as WEIGHT_TOL
+from tests.distributed.test_updated_weights import _full_weights
 
 pytestmark = pytest.mark.slow
 TOL = 1e-5  # fp32 against torch: only the summation order differs
@@ -41,7 +52,8 @@ SAVED_AT = 2  # the resume tests save after this many steps
 
 
 def _engine(world: int, tp: int, pp: int, gas: int, *, sp: bool = False, precision: str = "fp32",
-            impl: str = "distributed", global_batch: int | None = None, bucket_mb: float = 0.1):
+            impl: str = "distributed", global_batch: int | None = None, bucket_mb: float = 0.1,
+            ckpt: bool = False):
     """An engine at (tp, pp, world / (tp pp)) with ``gas`` micro-batches per step (global batch
     4 * dp unless given)."""
     dp = world // (tp * pp)
@@ -49,6 +61,7 @@ def _engine(world: int, tp: int, pp: int, gas: int, *, sp: bool = False, precisi
     cfg = make_config(tp=tp, pp=pp, zero=1 if impl == "deepspeed" else 0, sp=sp,
                       micro=global_batch // (dp * gas), global_batch=global_batch)
     cfg.optim.impl, cfg.optim.bucket_mb, cfg.trainer.precision = impl, bucket_mb, precision
+    cfg.parallel.activation_checkpointing = ckpt
     grid = Grid.from_world(world, tp=tp, pp=pp)
     topo = build_topology(grid, kv_replicas_for(cfg.model.n_kv_heads, tp))
     return Engine(cfg, topo, torch.device("cpu")), cfg, topo
@@ -65,17 +78,28 @@ def _close(got: list[float], want: list[float], tol: float, what: str) -> None:
         assert abs(g - w) <= tol * abs(w), f"{what} step {step}: {g} != {w} (rel tol {tol})"
 
 
-def _fp32(world: int, tp: int, pp: int, refs: dict, sp: bool = False) -> None:
+def _fp32(world: int, tp: int, pp: int, refs: dict, sp: bool = False, ckpt: bool = False) -> None:
     """5 fp32 steps equal plain torch AdamW, with 1 and with 4 micro-batches per step."""
     for gas in (1, 4):
-        engine, cfg, topo = _engine(world, tp, pp, gas, sp=sp)
+        engine, cfg, topo = _engine(world, tp, pp, gas, sp=sp, ckpt=ckpt)
         assert len(engine.optimizer.buckets) >= 3, "several buckets expected"
         losses, norms = refs[(cfg.parallel.global_batch_size, cfg.parallel.micro_batch_size)]
         assert max(norms) > cfg.optim.grad_clip, "clipping must be active in this test"
         out = _train(engine, cfg, topo, range(STEPS))
-        what = f"fp32 (tp, pp, dp)=({tp}, {pp}, {topo.grid.dp}) sp={sp} gas={gas}"
+        what = f"fp32 (tp, pp, dp)=({tp}, {pp}, {topo.grid.dp}) sp={sp} ckpt={ckpt} gas={gas}"
         _close([x[0] for x in out], losses, TOL, f"{what} loss")
         _close([x[1] for x in out], norms, TOL, f"{what} grad norm")
+
+
+def _weights(world: int, tp: int, pp: int) -> None:
+    """After 2 fp32 steps every parameter equals plain torch's, parameter by parameter (sees a
+    wrong last update, which losses cannot), within test_updated_weights' tolerance."""
+    engine, cfg, topo = _engine(world, tp, pp, 1)
+    _train(engine, cfg, topo, range(2))
+    got, want = _full_weights(engine, cfg), reference_weights(cfg, 2)
+    for name, value in got.items():
+        err = (value - want[name]).abs().max().item() / want[name].abs().max().item()
+        assert err <= WEIGHT_TOL, f"({tp}, {pp}, {topo.grid.dp}) {name}: {err:.2e}"
 
 
 def _bf16(world: int, tp: int, pp: int) -> None:
@@ -135,12 +159,19 @@ def _overlap(world: int) -> None:
         f"the head's bucket was reduced only after layers.0's backward began: {events}"
 
 
-def _worker_dp2(rank: int, world: int, refs: dict) -> None:
+def _worker_dp2(rank: int, world: int, refs: dict, tmp: Path) -> None:
     init_distributed(torch.device("cpu"))
     _fp32(world, 1, 1, refs)
     _overlap(world)
     _memory(world, 1, 1, "bf16", 2)
     _bf16(world, 1, 1)
+    # impl=fused -> impl=distributed -> impl=fused, each resumed run against plain torch
+    want = refs[(8, 4)][0][SAVED_AT:]
+    for src, dst in (("fused", "distributed"), ("distributed", "fused")):
+        engine, cfg, topo = _engine(world, 1, 1, 1, impl=src, global_batch=8)
+        _train(engine, cfg, topo, range(SAVED_AT))
+        _save(engine, cfg, topo, tmp / src)
+        _close(_resumed(tmp / src, world, 1, 1, 1, impl=dst), want, TOL, f"{src} -> {dst}")
 
 
 @pytest.fixture(scope="module")
@@ -153,8 +184,8 @@ def refs() -> dict:
     return out
 
 
-def test_dp2_fp32_bf16_overlap_memory(refs):
-    run_world(2, _worker_dp2, refs)
+def test_dp2_fp32_bf16_overlap_memory_fused_resume(refs, tmp_path):
+    run_world(2, _worker_dp2, refs, tmp_path)
 
 
 class _NoSampler:
@@ -170,10 +201,23 @@ def _state(engine, cfg, topo) -> TrainingState:
 
 
 def _save(engine, cfg, topo, path: Path) -> None:
+    """Save the training state; impl=distributed must write only what each rank owns (its
+    full_state, which all-gathers a bucket over DP, is made to fail) from every DP rank."""
     state = _state(engine, cfg, topo)
     state.step = SAVED_AT
+    distributed = cfg.optim.impl == "distributed"
+    if distributed:
+        def gather(*_):
+            raise AssertionError("the distributed optimizer's save gathered state")
+        engine.optimizer.full_state = gather
     save_pieces(state.pieces, path, write_json=topo.rank == 0)
     dist.barrier()
+    if distributed:
+        del engine.optimizer.full_state
+        for key in ("fp32", "exp_avg", "exp_avg_sq"):
+            index = json.loads((path / "optim" / key / "pieces.index.json").read_text())
+            writers = {f.rsplit("-dp", 1)[1] for f in index["files"]}
+            assert len(writers) == topo.grid.dp, f"{key}: files of DP ranks {writers}"
 
 
 def _resumed(path: Path, world: int, tp: int, pp: int, gas: int, impl: str = "distributed",
@@ -213,8 +257,9 @@ def test_3d_fp32_bf16_same_layout_resume(saved_3d):
 def _worker_dp4(rank: int, world: int, refs: dict, ckpt: Path, cont: list[float],
                 tmp: Path) -> None:
     init_distributed(torch.device("cpu"))
-    for tp, pp in ((1, 1), (2, 1), (1, 2)):
-        _fp32(world, tp, pp, refs)
+    for tp, pp, ckpt in ((1, 1, False), (2, 1, False), (1, 2, True)):  # + recomputed blocks
+        _fp32(world, tp, pp, refs, ckpt=ckpt)
+    _weights(world, 2, 1)
     _memory(world, 1, 1, "bf16", 2)   # dp 4
     _memory(world, 2, 2, "bf16", 2)   # dp 1
     for tp, pp, gas in ((1, 1, 1), (2, 2, 2)):  # (2,2,2) -> (1,1,4) and (2,2,1)

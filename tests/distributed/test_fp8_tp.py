@@ -135,15 +135,15 @@ def test_fp8_tp2_equals_tp1():
 
 
 # ---- the real Engine: a short run, and its checkpoint --------------------------------------------
-STEPS, SEQ, LM_VOCAB = 30, 32, 256
-LOSS_TOL = 0.06  # relative gap of the last 5 steps' mean loss, FP8 vs bf16 (measured 0.0x)
+STEPS, SEQ, LM_VOCAB = 20, 32, 256
+LOSS_TOL = 0.04  # relative gap of the last 5 steps' mean loss, FP8 vs bf16 (measured 1.4%)
 
 
-def _engine_config(fp8: str) -> TrainConfig:
+def _engine_config(fp8: str, tp: int = 2, pp: int = 1) -> TrainConfig:
     cfg = TrainConfig()
     cfg.model = preset("tiny_gqa", vocab_size=LM_VOCAB, n_layers=2)
     p = cfg.parallel
-    p.tp, p.sequence_parallel, p.micro_batch_size, p.global_batch_size = 2, True, 2, 8
+    p.tp, p.pp, p.sequence_parallel, p.micro_batch_size, p.global_batch_size = tp, pp, tp > 1, 2, 8
     cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.grad_clip = 1e-2, 3, 1.0
     cfg.data.seq_len = SEQ
     t = cfg.trainer
@@ -160,12 +160,14 @@ def _progressions(step: int, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(seq[i:i + 2, :-1], seq[i:i + 2, 1:]) for i in range(0, n, 2)]
 
 
-def _train(cfg: TrainConfig, out) -> list[float]:
-    """STEPS steps through the Engine; then the weights and optimizer state saved as a
+def _train(cfg: TrainConfig, out, steps: int = STEPS) -> list[float]:
+    """``steps`` steps through the Engine; then the weights and optimizer state saved as a
     checkpoint saves them."""
-    topo = build_topology(Grid(tp=cfg.parallel.tp, dp=1))
+    topo = build_topology(Grid(tp=cfg.parallel.tp, pp=cfg.parallel.pp, dp=1))
     engine = Engine(cfg, topo, torch.device("cpu"))
-    losses = [engine.train_step(_progressions(step, 8)).loss for step in range(STEPS)]
+    converted = sum(getattr(m, "fp8_matmul", None) is not None for m in engine.module.modules())
+    assert converted == (0 if cfg.trainer.fp8 == "none" else 7 * 2 // cfg.parallel.pp)
+    losses = [engine.train_step(_progressions(step, 8)).loss for step in range(steps)]
     layers = engine.local_layers()
     save_model_weights(layers, engine.tp, topo, out, cfg.model)
     save_optimizer_state(layers, engine.tp, topo, out, cfg.model, engine.optimizer_state)
@@ -190,7 +192,7 @@ def _engine_worker(rank: int, world: int, root) -> None:
     if rank == 0:
         print(f"bf16 losses {[round(x, 3) for x in plain]}\nfp8  losses {[round(x, 3) for x in fp8]}")
     for name, losses in (("bf16", plain), ("fp8", fp8)):
-        assert sum(losses[-5:]) / 5 < losses[0] - 1.0, f"{name} loss did not fall: {losses}"
+        assert sum(losses[-5:]) / 5 < losses[0] - 0.8, f"{name} loss did not fall: {losses}"
     gap = abs(sum(fp8[-5:]) - sum(plain[-5:])) / sum(plain[-5:])
     assert gap < LOSS_TOL, f"fp8 last-5 mean loss {gap:.1%} from bf16's: {fp8} vs {plain}"
     assert fp8 != plain, "fp8 run is bit-identical to bf16: FP8 is not on"
@@ -201,6 +203,10 @@ def _engine_worker(rank: int, world: int, root) -> None:
         dtypes = {("optim" if k.startswith("optim") else "model", v[0]) for k, v in saved.items()}
         assert dtypes == {("model", torch.bfloat16), ("optim", torch.float32)}, dtypes
         assert any(k.endswith("layers.1.feed_forward.w2.weight") for k in saved)
+    # pipeline stages: each converts its own block; the first steps as at tp = 2 (measured
+    # 6e-3 apart: bf16 round-off of the TP sums flips some fp8 roundings)
+    piped = _train(_engine_config("tensorwise", tp=1, pp=2), root / "pp2", steps=3)
+    assert max(abs(a - b) for a, b in zip(piped, fp8, strict=False)) < 0.02, (piped, fp8[:3])
 
 
 def test_fp8_engine_run_falls_like_bf16_and_saves_plain_checkpoints(tmp_path):

@@ -1,0 +1,274 @@
+"""Optimizer state saved where it lives: every rank writes the pieces of the global tensors whose
+state it owns (``optim.impl=distributed``: a 1/dp flat shard of each gradient bucket), with no
+gather to any rank, in a layout-free format that any (tp, pp, dp) and any optimizer reads back.
+
+A rank's shard is a flat range of its TP slice of a parameter, which is not a range along the
+split dimension, so the weights format (pieces tile the split dimension,
+:mod:`megallama.checkpoint.shard_index`) cannot hold it. Here a piece is any *box* of the global
+tensor: a flat range of a 2-D slice is cut into at most three boxes (a partial row, whole rows, a
+partial row), shifted to the slice's place in the global tensor, with vocabulary padding cut off.
+
+``optim/<key>/`` then holds ``optim-ppXX-tpYY-dpZZ.safetensors`` (one per rank that owns state;
+tensor ``<name>@<flat start>`` per box) and ``pieces.index.json``::
+
+    {"format": "megallama-optim-pieces", "format_version": 1, "saved_layout": {...},
+     "files": {file: {"size", "sha256"}},
+     "tensors": {name: {"shape": [...], "dtype": "float32",
+                        "pieces": [{"file", "key", "box": [[start, stop], ...]}]}}}
+
+Rank 0 writes the index last, after checking that the boxes of every tensor lie inside it and add
+up to its size; a reader checks each file's size and sha256 before first use.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from megallama.checkpoint.atomic import (
+    CheckpointError,
+    agree,
+    file_sha256,
+    fsync_file,
+    verify_file,
+    write_text_atomic,
+)
+from megallama.config import ModelConfig
+from megallama.model.layout import ShardSpec, shard_spec
+from megallama.parallel.layers import TensorParallel
+from megallama.parallel.topology import Topology
+
+FORMAT, FORMAT_VERSION, INDEX_NAME = "megallama-optim-pieces", 1, "pieces.index.json"
+Box = list[list[int]]  # [start, stop) per dimension
+Layers = list[tuple[str, nn.Module]]
+
+
+class OwnedStateAccess(Protocol):
+    """The optimizer state this rank owns: (flat start in ``p``'s TP slice, fp32 values)."""
+
+    def owned_pieces(self, p: nn.Parameter, key: str) -> list[tuple[int, torch.Tensor]]: ...
+
+
+def has_pieces(key_dir: Path) -> bool:
+    return (Path(key_dir) / INDEX_NAME).is_file()
+
+
+def flat_boxes(shape: tuple[int, ...], start: int, stop: int) -> list[tuple[Box, int, int]]:
+    """Elements ``[start, stop)`` of a row-major tensor of ``shape`` (1-D or 2-D) as boxes, each
+    with its ``[lo, hi)`` within the range: a partial first row, whole rows, a partial last row."""
+    if len(shape) == 1:
+        return [([[start, stop]], 0, stop - start)] if stop > start else []
+    if len(shape) != 2:
+        raise CheckpointError(f"optimizer pieces of a {len(shape)}-D tensor are not supported")
+    cols, out, at = shape[1], [], start
+    while at < stop:
+        row, col = divmod(at, cols)
+        if col or stop - at < cols:  # a partial row
+            end = min(stop, (row + 1) * cols)
+            out.append(([[row, row + 1], [col, col + end - at]], at - start, end - start))
+        else:  # whole rows
+            end = at + (stop - at) // cols * cols
+            out.append(([[row, end // cols], [0, cols]], at - start, end - start))
+        at = end
+    return out
+
+
+def _to_global(spec: ShardSpec, tp_rank: int, box: Box, data: torch.Tensor
+               ) -> tuple[Box, torch.Tensor] | None:
+    """A box of this TP rank's slice as a box of the global tensor (padding rows cut off)."""
+    d = spec.split_dim
+    if d is None:
+        return box, data
+    offset, length = spec.piece(tp_rank)
+    a, b = box[d]
+    b = min(b, length)
+    if a >= b:
+        return None
+    out = [list(x) for x in box]
+    out[d] = [offset + a, offset + b]
+    return out, data.narrow(d, 0, b - a)
+
+
+def _local_pieces(layers: Layers, tp: TensorParallel, cfg: ModelConfig, access: OwnedStateAccess,
+                  key: str) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]:
+    """The boxes this rank stores: tensors by safetensors key, index entries by global name."""
+    tensors: dict[str, torch.Tensor] = {}
+    entries: dict[str, dict[str, Any]] = {}
+    for prefix, module in layers:
+        for local, p in module.named_parameters():
+            name = f"{prefix}.{local}"
+            spec = shard_spec(cfg, name, tp.size)
+            if not spec.is_first_holder(tp.rank):
+                continue  # a TP replica: its first holder stores it
+            shape = spec.local_shape()
+            for start, values in access.owned_pieces(p, key):
+                flat = values.detach().float().reshape(-1)
+                for box, lo, hi in flat_boxes(shape, start, start + flat.numel()):
+                    dims = [b - a for a, b in box]
+                    placed = _to_global(spec, tp.rank, box, flat[lo:hi].view(dims))
+                    if placed is None:
+                        continue
+                    tkey = f"{name}@{start + lo}"
+                    tensors[tkey] = placed[1].to("cpu", copy=True).contiguous()
+                    entries.setdefault(name, {"shape": list(spec.shape), "dtype": "float32",
+                                              "pieces": []})
+                    entries[name]["pieces"].append({"key": tkey, "box": placed[0]})
+    return tensors, entries
+
+
+def _build_index(metas: list[Any], topo: Topology, where: Path) -> dict[str, Any]:
+    files: dict[str, Any] = {}
+    tensors: dict[str, Any] = {}
+    for meta in metas:
+        if meta is None:
+            continue
+        files[meta["file"]] = {"size": meta["size"], "sha256": meta["sha256"]}
+        for name, e in meta["tensors"].items():
+            entry = tensors.setdefault(name, {"shape": e["shape"], "dtype": e["dtype"],
+                                              "pieces": []})
+            entry["pieces"] += [{"file": meta["file"], **x} for x in e["pieces"]]
+    for name, entry in tensors.items():
+        _check_tiling(name, entry, where)
+    g = topo.grid
+    return {"format": FORMAT, "format_version": FORMAT_VERSION,
+            "saved_layout": {"tp": g.tp, "pp": g.pp, "dp": g.dp}, "files": files,
+            "tensors": tensors}
+
+
+def _check_tiling(name: str, entry: dict[str, Any], where: Path) -> None:
+    """The boxes must lie inside the tensor and add up to its size (a piece missing or written
+    twice shows as a wrong total)."""
+    shape, total = entry["shape"], 0
+    for piece in entry["pieces"]:
+        box = piece["box"]
+        if len(box) != len(shape) or any(not 0 <= a < b <= n for (a, b), n in zip(box, shape, strict=True)):
+            raise CheckpointError(f"{where}: {name}: piece box {box} outside its shape {shape}")
+        total += math.prod(b - a for a, b in box)
+    if total != math.prod(shape):
+        raise CheckpointError(f"{where}: {name}: pieces hold {total} elements, the tensor "
+                              f"{math.prod(shape)} (a piece missing or saved twice)")
+
+
+def save_owned_state(layers: Layers, tp: TensorParallel, topo: Topology, key_dir: Path,
+                     cfg: ModelConfig, access: OwnedStateAccess, key: str) -> None:
+    """Write this rank's pieces of ``key`` and (rank 0) the index. Collective over the world; if
+    any rank fails, every rank raises."""
+    key_dir = Path(key_dir)
+    meta, error = None, None
+    try:
+        tensors, entries = _local_pieces(layers, tp, cfg, access, key)
+        if tensors:
+            fname = f"optim-pp{topo.pp_rank:02d}-tp{topo.tp_rank:02d}-dp{topo.dp_rank:02d}" \
+                    ".safetensors"
+            path = key_dir / fname
+            key_dir.mkdir(parents=True, exist_ok=True)
+            save_file(tensors, path, metadata={"format": "pt", "writer": FORMAT})
+            fsync_file(path)
+            meta = {"file": fname, "size": path.stat().st_size, "sha256": file_sha256(path),
+                    "tensors": entries}
+    except Exception as e:  # reported through agree() so that every rank raises
+        error = e
+
+    def decide(outcomes: list[tuple[Any, str | None]]) -> None:
+        failed = [(r, msg) for r, (_, msg) in enumerate(outcomes) if msg is not None]
+        if failed:
+            raise CheckpointError(f"saving {key_dir}: rank {failed[0][0]}: {failed[0][1]}")
+        index = _build_index([m for m, _ in outcomes], topo, key_dir)
+        write_text_atomic(key_dir / INDEX_NAME, json.dumps(index, indent=1) + "\n")
+
+    try:
+        agree((meta, None if error is None else f"{type(error).__name__}: {error}"), decide)
+    except CheckpointError:
+        if error is not None:
+            raise error from None
+        raise
+
+
+class PieceReader:
+    """Reads boxes of global tensors from a pieces directory, each file verified before use."""
+
+    def __init__(self, key_dir: Path, stack: ExitStack) -> None:
+        self.dir, self._stack, self._open = Path(key_dir), stack, {}
+        self.index_path = self.dir / INDEX_NAME
+        try:
+            self.index = json.loads(self.index_path.read_text(encoding="utf-8"))
+            if self.index.get("format") != FORMAT or \
+                    self.index.get("format_version") != FORMAT_VERSION:
+                raise CheckpointError(f"{self.index_path}: not a {FORMAT} v{FORMAT_VERSION} index")
+            self.tensors: dict[str, Any] = self.index["tensors"]
+            for name, entry in self.tensors.items():
+                _check_tiling(name, entry, self.index_path)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{self.index_path}: unreadable index ({e})") from None
+
+    def _file(self, fname: str) -> Any:
+        if fname not in self._open:
+            rec = self.index["files"][fname]
+            verify_file(self.dir / fname, rec["size"], rec["sha256"], listed_in=self.index_path)
+            self._open[fname] = self._stack.enter_context(
+                safe_open(self.dir / fname, framework="pt"))
+        return self._open[fname]
+
+    def read(self, name: str, box: Box) -> torch.Tensor:
+        """``tensor[box]`` of global tensor ``name`` as fp32, from the overlapping pieces."""
+        out = torch.zeros([b - a for a, b in box], dtype=torch.float32)
+        for piece in self.tensors[name]["pieces"]:
+            cut = [(max(a, pa), min(b, pb)) for (a, b), (pa, pb) in zip(box, piece["box"], strict=True)]
+            if any(a >= b for a, b in cut):
+                continue
+            view = self._file(piece["file"]).get_slice(piece["key"])
+            src = tuple(slice(a - pa, b - pa) for (a, b), (pa, _) in zip(cut, piece["box"], strict=True))
+            dst = tuple(slice(a - ba, b - ba) for (a, b), (ba, _) in zip(cut, box, strict=True))
+            out[dst] = view[src]
+        return out
+
+
+def load_from_pieces(layers: Layers, tp: TensorParallel, key_dir: Path, cfg: ModelConfig,
+                     set_value: Any) -> None:
+    """For every parameter of ``layers``: its TP slice of the saved state (padding rows zero),
+    passed to ``set_value(p, slice)``. Collective: if any rank fails, every rank raises."""
+    error = None
+    with ExitStack() as stack:
+        try:
+            reader = PieceReader(key_dir, stack)
+            for prefix, module in layers:
+                for local, p in module.named_parameters():
+                    name = f"{prefix}.{local}"
+                    if name not in reader.tensors:
+                        raise CheckpointError(f"{reader.index_path}: no state for {name}")
+                    spec = shard_spec(cfg, name, tp.size)
+                    if list(spec.shape) != reader.tensors[name]["shape"]:
+                        raise CheckpointError(f"{reader.index_path}: {name}: shape "
+                                              f"{reader.tensors[name]['shape']} != model "
+                                              f"{list(spec.shape)}")
+                    buf = torch.zeros(spec.local_shape(), dtype=torch.float32)
+                    offset, length = spec.piece(tp.rank)
+                    if length > 0:
+                        box = [[0, n] for n in spec.shape]
+                        if spec.split_dim is not None:
+                            box[spec.split_dim] = [offset, offset + length]
+                        buf[tuple(slice(0, b - a) for a, b in box)] = reader.read(name, box)
+                    set_value(p, buf)
+        except Exception as e:  # reported through agree() so that every rank raises
+            error = e
+    msg = None if error is None else f"{type(error).__name__}: {error}"
+
+    def decide(outcomes: list[str | None]) -> None:
+        failed = [(r, m) for r, m in enumerate(outcomes) if m is not None]
+        if failed:
+            raise CheckpointError(f"loading {key_dir}: rank {failed[0][0]}: {failed[0][1]}")
+
+    try:
+        agree(msg, decide)
+    except CheckpointError:
+        if error is not None:
+            raise error from None
+        raise
