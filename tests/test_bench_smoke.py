@@ -96,3 +96,20 @@ def test_full_7b_arguments_and_variants():
     assert "ml_fp8_eager" in everything and "ml_fp8" not in everything  # no compile on CPU
     with pytest.raises(SystemExit):
         bench.parse_args(["--micro-batches", "0"])
+
+
+def test_tiny_bench_with_document_packing(tmp_path):
+    """``--packing documents`` (the GPU comparison of document-masked vs plain causal attention):
+    the megallama variant trains on packed documents, the segments reaching the model."""
+    bench = _load()
+    out = tmp_path / "bench.jsonl"
+    rc = bench.main(["--tiny", "--variants", "ml_fused_eager", "--steps", "3", "--packing",
+                     "documents", "--doc-len", "8", "--out", str(out)])
+    assert rc == 0
+    row = json.loads(out.read_text().splitlines()[0])
+    assert row["losses"][0] - row["losses"][2] > MIN_LEARNING, row["losses"]
+    data = bench.batches(bench.parse_args(["--tiny", "--packing", "documents", "--doc-len", "8"]),
+                         "cpu")
+    tokens, labels, segments = data[0]
+    starts_inside = int((segments[:, 1:] != segments[:, :-1]).sum())  # label t -> token t + 1
+    assert segments.max() > 2 and int((labels == -100).sum()) in (starts_inside, starts_inside + 1)

@@ -84,6 +84,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--micro-batches", type=int, default=1,
                     help="micro-batches (of one sequence) per optimizer step: gradient accumulation")
     ap.add_argument("--ckpt", action="store_true", help="activation checkpointing (every variant)")
+    ap.add_argument("--packing", default="concat", choices=["concat", "documents"],
+                    help="documents: megallama variants attend within packed documents")
+    ap.add_argument("--doc-len", type=int, default=1024, help="mean document length (--packing)")
     ap.add_argument("--out", default=None, help="JSON-lines file (appended)")
     ap.add_argument("--profile", default=None, help="directory: torch-profiler summary per ml variant")
     ap.add_argument("--in-process", action="store_true", help="run the variants in this process")
@@ -113,14 +116,23 @@ def variants_of(args) -> list[str]:
 
 # ---- shared pieces -------------------------------------------------------------------------------
 def batches(args, device, n: int = 2):
-    """``n`` fixed (tokens, labels) batches, cycled: the same data for every variant."""
+    """``n`` fixed (tokens, labels) batches, cycled: the same data for every variant. With
+    ``--packing documents`` the megallama variants also get segments (documents of random
+    lengths around ``--doc-len``, attention within each) and labels -100 at document starts."""
     import torch
 
     g = torch.Generator().manual_seed(0)
     out = []
     for _ in range(max(n, args.micro_batches)):  # one step's micro-batches are all different
         seq = torch.randint(0, args.vocab, (1, args.seq + 1), generator=g)
-        out.append((seq[:, :-1].to(device), seq[:, 1:].contiguous().to(device)))
+        tokens, labels = seq[:, :-1].to(device), seq[:, 1:].clone().to(device)
+        if args.packing == "concat":
+            out.append((tokens, labels))
+            continue
+        starts = torch.rand(1, args.seq + 1, generator=g) < 1 / args.doc_len
+        segments = starts.long().cumsum(-1)
+        labels[(segments[:, 1:] != segments[:, :-1]).to(device)] = -100
+        out.append((tokens, labels, segments[:, :-1].to(device)))
     return out
 
 
@@ -357,7 +369,7 @@ def run_hf(name: str, args, device) -> dict:
     def step(i):
         total = 0.0
         for j in range(args.micro_batches):  # gradient accumulation: mean over micro-batches
-            tokens, labels = data[(i * args.micro_batches + j) % len(data)]
+            tokens, labels = data[(i * args.micro_batches + j) % len(data)][:2]
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=not bf16_params):
                 logits = fwd(input_ids=tokens).logits
             loss = F.cross_entropy(logits.float().view(-1, args.vocab), labels.view(-1))

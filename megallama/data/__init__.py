@@ -5,9 +5,15 @@ Modules (imported explicitly so that the preprocessing CLIs do not pull in torch
 - ``tokenizer``: the Llama SentencePiece wrapper and the model/tokenizer vocabulary check.
 - ``tokenizer_trainer``: trains a SentencePiece BPE model with Llama 2's settings.
 - ``sources``: reads documents from text / JSONL inputs, optionally gzip or xz compressed.
-- ``indexed``: the memory-mapped token file (``.bin``) and its document index (``.idx``).
-- ``preprocess``: text/JSONL -> indexed token file, in parallel, with a summary.
+- ``indexed``: the memory-mapped token file (``.bin``), its document index (``.idx``) and the
+  optional per-token loss mask of chat data (``.mask``).
+- ``chat``: the Llama 2 chat format: dialogs -> token ids and loss mask (``encode_dialog``), and
+  the prompt of a dialog for generation (``encode_dialog_prompt``): one definition for both.
+- ``encoding``: preprocessing's chunk encoding, overlong limits and worker pool.
+- ``preprocess``: text/JSONL/chat JSONL -> indexed token file, in parallel, with a summary.
 - ``dataset``: packed fixed-length samples, blending, train/valid split, ``collate``.
+- ``packing``: ``data.packing`` (concat / documents / padded) and the loss mask: training windows,
+  their targets and segments, and the micro-batches they collate to.
 - ``sampler``: the deterministic, resumable, data-parallel batch sampler.
 - ``checks``: the token files and tokenizer a run names, checked before any collective.
 - ``progress_bar``: the tqdm settings every console progress bar of megallama shares.

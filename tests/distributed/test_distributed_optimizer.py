@@ -257,8 +257,8 @@ def test_3d_fp32_bf16_same_layout_resume(saved_3d):
 def _worker_dp4(rank: int, world: int, refs: dict, ckpt: Path, cont: list[float],
                 tmp: Path) -> None:
     init_distributed(torch.device("cpu"))
-    for tp, pp, ckpt in ((1, 1, False), (2, 1, False), (1, 2, True)):  # + recomputed blocks
-        _fp32(world, tp, pp, refs, ckpt=ckpt)
+    for tp, pp, recompute in ((1, 1, False), (2, 1, False), (1, 2, True)):
+        _fp32(world, tp, pp, refs, ckpt=recompute)
     _weights(world, 2, 1)
     _memory(world, 1, 1, "bf16", 2)   # dp 4
     _memory(world, 2, 2, "bf16", 2)   # dp 1
