@@ -32,6 +32,9 @@ for split in train valid; do
   "$py" -m megallama.data.preprocess "data/instruct_demo/$split.jsonl" --tokenizer "$tok" \
     --output-prefix "runs/sft/data/$split" --max-tokens 129 --quiet > /dev/null
 done
+echo "[finetune] the base model on held-out prompts, before fine-tuning:"
+"$py" tools/chat_accuracy.py --checkpoint runs/sft/base-hf --format hf \
+  --data data/instruct_demo/valid.jsonl --limit 100 --show 1
 echo "[finetune] 3. fine-tuning: 4 ranks (tp=2 x pp=2), loss on the answers only"
 start=$(date +%s)
 "$root/.venv/bin/torchrun" --standalone --nproc-per-node 4 -m megallama.train \

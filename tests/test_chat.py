@@ -207,7 +207,7 @@ DEMO = Path(__file__).resolve().parents[1] / "data" / "instruct_demo"
 
 def test_demo_set_is_the_scripts_output_and_follows_its_rule(tmp_path: Path) -> None:
     """tools/make_instruct_demo.py regenerates the shipped files byte for byte; every dialog is
-    valid chat data whose answers are the user's words reversed, and no validation word tuple is
+    valid chat data whose answers are the user's last word, and no validation word tuple is
     in the training set."""
     import subprocess
     import sys
@@ -225,18 +225,18 @@ def test_demo_set_is_the_scripts_output_and_follows_its_rule(tmp_path: Path) -> 
             users, answers = split_dialog(record_messages(json.loads(line)))
             for user, answer in zip(users, answers, strict=True):
                 words = user.split("<</SYS>>\n\n")[-1].split(":")[-1].rstrip("?").split()
-                assert 3 <= len(words) <= 4 and answer == " ".join(reversed(words)), (user, answer)
+                assert 3 <= len(words) <= 4 and answer == words[-1], (user, answer)
                 tuples[name].add(tuple(words))
     assert not tuples["train.jsonl"] & tuples["valid.jsonl"]
 
 
 def test_demo_dialogs_are_short(llama: Tokenizer) -> None:
     """Under 100 tokens each with the Llama 2 tokenizer (the demo's 8000-piece SOTU tokenizer
-    gives 18-78); the answers are a fifth of the tokens or so."""
+    gives 16-72); the answers are a tenth of the tokens or so."""
     lengths, targets = [], 0
     for line in (DEMO / "train.jsonl").read_text(encoding="utf-8").splitlines():
         ids, mask = encode_dialog(llama, record_messages(json.loads(line)))
         lengths.append(len(ids))
         targets += sum(mask)
     assert max(lengths) < 100 and len(lengths) == 2000
-    assert 0.1 < targets / sum(lengths) < 0.3
+    assert 0.05 < targets / sum(lengths) < 0.3

@@ -98,6 +98,22 @@ def test_experiment_tiny_cpu():
     assert load_config(["experiment=tiny_cpu", "trainer.steps=20"]).trainer.steps == 20
 
 
+def test_experiment_llama2_7b_sft_is_the_papers_recipe():
+    """Llama 2 paper, section 3.1: lr 2e-5 cosine, weight decay 0.1, 64 x 4096 tokens, 2 epochs;
+    answers-only loss on dialogs packed whole, from converted weights with a fresh optimizer."""
+    cfg = load_config(["experiment=llama2_7b_sft"])
+    assert cfg.model == preset("llama2_7b")
+    assert (cfg.optim.lr, cfg.optim.min_lr_ratio, cfg.optim.weight_decay) == (2e-5, 0.0, 0.1)
+    assert (cfg.parallel.global_batch_size, cfg.data.seq_len, cfg.trainer.epochs) == (64, 4096, 2)
+    assert (cfg.data.packing, cfg.data.loss_mask, cfg.trainer.precision) == ("documents", True, "bf16")
+    assert cfg.trainer.init_from and cfg.trainer.resume == "auto"
+    check_optim(cfg.optim)
+    assert check_parallel(cfg.parallel, cfg.model, cfg.data.seq_len, 8).world_size == 8
+    demo = load_config(["experiment=tiny_sft_cpu"])
+    assert demo.model == load_config(["experiment=tiny_cpu"]).model  # the demo model, fine-tuned
+    assert (demo.data.packing, demo.parallel.tp, demo.parallel.pp) == ("documents", 2, 2)
+
+
 def test_experiment_llama2_7b_pretrain():
     cfg = load_config(["experiment=llama2_7b_pretrain"])
     assert cfg.model == preset("llama2_7b")

@@ -3,10 +3,10 @@ reproducible: the shipped files are this script's output, and a test regenerates
 
     python tools/make_instruct_demo.py [--out data/instruct_demo] [--seed 0]
 
-The rule: the user gives three or four common English words and the answer is the same words in
-reverse order, separated by single spaces, nothing else ("peace law nation" -> "nation law
-peace"). The user's text never states the rule and its wording varies, so a model can only learn
-it from the answers: with the loss masked to the answers, that is all it is trained on. The words
+The rule: the user gives three or four common English words and the answer is the last of them,
+nothing else ("peace law nation" -> "nation"). The user's text never states the rule and its
+wording varies, so a model can only learn it from the answers: with the loss masked to the
+answers, that is all it is trained on. The words
 are frequent in the State of the Union corpus (each one piece of the demo's 8000-piece tokenizer),
 so a model pretrained on it knows them and only the rule is new.
 
@@ -44,9 +44,9 @@ def _words(rng: random.Random, taken: set[tuple[str, ...]]) -> tuple[str, ...]:
 
 
 def _turn(rng: random.Random, taken: set[tuple[str, ...]]) -> tuple[str, str]:
-    """(user text, answer) of one turn: the answer is the user's words reversed."""
+    """(user text, answer) of one turn: the answer is the user's last word."""
     words = _words(rng, taken)
-    return rng.choice(ASKS).format(words=" ".join(words)), " ".join(reversed(words))
+    return rng.choice(ASKS).format(words=" ".join(words)), words[-1]
 
 
 def _record(rng: random.Random, taken: set[tuple[str, ...]]) -> dict:

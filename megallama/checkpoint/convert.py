@@ -36,6 +36,7 @@ from megallama.checkpoint.hf import (
     SafetensorsStream,
     nbytes_of,
 )
+from megallama.checkpoint.lookup import find_checkpoint
 from megallama.checkpoint.meta import MetaSink, MetaSource, check_mp, default_mp
 from megallama.checkpoint.names import model_tensor_shapes
 from megallama.checkpoint.shard_index import check_shard_headers
@@ -87,6 +88,11 @@ class MegallamaSource:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
+        if not (self.path / INDEX_NAME).is_file():  # a run or checkpoints/ directory: its latest
+            try:
+                self.path = find_checkpoint(self.path)
+            except CheckpointError:
+                pass  # reading the index below names the missing file
         index = read_index(self.path)
         try:
             self.config = ModelConfig(**index["model_config"])

@@ -6,7 +6,8 @@ Memory: every rank keeps the (bf16 or fp32) weights and a flat gradient buffer f
 parameters, but the fp32 master (for bf16 weights: a 16-bit remainder beside the weight, see
 :mod:`megallama.optim.adamw_kernel`) and both Adam moments only for its 1/dp shard of every
 gradient bucket (:mod:`megallama.optim.grad_buckets`): 2 + 4 + (2 + 8 + 4) / dp bytes per bf16
-parameter (the last 4: the shard's reduced fp32 gradient, when dp > 1) instead of 16.
+parameter (the last 4: the shard's reduced fp32 gradient, when dp > 1) instead of the fused
+optimizer's 2 + 4 + 4 + 8 at any dp.
 
 One step:
 1. backward: each gradient is added into its bucket's flat buffer by a post-accumulate-grad hook

@@ -15,7 +15,8 @@ reduce-scatter started from the backward) at every layout, against independent o
 * memory: the bytes each rank holds (weights, gradient buffers, sharded state) at dp 1, 2 and 4
   are the planner's (megallama.training.planner.optimizer_states) within 10%;
 * overlap: the reduce-scatter of the bucket holding the output head starts in the last
-  micro-batch's backward, before any gradient of the first transformer block is computed.
+  micro-batch's backward, before any gradient of the first transformer block is computed;
+* the real entry point: a bf16 dp-2 run resumed through the Trainer gives identical losses.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from tests.distributed.engine_cases import (
 )
 from tests.distributed.harness import run_world
 from tests.distributed.test_fused_optimizer import LOSS_TOL, NORM_TOL, _skip_step
+from tests.distributed.test_resume import losses, run
 from tests.distributed.test_updated_weights import TOL as WEIGHT_TOL
 from tests.distributed.test_updated_weights import _full_weights
 
@@ -176,11 +178,15 @@ def _worker_dp2(rank: int, world: int, refs: dict, tmp: Path) -> None:
 
 @pytest.fixture(scope="module")
 def refs() -> dict:
-    """Plain torch runs of every (global batch, micro-batch) the tests use."""
-    out = {}
-    for gb, micro in ((8, 4), (8, 1), (16, 4), (16, 1), (8, 2)):
-        cfg = make_config(micro=micro, global_batch=gb)
-        out[(gb, micro)] = reference_run(cfg)
+    """Plain torch runs of every (global batch, micro-batch) the tests use (one thread: two
+    threads on a shared, loaded CPU made these tiny runs up to 50x slower)."""
+    out, threads = {}, torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for gb, micro in ((8, 4), (8, 1), (16, 4), (16, 1), (8, 2)):
+            out[(gb, micro)] = reference_run(make_config(micro=micro, global_batch=gb))
+    finally:
+        torch.set_num_threads(threads)
     return out
 
 
@@ -276,3 +282,19 @@ def _worker_dp4(rank: int, world: int, refs: dict, ckpt: Path, cont: list[float]
 def test_dp4_layouts_resharded_resume_memory(refs, saved_3d, tmp_path):
     ckpt, cont = saved_3d
     run_world(4, _worker_dp4, refs, ckpt, cont, tmp_path)
+
+
+def test_cli_bf16_resume_is_bit_exact(token_files, tmp_path):
+    """Through the real entry point (megallama.train under torchrun, the Trainer's crash-safe
+    checkpoint writer): bf16 at dp 2 with optim.impl=distributed, resumed from step 3 of a run,
+    gives that run's losses exactly."""
+    ref, out = tmp_path / "ref", tmp_path / "resumed"
+    common = ("trainer.precision=bf16", "optim.impl=distributed", "parallel.zero_stage=0",
+              "optim.bucket_mb=0.05")
+    proc = run(token_files, ref, 2, *common, "trainer.save_interval=3")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    saved = ref / "checkpoints" / "step_00000003"
+    assert (saved / "optim" / "fp32" / "pieces.index.json").is_file()
+    proc = run(token_files, out, 2, *common, f"trainer.resume={saved}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert losses(out) == losses(ref)[3:]
