@@ -172,6 +172,27 @@ def _overlong_line(totals: dict[str, int], max_tokens: int | None) -> str | None
             f"{truncated:,} truncated (of {totals['documents'] + dropped:,})")
 
 
+def _count(totals: dict[str, int], result: Encoded) -> None:
+    """Add one encoded chunk to the summary's counts."""
+    targets = len(result.tokens) if result.mask is None else int(result.mask.sum())
+    totals["documents"] += len(result.lengths)
+    totals["tokens"] += len(result.tokens)
+    totals["bytes"] += result.nbytes
+    totals["chat_documents"] += 0 if result.mask is None else len(result.lengths)
+    totals["unmasked_tokens"] += targets
+    totals["masked_tokens"] += len(result.tokens) - targets
+    totals["dropped_overlong"] += result.dropped
+    totals["truncated_overlong"] += result.truncated
+
+
+def _check_not_all_dropped(totals: dict[str, int], max_tokens: int | None) -> None:
+    if totals["documents"] == 0:  # every document was over max_tokens and dropped
+        dropped = totals["dropped_overlong"]
+        which = f"all {dropped:,} documents are" if dropped > 1 else "the one document is"
+        raise SourceError(f"{which} longer than --max-tokens {max_tokens}: nothing to write; "
+                          "raise the limit or use --overlong truncate")
+
+
 def preprocess(
     inputs: Sequence[str | Path],
     output_prefix: str | Path,
@@ -214,19 +235,6 @@ def preprocess(
     totals = dict.fromkeys(("documents", "tokens", "bytes", "chat_documents", "unmasked_tokens",
                             "masked_tokens", "dropped_overlong", "truncated_overlong"), 0)
 
-    def consume(result: Encoded, done_bytes: int) -> None:
-        writer.add_documents(result.tokens, result.lengths, result.mask)
-        targets = len(result.tokens) if result.mask is None else int(result.mask.sum())
-        totals["documents"] += len(result.lengths)
-        totals["tokens"] += len(result.tokens)
-        totals["bytes"] += result.nbytes
-        totals["chat_documents"] += 0 if result.mask is None else len(result.lengths)
-        totals["unmasked_tokens"] += targets
-        totals["masked_tokens"] += len(result.tokens) - targets
-        totals["dropped_overlong"] += result.dropped
-        totals["truncated_overlong"] += result.truncated
-        report.update(totals, done_bytes)
-
     settings = {"bos": prepend_bos, "eos": append_eos, "workers": workers,
                 "max_tokens": max_tokens, "overlong": policies if max_tokens else None}
     encoder_args = (prepend_bos, append_eos, max_tokens, policies)
@@ -235,12 +243,10 @@ def preprocess(
         chunks = _chunks(readers, report.log)
         for result, done_bytes in encoded_chunks(chunks, tokenizer, workers, start_method,
                                            encoder_args):
-            consume(result, done_bytes)
-        if totals["documents"] == 0:  # every document was over max_tokens and dropped
-            dropped = totals["dropped_overlong"]
-            which = f"all {dropped:,} documents are" if dropped > 1 else "the one document is"
-            raise SourceError(f"{which} longer than --max-tokens {max_tokens}: nothing to write; "
-                              "raise the limit or use --overlong truncate")
+            writer.add_documents(result.tokens, result.lengths, result.mask)
+            _count(totals, result)
+            report.update(totals, done_bytes)
+        _check_not_all_dropped(totals, max_tokens)
         summary = _summary(inputs, output_prefix, tokenizer, readers, totals, settings,
                            time.perf_counter() - start)
         summary["loss_mask"] = str(writer.mask_path) if totals["chat_documents"] else None
