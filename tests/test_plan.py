@@ -18,7 +18,7 @@ from megallama.model.llama import TransformerBlock
 from megallama.parallel import cross_entropy
 from megallama.parallel.fp8 import convert_to_float8
 from megallama.parallel.layers import TensorParallel
-from megallama.training import planner
+from megallama.training import planner, state_bytes
 
 GIB = 1024**3
 
@@ -51,7 +51,7 @@ def test_llama2_7b_tp2_pp2_dp2_states_by_hand():
         # largest tensor: the embedding / head shard) before it is added in
         assert r.gradients == 4 * p + 2 * table
         assert r.gas == 1024 // (1 * 2) and r.in_flight == 2 - r.stage
-    assert planner.optimizer_states(p0, 2, "bf16", 1, "cuda") == planner.States(
+    assert state_bytes.optimizer_states(p0, 2, "bf16", 1, "cuda") == state_bytes.States(
         2 * p0, 4 * p0, 0, 0, False, 2 * p0, 4 * p0, 4 * 500_000_000)  # dp>1: all-reduce copy
 
 
@@ -299,11 +299,11 @@ def test_fused_optimizer_states():
     """zero_stage=0 (optim.impl=fused): bf16 weights and gradients, fp32 master and moments, all
     unsharded (16 bytes/param); an fp32 gradient buffer once gradients are summed (gas or dp > 1)."""
     p = 1_000_000
-    st = planner.optimizer_states(p, 1, "bf16", 0, "cuda", gas=1)
+    st = state_bytes.optimizer_states(p, 1, "bf16", 0, "cuda", gas=1)
     assert st.weights + st.grads_keep + st.grads_accum + st.master + st.adam == 16 * p
-    summed = planner.optimizer_states(p, 2, "bf16", 0, "cuda", gas=1)
+    summed = state_bytes.optimizer_states(p, 2, "bf16", 0, "cuda", gas=1)
     assert summed.grads_keep == 4 * p and summed.grads_accum == 0 and summed.adam == 8 * p
-    fp32 = planner.optimizer_states(p, 1, "fp32", 0, "cuda", gas=4)
+    fp32 = state_bytes.optimizer_states(p, 1, "fp32", 0, "cuda", gas=4)
     assert (fp32.weights, fp32.master, fp32.grads_accum) == (4 * p, 0, 4 * p)
 
 
@@ -313,13 +313,13 @@ def test_distributed_optimizer_states_by_hand():
     2 + 4 + (4 + 2 + 8) / dp bytes per parameter (at dp 1 no reduced copy: 2 + 4 + 10)."""
     p = 8_000_000
     for dp, want in ((1, 16 * p), (2, 6 * p + 7 * p), (8, 6 * p + 14 * p // 8)):
-        st = planner.optimizer_states(p, dp, "bf16", 0, "cuda", gas=4, impl="distributed")
+        st = state_bytes.optimizer_states(p, dp, "bf16", 0, "cuda", gas=4, impl="distributed")
         assert st.weights + st.grads_keep + st.grads_accum + st.master + st.adam == want, dp
         assert st.step == 0 and st.bucket == 0
-    fp32 = planner.optimizer_states(p, 4, "fp32", 0, "cuda", impl="distributed")
+    fp32 = state_bytes.optimizer_states(p, 4, "fp32", 0, "cuda", impl="distributed")
     assert (fp32.weights, fp32.grads_keep, fp32.master, fp32.adam) == (4 * p, 5 * p, 0, 2 * p)
     # the fused optimizer keeps everything on every rank: 2 + 4 + 4 + 8 bytes/param at any dp
-    fused = planner.optimizer_states(p, 8, "bf16", 0, "cuda", gas=4)
+    fused = state_bytes.optimizer_states(p, 8, "bf16", 0, "cuda", gas=4)
     assert fused.weights + fused.grads_keep + fused.master + fused.adam == 18 * p
 
 

@@ -222,7 +222,7 @@ def check_parallel(p: ParallelConfig, model: ModelConfig, seq_len: int, world_si
             f"tp={p.tp}: choose a seq_len that is a multiple of tp or disable sequence_parallel"
         )
     if p.zero_stage not in (0, 1, 2, 3):
-        raise ConfigError(f"parallel.zero_stage={p.zero_stage}: use 0 (optim.impl=fused), 1, 2 or 3")
+        raise ConfigError(f"parallel.zero_stage={p.zero_stage}: use 0 (optim.impl=fused or distributed), 1, 2 or 3")
     if p.zero_stage > 1 and p.pp > 1:
         raise ConfigError(
             f"parallel.zero_stage={p.zero_stage} with pp={p.pp}: DeepSpeed refuses ZeRO-2/3 with "

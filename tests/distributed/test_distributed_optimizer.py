@@ -13,7 +13,7 @@ reduce-scatter started from the backward) at every layout, against independent o
   uninterrupted run; impl=deepspeed and impl=fused checkpoints resume under impl=distributed and
   back, within 1e-5 of plain torch;
 * memory: the bytes each rank holds (weights, gradient buffers, sharded state) at dp 1, 2 and 4
-  are the planner's (megallama.training.planner.optimizer_states) within 10%;
+  are the planner's (megallama.training.state_bytes.optimizer_states) within 10%;
 * overlap: the reduce-scatter of the bucket holding the output head starts in the last
   micro-batch's backward, before any gradient of the first transformer block is computed;
 * the real entry point: a bf16 dp-2 run resumed through the Trainer gives identical losses.
@@ -32,7 +32,7 @@ from megallama.checkpoint.stateful import load_pieces, save_pieces
 from megallama.engine import Engine
 from megallama.parallel.runtime import init_distributed
 from megallama.parallel.topology import Grid, build_topology, kv_replicas_for
-from megallama.training.planner import optimizer_states
+from megallama.training.state_bytes import optimizer_states
 from megallama.training.train_state import TrainingState
 from tests.distributed.engine_cases import (
     STEPS,
