@@ -18,6 +18,7 @@ gather-decide-broadcast step that makes every rank raise when any rank failed.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import re
@@ -27,7 +28,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.distributed as dist
+from safetensors.torch import save_file
 
 Group = dist.ProcessGroup | None
 
@@ -298,3 +301,34 @@ __all__ = [
     "is_distributed", "latest_checkpoint", "list_checkpoints", "prune", "save_checkpoint_dir",
     "step_dir_name", "verify_file", "write_text_atomic",
 ]
+
+
+def write_shard_file(tensors: dict[str, torch.Tensor], path: Path, writer: str,
+                     entries: dict[str, Any]) -> dict[str, Any]:
+    """Write one safetensors shard durably; return its metadata for the index (file name, size,
+    sha256 and the ``entries`` describing its tensors)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, path, metadata={"format": "pt", "writer": writer})
+    fsync_file(path)
+    return {"file": path.name, "size": path.stat().st_size, "sha256": file_sha256(path),
+            "tensors": entries}
+
+
+def commit_index(meta: Any, error: Exception | None, index_path: Path, what: str,
+                 build: Callable[[list[Any]], dict[str, Any]]) -> None:
+    """Collective end of a sharded write: every rank reports its file metadata (or its error);
+    the first rank builds the index from all of them and writes it atomically. If any rank
+    failed, every rank raises (this rank its own error, if it had one)."""
+    def decide(outcomes: list[tuple[Any, str | None]]) -> None:
+        failed = [(r, msg) for r, (_, msg) in enumerate(outcomes) if msg is not None]
+        if failed:
+            raise CheckpointError(f"saving {what}: rank {failed[0][0]}: {failed[0][1]}")
+        index = build([m for m, _ in outcomes])
+        write_text_atomic(index_path, json.dumps(index, indent=1) + "\n")
+
+    try:
+        agree((meta, None if error is None else f"{type(error).__name__}: {error}"), decide)
+    except CheckpointError:
+        if error is not None:
+            raise error from None
+        raise

@@ -30,16 +30,14 @@ from typing import Any, Protocol
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from megallama.checkpoint.atomic import (
     CheckpointError,
     agree,
-    file_sha256,
-    fsync_file,
+    commit_index,
     verify_file,
-    write_text_atomic,
+    write_shard_file,
 )
 from megallama.config import ModelConfig
 from megallama.model.layout import ShardSpec, shard_spec
@@ -168,28 +166,11 @@ def save_owned_state(layers: Layers, tp: TensorParallel, topo: Topology, key_dir
         if tensors:
             fname = f"optim-pp{topo.pp_rank:02d}-tp{topo.tp_rank:02d}-dp{topo.dp_rank:02d}" \
                     ".safetensors"
-            path = key_dir / fname
-            key_dir.mkdir(parents=True, exist_ok=True)
-            save_file(tensors, path, metadata={"format": "pt", "writer": FORMAT})
-            fsync_file(path)
-            meta = {"file": fname, "size": path.stat().st_size, "sha256": file_sha256(path),
-                    "tensors": entries}
+            meta = write_shard_file(tensors, key_dir / fname, FORMAT, entries)
     except Exception as e:  # reported through agree() so that every rank raises
         error = e
-
-    def decide(outcomes: list[tuple[Any, str | None]]) -> None:
-        failed = [(r, msg) for r, (_, msg) in enumerate(outcomes) if msg is not None]
-        if failed:
-            raise CheckpointError(f"saving {key_dir}: rank {failed[0][0]}: {failed[0][1]}")
-        index = _build_index([m for m, _ in outcomes], topo, key_dir)
-        write_text_atomic(key_dir / INDEX_NAME, json.dumps(index, indent=1) + "\n")
-
-    try:
-        agree((meta, None if error is None else f"{type(error).__name__}: {error}"), decide)
-    except CheckpointError:
-        if error is not None:
-            raise error from None
-        raise
+    commit_index(meta, error, key_dir / INDEX_NAME, str(key_dir),
+                 lambda metas: _build_index(metas, topo, key_dir))
 
 
 class PieceReader:

@@ -13,14 +13,12 @@ disagree with it is refused rather than written or loaded in the wrong place.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from megallama.checkpoint.atomic import (
@@ -28,12 +26,11 @@ from megallama.checkpoint.atomic import (
     Group,
     agree,
     checkpoint_writer,
-    file_sha256,
-    fsync_file,
+    commit_index,
     is_distributed,
     latest_checkpoint,
     save_checkpoint_dir,
-    write_text_atomic,
+    write_shard_file,
 )
 from megallama.checkpoint.shard_index import (
     FORMAT,
@@ -156,30 +153,12 @@ def save_model_weights(layers: Layers, tp: TensorParallel, topo: Topology, ckpt_
             tensors, entries = _local_shard(params, tp, model_cfg, ckpt_dir)
             if tensors:
                 fname = shard_file_name(topo.pp_rank, topo.tp_rank)
-                path = ckpt_dir / fname
-                ckpt_dir.mkdir(parents=True, exist_ok=True)
-                save_file(tensors, path, metadata={"format": "pt", "writer": FORMAT})
+                meta = write_shard_file(tensors, ckpt_dir / fname, FORMAT, entries)
                 del tensors
-                fsync_file(path)
-                meta = {"file": fname, "size": path.stat().st_size, "sha256": file_sha256(path),
-                        "tensors": entries}
     except Exception as e:  # reported to rank 0 so that every rank raises
         error = e
-
-    def decide(outcomes: list[tuple[Any, str | None]]) -> None:
-        failed = [(r, msg) for r, (_, msg) in enumerate(outcomes) if msg is not None]
-        if failed:
-            rank, msg = failed[0]
-            raise CheckpointError(f"saving weights to {ckpt_dir}: rank {rank}: {msg}")
-        index = build_index([m for m, _ in outcomes], model_cfg, topo, extra, ckpt_dir)
-        write_text_atomic(ckpt_dir / INDEX_NAME, json.dumps(index, indent=1) + "\n")
-
-    try:
-        agree((meta, None if error is None else f"{type(error).__name__}: {error}"), decide)
-    except CheckpointError:
-        if error is not None:
-            raise error from None
-        raise
+    commit_index(meta, error, ckpt_dir / INDEX_NAME, f"weights to {ckpt_dir}",
+                 lambda metas: build_index(metas, model_cfg, topo, extra, ckpt_dir))
 
 
 # ---- read ----------------------------------------------------------------------------------------
