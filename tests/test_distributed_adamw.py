@@ -154,7 +154,7 @@ def test_bf16_set_full_state_splits_the_master():
     ("distributed", 1, 25.0, "optim.impl=distributed with parallel.zero_stage=1: the distributed "
                              "optimizer shards its state over data parallelism itself"),
     ("distributed", 0, 0.0, "optim.bucket_mb=0.0: must be > 0"),
-    ("sharded", 0, 25.0, "optim.impl='sharded': choose one of ['deepspeed', 'fused', "
+    ("sharded", 0, 25.0, "optim.impl='sharded': choose one of ['auto', 'deepspeed', 'fused', "
                          "'distributed']"),
 ])
 def test_config_checks(impl, zero, bucket_mb, message):

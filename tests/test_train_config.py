@@ -30,7 +30,7 @@ from megallama.config.train_config import (
     TrainConfig,
     TrainerConfig,
 )
-from megallama.config.validate import check_optim, check_parallel
+from megallama.config.validate import check_optim, check_parallel, resolve_optimizer
 from megallama.data.indexed import IndexedWriter
 from megallama.data.tokenizer_trainer import train_tokenizer
 from megallama.parallel.topology import Grid
@@ -98,6 +98,25 @@ def test_experiment_tiny_cpu():
     assert load_config(["experiment=tiny_cpu", "trainer.steps=20"]).trainer.steps == 20
 
 
+@pytest.mark.parametrize("precision,impl,zero,want", [
+    ("bf16", "auto", None, ("distributed", 0)),
+    ("fp32", "auto", None, ("deepspeed", 1)),
+    ("bf16", "auto", 1, ("deepspeed", 1)),  # an explicit ZeRO stage keeps DeepSpeed's optimizer
+    ("bf16", "auto", 2, ("deepspeed", 2)),
+    ("fp32", "auto", 0, ("distributed", 0)),
+    ("bf16", "fused", None, ("fused", 0)),
+    ("bf16", "deepspeed", None, ("deepspeed", 1)),
+    ("fp32", "distributed", 0, ("distributed", 0)),
+])
+def test_optimizer_defaults_resolve(precision, impl, zero, want):
+    cfg = TrainConfig()
+    cfg.trainer.precision, cfg.optim.impl, cfg.parallel.zero_stage = precision, impl, zero
+    resolve_optimizer(cfg)
+    assert (cfg.optim.impl, cfg.parallel.zero_stage) == want
+    resolve_optimizer(cfg)  # idempotent
+    assert (cfg.optim.impl, cfg.parallel.zero_stage) == want
+
+
 def test_experiment_llama2_7b_sft_is_the_papers_recipe():
     """Llama 2 paper, section 3.1: lr 2e-5 cosine, weight decay 0.1, 64 x 4096 tokens, 2 epochs;
     answers-only loss on dialogs packed whole, from converted weights with a fresh optimizer."""
@@ -107,6 +126,8 @@ def test_experiment_llama2_7b_sft_is_the_papers_recipe():
     assert (cfg.parallel.global_batch_size, cfg.data.seq_len, cfg.trainer.epochs) == (64, 4096, 2)
     assert (cfg.data.packing, cfg.data.loss_mask, cfg.trainer.precision) == ("documents", True, "bf16")
     assert cfg.trainer.init_from and cfg.trainer.resume == "auto"
+    resolve_optimizer(cfg)
+    assert (cfg.optim.impl, cfg.parallel.zero_stage) == ("distributed", 0)
     check_optim(cfg.optim)
     assert check_parallel(cfg.parallel, cfg.model, cfg.data.seq_len, 8).world_size == 8
     demo = load_config(["experiment=tiny_sft_cpu"])
@@ -119,7 +140,9 @@ def test_experiment_llama2_7b_pretrain():
     assert cfg.model == preset("llama2_7b")
     assert cfg.parallel.global_batch_size * cfg.data.seq_len == 1024 * 4096  # 4M tokens per step
     assert (cfg.trainer.precision, cfg.trainer.steps) == ("bf16", 500000)
-    assert cfg.parallel.zero_stage == 1
+    assert (cfg.optim.impl, cfg.parallel.zero_stage) == ("auto", None)
+    resolve_optimizer(cfg)  # bf16: the distributed optimizer, state sharded over DP, ZeRO off
+    assert (cfg.optim.impl, cfg.parallel.zero_stage) == ("distributed", 0)
     assert cfg.parallel.activation_checkpointing and cfg.parallel.sequence_parallel
     check_optim(cfg.optim)
     for world in (8, 64):
@@ -261,8 +284,10 @@ BAD = [  # (changes, world size, expected fragment of the one-line message)
     ({"parallel.sequence_parallel": True, "data.seq_len": 63}, 8, "parallel.sequence_parallel"),
     ({"parallel.zero_stage": 4}, 8, "parallel.zero_stage=4"),
     ({"parallel.zero_stage": 2}, 8, "DeepSpeed refuses ZeRO-2/3 with pipeline parallelism"),
-    ({"parallel.zero_stage": 0}, 8, "parallel.zero_stage=0 with optim.impl=deepspeed"),
-    ({"optim.impl": "fused"}, 8, "optim.impl=fused with parallel.zero_stage=1"),
+    ({"parallel.zero_stage": 0, "optim.impl": "deepspeed"}, 8,
+     "parallel.zero_stage=0 with optim.impl=deepspeed"),
+    ({"optim.impl": "fused", "parallel.zero_stage": 1}, 8,
+     "optim.impl=fused with parallel.zero_stage=1"),
     ({"optim.impl": "apex"}, 8, "optim.impl='apex': choose one of"),
     ({"parallel.partition_method": "even"}, 8, "parallel.partition_method='even'"),
     ({"trainer.precision": "fp16"}, 8, "trainer.precision='fp16': choose one of"),

@@ -17,7 +17,9 @@ class ParallelConfig:
     pp: int = 1
     dp: int | None = None  # derived from the world size; set only to assert it
     sequence_parallel: bool = False
-    zero_stage: int = 1
+    # DeepSpeed ZeRO stage; None: 0 for megallama's optimizers (optim.impl fused / distributed),
+    # else 1
+    zero_stage: int | None = None
     micro_batch_size: int = 1
     global_batch_size: int = 8
     activation_checkpointing: bool = False
@@ -38,12 +40,13 @@ class OptimConfig:
     eps: float = 1e-5
     weight_decay: float = 0.1
     grad_clip: float = 1.0  # 0 disables; always passed to DeepSpeed explicitly
-    # deepspeed: torch AdamW wrapped by DeepSpeed's ZeRO / bf16 optimizer (state sharded over DP);
-    # fused: megallama's one-pass master-weight AdamW (needs parallel.zero_stage=0; faster, not
-    # sharded); distributed: the fused AdamW with its state sharded over DP and bucketed gradient
-    # reduce-scatter overlapped with backward (zero_stage 0). See megallama/optim/ and
+    # auto (default): distributed for bf16 training, deepspeed for fp32 (or whenever
+    # parallel.zero_stage >= 1 is set); deepspeed: torch AdamW wrapped by DeepSpeed's ZeRO / bf16
+    # optimizer (state sharded over DP); fused: megallama's one-pass master-weight AdamW (zero_stage
+    # 0; not sharded); distributed: the fused AdamW with its state sharded over DP and bucketed
+    # gradient reduce-scatter overlapped with backward (zero_stage 0). See megallama/optim/ and
     # docs/PERFORMANCE.md.
-    impl: str = "deepspeed"
+    impl: str = "auto"
     bucket_mb: float = 25.0  # optim.impl=distributed: gradient bucket size (MiB of gradients)
 
 

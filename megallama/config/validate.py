@@ -40,9 +40,24 @@ WANDB_MODES = ("disabled", "offline", "online")
 PACKINGS = ("concat", "documents", "padded")  # megallama.data.packing
 
 
+def resolve_optimizer(cfg: TrainConfig) -> None:
+    """Fill in ``optim.impl=auto`` and an unset ``parallel.zero_stage`` (in place; idempotent):
+    bf16 training, or zero_stage 0, runs the distributed optimizer (megallama's fused AdamW with
+    its state sharded over DP, ZeRO off); fp32 training, or an explicit ZeRO stage >= 1, runs
+    DeepSpeed's optimizer with ZeRO-1 unless another stage is set."""
+    o, p = cfg.optim, cfg.parallel
+    if o.impl == "auto":
+        zero_off = p.zero_stage == 0 or (p.zero_stage is None and cfg.trainer.precision == "bf16")
+        o.impl = "distributed" if zero_off else "deepspeed"
+    if p.zero_stage is None:
+        p.zero_stage = 0 if o.impl in ("fused", "distributed") else 1
+
+
 def validate_options(cfg: TrainConfig, world_size: int) -> Grid:
     """Raise ConfigError on the first inconsistency, the primary one first (see the module
-    docstring); return the rank grid for ``world_size``."""
+    docstring); return the rank grid for ``world_size``. Resolves ``optim.impl=auto`` and the
+    ZeRO stage first (:func:`resolve_optimizer`)."""
+    resolve_optimizer(cfg)
     check_data(cfg.data, cfg.model)
     check_trainer(cfg.trainer)
     check_wandb(cfg.trainer.wandb)
@@ -169,7 +184,7 @@ def check_optim(o: OptimConfig) -> None:
 def check_optimizer_impl(o: OptimConfig, p: ParallelConfig) -> None:
     """Which optimizer path runs, and the ZeRO stage it needs."""
     if o.impl not in OPTIM_IMPLS:
-        raise ConfigError(f"optim.impl={o.impl!r}: choose one of {list(OPTIM_IMPLS)}")
+        raise ConfigError(f"optim.impl={o.impl!r}: choose one of {['auto', *OPTIM_IMPLS]}")
     if o.impl == "deepspeed" and p.zero_stage == 0:
         raise ConfigError(
             "parallel.zero_stage=0 with optim.impl=deepspeed: use 1, 2 or 3 (ZeRO's optimizer is "

@@ -24,6 +24,7 @@ from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
 from torch import nn
 
 from megallama.config.train_config import TrainConfig
+from megallama.config.validate import resolve_optimizer
 from megallama.engine import ds_config
 from megallama.engine.ds_state import DeepSpeedState, OptimizerStateAccess
 from megallama.engine.pipeline import LlamaPipeline
@@ -86,6 +87,7 @@ class Engine:
 
     def _build(self, cfg: TrainConfig, topo: Topology, device: torch.device,
                loss_fn: LossFn | None) -> None:
+        resolve_optimizer(cfg)  # optim.impl=auto and the ZeRO stage, as validation resolves them
         self.cfg, self.topo, self.device = cfg, topo, device
         p, grid = cfg.parallel, topo.grid
         self.gas = p.global_batch_size // (p.micro_batch_size * grid.dp)

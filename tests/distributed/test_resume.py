@@ -136,7 +136,8 @@ def test_sigterm_saves_and_exits(token_files, tmp_path):
     assert len(losses(resumed)) == 2  # steps saved+1 and saved+2 only
 
 
-@pytest.mark.parametrize("optimizer", [(), ("optim.impl=fused", "parallel.zero_stage=0")],
+@pytest.mark.parametrize("optimizer", [("optim.impl=deepspeed",),
+                                       ("optim.impl=fused", "parallel.zero_stage=0")],
                          ids=["deepspeed", "fused"])
 def test_bf16_resume_matches(token_files, tmp_path, optimizer):
     """bf16 with ZeRO-1 runs on DeepSpeed's BF16_Optimizer, optim.impl=fused on megallama's
