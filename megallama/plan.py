@@ -16,8 +16,9 @@ from megallama.training.planner import DEFAULT_OVERHEAD_GIB, GIB, MemoryEstimate
 
 # ---- command line --------------------------------------------------------------------------------
 USAGE = """usage: megallama-plan model=NAME|params.json gpus=N [seq_len=4096] [global_batch=1024]
-  [gpu_mem_gib=80] [precision=bf16|fp32] [zero_stage=1 (0 = optim.impl=fused)] [micro_batch=1,2] [tp=1,2,4,8] [pp=...]
-  [optim_impl=fused|distributed (with zero_stage=0)] [fp8=none|tensorwise|rowwise (trainer.fp8)]
+  [gpu_mem_gib=80] [precision=bf16|fp32] [zero_stage=0|1|2|3] [micro_batch=1,2] [tp=1,2,4,8] [pp=...]
+  [optim_impl=fused|distributed (zero_stage=0)] [fp8=none|tensorwise|rowwise (trainer.fp8)]
+  (default, as the trainer's optim.impl=auto: bf16 -> distributed, fp32 -> ZeRO-1)
   [activation_checkpointing=both|on|off] [sequence_parallel=both|on|off] [device=cuda|cpu]
   [overhead_gib=3 (cuda) / 0 (cpu)] [max_tp=8] [partition_method=balanced] [top=20] [json=PATH]
   [model.FIELD=VALUE ...]   (formulas: docs/PLANNER.md)"""
@@ -26,6 +27,17 @@ OPTIONS = ("model", "gpus", "seq_len", "global_batch", "gpu_mem_gib", "precision
            "overhead_gib", "max_tp", "partition_method", "top", "json", "optim_impl",
            "fp8")
 OPTIM_IMPLS = ("fused", "distributed")  # megallama's optimizers (zero_stage=0)
+
+
+def _optimizer(opts: dict[str, str], precision: str) -> tuple[int, str]:
+    """(zero_stage, optim_impl) as the trainer resolves them (``optim.impl=auto``): given neither,
+    bf16 plans the distributed optimizer and fp32 DeepSpeed's ZeRO-1; ``optim_impl`` alone means
+    zero_stage 0."""
+    if "zero_stage" in opts:
+        return _get(opts, "zero_stage", 1), opts.get("optim_impl", "fused")
+    if "optim_impl" in opts:
+        return 0, opts["optim_impl"]
+    return (0, "distributed") if precision == "bf16" else (1, "fused")
 _COLUMNS = [("weights", "weights"), ("grads", "gradients"), ("master", "master"),
             ("adam", "optimizer"), ("act", "activations"), ("logits", "logits"), ("step", "step"),
             ("ovh", "overhead")]
@@ -178,8 +190,8 @@ def main(argv: list[str] | None = None) -> int:
         gpus, capacity = _get(opts, "gpus", 1), _get(opts, "gpu_mem_gib", 80.0, float)
         overhead = _get(opts, "overhead_gib", DEFAULT_OVERHEAD_GIB.get(device, 0.0), float)
         seq_len, batch = _get(opts, "seq_len", cfg.max_seq_len), _get(opts, "global_batch", 1024)
-        zero, top = _get(opts, "zero_stage", 1), _get(opts, "top", 20)
-        impl = opts.get("optim_impl", "fused")
+        zero, impl = _optimizer(opts, precision)
+        top = _get(opts, "top", 20)
         if impl not in OPTIM_IMPLS:
             raise ConfigError(f"optim_impl={impl!r}: choose {' or '.join(OPTIM_IMPLS)}")
         if impl == "distributed" and zero != 0:

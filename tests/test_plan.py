@@ -248,7 +248,8 @@ def test_cli_model_overrides_and_fp32_cpu(capsys):
     (["model=tiny", "gpus=1", "gpu_mem_gib=inf"], "gpu_mem_gib=inf: must be a finite number"),
     (["model=tiny", "gpus=1", "overhead_gib=inf"], "overhead_gib=inf: must be a finite number"),
     (["model=tiny", "gpus=2", "optim_impl=zero"], "optim_impl='zero': choose fused or distributed"),
-    (["model=tiny", "gpus=2", "optim_impl=distributed"], "optim_impl=distributed with zero_stage=1"),
+    (["model=tiny", "gpus=2", "optim_impl=distributed", "zero_stage=1"],
+     "optim_impl=distributed with zero_stage=1"),
     (["model=tiny", "gpus=1", "fp8=e4m3"], "fp8='e4m3': choose one of ['none', 'tensorwise'"),
     (["model=tiny", "gpus=1", "fp8=rowwise", "precision=fp32"],
      "fp8=rowwise needs precision=bf16 (as trainer.fp8 does), not fp32"),
@@ -351,6 +352,17 @@ def test_cli_distributed_optimizer(capsys):
     rc, out, err = run(["model=llama2_7b", "gpus=8", "zero_stage=0", "optim_impl=distributed",
                         "tp=1", "pp=1", "top=0"], capsys)
     assert rc == 0 and not err and "optim.impl=distributed" in out and "DP-comm" in out
+
+
+@pytest.mark.parametrize("extra,header", [
+    ([], "bf16, optim.impl=distributed"),  # the trainer's optim.impl=auto for bf16
+    (["precision=fp32"], "fp32, ZeRO-1"),
+    (["zero_stage=1"], "bf16, ZeRO-1"),
+    (["optim_impl=fused"], "bf16, optim.impl=fused"),
+])
+def test_cli_plans_the_optimizer_the_trainer_picks(capsys, extra, header):
+    rc, out, err = run(["model=llama2_7b", "gpus=8", "tp=1", "pp=1", "top=0", *extra], capsys)
+    assert rc == 0 and not err and header in out, out.splitlines()[:2]
 
 
 # ---- FP8 linears (trainer.fp8) ------------------------------------------------------------------
