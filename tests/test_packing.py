@@ -115,3 +115,15 @@ def test_packed_documents_equal_documents_alone_with_activation_checkpointing():
     with torch.no_grad():
         assert (packed[:, :5] - model(a)).abs().max() < 1e-5
         assert (packed[:, 5:] - model(b)).abs().max() < 1e-5
+
+
+def test_a_blend_of_plain_and_masked_windows_collates(token_file, tmp_path):
+    """data.train=[text, chat] under concat packing: plain windows train on every token, masked
+    ones on their mask, in one micro-batch."""
+    plain = PackedDataset(token_file, SEQ)
+    mask = np.zeros(sum(DOC_LENGTHS), dtype=np.uint8)
+    mask.tofile(f"{token_file}.mask")  # nothing is a target
+    masked = windows_for(PackedDataset(token_file, SEQ), "concat", use_mask=True)
+    tokens, labels = collate_windows([plain[0], masked[0]])
+    assert (labels[0] >= 0).all() and (labels[1] == -100).all()
+    assert torch.equal(tokens[0], tokens[1])

@@ -145,8 +145,11 @@ def collate_windows(samples: Sequence[np.ndarray | Window]) -> tuple[torch.Tenso
     """A micro-batch: ``(tokens, labels)`` or, with segments, ``(tokens, labels, segments)``,
     each [b, seq_len]. Labels are the next tokens, -100 where the target is excluded (loss mask,
     padding, a document's first token)."""
-    if not isinstance(samples[0], Window):
+    if not any(isinstance(w, Window) for w in samples):
         return collate(samples)  # type: ignore[arg-type]
+    # a blend of plain and masked concat windows: plain ones predict every token
+    samples = [w if isinstance(w, Window) else Window(np.asarray(w), np.ones(len(w), bool), None)
+               for w in samples]
     tokens, labels = collate([w.tokens for w in samples])
     targets = torch.from_numpy(np.stack([w.targets for w in samples]))[:, 1:]
     if samples[0].segments is None:
