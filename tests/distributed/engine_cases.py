@@ -48,6 +48,15 @@ def reference_run(cfg: TrainConfig) -> tuple[list[float], list[float]]:
     return losses, norms
 
 
+def reference_optimizer(model: Transformer, cfg: TrainConfig):
+    """torch AdamW with the run's parameter groups and its LR schedule: the optimizer oracle."""
+    o = cfg.optim
+    opt = torch.optim.AdamW(param_groups(model.named_parameters(), o.weight_decay), lr=o.lr,
+                            betas=(o.beta1, o.beta2), eps=o.eps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, o, cfg.trainer.steps) / o.lr)
+    return opt, sched
+
+
 def reference_weights(cfg: TrainConfig, steps: int) -> dict[str, torch.Tensor]:
     """The plain torch run's parameters (global names, unpadded full tensors) after ``steps``
     optimizer steps of the ``cfg.trainer.steps``-step schedule."""
@@ -59,10 +68,8 @@ def reference_train(cfg: TrainConfig, steps: int
     """``steps`` steps of the plain torch run (same init, data, AdamW, clipping and LR schedule
     as the engine): losses, pre-clipping gradient norms and the parameters after the last step."""
     model = Transformer(cfg.model, seed=cfg.trainer.seed)
+    opt, sched = reference_optimizer(model, cfg)
     o = cfg.optim
-    opt = torch.optim.AdamW(param_groups(model.named_parameters(), o.weight_decay), lr=o.lr,
-                            betas=(o.beta1, o.beta2), eps=o.eps)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, o, cfg.trainer.steps) / o.lr)
     losses, norms = [], []
     m = cfg.parallel.micro_batch_size
     for step in range(steps):

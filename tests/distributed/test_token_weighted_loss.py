@@ -18,11 +18,10 @@ import torch.nn.functional as F
 
 from megallama.engine import Engine
 from megallama.model.llama import Transformer
-from megallama.optim.schedule import lr_at, param_groups
 from megallama.parallel import mappings
 from megallama.parallel.runtime import init_distributed
 from megallama.parallel.topology import Grid, build_topology, kv_replicas_for
-from tests.distributed.engine_cases import SEQ, VOCAB, make_config
+from tests.distributed.engine_cases import SEQ, VOCAB, make_config, reference_optimizer
 from tests.distributed.harness import run_world
 
 TOL = 1e-5
@@ -56,10 +55,7 @@ def rank_micro_batches(step, cfg, dp_rank, dp, masked):
 def reference(cfg, masked: bool) -> tuple[list[float], list[float]]:
     """Full-batch single-process run: torch's mean cross-entropy over all target tokens."""
     model = Transformer(cfg.model, seed=cfg.trainer.seed)
-    o = cfg.optim
-    opt = torch.optim.AdamW(param_groups(model.named_parameters(), o.weight_decay), lr=o.lr,
-                            betas=(o.beta1, o.beta2), eps=o.eps)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, o, cfg.trainer.steps) / o.lr)
+    opt, sched = reference_optimizer(model, cfg)
     losses, norms = [], []
     for step in range(STEPS):
         tokens, labels, segments = global_batch(step, cfg.parallel.global_batch_size, masked)
@@ -67,7 +63,7 @@ def reference(cfg, masked: bool) -> tuple[list[float], list[float]]:
         logits = model(tokens, segments=segments)
         loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
         loss.backward()
-        norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip).item())
+        norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip).item())
         opt.step()
         sched.step()
         losses.append(loss.item())
