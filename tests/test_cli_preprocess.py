@@ -54,6 +54,9 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "nokey.jsonl").write_text('{"body": "no text field"}\n', encoding="utf-8")
     (root / "nonstr.jsonl").write_text('{"text": 5}\n', encoding="utf-8")
     (root / "array.jsonl").write_text('["a", "list"]\n', encoding="utf-8")
+    for name, line in JSON_PYTHON_CANNOT_READ.items():  # a good record first: the bad one is line 2
+        first = {"prompt": "a b", "response": "b a"} if "chat" in name else {"text": "ok"}
+        (root / name).write_text(json.dumps(first) + "\n" + line + "\n", encoding="utf-8")
     for name, records in CHAT_FILES.items():  # a good dialog first: the bad one is on line 2
         lines = [{"prompt": "a b c", "response": "c b a"}, *records]
         (root / name).write_text("".join(json.dumps(r) + "\n" for r in lines), encoding="utf-8")
@@ -82,6 +85,16 @@ CHAT_FILES = {  # chat JSONL inputs whose second record is bad
     "no-response.jsonl": [{"prompt": "a"}],
     "mixed.jsonl": [{"text": "a text record"}],
     "good-chat.jsonl": [],
+}
+
+JSON_PYTHON_CANNOT_READ = {  # second lines that are (nearly) JSON but not a document
+    "surrogate.jsonl": '{"text": "a\\ud800b"}',  # lone surrogate escapes: no character
+    "surrogate-upper.jsonl": '{"text": "\\uDFFF", "id": 1}',
+    "surrogate-chat.jsonl": '{"prompt": "a \\udfff", "response": "b"}',
+    "deep.jsonl": '{"text": "a", "x": ' + "[" * 100_000 + "]" * 100_000 + "}",
+    "long-int.jsonl": '{"text": "a", "id": ' + "7" * 5001 + "}",
+    "cut.jsonl": '{"text": "abc", "meta": {"a": 1',  # a record cut short
+    "cut-string.jsonl": '{"text": "abc',
 }
 
 # (id, program, argv, fragment of the last line after "<prog>: error: ", exit status);
@@ -113,6 +126,22 @@ ROWS: list[tuple[str, str, tuple[str, ...], str, int]] = [
      "{in}/nonstr.jsonl:1: no string field 'text': its value is a JSON number", 2),
     ("jsonl-not-object", P, ("{in}/array.jsonl", *TOK), "{in}/array.jsonl:1: no string field "
                                                         "'text': the line is a JSON array", 2),
+    # JSON Python cannot read (or that is no text): a bad line like malformed JSON, skippable
+    ("json-lone-surrogate", P, ("{in}/surrogate.jsonl", *TOK), "{in}/surrogate.jsonl:2: invalid "
+     "JSON string: 'text' holds the lone surrogate escape \\ud800 at column 12", 2),
+    ("json-lone-surrogate-upper", P, ("{in}/surrogate-upper.jsonl", *TOK),
+     "{in}/surrogate-upper.jsonl:2: invalid JSON string: 'text' holds the lone surrogate escape "
+     "\\udfff at column 11", 2),
+    ("chat-lone-surrogate", P, ("{in}/surrogate-chat.jsonl", *TOK), "{in}/surrogate-chat.jsonl:2: "
+     "invalid JSON string: message 1 (user): 'content' holds the lone surrogate escape \\udfff", 2),
+    ("json-nested-too-deep", P, ("{in}/deep.jsonl", *TOK), "{in}/deep.jsonl:2: invalid JSON "
+     "(nested more than about", 2),
+    ("json-long-integer", P, ("{in}/long-int.jsonl", *TOK), "{in}/long-int.jsonl:2: invalid JSON "
+     "(an integer of 5,001 digits at column 21: Python's JSON parser reads at most 4,300)", 2),
+    ("json-cut-short", P, ("{in}/cut.jsonl", *TOK), "{in}/cut.jsonl:2: invalid JSON (Expecting "
+     "',' delimiter at column 32; the line ends inside the record", 2),
+    ("json-cut-in-a-string", P, ("{in}/cut-string.jsonl", *TOK), "{in}/cut-string.jsonl:2: "
+     "invalid JSON (Unterminated string starting at column 10; the line ends inside", 2),
     # chat JSONL: dialogs that break the format, records that mix the forms or the kinds
     ("chat-not-alternating", P, ("{in}/alternate.jsonl", *TOK), "{in}/alternate.jsonl:2: bad "
      "dialog: message 2: expected 'assistant' after a 'user' turn, got 'user'", 2),
@@ -182,6 +211,14 @@ ROWS: list[tuple[str, str, tuple[str, ...], str, int]] = [
     ("tok-bad-json-skipped-all", T, ("{in}/allbad.jsonl", "--skip-bad-json"),
      "{in}/allbad.jsonl contains no documents", 2),
     ("tok-jsonl-non-string", T, ("{in}/nonstr.jsonl",), "no string field 'text'", 2),
+    ("tok-lone-surrogate", T, ("{in}/surrogate.jsonl",), "{in}/surrogate.jsonl:2: invalid JSON "
+     "string: 'text' holds the lone surrogate escape", 2),
+    ("tok-nested-too-deep", T, ("{in}/deep.jsonl",), "{in}/deep.jsonl:2: invalid JSON", 2),
+    ("tok-long-integer", T, ("{in}/long-int.jsonl",), "{in}/long-int.jsonl:2: invalid JSON", 2),
+    ("tok-chat-jsonl", T, ("{in}/good-chat.jsonl",), "{in}/good-chat.jsonl:1: a dialog ('messages' "
+     "or 'prompt'/'response' record), not a text record: its text is spread over its messages, so "
+     "no --jsonl-key names it, and only megallama-preprocess reads dialogs; train the tokenizer on "
+     "a text corpus", 2),
     ("tok-gz-truncated", T, ("{in}/trunc.txt.gz",), "compressed file is truncated or damaged", 2),
     ("vocab-too-small", T, ("{in}/good.txt", "--vocab-size", "100"),
      "argument --vocab-size: 100: must be >= 260", 2),
@@ -329,3 +366,17 @@ def test_os_error_while_writing_is_exit_1_and_leaves_nothing(inputs: Path, tmp_p
                                    "--vocab-size", "300", "--num-threads", "1"]) == 1
     check_failure(capsys.readouterr().err, TRAIN_TOKENIZER, "No space left on device")
     assert list(tmp_path.iterdir()) == []  # not even the directories it created
+
+
+@pytest.mark.parametrize("name", sorted(JSON_PYTHON_CANNOT_READ))
+def test_json_python_cannot_read_is_skipped_and_counted(name: str, inputs: Path, tmp_path: Path,
+                                                        capsys) -> None:
+    """With --skip-bad-json such a line is skipped like malformed JSON: reported on stderr and
+    counted in the summary, the file's good record written."""
+    prefix = tmp_path / "p"
+    argv = [str(inputs / name), "--tokenizer", str(inputs / "tok.model"),
+            "--output-prefix", str(prefix), "--quiet", "--skip-bad-json"]
+    assert preprocess_module.main(argv) == 0
+    summary = json.loads(Path(f"{prefix}.summary.json").read_text())
+    assert (summary["documents"], summary["skipped_bad_json_lines"]) == (1, 1)
+    assert f"skipped malformed JSON: {inputs / name}:2: invalid JSON" in capsys.readouterr().err

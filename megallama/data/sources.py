@@ -8,7 +8,10 @@ Two formats, each optionally compressed (``.gz`` via gzip, ``.xz`` via lzma, cho
   are read in universal-newline mode, so ``\\r\\n`` becomes ``\\n``.
 - JSONL (``.jsonl`` or ``.json``): one JSON object per line whose string field ``key``
   (default ``"text"``) is the document. Blank lines are ignored; malformed lines are an error
-  naming ``file:line``, or are skipped and counted when ``on_bad_json="skip"``.
+  naming ``file:line``, or are skipped and counted when ``on_bad_json="skip"``. Malformed
+  includes what Python's parser cannot read although it is JSON (nesting deeper than its
+  recursion limit, an integer longer than ``sys.get_int_max_str_digits()``) and document text
+  with a lone UTF-16 surrogate escape (``"\\ud800"``), which is no character and has no UTF-8.
 - chat JSONL (read when ``chat=True``, as preprocessing does): records with ``messages`` or the
   short form ``prompt``/``response`` (optional ``system``) are dialogs (see
   :mod:`megallama.data.chat`), checked here and yielded as :class:`ChatRecord`. The first record
@@ -25,6 +28,8 @@ import gzip
 import io
 import json
 import lzma
+import re
+import sys
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -37,6 +42,13 @@ BadJsonPolicy = Literal["fail", "skip"]
 COMPRESSED_SUFFIXES = (".gz", ".xz")
 JSONL_SUFFIXES = (".jsonl", ".json")
 MAX_REPORTED_BAD_LINES = 20
+# a \uD800-\uDFFF escape: the only way a lone surrogate gets into a string read from valid UTF-8
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+DIALOG_NOT_TEXT = (
+    "a dialog ('messages' or 'prompt'/'response' record), not a text record: its text is spread "
+    "over its messages, so no --jsonl-key names it, and only megallama-preprocess reads dialogs; "
+    "train the tokenizer on a text corpus (text files, or JSONL records with one text field), "
+    "or fine-tune with the tokenizer of the model you start from")
 
 
 class SourceError(ValueError):
@@ -203,25 +215,23 @@ class DocumentReader:
         for lineno, line in lines:
             if not line.strip():
                 continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                self._bad_line(
-                    lineno,
-                    f"invalid JSON ({exc.msg} at column {exc.colno}); "
-                    "expected one JSON object per line",
-                )
+            record, why = parse_json_line(line)
+            if why is not None:
+                self._bad_line(lineno, why)
                 continue
             if self.chat and not self._same_kind(record, lineno):
                 continue
             if self.kind == "chat":
-                dialog = self._dialog(record, lineno)
+                dialog = self._dialog(record, lineno, line)
                 if dialog is not None:
                     self.num_documents += 1
                     self.num_dialogs += 1
                     yield dialog
                 continue
             problem = _missing_text(record, key)
+            if problem and _is_dialog(record):  # not malformed: a format this reader does not take
+                raise SourceError(f"{self.path}:{lineno}: {DIALOG_NOT_TEXT}")
+            problem = problem or _lone_surrogate(line, record[key], repr(key))
             if problem:
                 self._bad_line(lineno, problem)
                 continue
@@ -232,7 +242,7 @@ class DocumentReader:
     def _same_kind(self, record: object, lineno: int) -> bool:
         """Whether ``record`` is of the file's kind (set by the first record); reports a bad line
         when it is not."""
-        kind = "chat" if isinstance(record, dict) and any(k in record for k in CHAT_KEYS) else "text"
+        kind = "chat" if _is_dialog(record) else "text"
         if self.kind is None:
             self.kind, self.first_line = kind, lineno
         if kind == self.kind:
@@ -249,7 +259,7 @@ class DocumentReader:
                                f"{first}: a file holds dialogs or text records, not both")
         return False
 
-    def _dialog(self, record: dict, lineno: int) -> ChatRecord | None:
+    def _dialog(self, record: dict, lineno: int, line: str) -> ChatRecord | None:
         """The checked dialog of a chat record, or None when it is malformed (and skipped)."""
         try:
             messages = record_messages(record)
@@ -257,7 +267,60 @@ class DocumentReader:
         except ChatFormatError as exc:
             self._bad_line(lineno, f"bad dialog: {exc}")
             return None
+        for i, message in enumerate(messages, 1):
+            problem = _lone_surrogate(line, message["content"],
+                                      f"message {i} ({message['role']}): 'content'")
+            if problem:
+                self._bad_line(lineno, problem)
+                return None
         return ChatRecord(messages, f"{self.path}:{lineno}")
+
+
+def parse_json_line(line: str) -> tuple[Any, str | None]:
+    """``(value, None)`` for a line holding one JSON value, else ``(None, why)``: malformed JSON
+    (at its column on the line; a line that ends inside the record says so), nesting deeper than
+    Python's parser recurses, or an integer longer than Python converts (its limit of digits)."""
+    text = line.rstrip("\n")
+    try:
+        return json.loads(text), None
+    except json.JSONDecodeError as exc:
+        # JSON's messages that name a position end in " at" ("Unterminated string starting at")
+        message = f"{exc.msg.removesuffix(' at')} at column {exc.colno}"
+        if exc.msg.startswith("Unterminated string") or exc.pos >= len(text.rstrip()):
+            message += "; the line ends inside the record: cut short, or spread over lines"
+        return None, f"invalid JSON ({message}); expected one JSON object per line"
+    except RecursionError:
+        return None, (f"invalid JSON (nested more than about {sys.getrecursionlimit()} levels "
+                      "deep, more than Python's JSON parser reads)")
+    except ValueError as exc:  # an integer of more digits than sys.get_int_max_str_digits()
+        limit = sys.get_int_max_str_digits()
+        run = re.search(rf"\d{{{limit + 1},}}", text) if limit else None
+        if run is None:
+            return None, f"invalid JSON ({exc})"
+        return None, (f"invalid JSON (an integer of {len(run.group()):,} digits at column "
+                      f"{run.start() + 1}: Python's JSON parser reads at most {limit:,})")
+
+
+def _lone_surrogate(line: str, text: str, field: str) -> str | None:
+    """Why ``text``, a string read from the JSON ``line``, cannot be a document: it holds a lone
+    UTF-16 surrogate escape (``"\\ud800"``), no character and not encodable as UTF-8; None when
+    it is fine. Checked only when the line has such an escape (a pair decodes to one character)."""
+    if _SURROGATE_ESCAPE.search(line) is None:
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        escape = f"\\u{ord(text[exc.start]):04x}"
+        column = line.lower().find(escape) + 1
+        at = f" at column {column}" if column else ""
+        return (f"invalid JSON string: {field} holds the lone surrogate escape {escape}{at}, "
+                "half of a UTF-16 pair and no character (it has no UTF-8 encoding)")
+    return None
+
+
+def _is_dialog(record: object) -> bool:
+    """Whether a parsed JSONL record is a dialog (has a field of :data:`CHAT_KEYS`)."""
+    return isinstance(record, dict) and any(k in record for k in CHAT_KEYS)
 
 
 def _missing_text(record: object, key: str) -> str | None:
