@@ -312,12 +312,20 @@ BAD = [  # (changes, world size, expected fragment of the one-line message)
      f"data.tokenizer: model vocab_size {VOCAB} != tokenizer vocab_size 300"),
     ({"model.vocab_size": 300, "data.tokenizer": None}, 8,
      f"tokenized with a {VOCAB}-piece vocabulary but model.vocab_size=300"),
-    ({"optim.lr": 0.0}, 8, "optim.lr=0.0"),
     ({"optim.warmup_steps": -1}, 8, "optim.warmup_steps=-1"),
     ({"optim.min_lr_ratio": 1.5}, 8, "optim.min_lr_ratio=1.5"),
     ({"optim.decay_steps": 10}, 8, "optim.decay_steps=10 <= warmup_steps=10"),
     ({"optim.beta2": 1.0}, 8, "optim.beta2=1.0"),
     ({"optim.eps": 0.0}, 8, "optim.eps=0.0"),
+    ({"optim.impl": "distributed", "optim.bucket_mb": float("inf")}, 8,
+     "optim.bucket_mb=inf: must be in (0, 1048576] (MiB of gradients per reduce-scatter bucket"),
+    ({"optim.impl": "distributed", "optim.bucket_mb": float("nan")}, 8,
+     "optim.bucket_mb=nan: must be in (0, 1048576]"),
+    ({"optim.impl": "distributed", "optim.bucket_mb": 1e308}, 8, "optim.bucket_mb=1e+308: must be"),
+    ({"optim.impl": "distributed", "optim.bucket_mb": 0.0}, 8, "optim.bucket_mb=0.0: must be"),
+    ({"trainer.init_from": "{root}/base", "trainer.resume": "{root}/run"}, 8,
+     "trainer.init_from={root}/base with trainer.resume={root}/run: the resumed checkpoint brings "
+     "its own weights, so init_from would be ignored; give only one of them"),
     # sizes and counts below their range, the run directory, more file classes
     ({"parallel.global_batch_size": 0}, 8, "parallel.global_batch_size=0: must be >= 1"),
     ({"parallel.dp": 0}, 8, "parallel.dp=0: must be >= 1"),
@@ -327,7 +335,7 @@ BAD = [  # (changes, world size, expected fragment of the one-line message)
     ({"trainer.keep_last": -1}, 8, "trainer.keep_last=-1: must be >= 0 (0 keeps every"),
     ({"trainer.seed": -1}, 8, "trainer.seed=-1: must be in [0, 2**63)"),
     ({"data.seq_len": 0}, 8, "data.seq_len=0: must be >= 1"),
-    ({"optim.lr": -1e-3}, 8, "optim.lr=-0.001: the peak learning rate must be > 0"),
+    ({"optim.lr": -1e-3}, 8, "optim.lr=-0.001: the peak learning rate must be >= 0"),
     ({"optim.lr": float("nan")}, 8, "optim.lr=nan"),
     ({"optim.weight_decay": -0.1}, 8, "optim.weight_decay=-0.1: must be >= 0"),
     ({"optim.grad_clip": -1.0}, 8, "optim.grad_clip=-1.0: must be >= 0"),
@@ -384,3 +392,13 @@ ORDER = [
 def test_validate_reports_the_primary_problem_first(good, files, monkeypatch, changes, world,
                                                     message):
     test_validate_rejects(good, files, monkeypatch, changes, world, message)
+
+
+def test_init_from_with_resume_auto_is_legal(good, monkeypatch):
+    """A fine-tuning run restarted with trainer.resume=auto resumes its own checkpoint: legal."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg = copy.deepcopy(good)
+    cfg.trainer.init_from, cfg.trainer.resume = "base/checkpoint", "auto"
+    assert validate(cfg, 8) == Grid(tp=2, pp=2, dp=2)
+    cfg.trainer.resume = "none"
+    assert validate(cfg, 8) == Grid(tp=2, pp=2, dp=2)

@@ -38,6 +38,7 @@ PARTITION_METHODS = ("balanced", "uniform")
 OPTIM_IMPLS = ("deepspeed", "fused", "distributed")
 WANDB_MODES = ("disabled", "offline", "online")
 PACKINGS = ("concat", "documents", "padded")  # megallama.data.packing
+MAX_BUCKET_MB = 1 << 20  # optim.bucket_mb: 1 TiB, above any model's gradients (70B bf16: 130 GiB)
 
 
 def resolve_optimizer(cfg: TrainConfig) -> None:
@@ -110,6 +111,20 @@ def check_trainer(t: TrainerConfig) -> None:
                 "set trainer.precision=fp32"
             )
     check_fp8(t)
+    check_start(t)
+
+
+def check_start(t: TrainerConfig) -> None:
+    """``trainer.init_from`` with an explicit ``trainer.resume`` checkpoint: the resumed
+    checkpoint brings its own weights, so init_from would be ignored without a word; refused.
+    ``trainer.resume=auto`` (the default) with init_from is legal: init_from starts the run, and
+    a restart resumes the run's own latest checkpoint instead (it wins once there is one)."""
+    if t.init_from in (None, "", "none") or t.resume in ("auto", "none", "", None):
+        return
+    raise ConfigError(
+        f"trainer.init_from={t.init_from} with trainer.resume={t.resume}: the resumed checkpoint "
+        "brings its own weights, so init_from would be ignored; give only one of them (keep "
+        "trainer.resume=auto with init_from: it resumes this run's own checkpoints once saved)")
 
 
 def check_fp8(t: TrainerConfig) -> None:
@@ -157,8 +172,9 @@ def check_wandb(w: WandbConfig) -> None:
 
 def check_optim(o: OptimConfig) -> None:
     """Learning-rate schedule and AdamW hyperparameters."""
-    if not (math.isfinite(o.lr) and o.lr > 0):
-        raise ConfigError(f"optim.lr={o.lr}: the peak learning rate must be > 0")
+    if not (math.isfinite(o.lr) and o.lr >= 0):
+        raise ConfigError(f"optim.lr={o.lr}: the peak learning rate must be >= 0 (0 scores the "
+                          "starting weights without changing them)")
     if o.warmup_steps < 0:
         raise ConfigError(f"optim.warmup_steps={o.warmup_steps}: must be >= 0")
     if not 0.0 <= o.min_lr_ratio <= 1.0:
@@ -199,9 +215,10 @@ def check_optimizer_impl(o: OptimConfig, p: ParallelConfig) -> None:
         raise ConfigError(
             f"optim.impl=distributed with parallel.zero_stage={p.zero_stage}: the distributed "
             "optimizer shards its state over data parallelism itself; set parallel.zero_stage=0")
-    if o.impl == "distributed" and not o.bucket_mb > 0:
-        raise ConfigError(f"optim.bucket_mb={o.bucket_mb}: must be > 0 (MiB of gradients per "
-                          "reduce-scatter bucket of optim.impl=distributed)")
+    if o.impl == "distributed" and not 0 < o.bucket_mb <= MAX_BUCKET_MB:  # nan and inf too
+        raise ConfigError(f"optim.bucket_mb={o.bucket_mb}: must be in (0, {MAX_BUCKET_MB}] (MiB "
+                          "of gradients per reduce-scatter bucket of optim.impl=distributed; a "
+                          "bucket larger than all gradients is one bucket)")
 
 
 def check_parallel(p: ParallelConfig, model: ModelConfig, seq_len: int, world_size: int) -> Grid:
@@ -306,6 +323,7 @@ __all__ = [
     "check_fp8",
     "check_optim",
     "check_parallel",
+    "check_start",
     "check_trainer",
     "check_wandb",
     "validate_options",

@@ -38,6 +38,11 @@ from megallama.parallel.topology import Topology
 # tokens [b, s], labels [b, s] (-100: no loss), and with packed documents segments [b, s]
 MicroBatch = tuple[torch.Tensor, ...]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Layers = list[tuple[str, nn.Module]]
+# fills a stage's layers (global name, module) in place from saved weights: ``trainer.init_from``
+# or a weights-only ``trainer.resume`` (the checkpoint package provides it; the engine cannot
+# import it)
+WeightsLoader = Callable[[Layers, Any], None]
 
 
 class _SingleStage(nn.Module):
@@ -50,6 +55,13 @@ class _SingleStage(nn.Module):
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor,
                 segments: torch.Tensor | None = None) -> torch.Tensor:
         return self.loss_fn(self.model(tokens, segments=segments), labels)
+
+
+def _layers_of(module: nn.Module) -> Layers:
+    """(global name, module) of a stage's layers: a pipeline stage's own, or the whole model's."""
+    if isinstance(module, LlamaPipeline):
+        return module.local_layers()
+    return module.model.named_layers()
 
 
 def _pipeline_item(batch: MicroBatch) -> tuple[Any, torch.Tensor]:
@@ -76,17 +88,23 @@ class Engine:
     :meth:`local_layers`, :attr:`optimizer_state` (full per-parameter optimizer state),
     :meth:`adam_step` / :meth:`set_adam_step`, :meth:`scheduler_state` /
     :meth:`load_scheduler_state`, :meth:`counters` / :meth:`set_counters`. ``loss_fn`` replaces
-    the vocab-parallel cross-entropy (benchmarks)."""
+    the vocab-parallel cross-entropy (benchmarks).
+
+    ``init_weights(layers, tp)`` loads starting weights into this stage's freshly built layers
+    *before* any optimizer sees them: every optimizer takes its own fp32 master copy when it is
+    built (DeepSpeed's ZeRO and BF16 optimizers inside ``deepspeed.initialize``, megallama's at
+    construction) and writes that copy back after each step, so weights loaded later would be
+    used by the first forward and then replaced by the random initialisation."""
 
     def __init__(self, cfg: TrainConfig, topo: Topology, device: torch.device,
-                 loss_fn: LossFn | None = None) -> None:
+                 loss_fn: LossFn | None = None, init_weights: WeightsLoader | None = None) -> None:
         ds_config.attach_comm(device)
         # DeepSpeed prints its stage partition with print(): keep stdout for our own results.
         with contextlib.redirect_stdout(sys.stderr):
-            self._build(cfg, topo, device, loss_fn)
+            self._build(cfg, topo, device, loss_fn, init_weights)
 
     def _build(self, cfg: TrainConfig, topo: Topology, device: torch.device,
-               loss_fn: LossFn | None) -> None:
+               loss_fn: LossFn | None, init_weights: WeightsLoader | None) -> None:
         resolve_optimizer(cfg)  # optim.impl=auto and the ZeRO stage, as validation resolves them
         self.cfg, self.topo, self.device = cfg, topo, device
         p, grid = cfg.parallel, topo.grid
@@ -96,6 +114,8 @@ class Engine:
         self.tp = topo.tensor_parallel(cfg.model.n_kv_heads, p.sequence_parallel)
         self.loss_fn = loss_fn or make_loss_fn(cfg.model, self.tp, compiled=p.compile_blocks)
         module = self._module(cfg, topo)
+        if init_weights is not None:  # fp32 values, before FP8, compilation, bf16 and masters
+            init_weights(_layers_of(module), self.tp)
         convert_to_float8(module, cfg.trainer.fp8, self.tp, emulate=device.type != "cuda")
         if p.compile_blocks:
             compile_blocks(module)
@@ -105,7 +125,7 @@ class Engine:
 
         def schedule(optimizer):  # built on DeepSpeed's wrapped optimizer (its own groups)
             return torch.optim.lr_scheduler.LambdaLR(
-                optimizer, lambda s: lr_at(s, cfg.optim, total) / peak)
+                optimizer, lambda s: lr_at(s, cfg.optim, total) / peak if peak else 0.0)
 
         mpu = None if grid.pp > 1 else ds_config.TopologyMPU(topo)
         self.ds, self.ds_optimizer, _, self.scheduler = deepspeed.initialize(
@@ -157,11 +177,9 @@ class Engine:
     def is_pipeline(self) -> bool:
         return self.topo.grid.pp > 1
 
-    def local_layers(self) -> list[tuple[str, nn.Module]]:
+    def local_layers(self) -> Layers:
         """(global name, module) of the layers this rank holds, in forward order."""
-        if self.is_pipeline:
-            return self.module.local_layers()
-        return self.module.model.named_layers()
+        return _layers_of(self.module)
 
     def needs_data(self) -> bool:
         """Only the first stage (tokens) and the last (labels) read batches."""

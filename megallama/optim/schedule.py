@@ -108,7 +108,7 @@ def build_optimizer(
     )
 
     def factor(step: int) -> float:
-        return lr_at(step, cfg, total_steps) / cfg.lr
+        return lr_at(step, cfg, total_steps) / cfg.lr if cfg.lr else 0.0
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     return optimizer, scheduler

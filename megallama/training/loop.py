@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megallama.checkpoint.stateful import SavedHook
+from megallama.checkpoint.stateful import SavedHook, has_training_state
 from megallama.config.compose import save_config
 from megallama.config.grid import Grid
 from megallama.config.train_config import TrainConfig
@@ -38,7 +38,7 @@ from megallama.training.metrics import (
     peak_memory_bytes,
 )
 from megallama.training.run_files import resolve_init, resolve_resume
-from megallama.training.train_state import TrainingState
+from megallama.training.train_state import TrainingState, weights_loader
 
 
 @dataclass
@@ -171,31 +171,41 @@ class Trainer:
         if self.is_logger:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out_dir / "config.yaml")
-        self.engine = Engine(cfg, self.topo, device)
+        resume, weights = self._starting_point()
+        self.engine = Engine(cfg, self.topo, device,
+                             init_weights=None if weights is None else weights_loader(weights, cfg.model))
         self.source = BatchSource(train_set, cfg, self.topo)
         self.state = TrainingState(self.engine, cfg, self.topo, self.source.sampler)
         self.state.on_saved += self.hooks.piece_saved
         self.start = 0
-        self._restore()
+        if resume is not None:
+            self.start = self.state.resume(resume)
+            self._say(f"resumed from {resume} at step {self.start}")
         self.writer = MetricsWriter.for_run(cfg, enabled=self.is_logger, resumed=self.start > 0)
         self.throughput = Throughput(cfg, grid.world_size, device)
         self.progress = Progress(t.steps, enabled=self.is_logger, bar=t.progress,
                                  initial=self.start,
                                  tokens_per_step=self.throughput.tokens_per_step)
 
-    def _restore(self) -> None:
-        """Resume this run's latest checkpoint (``trainer.resume``) or, when there is none, start
-        from ``trainer.init_from``'s weights with a fresh optimizer."""
-        if (resume_from := resolve_resume(self.cfg)) is not None:
-            self.start = self.state.resume(resume_from)
-            what = f"resumed from {resume_from} at step {self.start}"
-        elif (init := resolve_init(self.cfg)) is not None:
-            self.state.load_weights(init)
-            what = f"initialised from the weights of {init} (fresh optimizer)"
-        else:
-            return
+    def _starting_point(self) -> tuple[Path | None, Path | None]:
+        """(full checkpoint to resume, weights to start from): this run's latest checkpoint
+        (``trainer.resume``) or, when there is none, ``trainer.init_from``'s weights with a fresh
+        optimizer. A weights-only ``trainer.resume`` directory (a converted Meta/HF model) also
+        starts a fresh optimizer. Weights go to the engine, which loads them before any
+        optimizer copies the parameters; a full resume loads its optimizer state afterwards."""
+        resume = resolve_resume(self.cfg)
+        if resume is not None and has_training_state(resume):
+            return resume, None
+        if resume is not None:
+            self._say(f"resumed from {resume} at step 0 (weights only: fresh optimizer)")
+            return None, resume
+        if (weights := resolve_init(self.cfg)) is not None:
+            self._say(f"initialised from the weights of {weights} (fresh optimizer)")
+        return None, weights
+
+    def _say(self, line: str) -> None:
         if self.is_logger:
-            print(what, flush=True)
+            print(line, flush=True)
 
     def train(self) -> dict[str, Any]:
         """Run the steps; returns the final metrics (on every rank)."""

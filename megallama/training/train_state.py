@@ -10,10 +10,12 @@ To add a kind of state, add a piece to :class:`TrainingState` -- nothing else ch
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from megallama.checkpoint.atomic import checkpoint_writer
 from megallama.checkpoint.state import (
@@ -30,10 +32,12 @@ from megallama.checkpoint.stateful import (
     save_pieces,
 )
 from megallama.checkpoint.weights import load_model_weights, save_model_weights
+from megallama.config import ModelConfig
 from megallama.config.compose import save_config
 from megallama.config.train_config import TrainConfig
 from megallama.data.sampler import DataSampler
 from megallama.engine import Engine
+from megallama.parallel.layers import TensorParallel
 from megallama.parallel.topology import Topology
 from megallama.training.run_files import checkpoint_root
 
@@ -173,15 +177,23 @@ class TrainingState:
         return root / f"step_{step:08d}"
 
     def resume(self, path: Path) -> int:
-        """Load a checkpoint; returns the step to continue after (0 for a weights-only
-        checkpoint such as a converted Meta/HF model: a fresh optimizer starts from it)."""
+        """Load a full training checkpoint (weights, optimizer, schedule, sampler, counters, RNG);
+        returns the step to continue after. A weights-only directory (a converted Meta/HF model)
+        is not resumed here: its weights must be in place before the optimizer is built
+        (:func:`weights_loader`, given to the engine)."""
         if not has_training_state(path):
-            self.pieces["model"].load(path, {})
-            return 0
+            raise ValueError(f"{path} holds weights only; start from it with weights_loader()")
         load_pieces(self.pieces, path)
         return self.step
 
-    def load_weights(self, path: Path) -> None:
-        """Start from ``path``'s model weights alone (``trainer.init_from``): the optimizer, the
-        schedule and the data order start fresh, at any layout the checkpoint was saved at."""
-        self.pieces["model"].load(path, {})
+
+def weights_loader(path: Path, cfg: ModelConfig) -> Callable[[list[tuple[str, nn.Module]],
+                                                              TensorParallel], None]:
+    """What the engine calls on a stage's fresh layers to start from ``path``'s model weights
+    (``trainer.init_from``, or ``trainer.resume`` of a weights-only directory), at any layout they
+    were saved at, before any optimizer copies the parameters."""
+
+    def load(layers: list[tuple[str, nn.Module]], tp: TensorParallel) -> None:
+        load_model_weights(layers, tp, path, cfg)
+
+    return load

@@ -53,7 +53,8 @@ def reference_optimizer(model: Transformer, cfg: TrainConfig):
     o = cfg.optim
     opt = torch.optim.AdamW(param_groups(model.named_parameters(), o.weight_decay), lr=o.lr,
                             betas=(o.beta1, o.beta2), eps=o.eps)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, o, cfg.trainer.steps) / o.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: lr_at(s, o, cfg.trainer.steps) / o.lr if o.lr else 0.0)
     return opt, sched
 
 
