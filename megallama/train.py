@@ -88,7 +88,11 @@ def main(argv: list[str] | None = None, hooks: TrainHooks | None = None) -> int:
     init_distributed(device)
     from megallama.training.loop import train  # imports DeepSpeed: after the config checks
 
-    train(cfg, grid, device, hooks)
+    try:
+        train(cfg, grid, device, hooks)
+    except ConfigError as e:  # found after start-up, by one rank (W&B refusing the run): one line
+        report_error("megallama.train", e)
+        return EXIT_CONFIG
     return 0
 
 

@@ -30,7 +30,8 @@ from megallama.config import ConfigError
 from megallama.config.compose import load_config
 from megallama.config.train_config import WandbConfig
 from megallama.config.validate import check_wandb, validate_options
-from megallama.training.tracking import RUN_ID_FILE, run_id
+from megallama.training import preflight, tracking
+from megallama.training.tracking import RUN_ID_FILE, WandbStartError, open_wandb_run, run_id
 from tests.distributed import conftest as distributed_fixtures
 from tests.distributed.cli import REPO, overrides, read_scalars, torchrun
 
@@ -95,6 +96,118 @@ def test_run_id_is_kept_for_a_resumed_run_only(tmp_path):
     fresh = run_id(tmp_path, resumed=False)  # started over from step 0: a new W&B run
     assert fresh != first and (tmp_path / RUN_ID_FILE).read_text().strip() == fresh
     assert run_id(tmp_path / "other", resumed=True) != fresh  # nothing recorded: a new id
+
+
+# ---- online without credentials, a run that does not open -----------------------------------------
+@pytest.fixture
+def no_credentials(monkeypatch, tmp_path) -> Path:
+    """An environment where wandb finds no credentials: no WANDB_* variables, an empty home
+    (netrc, settings files) and working directory."""
+    for name in [k for k in os.environ if k.startswith("WANDB_")] + ["NETRC"]:
+        monkeypatch.delenv(name, raising=False)
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    return home
+
+
+def _online(tmp_path: Path, *more: str):
+    return load_config([f"data.train=[{tmp_path / 'x'}]", "trainer.eval_interval=0",
+                        f"trainer.output_dir={tmp_path / 'run'}", "trainer.wandb.mode=online",
+                        *more])
+
+
+@needs_wandb
+def test_online_without_an_api_key_stops_in_preflight(no_credentials, monkeypatch, tmp_path):
+    """No key in the environment, the netrc file or wandb's settings: one line from preflight
+    (before torch.distributed starts) naming trainer.wandb.mode=offline; any one source passes."""
+    monkeypatch.setattr(preflight, "check_data_files", lambda *_: None)  # no token files here
+    cfg = _online(tmp_path)
+    with pytest.raises(ConfigError) as info:
+        preflight.validate(cfg, 1)
+    text = str(info.value)
+    assert "\n" not in text and text.startswith("trainer.wandb.mode=online but no W&B API key")
+    assert "set trainer.wandb.mode=offline" in text and "wandb login" in text
+    assert not (tmp_path / "run").exists()
+    preflight.validate(_online(tmp_path, "trainer.wandb.mode=offline"), 1)  # offline: no key needed
+
+    netrc = no_credentials / ".netrc"
+    netrc.write_text("machine example.com login user password other\n")  # another host's
+    with pytest.raises(ConfigError, match="no W&B API key"):
+        preflight.validate(cfg, 1)
+    netrc.write_text("machine api.wandb.ai login user password " + "k" * 40 + "\n")
+    assert tracking.wandb_key_source() == str(netrc)
+    preflight.validate(cfg, 1)
+    netrc.unlink()
+    monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
+    assert tracking.wandb_key_source() == "WANDB_API_KEY"
+    monkeypatch.delenv("WANDB_API_KEY")
+    settings = no_credentials / ".config" / "wandb" / "settings"
+    settings.parent.mkdir(parents=True)
+    settings.write_text("[default]\nbase_url = https://wandb.example.org\n")
+    netrc.write_text("machine wandb.example.org login user password " + "k" * 40 + "\n")
+    assert tracking.wandb_key_source() == str(netrc)  # the host the settings name
+
+
+@needs_wandb
+def test_a_run_that_does_not_open_is_one_line_and_leaves_no_run_id(no_credentials, monkeypatch,
+                                                                    tmp_path):
+    """wandb.init failing (here without the network: it raises as a refused key or an unreachable
+    server does) is a WandbStartError line naming trainer.wandb.mode=offline; the new run id is
+    not recorded and the wandb/ folder the attempt created is removed. A resumed run keeps its id."""
+    import wandb
+
+    cfg, out = _online(tmp_path), tmp_path / "run"
+    out.mkdir()
+
+    def failing_init(*, dir, id, **_):  # noqa: A002 - wandb's own argument names
+        (Path(dir) / "wandb" / f"run-{id}" / "logs").mkdir(parents=True)
+        raise wandb.errors.CommError(f"Failed to get resume status for run {id}: context "
+                                     "deadline exceeded\nwhile retrying: connection refused")
+
+    monkeypatch.setattr(wandb, "init", failing_init)
+    with pytest.raises(WandbStartError) as info:
+        open_wandb_run(cfg, resumed=False)
+    text = str(info.value)
+    assert "\n" not in text and text.startswith("trainer.wandb.mode=online: W&B could not start "
+                                                 "the run (Failed to get resume status for run")
+    assert "while retrying: connection refused); check the API key" in text
+    assert "set trainer.wandb.mode=offline" in text
+    assert sorted(p.name for p in out.iterdir()) == []  # no wandb_run_id, no wandb/
+
+    (out / RUN_ID_FILE).write_text("abcd1234\n")  # a resumed run that fails keeps its W&B id
+    with pytest.raises(WandbStartError):
+        open_wandb_run(cfg, resumed=True)
+    assert (out / RUN_ID_FILE).read_text() == "abcd1234\n"
+
+    class Opened:
+        id = "opened"
+
+    monkeypatch.setattr(wandb, "init", lambda **kwargs: Opened())
+    assert open_wandb_run(cfg, resumed=False).id == "opened"
+    assert (out / RUN_ID_FILE).read_text().strip() != "abcd1234"  # a new id, recorded on success
+
+
+def test_an_error_found_after_start_up_is_one_line_exit_2(monkeypatch, capsys):
+    """megallama.train's main: a ConfigError raised while training starts (the W&B run that does
+    not open, on rank 0) ends as the one line and exit status 2, not a traceback."""
+    from megallama import train as train_module
+    from megallama.training import loop
+
+    monkeypatch.delenv("MEGALLAMA_DEBUG", raising=False)
+    monkeypatch.setattr(train_module, "prepare", lambda *_: (None, None, None))
+    monkeypatch.setattr(train_module, "init_distributed", lambda *_: None)
+    monkeypatch.setattr(train_module.faulthandler, "register", lambda *_, **__: None)  # capsys
+
+    def refused(*_args):
+        raise WandbStartError("trainer.wandb.mode=online: W&B could not start the run (x)")
+
+    monkeypatch.setattr(loop, "train", refused)
+    assert train_module.main([]) == 2
+    err = capsys.readouterr().err
+    assert err == "megallama.train: error: trainer.wandb.mode=online: W&B could not start the " \
+                  "run (x)\n"
 
 
 # ---- reading an offline run ----------------------------------------------------------------------

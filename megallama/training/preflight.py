@@ -1,5 +1,5 @@
 """Everything checked before torch.distributed starts: the options
-(:mod:`megallama.config.validate`), the files they name (:mod:`megallama.data.checks`) and the directories the run will write. Run on
+(:mod:`megallama.config.validate`), the files they name (:mod:`megallama.data.checks`), the directories the run will write and W&B credentials for an online run. Run on
 every rank, so a bad input stops all of them with the same one line instead of a hang in the first
 collective; nothing is created on disk until all of it has passed."""
 
@@ -13,6 +13,7 @@ from megallama.config.grid import Grid
 from megallama.config.train_config import TrainConfig
 from megallama.config.validate import validate_options
 from megallama.data.checks import check_data_files
+from megallama.training.tracking import check_wandb_login
 
 
 def validate(cfg: TrainConfig, world_size: int) -> Grid:
@@ -20,6 +21,7 @@ def validate(cfg: TrainConfig, world_size: int) -> Grid:
     grid = validate_options(cfg, world_size)
     check_data_files(cfg.data, cfg.model)
     check_output_dirs(cfg)
+    check_wandb_login(cfg)  # trainer.wandb.mode=online with no API key anywhere
     return grid
 
 
