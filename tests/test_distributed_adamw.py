@@ -153,7 +153,7 @@ def test_bf16_set_full_state_splits_the_master():
 @pytest.mark.parametrize("impl,zero,bucket_mb,message", [
     ("distributed", 1, 25.0, "optim.impl=distributed with parallel.zero_stage=1: the distributed "
                              "optimizer shards its state over data parallelism itself"),
-    ("distributed", 0, 0.0, "optim.bucket_mb=0.0: must be > 0"),
+    ("distributed", 0, 0.0, "optim.bucket_mb=0.0: must be in (0, 1048576]"),
     ("sharded", 0, 25.0, "optim.impl='sharded': choose one of ['auto', 'deepspeed', 'fused', "
                          "'distributed']"),
 ])
