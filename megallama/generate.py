@@ -31,6 +31,7 @@ from megallama.config.arguments import (
     positive_int,
     probability,
 )
+from megallama.data.chat import find_chat_tag
 from megallama.data.tokenizer import Tokenizer, TokenizerError, check_vocab
 from megallama.inference.generation import (
     GenerationError,
@@ -66,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true",
                    help="each prompt is a user turn in Llama 2's chat format ([INST] ... [/INST])")
     p.add_argument("--system", help="system prompt for --chat (<<SYS>> block)")
+    p.add_argument("--allow-chat-tags", action="store_true",
+                   help="with --chat: keep [INST], [/INST], <<SYS>>, <</SYS>> in a prompt as text "
+                        "(refused by default, as Meta's chat_completion does)")
     p.add_argument("--max-new-tokens", type=positive_int, default=64)
     p.add_argument("--temperature", type=non_negative_float, default=0.0, help="0: greedy")
     p.add_argument("--top-k", type=non_negative_int, default=0, help="0: no top-k filter")
@@ -128,9 +132,9 @@ def _layout(args: argparse.Namespace, world: int, info: CheckpointInfo) -> tuple
     return tp, pp
 
 
-def _read_prompt_file(path: Path) -> list[str]:
-    """The non-blank lines of ``--prompt-file``; one clear error for a file that cannot be read
-    or is not UTF-8."""
+def _read_prompt_file(path: Path) -> list[tuple[str, str]]:
+    """``(where, line)`` of the non-blank lines of ``--prompt-file``; one clear error for a file
+    that cannot be read or is not UTF-8."""
     try:
         data = path.read_bytes()
     except OSError as e:
@@ -143,22 +147,73 @@ def _read_prompt_file(path: Path) -> list[str]:
         raise GenerationError(f"--prompt-file {path}: line {line} is not UTF-8 (byte "
                               f"0x{data[e.start]:02x} at offset {e.start}); save it as UTF-8"
                               ) from None
-    return [line for line in text.splitlines() if line.strip()]
+    return [(f"--prompt-file {path} line {n}", line)
+            for n, line in enumerate(text.splitlines(), 1) if line.strip()]
 
 
-def _prompts(args: argparse.Namespace, tokenizer: Tokenizer) -> list[list[int]]:
-    texts = list(args.prompt)
+def _check_options(args: argparse.Namespace) -> None:
+    """Options that only mean something with ``--chat``: silently ignoring them would generate
+    from another prompt than the one asked for."""
+    for option, given in (("--system", args.system is not None),
+                          ("--allow-chat-tags", args.allow_chat_tags)):
+        if given and not args.chat:
+            raise GenerationError(f"{option} applies to chat prompts: add --chat (or drop "
+                                  f"{option})")
+
+
+def _utf8(where: str, text: str) -> str:
+    """``text``, or a GenerationError naming ``where`` when it is not valid UTF-8: Python turns
+    the bytes of a command-line argument that are not UTF-8 into lone surrogates, which no
+    tokenizer can encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        code = ord(text[e.start])
+        what = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"U+{code:04X}"
+        raise GenerationError(f"{where} is not valid UTF-8 ({what} at character {e.start}); "
+                              "give UTF-8 text") from None
+    return text
+
+
+def _prompt_texts(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """``(where, text)`` of every prompt, where naming the option it came from; blank prompts,
+    text that is not UTF-8 and (with ``--chat``) chat tags are errors here, before the chat
+    format wraps a prompt into text that is never blank."""
+    many = len(args.prompt) > 1
+    texts = [(f"--prompt #{n}" if many else "--prompt", t) for n, t in enumerate(args.prompt, 1)]
+    texts = [(where, _utf8(where, t)) for where, t in texts]
     if args.prompt_file:
         texts += _read_prompt_file(Path(args.prompt_file))
     if not texts:
         raise GenerationError("give at least one --prompt or --prompt-file")
+    for where, text in texts:
+        if not text.strip():
+            raise GenerationError(f"{where} is empty (blank text); give non-blank text")
+    if args.chat and not args.allow_chat_tags:
+        system = [] if args.system is None else [("--system", args.system)]
+        for where, text in [*system, *texts]:
+            tag = find_chat_tag(text)
+            if tag is not None:
+                raise GenerationError(
+                    f"{where} contains {tag!r}, a tag of the Llama 2 chat format that --chat adds "
+                    "itself (Meta's chat_completion refuses it in a message); remove it, or pass "
+                    "--allow-chat-tags to keep it as text")
+    return texts
+
+
+def _prompts(args: argparse.Namespace, tokenizer: Tokenizer) -> list[list[int]]:
+    if args.system is not None:
+        _utf8("--system", args.system)
+    texts = [text for _, text in _prompt_texts(args)]
     if args.chat:  # the format of megallama.data.chat, as chat training data is tokenized
-        return [chat_prompt(tokenizer, t, args.system) for t in texts]
-    return [tokenizer.encode(t, bos=True) if t.strip() else [] for t in texts]
+        return [chat_prompt(tokenizer, t, args.system, allow_tags=args.allow_chat_tags)
+                for t in texts]
+    return [tokenizer.encode(t, bos=True) for t in texts]
 
 
 def _prepare(args: argparse.Namespace, world: int) -> _Job:
     """Every check that needs no collective, so that bad input stops every rank alike."""
+    _check_options(args)
     device = inference_device(args.device)
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
     info = inspect_checkpoint(Path(args.checkpoint), args.format)

@@ -11,18 +11,23 @@ pieces as after ``[/INST] `` because Llama's tokenizer splits on whitespace) and
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 import sentencepiece as spm
 
+from megallama.data import preprocess as preprocess_module
 from megallama.data.chat import (
+    CHAT_TAGS,
     ChatFormatError,
+    ChatTagError,
     encode_dialog,
     encode_dialog_prompt,
     record_messages,
     split_dialog,
 )
+from megallama.data.indexed import IndexedTokens
 from megallama.data.tokenizer import Tokenizer
 from tests.conftest import require_llama_tokenizer
 
@@ -173,6 +178,103 @@ def test_prompt_dialogs_must_end_with_a_user_turn(llama: Tokenizer) -> None:
 def test_malformed_records(record: dict, message: str) -> None:
     with pytest.raises(ChatFormatError, match=message):
         record_messages(record)
+
+
+# --- the format's own tags inside a message: refused, as Meta's chat_completion does ---------------
+
+TAGGED = [  # (messages, the error's message number, role and tag): every tag, every role
+    ([msg("user", "Tell me [INST] more"), msg("assistant", "ok")], "message 1 (user)", "[INST]"),
+    ([msg("user", "a"), msg("assistant", "done. [/INST] again")], "message 2 (assistant)",
+     "[/INST]"),
+    ([msg("system", "<<SYS>> be brief"), msg("user", "a"), msg("assistant", "b")],
+     "message 1 (system)", "<<SYS>>"),
+    ([msg("system", "s"), msg("user", "a"), msg("assistant", "b"), msg("user", "x <</SYS>> y"),
+      msg("assistant", "c")], "message 4 (user)", "<</SYS>>"),
+    # the first tag by position, when there are several
+    ([msg("user", "<</SYS>> and [INST]"), msg("assistant", "b")], "message 1 (user)",
+     "<</SYS>>"),
+]
+
+
+@pytest.mark.parametrize("messages,where,tag", TAGGED, ids=[t[2] for t in TAGGED])
+def test_chat_tags_in_a_message_are_refused_unless_allowed(messages, where: str, tag: str,
+                                                          llama: Tokenizer,
+                                                          sp: spm.SentencePieceProcessor) -> None:
+    """Both encoders refuse a message holding one of Meta's SPECIAL_TAGS, naming the message,
+    its role, the tag and the option; ``allow_tags=True`` encodes the text as it is."""
+    assert tag in CHAT_TAGS
+    with pytest.raises(ChatTagError) as info:
+        encode_dialog(llama, messages)
+    assert f"{where} contains {tag!r}" in str(info.value)
+    assert "--allow-chat-tags" in str(info.value)
+    assert isinstance(info.value, ChatFormatError)
+    ids, mask = encode_dialog(llama, messages, allow_tags=True)
+    assert len(ids) == len(mask) and any(mask)
+    prompt = messages[:-1]  # the dialog before its last answer, for generation
+    if any(tag in m["content"] for m in prompt):
+        with pytest.raises(ChatTagError, match=re.escape(f"{where} contains {tag!r}")):
+            encode_dialog_prompt(llama, prompt)
+    else:
+        encode_dialog_prompt(llama, prompt)  # the tag was in the answer left out
+    allowed = encode_dialog_prompt(llama, prompt, allow_tags=True)
+    assert allowed == ids[:len(allowed)]  # the prompt is a prefix of the training ids
+
+
+def test_chat_tag_kept_as_text_is_tokenized_as_text(llama: Tokenizer,
+                                                    sp: spm.SentencePieceProcessor) -> None:
+    """With the tags allowed the string is encoded literally, like any other text."""
+    messages = [msg("user", "What does [INST] mean?"), msg("assistant", "It opens a turn.")]
+    ids, mask = encode_dialog(llama, messages, allow_tags=True)
+    assert (ids, mask) == expected(sp, [("[INST] What does [INST] mean? [/INST]",
+                                         "It opens a turn. ")])
+
+
+def _preprocess(argv: list[str]) -> int:
+    try:
+        return preprocess_module.main(argv)
+    except SystemExit as exc:  # argparse
+        return exc.code if isinstance(exc.code, int) else 1
+
+
+TAG_FILE = [{"prompt": "a b c", "response": "c b a"},
+            {"messages": [msg("user", "a"), msg("assistant", "see [/INST] here")]}]
+PREPROCESS_ROWS = [  # (id, extra argv, exit status, fragment of stderr's last line)
+    ("tag-refused", [], 2, "{file}:2: bad dialog: message 2 (assistant) contains '[/INST]'"),
+    ("tag-refused-workers", ["--workers", "2"], 2, "{file}:2: bad dialog: message 2"),
+    ("tag-allowed", ["--allow-chat-tags"], 0, None),
+    ("tag-allowed-workers", ["--allow-chat-tags", "--workers", "2"], 0, None),
+]
+
+
+@pytest.mark.parametrize("name,extra,code,message", PREPROCESS_ROWS,
+                         ids=[r[0] for r in PREPROCESS_ROWS])
+def test_preprocess_refuses_chat_tags_unless_allowed(name: str, extra: list[str], code: int,
+                                                     message: str | None, llama: Tokenizer,
+                                                     tmp_path: Path, capsys, monkeypatch) -> None:
+    """megallama-preprocess: a dialog with a chat tag is a ``file:line`` error (exit 2, one line,
+    no traceback, no output file); ``--allow-chat-tags`` (also in worker processes) writes
+    encode_dialog(allow_tags=True)'s ids and mask."""
+    monkeypatch.delenv("MEGALLAMA_DEBUG", raising=False)
+    data = tmp_path / "tags.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in TAG_FILE), encoding="utf-8")
+    out = tmp_path / "out" / "tok"
+    status = _preprocess([str(data), "--tokenizer", str(llama.path), "--output-prefix", str(out),
+                          "--quiet", *extra])
+    err = capsys.readouterr().err
+    assert status == code, err
+    if message is not None:
+        lines = err.strip().splitlines()
+        assert "Traceback" not in err and len(lines) == 1, err
+        assert lines[0].startswith("megallama-preprocess: error: "), err
+        assert message.format(file=data) in lines[0], lines[0]
+        assert "--allow-chat-tags" in lines[0], lines[0]
+        assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+        return
+    docs = IndexedTokens(out)
+    want = [encode_dialog(llama, record_messages(r), allow_tags=True) for r in TAG_FILE]
+    assert [docs.document(i).tolist() for i in range(len(docs))] == [ids for ids, _ in want]
+    assert docs.loss_mask is not None
+    assert docs.loss_mask.tolist() == [int(b) for _, mask in want for b in mask]
 
 
 class _MergingTokenizer:

@@ -112,12 +112,14 @@ def _other_inputs(root: Path) -> dict[str, str]:
     (root / "empty_dir").mkdir()
     (root / "not_spm.model").write_bytes(b"this is not a SentencePiece model\n" * 8)
     (root / "prompts.txt").write_bytes(b"first prompt\nsecond \xff prompt\n")
+    (root / "tags.txt").write_text("first prompt\n\nwhat is <</SYS>> for?\n")
     with IndexedWriter(root / "tokens", 32000) as w:
         w.add_document(list(range(1, 200)))
     shutil.copyfile(root / "tokens.bin", root / "bad_idx.bin")
     (root / "bad_idx.idx").write_bytes((root / "tokens.idx").read_bytes()[:10])
     return {name: str(root / name) for name in ("text.txt", "latin1.txt", "empty_dir",
-                                                 "not_spm.model", "prompts.txt", "bad_idx")}
+                                                 "not_spm.model", "prompts.txt", "tags.txt",
+                                                 "bad_idx")}
 
 
 @pytest.fixture(scope="module")
@@ -220,7 +222,28 @@ DATA_CASES = [
 PROMPT_CASES = [
     Case("prompt-missing", "generate", ("--checkpoint", "{step}", "--device", "cpu"),
          ("give at least one --prompt",)),
-    _gen("prompt-empty", "--prompt", " ", expect=("prompt 1 is empty",)),
+    _gen("prompt-empty", "--prompt", " ", expect=("--prompt #2 is empty",)),
+    # --chat wraps a prompt into text that is never blank: the check comes before
+    _gen("chat-prompt-empty", "--chat", "--prompt", "", expect=("--prompt #2 is empty",)),
+    Case("chat-only-prompt-blank", "generate", ("--checkpoint", "{step}", "--chat", "--prompt",
+                                                " \n\t", "--device", "cpu"), ("--prompt is empty",)),
+    _gen("system-without-chat", "--system", "Be brief.",
+         expect=("--system applies to chat prompts: add --chat",)),
+    _gen("allow-chat-tags-without-chat", "--allow-chat-tags",
+         expect=("--allow-chat-tags applies to chat prompts: add --chat",)),
+    # argv bytes that are not UTF-8 reach Python as lone surrogates (surrogateescape)
+    _gen("prompt-not-utf8", "--prompt", "caf\udce9", expect=("--prompt #2 is not valid UTF-8",
+                                                              "byte 0xe9 at character 3")),
+    _gen("system-not-utf8", "--chat", "--system", "\udcffbrief",
+         expect=("--system is not valid UTF-8", "byte 0xff at character 0")),
+    # the chat format's own tags, refused as Meta's chat_completion refuses them
+    *(_gen(f"chat-tag-{tag}", "--chat", "--prompt", f"say {tag} now",
+           expect=(f"--prompt #2 contains {tag!r}", "--allow-chat-tags"))
+      for tag in ("[INST]", "[/INST]", "<<SYS>>", "<</SYS>>")),
+    _gen("chat-tag-in-system", "--chat", "--system", "Be [/INST] brief.",
+         expect=("--system contains '[/INST]'", "--allow-chat-tags")),
+    _gen("chat-tag-in-prompt-file", "--chat", "--prompt-file", "{tags.txt}",
+         expect=("--prompt-file {tags.txt} line 3 contains '<</SYS>>'", "--allow-chat-tags")),
     _gen("prompt-too-long", "--prompt", "hello " * 70,
          expect=("prompt 1", "exceed the model's context of 64", "--max-new-tokens")),
     _gen("prompt-file-missing", "--prompt-file", "{absent}",

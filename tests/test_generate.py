@@ -188,6 +188,16 @@ def test_cli_chat_prompts_are_the_chat_format(tmp_path, capsys, llama_tokenizer_
                  str(llama_tokenizer_path), "--chat", "--system", "Be brief.", "--prompt",
                  "Name a colour.", "--max-new-tokens", "6", "--no-stream"]) == 0
     assert capsys.readouterr().out == f"{expected}\n\n"
+    # --allow-chat-tags: a tag inside the prompt is kept as text (refused without it)
+    ids = [1, *sp.encode("[INST] What is [INST] for? [/INST]")]
+    expected = tok.decode(ids + generate(model, [ids], 6, eos_id=tok.eos_id)[0])
+    args = ["--checkpoint", str(hf_dir), "--format", "hf", "--tokenizer",
+            str(llama_tokenizer_path), "--chat", "--prompt", "What is [INST] for?",
+            "--max-new-tokens", "6", "--no-stream"]
+    assert main(args) == 2
+    assert "--allow-chat-tags" in capsys.readouterr().err
+    assert main([*args, "--allow-chat-tags"]) == 0
+    assert capsys.readouterr().out == f"{expected}\n\n"
 
 
 def test_cli_tokenizer_mismatch_and_empty_prompt(tmp_path, capsys, llama_tokenizer_path) -> None:
@@ -198,7 +208,7 @@ def test_cli_tokenizer_mismatch_and_empty_prompt(tmp_path, capsys, llama_tokeniz
     _, hf_dir = _hf_dir(tmp_path, 32000)
     base[1] = str(hf_dir)
     assert main([*base, "--prompt", "  "]) == 2
-    assert "prompt 0 is empty" in capsys.readouterr().err
+    assert "--prompt is empty" in capsys.readouterr().err
     assert main([*base, "--prompt", "hello " * 300]) == 2
     assert "exceed the model's context" in capsys.readouterr().err
     bad = tmp_path / "prompts.txt"

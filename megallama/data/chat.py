@@ -17,6 +17,13 @@ The loss mask (:func:`encode_dialog`) is True exactly on the tokens of each pair
 ``"[INST] {user} [/INST]"`` encoded with BOS: the answer's tokens (with the trailing space's piece)
 and the EOS. Those prompt tokens must be a prefix of the pair's tokens; a tokenizer that merged
 a piece across the end of ``[/INST]`` would make the split ambiguous, and raises.
+
+Like Meta's ``chat_completion``, which refuses a dialog whose messages contain one of the format's
+tags (``[INST]``, ``[/INST]``, ``<<SYS>>``, ``<</SYS>>``), both encoders raise
+:class:`ChatTagError` for such text: as plain text it would read as markup, a second turn or
+system block the model never got, and train or prompt the model on it without a word.
+``allow_tags=True`` (``--allow-chat-tags`` of preprocessing and ``generate --chat``) keeps the
+text as it is, for data that needs the strings (e.g. text about the format itself).
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from megallama.data.tokenizer import Tokenizer
 
 B_INST, E_INST = "[INST]", "[/INST]"
 B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
+CHAT_TAGS = (B_INST, E_INST, "<<SYS>>", "<</SYS>>")  # Meta's SPECIAL_TAGS
 ROLES = ("system", "user", "assistant")
 CHAT_KEYS = ("messages", "prompt", "response")  # the JSONL fields that make a record a dialog
 
@@ -35,6 +43,29 @@ CHAT_KEYS = ("messages", "prompt", "response")  # the JSONL fields that make a r
 class ChatFormatError(ValueError):
     """A dialog that is not in the form the chat format needs (roles, order, types, empty
     answers), or a tokenizer that cannot split a pair into prompt and answer."""
+
+
+class ChatTagError(ChatFormatError):
+    """A message whose text contains one of the chat format's own tags (:data:`CHAT_TAGS`)."""
+
+
+def find_chat_tag(text: str) -> str | None:
+    """The first of the chat format's tags (:data:`CHAT_TAGS`) that occurs in ``text``, by
+    position; None when there is none."""
+    found = [(text.find(tag), tag) for tag in CHAT_TAGS if tag in text]
+    return min(found)[1] if found else None
+
+
+def check_chat_tags(messages: object) -> None:
+    """Raise ChatTagError naming the first message whose content holds a chat tag, as Meta's
+    ``chat_completion`` refuses such a dialog (every role: system, user and assistant)."""
+    for n, (role, content) in enumerate(_messages(messages), 1):
+        tag = find_chat_tag(content)
+        if tag is not None:
+            raise ChatTagError(
+                f"message {n} ({role}) contains {tag!r}, a tag of the Llama 2 chat format that "
+                "Meta's chat_completion refuses in a message; remove it, or keep it as text with "
+                "--allow-chat-tags")
 
 
 def json_type(value: object) -> str:
@@ -113,12 +144,15 @@ def _prompt_ids(tokenizer: Tokenizer, user: str) -> list[int]:
     return tokenizer.encode(f"{B_INST} {user.strip()} {E_INST}", bos=True, eos=False)
 
 
-def encode_dialog(tokenizer: Tokenizer, messages: Sequence[Mapping[str, Any]],
-                  ) -> tuple[list[int], list[bool]]:
+def encode_dialog(tokenizer: Tokenizer, messages: Sequence[Mapping[str, Any]], *,
+                  allow_tags: bool = False) -> tuple[list[int], list[bool]]:
     """Token ids of a training dialog (ending with an assistant turn) and its loss mask: True on
     each answer's tokens and the EOS, False on BOS, system prompt, ``[INST]``, the user's text
-    and ``[/INST]``. Raises ChatFormatError for a malformed dialog (see :func:`split_dialog`)."""
+    and ``[/INST]``. Raises ChatFormatError for a malformed dialog (see :func:`split_dialog`),
+    ChatTagError for a chat tag in a message unless ``allow_tags``."""
     users, answers = split_dialog(messages, last="assistant")
+    if not allow_tags:
+        check_chat_tags(messages)
     ids: list[int] = []
     mask: list[bool] = []
     for n, (user, answer) in enumerate(zip(users, answers, strict=True), 1):
@@ -135,12 +169,15 @@ def encode_dialog(tokenizer: Tokenizer, messages: Sequence[Mapping[str, Any]],
     return ids, mask
 
 
-def encode_dialog_prompt(tokenizer: Tokenizer, messages: Sequence[Mapping[str, Any]],
-                         ) -> list[int]:
+def encode_dialog_prompt(tokenizer: Tokenizer, messages: Sequence[Mapping[str, Any]], *,
+                         allow_tags: bool = False) -> list[int]:
     """Token ids of a dialog that ends with a user turn, for generation: the finished pairs as
     :func:`encode_dialog` gives them, then ``[INST] {user} [/INST]`` with BOS and no EOS; the
-    model's answer follows. Raises ChatFormatError for a malformed dialog."""
+    model's answer follows. Raises ChatFormatError for a malformed dialog, ChatTagError for a
+    chat tag in a message unless ``allow_tags``."""
     users, answers = split_dialog(messages, last="user")
+    if not allow_tags:
+        check_chat_tags(messages)
     ids: list[int] = []
     for user, answer in zip(users, answers, strict=False):
         ids += tokenizer.encode(f"{B_INST} {user.strip()} {E_INST} {answer.strip()} ",

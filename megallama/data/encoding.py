@@ -15,7 +15,7 @@ from typing import Literal, NamedTuple
 
 import numpy as np
 
-from megallama.data.chat import ChatFormatError, encode_dialog
+from megallama.data.chat import ChatFormatError, ChatTagError, encode_dialog
 from megallama.data.indexed import token_dtype
 from megallama.data.sources import ChatRecord, SourceError
 from megallama.data.tokenizer import Tokenizer
@@ -42,8 +42,10 @@ class Encoder:
     """Turns a chunk of texts or of dialogs (never both) into an :class:`Encoded`."""
 
     def __init__(self, tokenizer: Tokenizer, bos: bool, eos: bool, max_tokens: int | None = None,
-                 overlong: dict[str, OverlongPolicy] | None = None) -> None:
+                 overlong: dict[str, OverlongPolicy] | None = None,
+                 allow_chat_tags: bool = False) -> None:
         self.tokenizer = tokenizer
+        self.allow_chat_tags = allow_chat_tags  # keep chat tags in messages as text
         self.bos = bos
         self.eos = eos
         self.max_tokens = max_tokens
@@ -73,9 +75,11 @@ class Encoder:
         encoded, masks = [], []
         for record in dialogs:
             try:
-                ids, mask = encode_dialog(self.tokenizer, record.messages)
-            except ChatFormatError as exc:  # checked on reading; here a tokenizer's own problem
-                raise SourceError(f"{record.where}: {exc}") from None
+                ids, mask = encode_dialog(self.tokenizer, record.messages,
+                                          allow_tags=self.allow_chat_tags)
+            except ChatFormatError as exc:  # form checked on reading; tags, a tokenizer's problem
+                bad = "bad dialog: " if isinstance(exc, ChatTagError) else ""
+                raise SourceError(f"{record.where}: {bad}{exc}") from None
             encoded.append(ids)
             masks.append(mask)
         return encoded, masks
@@ -103,9 +107,10 @@ _WORKER_ENCODER: Encoder | None = None
 
 
 def _init_worker(tokenizer_path: str, bos: bool, eos: bool, max_tokens: int | None,
-                 overlong: dict[str, OverlongPolicy]) -> None:
+                 overlong: dict[str, OverlongPolicy], allow_chat_tags: bool = False) -> None:
     global _WORKER_ENCODER
-    _WORKER_ENCODER = Encoder(Tokenizer(tokenizer_path), bos, eos, max_tokens, overlong)
+    _WORKER_ENCODER = Encoder(Tokenizer(tokenizer_path), bos, eos, max_tokens, overlong,
+                              allow_chat_tags)
 
 
 def _encode_in_worker(items: list[Item]) -> Encoded:

@@ -206,6 +206,7 @@ def preprocess(
     start_method: str | None = None,
     max_tokens: int | None = None,
     overlong: OverlongPolicy | None = None,
+    allow_chat_tags: bool = False,
 ) -> dict:
     """Tokenize ``inputs`` into ``<output_prefix>.bin/.idx`` (and ``.mask`` when there are
     dialogs) and return the summary dict.
@@ -218,7 +219,9 @@ def preprocess(
     ``file:line``), TokenizerError for an unusable tokenizer, OutputError for an output
     prefix that cannot be written and OSError when writing fails. ``prepend_bos`` and
     ``append_eos`` apply to text documents; dialogs always follow the chat format.
-    ``max_tokens``/``overlong``: see the module docstring. ``start_method`` is the
+    ``max_tokens``/``overlong``: see the module docstring. ``allow_chat_tags`` keeps the chat
+    format's tags inside messages as text (refused by default, as Meta's ``chat_completion``
+    does; see :mod:`megallama.data.chat`). ``start_method`` is the
     multiprocessing start method for ``workers > 1`` (default: see ``encoding.default_start_method``).
     """
     if workers < 1:
@@ -237,7 +240,7 @@ def preprocess(
 
     settings = {"bos": prepend_bos, "eos": append_eos, "workers": workers,
                 "max_tokens": max_tokens, "overlong": policies if max_tokens else None}
-    encoder_args = (prepend_bos, append_eos, max_tokens, policies)
+    encoder_args = (prepend_bos, append_eos, max_tokens, policies, allow_chat_tags)
     with (created_parents(output_prefix), report,
           IndexedWriter(output_prefix, tokenizer.vocab_size) as writer):
         chunks = _chunks(readers, report.log)
@@ -284,6 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--overlong", choices=["truncate", "drop"],
                         help="what --max-tokens does to a longer document (default: drop a "
                              "dialog, truncate a text)")
+    parser.add_argument("--allow-chat-tags", action="store_true",
+                        help="keep [INST], [/INST], <<SYS>>, <</SYS>> inside chat messages as "
+                             "text (refused by default, as Meta's chat_completion does)")
     parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
     return parser
 
@@ -309,6 +315,7 @@ def main(argv: list[str] | None = None) -> int:
             progress=not args.quiet,
             max_tokens=args.max_tokens,
             overlong=args.overlong,
+            allow_chat_tags=args.allow_chat_tags,
         )
     except (SourceError, TokenizerError, OutputError) as exc:
         report_error(PROG, exc)

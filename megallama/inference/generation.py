@@ -50,12 +50,15 @@ class Sampling:
             raise GenerationError(f"top_p={self.top_p} must be in (0, 1]")
 
 
-def chat_prompt(tokenizer: Tokenizer, user: str, system: str | None = None) -> list[int]:
+def chat_prompt(tokenizer: Tokenizer, user: str, system: str | None = None, *,
+                allow_tags: bool = False) -> list[int]:
     """The prompt ids of one user turn (after an optional system prompt) in Llama 2's chat
     format, ``<s>[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n{user} [/INST]``: exactly what
-    :func:`megallama.data.chat.encode_dialog_prompt` gives, the definition training data uses."""
+    :func:`megallama.data.chat.encode_dialog_prompt` gives, the definition training data uses.
+    A chat tag inside ``user`` or ``system`` raises ChatTagError unless ``allow_tags``."""
     system_turn = [] if system is None else [{"role": "system", "content": system}]
-    return encode_dialog_prompt(tokenizer, [*system_turn, {"role": "user", "content": user}])
+    return encode_dialog_prompt(tokenizer, [*system_turn, {"role": "user", "content": user}],
+                                allow_tags=allow_tags)
 
 
 def next_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> torch.Tensor:
