@@ -6,10 +6,13 @@ torch.distributed and the rank grid, build the engine, then loop: sample a globa
 DeepSpeed step, log, evaluate, save.
 
 Exit status: 0 when training completes; 2 for a configuration error (an unknown or mistyped
-override, a bad layout, a missing or damaged file...): every rank finds it on its own, before any
-collective, ends with the one line ``megallama.train: error: ...`` (``MEGALLAMA_DEBUG=1`` adds
-the traceback) and exits with 2; see :func:`_fail` for why a launcher's terminal shows the line
-once. A failure during training is not a config error: it exits non-zero with its traceback.
+override, a bad layout, a missing or damaged file, a damaged checkpoint to start from...): every
+rank finds it on its own, before any collective, ends with the one line
+``megallama.train: error: ...`` (``MEGALLAMA_DEBUG=1`` adds the traceback) and exits with 2; see
+:func:`_fail` for why a launcher's terminal shows the line once. Also 2, one line on every rank:
+a checkpoint refused while the trainer loads it (a file failing its checksum, optimizer state
+that is not finite or out of its domain) and non-finite weights at a save (nothing is
+committed). Any other failure during training exits non-zero with its traceback.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from megallama.checkpoint.atomic import CheckpointError, InvalidStateError
 from megallama.config import ConfigError
 from megallama.config.arguments import os_error_message, report_error
 from megallama.config.train_config import TrainConfig
@@ -61,12 +65,9 @@ def prepare(overrides: list[str], world: int) -> tuple[TrainConfig, object, torc
     """Config, grid and device, checked without touching torch.distributed."""
     from megallama.config.compose import load_config
     from megallama.training.preflight import validate
-    from megallama.training.run_files import resolve_init, resolve_resume
 
     cfg = load_config(overrides)
-    grid = validate(cfg, world)
-    resolve_resume(cfg)  # a bad trainer.resume path fails here, before any collective
-    resolve_init(cfg)  # ... and a bad trainer.init_from path
+    grid = validate(cfg, world)  # trainer.resume / trainer.init_from and their files included
     return cfg, grid, resolve_device(cfg.trainer.device)
 
 
@@ -86,13 +87,21 @@ def main(argv: list[str] | None = None, hooks: TrainHooks | None = None) -> int:
     except OSError as e:  # reading the config or a file it names
         return _fail(rank, os_error_message(e))
     init_distributed(device)
-    from megallama.training.loop import train  # imports DeepSpeed: after the config checks
+    from megallama.training.loop import Trainer  # imports DeepSpeed: after the config checks
 
+    trainer = None
     try:
-        train(cfg, grid, device, hooks)
+        trainer = Trainer(cfg, grid, device, hooks)  # loads the checkpoint it starts from
+        trainer.train()
     except ConfigError as e:  # found after start-up, by one rank (W&B refusing the run): one line
         report_error("megallama.train", e)
         return EXIT_CONFIG
+    except CheckpointError as e:
+        if trainer is not None and not isinstance(e, InvalidStateError):
+            raise  # a save that failed (disk full...): a failure, with its traceback
+        # on every rank alike: a checkpoint refused while loading (a checksum, invalid optimizer
+        # state), or non-finite weights at a save (nothing committed)
+        return _fail(rank, e)
     return 0
 
 

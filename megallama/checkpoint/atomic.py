@@ -45,6 +45,11 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be written or read; the message names the file and what is wrong."""
 
 
+class InvalidStateError(CheckpointError):
+    """Training state that must not be committed or resumed: non-finite weights or optimizer
+    state, a negative second moment, master weights that do not belong to the weights."""
+
+
 # ---- files ---------------------------------------------------------------------------------------
 def fsync_file(path: Path) -> None:
     """Flush a written file's data to stable storage (a rename is durable only after this)."""
@@ -88,8 +93,58 @@ def file_sha256(path: Path) -> str:
 _verified: set[tuple[Any, ...]] = set()
 
 
-def verify_file(path: Path, size: int, sha256: str, listed_in: Path | None = None) -> None:
-    """Check that ``path`` exists with the recorded size and sha256; raise :class:`CheckpointError`.
+def _read_header(path: Path) -> tuple[int, dict[str, Any]] | None:
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if not 2 <= n <= (100 << 20):
+                return None
+            header = json.loads(f.read(n).decode("utf-8"))
+    except (OSError, ValueError):
+        return None
+    return (n, header) if isinstance(header, dict) else None
+
+
+def safetensors_header(path: Path) -> dict[str, Any] | None:
+    """The JSON header of a safetensors file (tensor records and ``__metadata__``), or None when
+    the file does not start with a readable one. Reads the header only."""
+    found = _read_header(path)
+    return None if found is None else found[1]
+
+
+def _what_file_holds(path: Path, size: int) -> str:
+    """Why a file differs from its record: another file of the checkpoint put in its place (its
+    header names it, or it is a complete safetensors file), or "" (truncated or incomplete)."""
+    found = _read_header(path)
+    if found is None:
+        return ""
+    n, header = found
+    meta = header.get("__metadata__")
+    named = meta.get("file") if isinstance(meta, dict) else None
+    if named and named != path.name:
+        return f"it holds the data of {named} (files swapped or renamed?)"
+    try:
+        ends = [int(r["data_offsets"][1]) for k, r in header.items() if k != "__metadata__"]
+    except (KeyError, TypeError, ValueError, IndexError):
+        return ""
+    if 8 + n + max(ends, default=0) == size:
+        return "it is a complete safetensors file, but not the one listed (swapped or replaced?)"
+    return ""
+
+
+def size_mismatch(path: Path, size: int, expected: int, listed_in: Path | str | None
+                  ) -> CheckpointError:
+    """The error of a file whose size differs from its record: truncated, or another file."""
+    where = f" (listed in {listed_in})" if listed_in else ""
+    why = _what_file_holds(path, size) or ("the file is truncated or was not completely "
+                                           "written")
+    return CheckpointError(f"{path}: {size} bytes, expected {expected}{where}; {why}")
+
+
+def verify_file(path: Path, size: int | None, sha256: str | None,
+                listed_in: Path | None = None) -> None:
+    """Check that ``path`` exists with the recorded size and sha256 (None: not recorded, not
+    checked); raise :class:`CheckpointError` naming the file and what is wrong with it.
 
     A successful check is remembered (keyed by inode, size and mtime) so that reading many tensors
     from one shard hashes it once per process, not once per tensor.
@@ -102,13 +157,12 @@ def verify_file(path: Path, size: int, sha256: str, listed_in: Path | None = Non
     key = (str(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, sha256)
     if key in _verified:
         return
-    if st.st_size != size:
-        raise CheckpointError(
-            f"{path}: {st.st_size} bytes, expected {size}{where}; the file is truncated or "
-            "was not completely written"
-        )
-    if file_sha256(path) != sha256:
-        raise CheckpointError(f"{path}: sha256 checksum mismatch{where}; the file is corrupted")
+    if size is not None and st.st_size != size:
+        raise size_mismatch(path, st.st_size, size, listed_in)
+    if sha256 is not None and file_sha256(path) != sha256:
+        held = _what_file_holds(path, st.st_size)
+        why = held if held.startswith("it holds") else "the file is corrupted"
+        raise CheckpointError(f"{path}: sha256 checksum mismatch{where}; {why}")
     _verified.add(key)
 
 
@@ -146,6 +200,25 @@ def agree(local: Any, decide: Callable[[list[Any]], Any], group: Group = None) -
     if status == "error":
         raise CheckpointError(f"rank {root} failed: {value}")
     return value
+
+
+def all_or_none(error: Exception | None, what: str, group: Group = None) -> None:
+    """Collective end of a step that may fail on some ranks: every rank reports its ``error``
+    (None: success); if any failed, every rank raises -- this rank its own error, the others a
+    :class:`CheckpointError` naming ``what`` and the first rank that failed."""
+    msg = None if error is None else f"{type(error).__name__}: {error}"
+
+    def decide(outcomes: list[str | None]) -> None:
+        failed = [(r, m) for r, m in enumerate(outcomes) if m is not None]
+        if failed:
+            raise CheckpointError(f"{what}: rank {failed[0][0]}: {failed[0][1]}")
+
+    try:
+        agree(msg, decide, group)
+    except CheckpointError:
+        if error is not None:
+            raise error from None
+        raise
 
 
 # ---- step directories ----------------------------------------------------------------------------
@@ -297,18 +370,20 @@ def save_checkpoint_dir(root: Path, step: int, write_fn: Callable[[Path], None],
 
 
 __all__ = [
-    "CheckpointError", "agree", "checkpoint_writer", "file_sha256", "fsync_dir", "fsync_file",
-    "is_distributed", "latest_checkpoint", "list_checkpoints", "prune", "save_checkpoint_dir",
-    "step_dir_name", "verify_file", "write_text_atomic",
+    "CheckpointError", "InvalidStateError", "agree", "all_or_none", "checkpoint_writer",
+    "file_sha256", "fsync_dir", "fsync_file",
+    "is_distributed", "latest_checkpoint", "list_checkpoints", "prune", "safetensors_header",
+    "save_checkpoint_dir", "size_mismatch", "step_dir_name", "verify_file", "write_text_atomic",
 ]
 
 
 def write_shard_file(tensors: dict[str, torch.Tensor], path: Path, writer: str,
-                     entries: dict[str, Any]) -> dict[str, Any]:
+                     entries: dict[str, Any], metadata: dict[str, str] | None = None
+                     ) -> dict[str, Any]:
     """Write one safetensors shard durably; return its metadata for the index (file name, size,
-    sha256 and the ``entries`` describing its tensors)."""
+    sha256 and the ``entries`` describing its tensors). ``metadata`` is added to the header's."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, path, metadata={"format": "pt", "writer": writer})
+    save_file(tensors, path, metadata={"format": "pt", "writer": writer, **(metadata or {})})
     fsync_file(path)
     return {"file": path.name, "size": path.stat().st_size, "sha256": file_sha256(path),
             "tensors": entries}

@@ -9,42 +9,48 @@ tensor: a flat range of a 2-D slice is cut into at most three boxes (a partial r
 partial row), shifted to the slice's place in the global tensor, with vocabulary padding cut off.
 
 ``optim/<key>/`` then holds ``optim-ppXX-tpYY-dpZZ.safetensors`` (one per rank that owns state;
-tensor ``<name>@<flat start>`` per box) and ``pieces.index.json``::
+tensor ``<name>@<flat start>`` per box; the header's metadata records the file's name, the state
+and every tensor's box) and ``pieces.index.json`` (:mod:`megallama.checkpoint.pieces_index`)::
 
-    {"format": "megallama-optim-pieces", "format_version": 1, "saved_layout": {...},
-     "files": {file: {"size", "sha256"}},
+    {"format": "megallama-optim-pieces", "format_version": 2, "state": "exp_avg",
+     "saved_layout": {...}, "files": {file: {"size", "sha256"}},
      "tensors": {name: {"shape": [...], "dtype": "float32",
                         "pieces": [{"file", "key", "box": [[start, stop], ...]}]}}}
 
-Rank 0 writes the index last, after checking that the boxes of every tensor lie inside it and add
-up to its size; a reader checks each file's size and sha256 before first use.
+Rank 0 writes the index last, after checking that the boxes of every tensor tile it exactly; a
+reader checks the index, then each file's size, sha256 and header records before first use.
 """
 
 from __future__ import annotations
 
 import json
-import math
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from megallama.checkpoint.atomic import (
     CheckpointError,
-    agree,
+    all_or_none,
     commit_index,
-    verify_file,
     write_shard_file,
+)
+from megallama.checkpoint.pieces_index import (
+    FORMAT,
+    FORMAT_VERSION,
+    INDEX_NAME,
+    PieceReader,
+    check_tiling,
+    has_pieces,
 )
 from megallama.config import ModelConfig
 from megallama.model.layout import ShardSpec, shard_spec
 from megallama.parallel.layers import TensorParallel
 from megallama.parallel.topology import Topology
 
-FORMAT, FORMAT_VERSION, INDEX_NAME = "megallama-optim-pieces", 1, "pieces.index.json"
 Box = list[list[int]]  # [start, stop) per dimension
 Layers = list[tuple[str, nn.Module]]
 
@@ -53,10 +59,6 @@ class OwnedStateAccess(Protocol):
     """The optimizer state this rank owns: (flat start in ``p``'s TP slice, fp32 values)."""
 
     def owned_pieces(self, p: nn.Parameter, key: str) -> list[tuple[int, torch.Tensor]]: ...
-
-
-def has_pieces(key_dir: Path) -> bool:
-    return (Path(key_dir) / INDEX_NAME).is_file()
 
 
 def flat_boxes(shape: tuple[int, ...], start: int, stop: int) -> list[tuple[Box, int, int]]:
@@ -122,7 +124,7 @@ def _local_pieces(layers: Layers, tp: TensorParallel, cfg: ModelConfig, access: 
     return tensors, entries
 
 
-def _build_index(metas: list[Any], topo: Topology, where: Path) -> dict[str, Any]:
+def _build_index(metas: list[Any], topo: Topology, where: Path, key: str) -> dict[str, Any]:
     files: dict[str, Any] = {}
     tensors: dict[str, Any] = {}
     for meta in metas:
@@ -134,25 +136,11 @@ def _build_index(metas: list[Any], topo: Topology, where: Path) -> dict[str, Any
                                               "pieces": []})
             entry["pieces"] += [{"file": meta["file"], **x} for x in e["pieces"]]
     for name, entry in tensors.items():
-        _check_tiling(name, entry, where)
+        check_tiling(name, entry, where)
     g = topo.grid
-    return {"format": FORMAT, "format_version": FORMAT_VERSION,
+    return {"format": FORMAT, "format_version": FORMAT_VERSION, "state": key,
             "saved_layout": {"tp": g.tp, "pp": g.pp, "dp": g.dp}, "files": files,
             "tensors": tensors}
-
-
-def _check_tiling(name: str, entry: dict[str, Any], where: Path) -> None:
-    """The boxes must lie inside the tensor and add up to its size (a piece missing or written
-    twice shows as a wrong total)."""
-    shape, total = entry["shape"], 0
-    for piece in entry["pieces"]:
-        box = piece["box"]
-        if len(box) != len(shape) or any(not 0 <= a < b <= n for (a, b), n in zip(box, shape, strict=True)):
-            raise CheckpointError(f"{where}: {name}: piece box {box} outside its shape {shape}")
-        total += math.prod(b - a for a, b in box)
-    if total != math.prod(shape):
-        raise CheckpointError(f"{where}: {name}: pieces hold {total} elements, the tensor "
-                              f"{math.prod(shape)} (a piece missing or saved twice)")
 
 
 def save_owned_state(layers: Layers, tp: TensorParallel, topo: Topology, key_dir: Path,
@@ -166,90 +154,51 @@ def save_owned_state(layers: Layers, tp: TensorParallel, topo: Topology, key_dir
         if tensors:
             fname = f"optim-pp{topo.pp_rank:02d}-tp{topo.tp_rank:02d}-dp{topo.dp_rank:02d}" \
                     ".safetensors"
-            meta = write_shard_file(tensors, key_dir / fname, FORMAT, entries)
+            boxes = {x["key"]: x["box"] for e in entries.values() for x in e["pieces"]}
+            records = {"file": fname, "state": key, "boxes": json.dumps(boxes)}
+            meta = write_shard_file(tensors, key_dir / fname, FORMAT, entries, records)
     except Exception as e:  # reported through agree() so that every rank raises
         error = e
     commit_index(meta, error, key_dir / INDEX_NAME, str(key_dir),
-                 lambda metas: _build_index(metas, topo, key_dir))
-
-
-class PieceReader:
-    """Reads boxes of global tensors from a pieces directory, each file verified before use."""
-
-    def __init__(self, key_dir: Path, stack: ExitStack) -> None:
-        self.dir, self._stack, self._open = Path(key_dir), stack, {}
-        self.index_path = self.dir / INDEX_NAME
-        try:
-            self.index = json.loads(self.index_path.read_text(encoding="utf-8"))
-            if self.index.get("format") != FORMAT or \
-                    self.index.get("format_version") != FORMAT_VERSION:
-                raise CheckpointError(f"{self.index_path}: not a {FORMAT} v{FORMAT_VERSION} index")
-            self.tensors: dict[str, Any] = self.index["tensors"]
-            for name, entry in self.tensors.items():
-                _check_tiling(name, entry, self.index_path)
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{self.index_path}: unreadable index ({e})") from None
-
-    def _file(self, fname: str) -> Any:
-        if fname not in self._open:
-            rec = self.index["files"][fname]
-            verify_file(self.dir / fname, rec["size"], rec["sha256"], listed_in=self.index_path)
-            self._open[fname] = self._stack.enter_context(
-                safe_open(self.dir / fname, framework="pt"))
-        return self._open[fname]
-
-    def read(self, name: str, box: Box) -> torch.Tensor:
-        """``tensor[box]`` of global tensor ``name`` as fp32, from the overlapping pieces."""
-        out = torch.zeros([b - a for a, b in box], dtype=torch.float32)
-        for piece in self.tensors[name]["pieces"]:
-            cut = [(max(a, pa), min(b, pb)) for (a, b), (pa, pb) in zip(box, piece["box"], strict=True)]
-            if any(a >= b for a, b in cut):
-                continue
-            view = self._file(piece["file"]).get_slice(piece["key"])
-            src = tuple(slice(a - pa, b - pa) for (a, b), (pa, _) in zip(cut, piece["box"], strict=True))
-            dst = tuple(slice(a - ba, b - ba) for (a, b), (ba, _) in zip(cut, box, strict=True))
-            out[dst] = view[src]
-        return out
+                 lambda metas: _build_index(metas, topo, key_dir, key))
 
 
 def load_from_pieces(layers: Layers, tp: TensorParallel, key_dir: Path, cfg: ModelConfig,
-                     set_value: Any) -> None:
-    """For every parameter of ``layers``: its TP slice of the saved state (padding rows zero),
-    passed to ``set_value(p, slice)``. Collective: if any rank fails, every rank raises."""
+                     set_value: Callable[[nn.Parameter, str, torch.Tensor], None],
+                     state: str | None = None) -> None:
+    """For every parameter of ``layers``: its TP slice of the saved ``state`` (padding rows zero),
+    passed to ``set_value(p, name, slice)``, which may refuse it by raising. Collective: if any
+    rank fails, every rank raises."""
     error = None
     with ExitStack() as stack:
         try:
-            reader = PieceReader(key_dir, stack)
+            reader = PieceReader(key_dir, stack, state)
             for prefix, module in layers:
                 for local, p in module.named_parameters():
                     name = f"{prefix}.{local}"
-                    if name not in reader.tensors:
-                        raise CheckpointError(f"{reader.index_path}: no state for {name}")
-                    spec = shard_spec(cfg, name, tp.size)
-                    if list(spec.shape) != reader.tensors[name]["shape"]:
-                        raise CheckpointError(f"{reader.index_path}: {name}: shape "
-                                              f"{reader.tensors[name]['shape']} != model "
-                                              f"{list(spec.shape)}")
-                    buf = torch.zeros(spec.local_shape(), dtype=torch.float32)
-                    offset, length = spec.piece(tp.rank)
-                    if length > 0:
-                        box = [[0, n] for n in spec.shape]
-                        if spec.split_dim is not None:
-                            box[spec.split_dim] = [offset, offset + length]
-                        buf[tuple(slice(0, b - a) for a, b in box)] = reader.read(name, box)
-                    set_value(p, buf)
-        except Exception as e:  # reported through agree() so that every rank raises
+                    set_value(p, name, _read_slice(reader, name, cfg, tp))
+        except Exception as e:  # reported through all_or_none() so that every rank raises
             error = e
-    msg = None if error is None else f"{type(error).__name__}: {error}"
+    all_or_none(error, f"loading {key_dir}")
 
-    def decide(outcomes: list[str | None]) -> None:
-        failed = [(r, m) for r, m in enumerate(outcomes) if m is not None]
-        if failed:
-            raise CheckpointError(f"loading {key_dir}: rank {failed[0][0]}: {failed[0][1]}")
 
-    try:
-        agree(msg, decide)
-    except CheckpointError:
-        if error is not None:
-            raise error from None
-        raise
+def _read_slice(reader: PieceReader, name: str, cfg: ModelConfig, tp: TensorParallel
+                ) -> torch.Tensor:
+    if name not in reader.tensors:
+        raise CheckpointError(f"{reader.index_path}: no state for {name}")
+    spec = shard_spec(cfg, name, tp.size)
+    if list(spec.shape) != reader.tensors[name]["shape"]:
+        raise CheckpointError(f"{reader.index_path}: {name}: shape "
+                              f"{reader.tensors[name]['shape']} != model {list(spec.shape)}")
+    buf = torch.zeros(spec.local_shape(), dtype=torch.float32)
+    offset, length = spec.piece(tp.rank)
+    if length > 0:
+        box = [[0, n] for n in spec.shape]
+        if spec.split_dim is not None:
+            box[spec.split_dim] = [offset, offset + length]
+        buf[tuple(slice(0, b - a) for a, b in box)] = reader.read(name, box)
+    return buf
+
+
+__all__ = ["FORMAT", "FORMAT_VERSION", "INDEX_NAME", "OwnedStateAccess", "flat_boxes",
+           "has_pieces", "load_from_pieces", "save_owned_state"]

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import torch
 from safetensors import safe_open
 
-from megallama.checkpoint.atomic import CheckpointError, verify_file
+from megallama.checkpoint.atomic import CheckpointError, size_mismatch, verify_file
 from megallama.config import ModelConfig
 from megallama.config.grid import Grid
 
@@ -140,32 +140,48 @@ def check_stored(path: Path, name: str, view: Any, shape: list[int], dtype: str)
                               f"{dtype} ({WEIGHT_DTYPES[dtype]})")
 
 
+Listed = dict[str, list[tuple[str, list[int], str]]]  # file -> (tensor key, shape, dtype)
+
+
 def check_shard_headers(ckpt_dir: Path, index: dict[str, Any]) -> None:
     """Every shard the index lists has the recorded size and holds each of its pieces with the
     recorded shape and dtype -- sizes and headers only, so a damaged checkpoint is refused before
     anything is read from it (contents are sha256-checked when a shard is first read)."""
-    listed: dict[str, list[tuple[str, list[int], str]]] = {f: [] for f in index["files"]}
+    listed: Listed = {f: [] for f in index["files"]}
     for name, entry in index["tensors"].items():
         for piece in entry["pieces"]:
             shape = list(entry["shape"])
             if entry["split_dim"] is not None:
                 shape[entry["split_dim"]] = piece["length"]
             listed[piece["file"]].append((name, shape, entry["dtype"]))
-    for fname, pieces in listed.items():
+    check_files(ckpt_dir, index["files"], listed, INDEX_NAME)
+
+
+def check_files(ckpt_dir: Path, files: dict[str, Any], listed: Listed, index_name: str
+                ) -> dict[str, dict[str, str]]:
+    """Sizes and headers of the files an index lists (``files``: name -> its record, whose
+    ``size`` is checked when present; ``listed``: the tensors each must hold, with shape and
+    dtype); returns each file's header metadata. Reads headers only. A file whose header names
+    another file is reported as swapped, not as damaged."""
+    out = {}
+    for fname, tensors in listed.items():
         path = Path(ckpt_dir) / fname
         try:
             size = path.stat().st_size
         except FileNotFoundError:
             raise CheckpointError(f"{path}: checkpoint shard is missing (listed in "
-                                  f"{INDEX_NAME})") from None
-        if size != index["files"][fname]["size"]:
-            raise CheckpointError(f"{path}: {size} bytes, expected {index['files'][fname]['size']}"
-                                  f" (listed in {INDEX_NAME}); the file is truncated or was not "
-                                  "completely written")
+                                  f"{index_name})") from None
+        expected = files[fname].get("size")
+        if expected is not None and size != expected:
+            raise size_mismatch(path, size, expected, index_name)
         try:
             with safe_open(path, framework="pt") as f:
+                meta = f.metadata() or {}
+                if meta.get("file", fname) != fname:
+                    raise CheckpointError(f"{path}: holds the data of {meta['file']} (files "
+                                          "swapped or renamed?)")
                 stored = set(f.keys())
-                for name, shape, dtype in pieces:
+                for name, shape, dtype in tensors:
                     if name not in stored:
                         raise CheckpointError(f"{path}: tensor {name} is missing from the shard")
                     check_stored(path, name, f.get_slice(name), shape, dtype)
@@ -174,6 +190,8 @@ def check_shard_headers(ckpt_dir: Path, index: dict[str, Any]) -> None:
         except Exception as e:  # SafetensorError (a damaged header) / OSError
             raise CheckpointError(f"{path}: not a readable safetensors file "
                                   f"({str(e).splitlines()[0]})") from None
+        out[fname] = meta
+    return out
 
 
 class ShardReader:

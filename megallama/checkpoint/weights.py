@@ -38,6 +38,7 @@ from megallama.checkpoint.shard_index import (
     INDEX_NAME,
     ShardReader,
     build_index,
+    check_shard_headers,
     dtype_name,
     iter_full_tensors,
     read_full_tensor,
@@ -45,7 +46,7 @@ from megallama.checkpoint.shard_index import (
     shard_file_name,
 )
 from megallama.config import ConfigError, ModelConfig
-from megallama.model.layout import VOCAB_PADDED, ShardSpec, shard_spec
+from megallama.model.layout import VOCAB_PADDED, ShardSpec, shard_spec, shard_specs
 from megallama.parallel.layers import TensorParallel
 from megallama.parallel.topology import Topology
 
@@ -228,6 +229,52 @@ def load_model_weights(layers: Layers, tp: TensorParallel, ckpt_dir: Path,
         raise
 
 
+def model_shapes(cfg: ModelConfig) -> dict[str, list[int]]:
+    """Every parameter of the model ``cfg`` describes: global name -> global (unpadded) shape."""
+    return {spec.name: list(spec.shape) for spec in shard_specs(cfg, 1)}
+
+
+def check_tensor_set(where: Path | str, shapes: dict[str, list[int]], cfg: ModelConfig) -> None:
+    """A checkpoint's tensors (name -> shape) must be exactly the model's: none missing, none
+    extra, each of the model's shape."""
+    want = model_shapes(cfg)
+    missing = [n for n in want if n not in shapes]
+    if missing:
+        raise CheckpointError(f"{where}: {len(missing)} model tensor(s) missing from the "
+                              f"checkpoint: {', '.join(missing[:5])}")
+    extra = [n for n in shapes if n not in want]
+    if extra:
+        raise CheckpointError(f"{where}: {len(extra)} checkpoint tensor(s) not in the model: "
+                              f"{', '.join(extra[:5])}")
+    for name, shape in want.items():
+        if shapes[name] != shape:
+            raise CheckpointError(f"{where}: {name}: checkpoint shape {shapes[name]} != model "
+                                  f"shape {shape}; the checkpoint is for a different model config")
+
+
+def check_weights(ckpt_dir: Path, model_cfg: ModelConfig, state: str | None = None
+                  ) -> dict[str, Any]:
+    """What can be checked of a weights-format directory without reading tensors, for a run of
+    ``model_cfg`` (the checks :func:`load_model_weights` makes, before any collective): the
+    index, the model config, the tensors' names and shapes, every shard's size and header.
+    ``state``: the optimizer state an ``optim/<state>`` directory must say it holds. Returns the
+    index. Checksums are checked when the shards are read."""
+    ckpt_dir = Path(ckpt_dir)
+    index = read_index(ckpt_dir)
+    path = ckpt_dir / INDEX_NAME
+    if diff := _config_diff(index["model_config"], model_cfg):
+        raise CheckpointError(f"{path}: model config differs from the checkpoint's: "
+                              f"{'; '.join(diff)}")
+    extra = index.get("extra")
+    saved_state = extra.get("state", state) if state and isinstance(extra, dict) else state
+    if saved_state != state:
+        raise CheckpointError(f"{path}: holds the {saved_state} state, not {state} (optimizer "
+                              "state directories swapped or renamed?)")
+    check_tensor_set(path, {n: e["shape"] for n, e in index["tensors"].items()}, model_cfg)
+    check_shard_headers(ckpt_dir, index)
+    return index
+
+
 def _saved_config(saved: dict[str, Any], reader: ShardReader) -> ModelConfig:
     """The checkpoint's own model config (what lays out its tensors when the caller gives none)."""
     try:
@@ -252,6 +299,10 @@ def _load_param(reader: ShardReader, name: str, p: nn.Parameter, tp: TensorParal
         if spec.split_dim is not None:
             box[spec.split_dim] = (offset, offset + length)
         part = reader.read(name, box)
+        if not torch.isfinite(part).all():
+            bad = int((~torch.isfinite(part)).sum())
+            raise CheckpointError(f"{reader.index_path}: {name}: {bad} non-finite value(s) in the "
+                                  "saved weights; the checkpoint is damaged")
         buf[tuple(slice(0, b - a) for a, b in box)] = part.to(p.dtype)
     with torch.no_grad():
         p.copy_(buf)
@@ -259,7 +310,7 @@ def _load_param(reader: ShardReader, name: str, p: nn.Parameter, tp: TensorParal
 
 __all__ = [  # the commit protocol is re-exported so a trainer needs one import
     "FORMAT", "FORMAT_VERSION", "INDEX_NAME", "VOCAB_PADDED", "CheckpointError", "build_index",
-    "checkpoint_writer", "dtype_name",
+    "check_tensor_set", "check_weights", "checkpoint_writer", "dtype_name", "model_shapes",
     "iter_full_tensors", "latest_checkpoint", "load_model_weights", "named_layers",
     "read_full_tensor", "read_index", "save_checkpoint_dir", "save_model_weights",
     "shard_file_name",

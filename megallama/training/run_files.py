@@ -1,6 +1,6 @@
-"""Where a run keeps its files under ``trainer.output_dir``, and which checkpoint
-``trainer.resume`` names. Free of DeepSpeed and torch.distributed, so the command line checks a
-bad ``trainer.resume`` on every rank before any collective."""
+"""Where a run keeps its files under ``trainer.output_dir``, which checkpoint ``trainer.resume``
+or ``trainer.init_from`` names, and whether it can be started from. Free of DeepSpeed and
+torch.distributed, so the command line checks them on every rank before any collective."""
 
 from __future__ import annotations
 
@@ -8,6 +8,9 @@ from pathlib import Path
 
 from megallama.checkpoint.atomic import CheckpointError
 from megallama.checkpoint.lookup import find_checkpoint
+from megallama.checkpoint.state import check_training_checkpoint
+from megallama.checkpoint.stateful import has_training_state
+from megallama.checkpoint.weights import check_weights
 from megallama.config import ConfigError
 from megallama.config.train_config import TrainConfig
 
@@ -43,3 +46,24 @@ def resolve_init(cfg: TrainConfig) -> Path | None:
         return find_checkpoint(Path(spec))
     except CheckpointError as e:
         raise ConfigError(f"trainer.init_from={spec}: {e}") from None
+
+
+def check_start_checkpoint(cfg: TrainConfig) -> None:
+    """The checkpoint the run starts from -- ``trainer.resume``'s (a full training state, or the
+    weights of a weights-only directory), else ``trainer.init_from``'s weights -- checked as far
+    as it can be without reading tensors: indexes, model config and shapes, every file's size
+    and header, ``trainer_state.json``. Raises ConfigError naming the option and the file.
+    Checksums are verified when the files are read."""
+    path = resolve_resume(cfg)
+    option, full = f"trainer.resume={cfg.trainer.resume}", True
+    if path is None:
+        path, option, full = resolve_init(cfg), f"trainer.init_from={cfg.trainer.init_from}", False
+    if path is None:
+        return
+    try:
+        if full and has_training_state(path):
+            check_training_checkpoint(path, cfg.model)
+        else:
+            check_weights(path, cfg.model)
+    except CheckpointError as e:
+        raise ConfigError(f"{option}: {e}") from None

@@ -19,6 +19,7 @@ from torch import nn
 
 from megallama.checkpoint.atomic import checkpoint_writer
 from megallama.checkpoint.state import (
+    check_finite_weights,
     load_optimizer_state,
     load_rng,
     save_optimizer_state,
@@ -169,16 +170,20 @@ class TrainingState:
         }
 
     def save(self, step: int) -> Path:
-        """Write a checkpoint of ``step`` (collective); returns its directory."""
+        """Write a checkpoint of ``step`` (collective); returns its directory. Non-finite weights
+        on any rank are never committed: every rank raises InvalidStateError, the temporary
+        directory is removed and ``latest`` keeps naming the previous checkpoint."""
         self.step = step
         root = checkpoint_root(self.cfg)
         with checkpoint_writer(root, step, keep_last=self.cfg.trainer.keep_last) as tmp:
+            check_finite_weights(self.engine.local_layers(), step)
             save_pieces(self.pieces, tmp, write_json=self.topo.rank == 0, on_saved=self.on_saved)
         return root / f"step_{step:08d}"
 
     def resume(self, path: Path) -> int:
         """Load a full training checkpoint (weights, optimizer, schedule, sampler, counters, RNG);
-        returns the step to continue after. A weights-only directory (a converted Meta/HF model)
+        returns the step to continue after. Loaded optimizer state is validated before use
+        (finite, second moments >= 0, masters that round to the weights). A weights-only directory (a converted Meta/HF model)
         is not resumed here: its weights must be in place before the optimizer is built
         (:func:`weights_loader`, given to the engine)."""
         if not has_training_state(path):
