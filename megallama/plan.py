@@ -12,13 +12,21 @@ from typing import Any
 
 from megallama.config import PRESETS, ConfigError, ModelConfig, preset
 from megallama.config.arguments import os_error_message, report_error
-from megallama.training.planner import DEFAULT_OVERHEAD_GIB, GIB, MemoryEstimate, plan
+from megallama.training.planner import (
+    DEFAULT_OVERHEAD_GIB,
+    GIB,
+    Layout,
+    MemoryEstimate,
+    plan,
+    resolved_optimizer,
+)
 
 # ---- command line --------------------------------------------------------------------------------
 USAGE = """usage: megallama-plan model=NAME|params.json gpus=N [seq_len=4096] [global_batch=1024]
   [gpu_mem_gib=80] [precision=bf16|fp32] [zero_stage=0|1|2|3] [micro_batch=1,2] [tp=1,2,4,8] [pp=...]
   [optim_impl=fused|distributed (zero_stage=0)] [fp8=none|tensorwise|rowwise (trainer.fp8)]
-  (default, as the trainer's optim.impl=auto: bf16 -> distributed, fp32 -> ZeRO-1)
+  (default, as the trainer's optim.impl=auto: bf16 -> fused at dp 1, distributed at dp > 1;
+   fp32 -> ZeRO-1)
   [activation_checkpointing=both|on|off] [sequence_parallel=both|on|off] [device=cuda|cpu]
   [overhead_gib=3 (cuda) / 0 (cpu)] [max_tp=8] [partition_method=balanced] [top=20] [json=PATH]
   [model.FIELD=VALUE ...]   (formulas: docs/PLANNER.md)"""
@@ -29,15 +37,27 @@ OPTIONS = ("model", "gpus", "seq_len", "global_batch", "gpu_mem_gib", "precision
 OPTIM_IMPLS = ("fused", "distributed")  # megallama's optimizers (zero_stage=0)
 
 
-def _optimizer(opts: dict[str, str], precision: str) -> tuple[int, str]:
-    """(zero_stage, optim_impl) as the trainer resolves them (``optim.impl=auto``): given neither,
-    bf16 plans the distributed optimizer and fp32 DeepSpeed's ZeRO-1; ``optim_impl`` alone means
-    zero_stage 0."""
+def _optimizer(opts: dict[str, str], precision: str) -> tuple[int | None, str]:
+    """(zero_stage, optim_impl) as given; what is not given the planner resolves per layout as the
+    trainer's ``optim.impl=auto`` does (planner.resolved_optimizer): bf16 or zero_stage=0 plans
+    the fused optimizer at dp 1 and the distributed one at dp > 1, fp32 DeepSpeed's ZeRO-1;
+    ``optim_impl`` alone means zero_stage 0."""
     if "zero_stage" in opts:
-        return _get(opts, "zero_stage", 1), opts.get("optim_impl", "fused")
+        return _get(opts, "zero_stage", 1), opts.get("optim_impl", "auto")
     if "optim_impl" in opts:
         return 0, opts["optim_impl"]
-    return (0, "distributed") if precision == "bf16" else (1, "fused")
+    return None, "auto"
+
+
+def _optimizer_label(precision: str, zero: int | None, impl: str) -> str:
+    """The header's optimizer: what the trainer runs at dp = 1 and at dp > 1."""
+    one = resolved_optimizer(precision, zero, impl, Layout(1, 1, 1))
+    many = resolved_optimizer(precision, zero, impl, Layout(1, 1, 2))
+    if one[0] != 0:
+        return f"ZeRO-{one[0]}"
+    if one == many:
+        return f"optim.impl={one[1]}"
+    return f"optim.impl=auto ({one[1]} at dp = 1, {many[1]} at dp > 1)"
 _COLUMNS = [("weights", "weights"), ("grads", "gradients"), ("master", "master"),
             ("adam", "optimizer"), ("act", "activations"), ("logits", "logits"), ("step", "step"),
             ("ovh", "overhead")]
@@ -192,9 +212,9 @@ def main(argv: list[str] | None = None) -> int:
         seq_len, batch = _get(opts, "seq_len", cfg.max_seq_len), _get(opts, "global_batch", 1024)
         zero, impl = _optimizer(opts, precision)
         top = _get(opts, "top", 20)
-        if impl not in OPTIM_IMPLS:
+        if impl not in (*OPTIM_IMPLS, "auto"):
             raise ConfigError(f"optim_impl={impl!r}: choose {' or '.join(OPTIM_IMPLS)}")
-        if impl == "distributed" and zero != 0:
+        if impl == "distributed" and zero not in (0, None):
             raise ConfigError(f"optim_impl=distributed with zero_stage={zero}: the distributed "
                               "optimizer runs with zero_stage=0")
         if "json" in opts:
@@ -220,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{gpus} x {capacity:g} GiB ({device}), seq_len {seq_len}, global batch {batch} "
           f"({batch * seq_len / 1e6:.2f}M tokens), {precision}, "
           f"{'' if opts.get('fp8', 'none') == 'none' else 'fp8 ' + opts['fp8'] + ', '}"
-          f"{f'optim.impl={impl}' if zero == 0 else f'ZeRO-{zero}'}, overhead "
+          f"{_optimizer_label(precision, zero, impl)}, overhead "
           f"{overhead:g} GiB: {sum(r.fits for r in rows)} of {len(rows)} layouts fit")
     print("GiB per GPU, worst pipeline stage; total = peak over the step, set by the backward "
           "('bwd') or the optimizer step ('step'); TP-/DP-/PP-comm: GiB sent per GPU per step")

@@ -13,6 +13,10 @@ SHARED = REPO.parent / "shared"
 LLAMA_TOKENIZER = SHARED / "assets" / "llama2-tokenizer" / "tokenizer.model"
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Without a GPU, Triton kernels run on CPU tensors under Triton's interpreter, which must be on
+# before triton is first imported (tests/test_optim_kernels.py); spawned ranks inherit it
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 

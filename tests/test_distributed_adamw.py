@@ -163,3 +163,34 @@ def test_config_checks(impl, zero, bucket_mb, message):
         check_optimizer_impl(o, p)
     assert str(e.value).startswith(message)
     check_optimizer_impl(OptimConfig(impl="distributed"), ParallelConfig(zero_stage=0))
+
+
+@pytest.mark.parametrize("gas", [1, 2])
+def test_missing_gradient_fails_naming_the_parameter(gas):
+    """A parameter that gets fewer gradients than micro-batches leaves its bucket's reduce-scatter
+    unlaunched (at dp > 1 the ranks' collectives would then pair in different orders): step()
+    fails naming it and changes nothing, instead of reducing the bucket on its own."""
+    params = _params(torch.float32)
+    names = [f"layers.{i}.weight" for i in range(len(params))]
+    opt = DistributedAdamW(_groups(params), lr=LR, betas=BETAS, eps=EPS, max_grad_norm=0.0,
+                           topo=build_topology(Grid.from_world(1)), gas=gas, bucket_bytes=300,
+                           registration_order=list(zip(names, params, strict=True)))
+    before = [p.detach().clone() for p in params]
+    for micro in range(gas):  # params[2] gets a gradient in no micro-batch, params[3] in one
+        used = [p for i, p in enumerate(params) if i != 2 and (i != 3 or micro == 0)]
+        sum((p * 2.0).sum() for p in used).backward()
+    with pytest.raises(RuntimeError) as e:
+        opt.step()
+    counts = "layers.2.weight (0 of 2), layers.3.weight (1 of 2)" if gas == 2 else \
+        "layers.2.weight (0 of 1)"
+    assert str(e.value).startswith(
+        f"DistributedAdamW.step: {gas} parameter(s) got fewer gradients than the {gas} "
+        f"micro-batch(es) of the step on DP rank 0: {counts}. optim.impl=distributed needs"), \
+        str(e.value)
+    assert all(torch.equal(p, b) for p, b in zip(params, before, strict=True))
+    assert int(opt.step_count) == 0
+    opt.zero_grad()  # a complete step afterwards trains
+    for _ in range(gas):
+        _backward(params, 0, 0)
+    opt.step()
+    assert int(opt.step_count) == 1 and not opt.overflow

@@ -2,7 +2,8 @@
 
 The multi-rank behaviour (DP mean, TP/PP-aware norm, accumulation under the real Engine) is in
 tests/distributed/test_engine_parity.py (fp32, exact) and test_fused_optimizer.py (bf16).
-The Triton kernel is compared with the torch reference on a GPU only.
+The Triton kernels against the torch reference (on CPU under Triton's interpreter, and compiled on
+a GPU) are in tests/test_optim_kernels.py.
 """
 
 from __future__ import annotations
@@ -11,9 +12,6 @@ import pytest
 import torch
 
 from megallama.optim.adamw_kernel import (
-    AdamWScalars,
-    adamw_fused,
-    adamw_reference,
     join_fp32,
     split_fp32,
 )
@@ -157,45 +155,6 @@ def test_checkpoint_state_round_trip():
                 f"{key} differs one step after the restore"
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernel needs a CUDA GPU")
-@pytest.mark.parametrize("weight_dtype,grad_dtype", [(torch.bfloat16, torch.bfloat16),
-                                                     (torch.bfloat16, torch.float32),
-                                                     (torch.float32, torch.float32)])
-def test_triton_kernel_matches_reference(weight_dtype, grad_dtype):
-    pytest.importorskip("triton")
-    torch.manual_seed(0)
-    n = 3 * 2048 + 77  # a ragged last block
-    split = weight_dtype != torch.float32
-    master = torch.randn(n, device="cuda")
-    w, lo = split_fp32(master) if split else (master.clone(), None)
-    m, v = torch.randn(n, device="cuda"), torch.rand(n, device="cuda")
-    g = torch.randn(n, device="cuda").to(grad_dtype)
-    s = AdamWScalars(3e-4, 0.9, 0.95, 1e-5, 0.1, step=7)
-    coef, ok = torch.tensor(0.37, device="cuda"), torch.tensor(1.0, device="cuda")
-
-    def copies():
-        return [t.clone() if t is not None else None for t in (w, lo, m, v)]
-
-    def value(ts):
-        return join_fp32(ts[0], ts[1]) if split else ts[0]
-
-    ref = copies()
-    adamw_reference(ref[0], g, ref[1], ref[2], ref[3], coef, s)
-    out, gz = copies(), g.clone()
-    adamw_fused(out[0], gz, out[1], out[2], out[3], coef, ok, s, zero_grad=True)
-    torch.testing.assert_close(value(out), value(ref), rtol=2e-6, atol=1e-7)
-    for got, want in zip(out[2:], ref[2:], strict=True):
-        torch.testing.assert_close(got, want, rtol=2e-6, atol=1e-7)
-    if split:  # the weight is the master's upper half, as split_fp32 defines it
-        assert torch.equal(out[0], split_fp32(value(out))[0])
-    assert torch.count_nonzero(gz) == 0
-    keep = copies()
-    adamw_fused(keep[0], g.clone(), keep[1], keep[2], keep[3], coef, torch.zeros_like(ok), s)
-    for got, want in zip(keep, (w, lo, m, v), strict=True):
-        if want is not None:
-            assert torch.equal(got, want)  # ok = 0: a skipped step writes nothing
-
-
 def test_split_fp32_is_exact_and_rounds_to_nearest():
     x = torch.randn(100_000) * torch.logspace(-30, 30, 100_000)
     x[:4] = torch.tensor([0.0, -0.0, 1.0, -3.0e38])
@@ -206,19 +165,6 @@ def test_split_fp32_is_exact_and_rounds_to_nearest():
     assert torch.equal(hi[~ties], rne[~ties])
     tie = torch.tensor([1.0 + 2**-8])  # exactly half a bf16 ulp above 1
     assert split_fp32(tie)[0].item() == 1.0 + 2**-7  # away from zero (round-to-even gives 1.0)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernel needs a CUDA GPU")
-def test_triton_sum_of_squares_matches_torch():
-    pytest.importorskip("triton")
-    from megallama.optim.adamw_kernel import sum_of_squares
-
-    g = torch.Generator(device="cuda").manual_seed(0)
-    ts = [torch.randn(n, device="cuda", generator=g).to(dt)
-          for n, dt in ((5, torch.bfloat16), (3 * 8192 + 11, torch.bfloat16), (777, torch.float32))]
-    want = sum(t.double().square().sum() for t in ts)
-    torch.testing.assert_close(sum_of_squares(ts).double(), want, rtol=1e-5, atol=0)
-    assert torch.equal(sum_of_squares(ts), sum_of_squares(ts))  # deterministic
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernel needs a CUDA GPU")

@@ -355,7 +355,8 @@ def test_cli_distributed_optimizer(capsys):
 
 
 @pytest.mark.parametrize("extra,header", [
-    ([], "bf16, optim.impl=distributed"),  # the trainer's optim.impl=auto for bf16
+    ([], "bf16, optim.impl=auto (fused at dp = 1, distributed at dp > 1)"),  # the trainer's
+    (["zero_stage=0"], "bf16, optim.impl=auto (fused at dp = 1, distributed at dp > 1)"),
     (["precision=fp32"], "fp32, ZeRO-1"),
     (["zero_stage=1"], "bf16, ZeRO-1"),
     (["optim_impl=fused"], "bf16, optim.impl=fused"),
@@ -363,6 +364,23 @@ def test_cli_distributed_optimizer(capsys):
 def test_cli_plans_the_optimizer_the_trainer_picks(capsys, extra, header):
     rc, out, err = run(["model=llama2_7b", "gpus=8", "tp=1", "pp=1", "top=0", *extra], capsys)
     assert rc == 0 and not err and header in out, out.splitlines()[:2]
+
+
+def test_auto_plans_fused_at_dp1_and_distributed_above():
+    """optim.impl=auto (bf16, or zero_stage=0) is planned per layout as the trainer resolves it
+    (config.validate.resolve_optimizer): the fused optimizer's rows at dp = 1, the distributed
+    one's at dp > 1; fp32 plans DeepSpeed's ZeRO-1."""
+    cfg = preset("llama2_7b")
+    kw = {"seq_len": 4096, "global_batch": 64}
+    for lay, impl in ((planner.Layout(2, 4, 1), "fused"), (planner.Layout(1, 1, 8), "distributed")):
+        for zero in (None, 0):
+            auto = planner.estimate_stages(cfg, lay, zero_stage=zero, optim_impl="auto", **kw)
+            assert auto == planner.estimate_stages(cfg, lay, zero_stage=0, optim_impl=impl, **kw)
+    lay = planner.Layout(1, 1, 8)
+    fp32 = planner.estimate_stages(cfg, lay, precision="fp32", zero_stage=None, optim_impl="auto",
+                                   **kw)
+    assert fp32 == planner.estimate_stages(cfg, lay, precision="fp32", zero_stage=1, **kw)
+    assert planner.resolved_optimizer("bf16", None, "auto", planner.Layout(2, 4, 1)) == (0, "fused")
 
 
 # ---- FP8 linears (trainer.fp8) ------------------------------------------------------------------

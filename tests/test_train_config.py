@@ -98,20 +98,23 @@ def test_experiment_tiny_cpu():
     assert load_config(["experiment=tiny_cpu", "trainer.steps=20"]).trainer.steps == 20
 
 
-@pytest.mark.parametrize("precision,impl,zero,want", [
-    ("bf16", "auto", None, ("distributed", 0)),
-    ("fp32", "auto", None, ("deepspeed", 1)),
-    ("bf16", "auto", 1, ("deepspeed", 1)),  # an explicit ZeRO stage keeps DeepSpeed's optimizer
-    ("bf16", "auto", 2, ("deepspeed", 2)),
-    ("fp32", "auto", 0, ("distributed", 0)),
-    ("bf16", "fused", None, ("fused", 0)),
-    ("bf16", "deepspeed", None, ("deepspeed", 1)),
-    ("fp32", "distributed", 0, ("distributed", 0)),
+@pytest.mark.parametrize("precision,impl,zero,world,want", [
+    ("bf16", "auto", None, 8, ("distributed", 0)),  # dp 8 (tp = pp = 1)
+    ("bf16", "auto", None, 1, ("fused", 0)),  # dp 1: nothing to shard; the path a GPU measured
+    ("bf16", "auto", None, None, ("fused", 0)),  # no world size, no process group: dp 1
+    ("fp32", "auto", None, 8, ("deepspeed", 1)),
+    ("bf16", "auto", 1, 8, ("deepspeed", 1)),  # an explicit ZeRO stage keeps DeepSpeed's optimizer
+    ("bf16", "auto", 2, 8, ("deepspeed", 2)),
+    ("fp32", "auto", 0, 8, ("distributed", 0)),
+    ("fp32", "auto", 0, 1, ("fused", 0)),
+    ("bf16", "fused", None, 8, ("fused", 0)),
+    ("bf16", "deepspeed", None, 8, ("deepspeed", 1)),
+    ("fp32", "distributed", 0, 1, ("distributed", 0)),
 ])
-def test_optimizer_defaults_resolve(precision, impl, zero, want):
+def test_optimizer_defaults_resolve(precision, impl, zero, world, want):
     cfg = TrainConfig()
     cfg.trainer.precision, cfg.optim.impl, cfg.parallel.zero_stage = precision, impl, zero
-    resolve_optimizer(cfg)
+    resolve_optimizer(cfg, world)
     assert (cfg.optim.impl, cfg.parallel.zero_stage) == want
     resolve_optimizer(cfg)  # idempotent
     assert (cfg.optim.impl, cfg.parallel.zero_stage) == want
@@ -126,8 +129,8 @@ def test_experiment_llama2_7b_sft_is_the_papers_recipe():
     assert (cfg.parallel.global_batch_size, cfg.data.seq_len, cfg.trainer.epochs) == (64, 4096, 2)
     assert (cfg.data.packing, cfg.data.loss_mask, cfg.trainer.precision) == ("documents", True, "bf16")
     assert cfg.trainer.init_from and cfg.trainer.resume == "auto"
-    resolve_optimizer(cfg)
-    assert (cfg.optim.impl, cfg.parallel.zero_stage) == ("distributed", 0)
+    resolve_optimizer(cfg, 8)  # tp 2 x pp 4 on 8 GPUs is dp 1: the fused optimizer, ZeRO off
+    assert (cfg.optim.impl, cfg.parallel.zero_stage) == ("fused", 0)
     check_optim(cfg.optim)
     assert check_parallel(cfg.parallel, cfg.model, cfg.data.seq_len, 8).world_size == 8
     demo = load_config(["experiment=tiny_sft_cpu"])
@@ -141,7 +144,7 @@ def test_experiment_llama2_7b_pretrain():
     assert cfg.parallel.global_batch_size * cfg.data.seq_len == 1024 * 4096  # 4M tokens per step
     assert (cfg.trainer.precision, cfg.trainer.steps) == ("bf16", 500000)
     assert (cfg.optim.impl, cfg.parallel.zero_stage) == ("auto", None)
-    resolve_optimizer(cfg)  # bf16: the distributed optimizer, state sharded over DP, ZeRO off
+    resolve_optimizer(cfg, 64)  # bf16 at dp 8: the distributed optimizer, ZeRO off
     assert (cfg.optim.impl, cfg.parallel.zero_stage) == ("distributed", 0)
     assert cfg.parallel.activation_checkpointing and cfg.parallel.sequence_parallel
     check_optim(cfg.optim)

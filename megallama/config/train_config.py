@@ -40,12 +40,12 @@ class OptimConfig:
     eps: float = 1e-5
     weight_decay: float = 0.1
     grad_clip: float = 1.0  # 0 disables; always passed to DeepSpeed explicitly
-    # auto (default): distributed for bf16 training, deepspeed for fp32 (or whenever
-    # parallel.zero_stage >= 1 is set); deepspeed: torch AdamW wrapped by DeepSpeed's ZeRO / bf16
-    # optimizer (state sharded over DP); fused: megallama's one-pass master-weight AdamW (zero_stage
-    # 0; not sharded); distributed: the fused AdamW with its state sharded over DP and bucketed
-    # gradient reduce-scatter overlapped with backward (zero_stage 0). See megallama/optim/ and
-    # docs/PERFORMANCE.md.
+    # auto (default): for bf16 training fused at dp = 1 and distributed at dp > 1, deepspeed for
+    # fp32 (or whenever parallel.zero_stage >= 1 is set); deepspeed: torch AdamW wrapped by
+    # DeepSpeed's ZeRO / bf16 optimizer (state sharded over DP); fused: megallama's one-pass
+    # master-weight AdamW (zero_stage 0; not sharded); distributed: the fused AdamW with its state
+    # sharded over DP and bucketed gradient reduce-scatter overlapped with backward (zero_stage 0).
+    # See megallama/optim/ and docs/PERFORMANCE.md.
     impl: str = "auto"
     bucket_mb: float = 25.0  # optim.impl=distributed: gradient bucket size (MiB of gradients)
 

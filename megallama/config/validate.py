@@ -41,15 +41,22 @@ PACKINGS = ("concat", "documents", "padded")  # megallama.data.packing
 MAX_BUCKET_MB = 1 << 20  # optim.bucket_mb: 1 TiB, above any model's gradients (70B bf16: 130 GiB)
 
 
-def resolve_optimizer(cfg: TrainConfig) -> None:
+def resolve_optimizer(cfg: TrainConfig, world_size: int | None = None) -> None:
     """Fill in ``optim.impl=auto`` and an unset ``parallel.zero_stage`` (in place; idempotent):
-    bf16 training, or zero_stage 0, runs the distributed optimizer (megallama's fused AdamW with
-    its state sharded over DP, ZeRO off); fp32 training, or an explicit ZeRO stage >= 1, runs
-    DeepSpeed's optimizer with ZeRO-1 unless another stage is set."""
+    bf16 training, or zero_stage 0, runs megallama's fused AdamW (ZeRO off): whole at dp = 1
+    (``fused``: the path measured on a GPU; at dp = 1 the distributed optimizer shards nothing) and
+    sharded over DP at dp > 1 (``distributed``); fp32 training, or an explicit ZeRO stage >= 1,
+    runs DeepSpeed's optimizer with ZeRO-1 unless another stage is set. dp is ``world_size`` /
+    (tp pp); without ``world_size``: ``parallel.dp`` if set, else that of the initialised
+    process group, else 1."""
     o, p = cfg.optim, cfg.parallel
     if o.impl == "auto":
         zero_off = p.zero_stage == 0 or (p.zero_stage is None and cfg.trainer.precision == "bf16")
-        o.impl = "distributed" if zero_off else "deepspeed"
+        if world_size is None and torch.distributed.is_available() \
+                and torch.distributed.is_initialized():
+            world_size = torch.distributed.get_world_size()
+        dp = p.dp or (max(1, world_size // max(1, p.tp * p.pp)) if world_size else 1)
+        o.impl = ("distributed" if dp > 1 else "fused") if zero_off else "deepspeed"
     if p.zero_stage is None:
         p.zero_stage = 0 if o.impl in ("fused", "distributed") else 1
 
@@ -58,7 +65,7 @@ def validate_options(cfg: TrainConfig, world_size: int) -> Grid:
     """Raise ConfigError on the first inconsistency, the primary one first (see the module
     docstring); return the rank grid for ``world_size``. Resolves ``optim.impl=auto`` and the
     ZeRO stage first (:func:`resolve_optimizer`)."""
-    resolve_optimizer(cfg)
+    resolve_optimizer(cfg, world_size)
     check_data(cfg.data, cfg.model)
     check_trainer(cfg.trainer)
     check_wandb(cfg.trainer.wandb)

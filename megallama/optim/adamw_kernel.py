@@ -1,5 +1,6 @@
 """One AdamW update of one parameter, in fp32 against a master copy: the torch reference (any
-device) and a fused Triton kernel (CUDA).
+device) and a fused Triton kernel (CUDA; on CPU tensors under Triton's interpreter, for tests).
+Which of the two runs is decided in one place, :mod:`megallama.optim.kernels`.
 
 Both compute exactly torch's ``AdamW`` (decoupled weight decay, bias-corrected moments) on fp32
 values, with the gradient first multiplied by the clipping coefficient:
@@ -32,6 +33,8 @@ import math
 from dataclasses import dataclass
 
 import torch
+
+from megallama.optim.kernels import interpreting
 
 
 @dataclass(frozen=True)
@@ -88,7 +91,8 @@ def adamw_reference(weight: torch.Tensor, grad: torch.Tensor, lo: torch.Tensor |
 
 
 def _build_kernels():
-    # Triton ships with CUDA builds of torch only: imported when a kernel is first needed
+    # Triton ships with CUDA builds of torch only: imported when a kernel is first needed.
+    # @triton.jit reads TRITON_INTERPRET when it decorates: built here, not at import
     import triton
     import triton.language as tl
 
@@ -98,7 +102,9 @@ def _build_kernels():
                      SPLIT: tl.constexpr, ZERO_GRAD: tl.constexpr, BLOCK: tl.constexpr):
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         live = offs < n
-        ok = tl.load(ok_ptr) != 0.0
+        # ok as a block, from a float block: Triton's interpreter cannot AND a block of bools
+        # with a scalar bool, and its broadcast_to of a bool yields floats (free when compiled)
+        ok = (tl.zeros((BLOCK,), tl.float32) + tl.load(ok_ptr)) != 0.0
         coef = tl.load(coef_ptr)
         g = tl.load(g_ptr + offs, mask=live, other=0.0).to(tl.float32) * coef
         if SPLIT:  # w_ptr: the bf16 weight's bits as int16; master = (w << 16) + lo
@@ -135,23 +141,25 @@ def _build_kernels():
     return adamw_kernel, sumsq_kernel
 
 
-_KERNELS = None
+_KERNELS: dict[bool, tuple] = {}  # interpreted or compiled -> (adamw_kernel, sumsq_kernel)
 BLOCK = 2048
 NUM_WARPS = 8
 NORM_BLOCK = 8192
 
 
-def _kernels():
-    global _KERNELS
-    if _KERNELS is None:
-        _KERNELS = _build_kernels()
-    return _KERNELS
+def kernels() -> tuple:
+    """(adamw_kernel, sumsq_kernel), built once per mode: compiled, or under Triton's
+    interpreter when ``TRITON_INTERPRET=1`` is set when they are first needed in that mode."""
+    mode = interpreting()
+    if mode not in _KERNELS:
+        _KERNELS[mode] = _build_kernels()
+    return _KERNELS[mode]
 
 
 def sum_of_squares(tensors: list[torch.Tensor]) -> torch.Tensor:
     """sum(t^2) over all elements of all tensors, in fp32, as a 0-d tensor: one Triton launch per
     tensor writing per-block partial sums (no atomics, so the result is deterministic)."""
-    kernel = _kernels()[1]
+    kernel = kernels()[1]
     blocks = [max(1, -(-t.numel() // NORM_BLOCK)) for t in tensors]
     partial = torch.empty(sum(blocks), dtype=torch.float32, device=tensors[0].device)
     start = 0
@@ -161,22 +169,15 @@ def sum_of_squares(tensors: list[torch.Tensor]) -> torch.Tensor:
     return partial.sum()
 
 
-def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def adamw_fused(weight: torch.Tensor, grad: torch.Tensor, lo: torch.Tensor | None,
                 exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, coef: torch.Tensor,
                 ok: torch.Tensor, s: AdamWScalars, zero_grad: bool = False) -> None:
-    """The update as one Triton kernel launch (all tensors contiguous on one CUDA device)."""
+    """The update as one Triton kernel launch (all tensors contiguous on one device: CUDA, or
+    CPU under Triton's interpreter)."""
     n = weight.numel()
     grid = (max(1, -(-n // BLOCK)),)
     split = lo is not None
-    _kernels()[0][grid](weight.view(torch.int16) if split else weight, grad,
+    kernels()[0][grid](weight.view(torch.int16) if split else weight, grad,
                         lo if split else weight, exp_avg, exp_avg_sq, coef, ok, n, s.lr, s.beta1,
                         s.beta2, s.eps, 1.0 - s.lr * s.weight_decay, s.step_size, s.sqrt_bc2,
                         SPLIT=split, ZERO_GRAD=zero_grad, BLOCK=BLOCK, num_warps=NUM_WARPS)

@@ -17,11 +17,15 @@ One step:
 2. :meth:`step`: wait for the reduce-scatters (mean over DP), the global gradient norm from the
    shards (sharded parameters on every TP rank, replicated ones on TP rank 0, summed over DP, TP
    and PP: the same number as the fused optimizer's), clip, one fused AdamW update per run of the
-   shard (the Triton kernel on CUDA, the torch reference elsewhere), and an all-gather of each
-   bucket's updated weights, started as soon as that bucket is updated.
+   shard (the Triton kernel or the torch reference, :mod:`megallama.optim.kernels`), and an
+   all-gather of each bucket's updated weights, started as soon as that bucket is updated.
 A non-finite norm changes nothing on any rank and sets ``overflow`` (DeepSpeed counts the skip).
-A parameter that received no gradient in a step is updated with a zero gradient (unlike torch's
-AdamW, which skips it); every parameter of the model gets one in every training step.
+
+Every parameter must get one gradient per micro-batch in every step: a bucket's reduce-scatter is
+started by the hook that completes it, so a bucket that some rank never completes would be reduced
+in another order on that rank than on the others, and the collectives would pair wrongly (wrong
+sums, or a hang). :meth:`step` therefore fails, naming the parameters short of gradients, instead
+of reducing such a bucket itself (a step with no gradient at all does nothing, as torch's AdamW).
 """
 
 from __future__ import annotations
@@ -33,8 +37,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from megallama.optim.adamw_kernel import join_fp32, split_fp32, triton_available
+from megallama.optim.adamw_kernel import join_fp32, split_fp32
 from megallama.optim.grad_buckets import Bucket, gather_flat, plan_buckets
+from megallama.optim.kernels import use_triton
 from megallama.optim.master_step import (
     adam_scalars,
     clip_coefficient,
@@ -54,8 +59,10 @@ class DistributedAdamW(torch.optim.Optimizer):
 
     def __init__(self, groups: Iterable[dict[str, Any]], *, lr: float, betas: tuple[float, float],
                  eps: float, max_grad_norm: float, topo: Topology, gas: int, bucket_bytes: int,
-                 registration_order: Iterable[nn.Parameter] | None = None,
+                 registration_order: Iterable[nn.Parameter | tuple[str, nn.Parameter]] | None = None,
                  use_kernel: bool | None = None) -> None:
+        """``registration_order``: the module's ``parameters()`` or ``named_parameters()`` (the
+        names then appear in errors). ``use_kernel``: None follows :func:`use_triton`."""
         super().__init__(list(groups), {"lr": lr, "betas": betas, "eps": eps, "weight_decay": 0.0})
         self.max_grad_norm, self.topo, self.gas = max_grad_norm, topo, gas
         self.step_count = torch.zeros(())  # shared as every parameter's state["step"]
@@ -64,9 +71,12 @@ class DistributedAdamW(torch.optim.Optimizer):
         self.on_launch: Callable[[Bucket], None] | None = None  # tests record launches here
         params = self._params()
         _check_dtypes(params)
+        self.names: dict[nn.Parameter, str] = {}
         if registration_order is not None:  # the module's order (groups sort by weight decay)
             ours = set(params)
-            params = [p for p in registration_order if p in ours]
+            named = [x if isinstance(x, tuple) else (None, x) for x in registration_order]
+            self.names = {p: n for n, p in named if n is not None and p in ours}
+            params = [p for _, p in named if p in ours]
             if len(params) != len(ours):
                 raise ValueError("registration_order must list every optimized parameter once")
         self.buckets = self._make_buckets(params, bucket_bytes)
@@ -78,7 +88,7 @@ class DistributedAdamW(torch.optim.Optimizer):
             self.state[p]["step"] = self.step_count
             p.register_post_accumulate_grad_hook(self._on_grad)
         if use_kernel is None:
-            use_kernel = params[0].is_cuda and triton_available()
+            use_kernel = use_triton(params[0].device)
         self.use_kernel = use_kernel
         self._gathered: tuple[tuple[int, str], torch.Tensor] | None = None
         self._begin_step()
@@ -158,9 +168,7 @@ class DistributedAdamW(torch.optim.Optimizer):
             raise ValueError("DistributedAdamW does not take a closure")
         if all(b.pending == len(b.params) * self.gas for b in self.buckets):
             return  # no gradient at all this step (as torch's AdamW: nothing to do)
-        for bucket in self.buckets:
-            if not bucket.launched:  # some parameter got no gradient: reduce what there is
-                bucket.reduce_scatter(self.on_launch)
+        self._check_complete()
         for bucket in self.buckets:
             bucket.wait()
         norm = self.grad_norm()
@@ -175,6 +183,27 @@ class DistributedAdamW(torch.optim.Optimizer):
             self.step_count -= 1
         self._gathered = None
         self._begin_step()
+
+    def _check_complete(self) -> None:
+        """Raise, naming them, when parameters got fewer gradients than micro-batches (see the
+        module docstring: their buckets' reduce-scatters were never started)."""
+        short = [(self._name(bucket, i), n)  # in registration order (buckets run reversed)
+                 for bucket in reversed(self.buckets) if not bucket.launched
+                 for i, n in reversed(list(enumerate(bucket.received))) if n < self.gas]
+        if not short:
+            return
+        listed = ", ".join(f"{name} ({n} of {self.gas})" for name, n in short[:6])
+        more = f" and {len(short) - 6} more" if len(short) > 6 else ""
+        raise RuntimeError(
+            f"DistributedAdamW.step: {len(short)} parameter(s) got fewer gradients than the "
+            f"{self.gas} micro-batch(es) of the step on DP rank {self.topo.dp_rank}: {listed}"
+            f"{more}. optim.impl=distributed needs a gradient for every parameter in every "
+            "micro-batch on every rank (freeze unused parameters with requires_grad=False, or "
+            "use optim.impl=deepspeed)")
+
+    def _name(self, bucket: Bucket, index: int) -> str:
+        p = bucket.params[index]
+        return self.names.get(p) or f"parameter of shape {list(p.shape)}"
 
     def _update(self, coef: torch.Tensor, ok: torch.Tensor, step: int) -> None:
         """Update every run of this rank's shards, then all-gather each bucket's weights (started

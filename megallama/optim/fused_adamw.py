@@ -29,7 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from megallama.optim.adamw_kernel import adamw_fused, join_fp32, split_fp32, triton_available
+from megallama.optim.adamw_kernel import adamw_fused, join_fp32, split_fp32
+from megallama.optim.kernels import use_triton
 from megallama.optim.master_step import (
     adam_scalars,
     clip_coefficient,
@@ -60,7 +61,7 @@ class MasterWeightAdamW(torch.optim.Optimizer):
         for p in self._params():
             self._init_state(p)
         if use_kernel is None:
-            use_kernel = self._params()[0].is_cuda and triton_available()
+            use_kernel = use_triton(self._params()[0].device)
         self.use_kernel = use_kernel
 
     def _params(self) -> list[nn.Parameter]:
@@ -124,7 +125,8 @@ class MasterWeightAdamW(torch.optim.Optimizer):
 
     def _update(self, coef: torch.Tensor, ok: torch.Tensor, step: int) -> None:
         """One AdamW update per parameter: the Triton kernel reads ``ok`` on the device; the
-        torch reference is skipped from the host (one sync, CPU or a GPU without Triton)."""
+        torch reference is skipped from the host (one sync; :mod:`megallama.optim.kernels` says
+        which of the two runs)."""
         apply = self.use_kernel or bool(ok)
         for group in self.param_groups:
             s = adam_scalars(group, step)

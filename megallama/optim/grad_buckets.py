@@ -94,6 +94,7 @@ class Bucket:
         self.shard_grad = (self._shard(self.grad) if dp == 1 else
                            torch.zeros(self.shard_size, dtype=grad_dtype, device=device))
         self.pending = 0  # gradients still to come this step (parameters x micro-batches)
+        self.received = [0] * len(params)  # gradients of each parameter so far this step
         self.work: dist.Work | None = None
         self.launched = False
 
@@ -114,12 +115,14 @@ class Bucket:
             raise RuntimeError("a gradient arrived after its bucket's reduce-scatter started "
                                "(more backward passes per step than gradient_accumulation_steps?)")
         self.grad_of(index).add_(grad)
+        self.received[index] += 1
         self.pending -= 1
         return self.pending == 0
 
     def start(self, expected: int) -> None:
         """A new step: ``expected`` gradients (parameters x micro-batches) complete the bucket."""
         self.pending, self.launched, self.work = expected, False, None
+        self.received = [0] * len(self.params)
 
     def reduce_scatter(self, on_launch: Callable[[Bucket], None] | None = None) -> None:
         """Start the asynchronous sum of this bucket's gradients over DP into this rank's shard."""

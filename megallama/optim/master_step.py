@@ -2,7 +2,7 @@
 holding the whole state, and ``optim.impl=distributed``, the state sharded over DP): when
 gradients need an fp32 buffer, the local part of the squared global gradient norm, the clip
 coefficient, the Adam scalars of a parameter group, one AdamW update of a tensor (the Triton kernel
-on CUDA, the torch reference elsewhere) and a non-blocking copy of the norm to the host.
+or the torch reference, as :mod:`megallama.optim.kernels` decides) and a non-blocking copy of the norm to the host.
 
 Both optimizers follow one rule for a step whose global norm is not finite: nothing changes (the
 kernel reads ``ok`` on the device; the reference is skipped from the host) and ``overflow`` is set,

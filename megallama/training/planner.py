@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from megallama.config import ConfigError, ModelConfig, check_tp_layout
-from megallama.config.train_config import ParallelConfig
-from megallama.config.validate import FP8_RECIPES, check_parallel
+from megallama.config.train_config import ParallelConfig, TrainConfig
+from megallama.config.validate import FP8_RECIPES, check_parallel, resolve_optimizer
 from megallama.model import layout as model_layout
 from megallama.parallel import cross_entropy
 from megallama.parallel import fp8 as fp8_linears
@@ -155,8 +155,21 @@ def estimate(model_cfg: ModelConfig, layout: Layout, **kwargs: Any) -> MemoryEst
                                pp_comm=max(r.pp_comm for r in stages))
 
 
+def resolved_optimizer(precision: str, zero_stage: int | None, optim_impl: str,
+                       layout: Layout) -> tuple[int, str]:
+    """(ZeRO stage, optim.impl) that the trainer runs at ``layout``, resolved by the trainer's own
+    rule (:func:`megallama.config.validate.resolve_optimizer`): ``auto`` with bf16 or ZeRO off is
+    ``fused`` at dp = 1 and ``distributed`` at dp > 1, else DeepSpeed's (``deepspeed``); an
+    unset ``zero_stage`` is 0 for megallama's optimizers, else 1."""
+    cfg = TrainConfig()
+    cfg.trainer.precision, cfg.optim.impl = precision, optim_impl
+    cfg.parallel = ParallelConfig(tp=layout.tp, pp=layout.pp, dp=layout.dp, zero_stage=zero_stage)
+    resolve_optimizer(cfg)
+    return cfg.parallel.zero_stage, cfg.optim.impl
+
+
 def estimate_stages(model_cfg: ModelConfig, layout: Layout, *, seq_len: int, global_batch: int,
-                    precision: str = "bf16", zero_stage: int = 1,
+                    precision: str = "bf16", zero_stage: int | None = 1,
                     activation_checkpointing: bool = False, sequence_parallel: bool = False,
                     overhead_bytes: int | None = None, device: str = "cuda",
                     capacity_bytes: int = 80 * GIB,
@@ -170,10 +183,12 @@ def estimate_stages(model_cfg: ModelConfig, layout: Layout, *, seq_len: int, glo
     micro-batch already ran backward), the end of a backward (all grads, one block's activations)
     and the optimizer step. Raises ConfigError, with the trainer's message, for any layout that
     megallama.config.validate would refuse. ``optim_impl`` ("fused" or "distributed") picks
-    megallama's optimizer where ``zero_stage`` is 0. ``fp8`` (trainer.fp8) changes the blocks'
-    activations and adds an fp8 cast's transient to the workspace.
+    megallama's optimizer where ``zero_stage`` is 0; "auto" (and ``zero_stage`` None) plan what
+    the trainer's ``optim.impl=auto`` picks at this layout (:func:`resolved_optimizer`). ``fp8``
+    (trainer.fp8) changes the blocks' activations and adds an fp8 cast's transient to the workspace.
     """
     cfg, lay, e = model_cfg, layout, ELEMENT.get(precision, 0)
+    zero_stage, optim_impl = resolved_optimizer(precision, zero_stage, optim_impl, lay)
     if not e or device not in DEFAULT_OVERHEAD_GIB:
         raise ConfigError(f"precision={precision!r} / device={device!r}: choose "
                           f"{' or '.join(ELEMENT)} / {' or '.join(DEFAULT_OVERHEAD_GIB)}")
