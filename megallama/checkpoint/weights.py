@@ -301,8 +301,8 @@ def _load_param(reader: ShardReader, name: str, p: nn.Parameter, tp: TensorParal
         part = reader.read(name, box)
         if not torch.isfinite(part).all():
             bad = int((~torch.isfinite(part)).sum())
-            raise CheckpointError(f"{reader.index_path}: {name}: {bad} non-finite value(s) in the "
-                                  "saved weights; the checkpoint is damaged")
+            raise CheckpointError(f"{reader.index_path}: {name}: {bad} non-finite value(s); the "
+                                  "checkpoint is damaged")
         buf[tuple(slice(0, b - a) for a, b in box)] = part.to(p.dtype)
     with torch.no_grad():
         p.copy_(buf)
