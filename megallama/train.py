@@ -65,9 +65,11 @@ def prepare(overrides: list[str], world: int) -> tuple[TrainConfig, object, torc
     """Config, grid and device, checked without touching torch.distributed."""
     from megallama.config.compose import load_config
     from megallama.training.preflight import validate
+    from megallama.training.run_files import check_start_checkpoint
 
     cfg = load_config(overrides)
-    grid = validate(cfg, world)  # trainer.resume / trainer.init_from and their files included
+    grid = validate(cfg, world)
+    check_start_checkpoint(cfg)  # trainer.resume / trainer.init_from: paths, indexes, headers
     return cfg, grid, resolve_device(cfg.trainer.device)
 
 

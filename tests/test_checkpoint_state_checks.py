@@ -244,7 +244,8 @@ def test_version_1_pieces_without_records_still_load(tmp_path) -> None:
         key_dir = path / "optim" / key
         index = json.loads((key_dir / "pieces.index.json").read_text())
         index["format_version"] = 1
-        del index["state"], index["files"]
+        index.pop("state", None)
+        del index["files"]
         (key_dir / "pieces.index.json").write_text(json.dumps(index))
         for f in key_dir.glob("optim-*.safetensors"):
             save_file(load_file(f), f, metadata={"format": "pt",

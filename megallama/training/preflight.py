@@ -13,7 +13,6 @@ from megallama.config.grid import Grid
 from megallama.config.train_config import TrainConfig
 from megallama.config.validate import validate_options
 from megallama.data.checks import check_data_files
-from megallama.training.run_files import check_start_checkpoint
 from megallama.training.tracking import check_wandb_login
 
 
@@ -22,7 +21,6 @@ def validate(cfg: TrainConfig, world_size: int) -> Grid:
     grid = validate_options(cfg, world_size)
     check_data_files(cfg.data, cfg.model)
     check_output_dirs(cfg)
-    check_start_checkpoint(cfg)  # trainer.resume / trainer.init_from: indexes, sizes, headers
     check_wandb_login(cfg)  # trainer.wandb.mode=online with no API key anywhere
     return grid
 
