@@ -32,6 +32,8 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
+from megallama.checkpoint.file_headers import what_file_holds
+
 Group = dist.ProcessGroup | None
 
 LATEST = "latest"
@@ -93,50 +95,11 @@ def file_sha256(path: Path) -> str:
 _verified: set[tuple[Any, ...]] = set()
 
 
-def _read_header(path: Path) -> tuple[int, dict[str, Any]] | None:
-    try:
-        with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            if not 2 <= n <= (100 << 20):
-                return None
-            header = json.loads(f.read(n).decode("utf-8"))
-    except (OSError, ValueError):
-        return None
-    return (n, header) if isinstance(header, dict) else None
-
-
-def safetensors_header(path: Path) -> dict[str, Any] | None:
-    """The JSON header of a safetensors file (tensor records and ``__metadata__``), or None when
-    the file does not start with a readable one. Reads the header only."""
-    found = _read_header(path)
-    return None if found is None else found[1]
-
-
-def _what_file_holds(path: Path, size: int) -> str:
-    """Why a file differs from its record: another file of the checkpoint put in its place (its
-    header names it, or it is a complete safetensors file), or "" (truncated or incomplete)."""
-    found = _read_header(path)
-    if found is None:
-        return ""
-    n, header = found
-    meta = header.get("__metadata__")
-    named = meta.get("file") if isinstance(meta, dict) else None
-    if named and named != path.name:
-        return f"it holds the data of {named} (files swapped or renamed?)"
-    try:
-        ends = [int(r["data_offsets"][1]) for k, r in header.items() if k != "__metadata__"]
-    except (KeyError, TypeError, ValueError, IndexError):
-        return ""
-    if 8 + n + max(ends, default=0) == size:
-        return "it is a complete safetensors file, but not the one listed (swapped or replaced?)"
-    return ""
-
-
 def size_mismatch(path: Path, size: int, expected: int, listed_in: Path | str | None
                   ) -> CheckpointError:
     """The error of a file whose size differs from its record: truncated, or another file."""
     where = f" (listed in {listed_in})" if listed_in else ""
-    why = _what_file_holds(path, size) or ("the file is truncated or was not completely "
+    why = what_file_holds(path, size) or ("the file is truncated or was not completely "
                                            "written")
     return CheckpointError(f"{path}: {size} bytes, expected {expected}{where}; {why}")
 
@@ -160,7 +123,7 @@ def verify_file(path: Path, size: int | None, sha256: str | None,
     if size is not None and st.st_size != size:
         raise size_mismatch(path, st.st_size, size, listed_in)
     if sha256 is not None and file_sha256(path) != sha256:
-        held = _what_file_holds(path, st.st_size)
+        held = what_file_holds(path, st.st_size)
         why = held if held.startswith("it holds") else "the file is corrupted"
         raise CheckpointError(f"{path}: sha256 checksum mismatch{where}; {why}")
     _verified.add(key)
@@ -372,7 +335,7 @@ def save_checkpoint_dir(root: Path, step: int, write_fn: Callable[[Path], None],
 __all__ = [
     "CheckpointError", "InvalidStateError", "agree", "all_or_none", "checkpoint_writer",
     "file_sha256", "fsync_dir", "fsync_file",
-    "is_distributed", "latest_checkpoint", "list_checkpoints", "prune", "safetensors_header",
+    "is_distributed", "latest_checkpoint", "list_checkpoints", "prune",
     "save_checkpoint_dir", "size_mismatch", "step_dir_name", "verify_file", "write_text_atomic",
 ]
 
