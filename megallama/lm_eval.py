@@ -7,8 +7,9 @@ line with the model ``megallama`` registered, for benchmark scores of a checkpoi
 lm-eval (0.4.13) finds models only in its own registry and has no plugin discovery for model
 backends, so ``lm_eval --model megallama`` cannot see this package; this module registers the
 model (:mod:`megallama.inference.harness`) and then runs lm-eval's command line unchanged, every
-option included. A missing lm-eval is one line naming the extra to install, exit status 2; a bad
-checkpoint or layout is one line too (on rank 0).
+option included. A missing lm-eval is one line naming the extra to install, exit status 2; so is
+a bad ``--model_args`` key or value, checkpoint or layout, or a ``--device`` without its device
+(:mod:`megallama.inference.harness_args`), found on every rank before any weight is read.
 """
 
 from __future__ import annotations

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -33,6 +35,19 @@ def require_llama_tokenizer() -> Path:
             pytest.fail(message + " and MEGALLAMA_REQUIRE_ASSETS=1")
         pytest.skip(message)
     return LLAMA_TOKENIZER
+
+
+def require_module(name: str) -> ModuleType:
+    """An optional package of the test extras (e.g. lm_eval); skips (with the reason) when it is
+    not installed, or fails when MEGALLAMA_REQUIRE_ASSETS=1, where megallama[test] is installed
+    and a missing package is a fault. Usable at module level, like pytest.importorskip."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as e:
+        message = f"{name} is not installed ({e}); pip install 'megallama[test]'"
+        if REQUIRE_ASSETS:
+            pytest.fail(message + " (MEGALLAMA_REQUIRE_ASSETS=1)", pytrace=False)
+        pytest.skip(message, allow_module_level=True)
 
 
 @pytest.fixture

@@ -1,8 +1,12 @@
 """The lm-eval model ``megallama`` scores like lm-eval's ``hf`` model on the HF export of the same
 checkpoint: a tiny Llama with the real Llama 2 tokenizer, three local tasks (multiple choice with
 one- and many-token choices, perplexity by rolling windows over texts with leading spaces, runs of
-spaces and more tokens than the context, greedy generation with stop sequences), log-likelihoods
-within 1e-4, equal accuracies and equal generated text; the model's format=hf path agrees too.
+spaces and more tokens than the context, greedy generation with stop sequences and from a
+prompt longer than the context), log-likelihoods within 1e-4, equal accuracies, equal is_greedy
+(continuations greedy throughout, and greedy only in their first token) and equal generated
+text; the model's format=hf path agrees too. lm-eval, accelerate and the Llama 2 tokenizer are
+required through the project's rule (tests/conftest.py: skipped locally when absent, a failure
+with MEGALLAMA_REQUIRE_ASSETS=1).
 The tp=2 x pp=2 run under torchrun is in
 tests/distributed/test_lm_eval_tp.py (it reuses the fixtures here)."""
 
@@ -18,8 +22,10 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local files only (before huggingface_hub loads)
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-pytest.importorskip("lm_eval")
-pytest.importorskip("accelerate")  # lm-eval's hf model
+from tests.conftest import require_llama_tokenizer, require_module  # noqa: E402
+
+require_module("lm_eval")
+require_module("accelerate")  # lm-eval's hf model
 
 from lm_eval import simple_evaluate  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
@@ -28,7 +34,6 @@ import megallama.inference.harness  # noqa: E402,F401  (registers the model "meg
 from megallama.checkpoint.convert import convert  # noqa: E402
 from megallama.config import preset  # noqa: E402
 from megallama.model.llama import Transformer  # noqa: E402
-from tests.conftest import LLAMA_TOKENIZER  # noqa: E402
 from tests.test_generate import hf_model_from  # noqa: E402
 
 TOL = 1e-4
@@ -61,7 +66,18 @@ GEN = [
     {"prompt": "  An indented prompt:", "target": "pré"},
     {"prompt": "Q: Why?\nA:", "target": "Because"},
     {"prompt": "", "target": "Hello"},  # empty context: the prefix (BOS) token conditions
+    # more tokens than the context of 64: generation keeps the last max_length - max_gen_toks
+    {"prompt": " ".join(["The quick brown fox jumps over the lazy dog."] * 6), "target": "fox"},
 ]
+# log-likelihood requests (the continuation follows the context directly): the above, and
+# continuations of two tokens whose first token is the greedy one ("Prefix", "CN": documents 0
+# and 1): greedy throughout ("Prefixciendo"), or only in the first token, where is_greedy must be
+# False
+LL = [*GEN,
+      {"prompt": "The capital of France is", "target": "Prefixciendo"},
+      {"prompt": "The capital of France is", "target": "Prefix garden"},
+      {"prompt": "Once upon a time", "target": "CN tower"}]
+PARTLY_GREEDY = {len(LL) - 2, len(LL) - 1}  # doc ids in megallama_ll
 
 
 def _task(name: str, data: Path, **fields: Any) -> dict[str, Any]:
@@ -72,7 +88,7 @@ def _task(name: str, data: Path, **fields: Any) -> dict[str, Any]:
 def write_tasks(root: Path) -> Path:
     """Task YAMLs (JSON is YAML) over local JSONL files, for TaskManager(include_path=root)."""
     root.mkdir(parents=True, exist_ok=True)
-    for name, docs in (("mc", MC), ("ppl", PPL), ("gen", GEN)):
+    for name, docs in (("mc", MC), ("ppl", PPL), ("gen", GEN), ("ll", LL)):
         (root / f"{name}.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
     gen = {"output_type": "generate_until", "doc_to_text": "{{prompt}}",
            "doc_to_target": "{{target}}", "metric_list": [{"metric": "exact_match"}]}
@@ -81,7 +97,7 @@ def write_tasks(root: Path) -> Path:
               doc_to_text="Question: {{question}}\nAnswer:", doc_to_choice="{{choices}}",
               doc_to_target="{{answer}}",
               metric_list=[{"metric": "acc"}, {"metric": "acc_norm"}]),
-        _task("megallama_ll", root / "gen.jsonl", output_type="loglikelihood",
+        _task("megallama_ll", root / "ll.jsonl", output_type="loglikelihood",
               doc_to_text="{{prompt}}", doc_to_target="{{target}}",
               metric_list=[{"metric": "perplexity"}, {"metric": "acc"}]),
         _task("megallama_ppl", root / "ppl.jsonl", output_type="loglikelihood_rolling",
@@ -101,12 +117,14 @@ def write_tasks(root: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def lm_eval_setup(tmp_path_factory) -> dict[str, Path]:
+    return build_setup(tmp_path_factory.mktemp("lm_eval"))
+
+
+def build_setup(root: Path) -> dict[str, Path]:
     """A tiny GQA Llama (vocab 32000, context 64: long texts take several rolling windows) saved
-    as megallama (tp=2 layout), and its HF export with tokenizer files; the local tasks."""
-    if not LLAMA_TOKENIZER.is_file():
-        pytest.skip(f"real Llama 2 tokenizer not found at {LLAMA_TOKENIZER}")
-    llama_tokenizer_path = LLAMA_TOKENIZER
-    root = tmp_path_factory.mktemp("lm_eval")
+    as megallama (tp=2 layout), and its HF export with tokenizer files; the local tasks. The
+    Llama 2 tokenizer is required through the project's rule (skip, or fail in CI)."""
+    llama_tokenizer_path = require_llama_tokenizer()
     cfg = preset("tiny_gqa", vocab_size=32000, n_layers=2, max_seq_len=64)
     hf_model_from(Transformer(cfg, seed=7).eval()).save_pretrained(root / "src")
     convert(f"hf:{root / 'src'}", f"megallama:{root / 'mg'}", tp=2, tokenizer=llama_tokenizer_path,
@@ -176,8 +194,27 @@ def assert_same_scores(ours: dict[str, Any], ref: dict[str, Any]) -> float:
     return worst
 
 
+def assert_data_covers_the_cases(ref: dict[str, Any], setup: dict[str, Path]) -> None:
+    """The data holds what the comparison relies on, by lm-eval's ``hf`` model: continuations of
+    several tokens that are greedy throughout and only in their first token (is_greedy computed
+    with any() instead of all() would pass otherwise), and a generation prompt longer than the
+    context (a prompt not truncated to leave room for the new tokens would pass otherwise)."""
+    import transformers
+
+    greedy = {doc: r[0][0][1] for doc, r in responses(ref)["megallama_ll"].items()}
+    assert greedy[0] and greedy[1] and greedy[len(LL) - 3], greedy  # greedy throughout
+    assert not any(greedy[doc] for doc in PARTLY_GREEDY), greedy
+    tok = transformers.AutoTokenizer.from_pretrained(str(setup["hf"]))
+    for doc in (len(LL) - 3, *PARTLY_GREEDY):
+        context, whole = (tok.encode(LL[doc]["prompt"]),
+                          tok.encode(LL[doc]["prompt"] + LL[doc]["target"]))
+        assert len(whole) - len(context) == 2, LL[doc]  # two tokens, the first greedy
+    assert len(tok.encode(GEN[-1]["prompt"])) > 64  # the model's context
+
+
 def test_scores_match_hf_backend(lm_eval_setup) -> None:
     ref = hf_reference(lm_eval_setup)
+    assert_data_covers_the_cases(ref, lm_eval_setup)
     ours = evaluate("megallama", {"checkpoint": str(lm_eval_setup["megallama"]), "tp": 1},
                     lm_eval_setup["tasks"])
     worst = assert_same_scores(ours, ref)
@@ -194,7 +231,27 @@ def test_bad_arguments_fail_clearly(lm_eval_setup) -> None:
     from megallama.config import ConfigError
     from megallama.inference.harness import MegallamaLM
 
-    with pytest.raises(ConfigError, match="tp\\*pp = 2 processes"):
+    with pytest.raises(ConfigError, match=r"tp=2 \* pp=1 = 2 does not equal the world size 1"):
         MegallamaLM(checkpoint=str(lm_eval_setup["megallama"]), tp=2, device="cpu")
     with pytest.raises(ConfigError, match="no 'auto'"):
         MegallamaLM(checkpoint=str(lm_eval_setup["megallama"]), batch_size="auto")
+
+
+@pytest.mark.parametrize("required", [False, True], ids=["local", "ci"])
+def test_missing_tokenizer_follows_the_asset_rule(required: bool, tmp_path: Path,
+                                                  monkeypatch) -> None:
+    """Without the Llama 2 tokenizer the setup skips, or fails when MEGALLAMA_REQUIRE_ASSETS=1
+    (the project's rule, tests/conftest.py), before building anything."""
+    import tests.conftest as conftest
+
+    monkeypatch.setattr(conftest, "LLAMA_TOKENIZER", Path("/nonexistent/tokenizer.model"))
+    monkeypatch.setattr(conftest, "REQUIRE_ASSETS", required)
+    expected = pytest.fail.Exception if required else pytest.skip.Exception
+    try:  # a skip must not escape: it would report this test as skipped, not failed
+        build_setup(tmp_path)
+    except (pytest.skip.Exception, pytest.fail.Exception) as outcome:
+        assert type(outcome) is expected, f"{type(outcome).__name__}: {outcome}"
+        assert "not found at /nonexistent" in str(outcome), outcome
+    else:
+        pytest.fail("the setup ran without the tokenizer")
+    assert not any(tmp_path.iterdir())

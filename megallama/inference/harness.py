@@ -42,7 +42,11 @@ try:
         normalize_gen_kwargs,
         postprocess_generated_text,
     )
-    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+    from lm_eval.utils import (
+        get_rolling_token_windows,
+        make_disjoint_window,
+        simple_parse_args_string,
+    )
 except ImportError as e:  # only this model needs them: say how to get them, in one line
     raise ImportError(f"the lm-eval model 'megallama' needs lm-evaluation-harness ({e.name} is "
                       "missing): pip install 'megallama[eval]'") from None
@@ -50,9 +54,18 @@ except ImportError as e:  # only this model needs them: say how to get them, in 
 from megallama.checkpoint.hf import write_hf_tokenizer
 from megallama.config import ConfigError, ModelConfig
 from megallama.inference.generation import Sampling, generate
+from megallama.inference.harness_args import (
+    batch_size_arg,
+    bool_arg,
+    check_keys,
+    checked_model,
+    device_arg,
+    int_arg,
+    max_length_arg,
+    model_arg_keys,
+)
 from megallama.inference.loader import PRECISIONS, load_for_inference
 from megallama.parallel import mappings
-from megallama.parallel.runtime import resolve_device, world_info
 
 Request = tuple[Any, list[int], list[int]]  # ((context, continuation) or None, context, continuation)
 DTYPE_NAMES = {"fp32": "fp32", "float32": "fp32", "bf16": "bf16", "bfloat16": "bf16"}
@@ -62,31 +75,6 @@ _PLACEHOLDER = torch.zeros(1, 1, 1)  # Collator.get_cache only expands it; the s
 class _StopSequencesReached(Exception):
     """Raised by every rank at the same decoding step once every sequence ended: stops
     :func:`generate` early (all ranks hold the same tokens, so all raise together)."""
-
-
-def _batch_size(value: int | str) -> int:
-    if isinstance(value, int) or str(value).isdigit():
-        if int(value) >= 1:
-            return int(value)
-    raise ConfigError(f"batch_size={value!r}: the megallama model needs a number >= 1 "
-                      "(no 'auto'), e.g. --batch_size 8")
-
-
-def _device(name: str | None) -> torch.device:
-    """lm-eval's ``--device`` (cuda, cuda:N, cpu; none: CUDA when there is one). A CUDA rank uses
-    the GPU of its LOCAL_RANK, whatever the index says: every rank gets the same option."""
-    kind = str(name or "auto").split(":")[0]
-    if kind not in ("auto", "cpu", "cuda"):
-        raise ConfigError(f"device={name!r}: the megallama model runs on cuda or cpu")
-    return resolve_device(kind)
-
-
-def _check_world(tp: int, pp: int) -> None:
-    """One pipeline of tp * pp ranks: lm-eval runs every request on every rank (no DP)."""
-    world = dist.get_world_size() if dist.is_initialized() else world_info()[1]
-    if world != tp * pp:
-        raise ConfigError(f"tp={tp} pp={pp} needs tp*pp = {tp * pp} processes (torchrun "
-                          f"--nproc-per-node {tp * pp}), found a world of {world}")
 
 
 def load_tokenizer(checkpoint: Path, fmt: str, found: Path | None, override: str | None,
@@ -128,11 +116,17 @@ class MegallamaLM(TemplateLM):
                  seed: int = 1234) -> None:
         super().__init__()
         if str(dtype) not in DTYPE_NAMES:
-            raise ConfigError(f"dtype={dtype!r}: expected one of {', '.join(DTYPE_NAMES)}")
-        self._batch_size = _batch_size(batch_size)
-        tp, pp = int(tp), int(pp)
-        _check_world(tp, pp)
-        self._device = _device(device)
+            raise ConfigError(f"--model_args dtype={dtype!r}: expected one of "
+                              f"{', '.join(DTYPE_NAMES)}")
+        self._batch_size = batch_size_arg(batch_size)
+        self._max_gen_toks = int_arg("max_gen_toks", max_gen_toks, 1)
+        self._seed = int_arg("seed", seed, 0)
+        add_bos_token = bool_arg("add_bos_token", add_bos_token)
+        if prefix_token_id is not None:
+            prefix_token_id = int_arg("prefix_token_id", prefix_token_id, 0)
+        self._device = device_arg(device)
+        cfg, tp, pp = checked_model(checkpoint, format, tp, pp)
+        self._max_length = max_length_arg(max_length, cfg)
         self.model = load_for_inference(Path(checkpoint), format, tp=tp, pp=pp,
                                         dtype=PRECISIONS[DTYPE_NAMES[str(dtype)]],
                                         device=self._device)
@@ -142,15 +136,25 @@ class MegallamaLM(TemplateLM):
         if len(self.tokenizer) > self.cfg.vocab_size:
             raise ConfigError(f"tokenizer of {len(self.tokenizer)} tokens does not fit the "
                               f"model's vocabulary of {self.cfg.vocab_size}")
-        self._max_length = int(max_length or self.cfg.max_seq_len)
-        if self._max_length > self.cfg.max_seq_len:
-            raise ConfigError(f"max_length={self._max_length} exceeds the model's context of "
-                              f"{self.cfg.max_seq_len}")
-        self._max_gen_toks, self._seed = int(max_gen_toks), int(seed)
         self.add_bos_token, self.custom_prefix_token_id = add_bos_token, prefix_token_id
         self.info = {"checkpoint": str(checkpoint), "format": format, "tp": tp, "pp": pp,
                      "dtype": DTYPE_NAMES[str(dtype)]}
         _report_on_global_rank_zero_only()
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str,
+                               additional_config: dict[str, Any] | None = None) -> MegallamaLM:
+        """lm-eval's constructor from ``--model_args k=v,...``, with the keys checked first."""
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict[str, Any],
+                            additional_config: dict[str, Any] | None = None) -> MegallamaLM:
+        """``cls(**arg_dict, **lm-eval's options)`` after :func:`check_keys`: an unknown,
+        repeated or missing key is one line naming it, not a TypeError."""
+        options = {k: v for k, v in (additional_config or {}).items() if v is not None}
+        check_keys(arg_dict, options, model_arg_keys(cls.__init__))
+        return cls(**arg_dict, **options)
 
     # ---- what lm-eval reads ------------------------------------------------------------------
     @property

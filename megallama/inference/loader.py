@@ -93,28 +93,34 @@ def inference_device(name: str) -> torch.device:
 
 
 def check_layout(cfg: ModelConfig, tp: int, pp: int, world: int, *, exact: bool = False,
-                 seq_len: int | None = None, partition_method: str = "balanced") -> Grid:
-    """The (tp, pp, dp) grid of ``world`` ranks, or a ConfigError naming ``--tp`` / ``--pp``.
+                 seq_len: int | None = None, partition_method: str = "balanced",
+                 names: tuple[str, str] = ("--tp ", "--pp ")) -> Grid:
+    """The (tp, pp, dp) grid of ``world`` ranks, or a ConfigError naming ``--tp`` / ``--pp``
+    (``names``: how the options are spelled before their value, e.g. ``("tp=", "pp=")`` for
+    lm-eval's ``--model_args``).
 
     The model's own limits are checked first (tp must split the heads and the FFN, every stage
     needs a block), so a single process told ``--tp 3`` hears about the heads, not the world.
     ``exact``: tp * pp must be the world (generation has no data parallelism)."""
+    t, p = names
+    tpo, ppo = t.strip(" ="), p.strip(" =")  # the option without its value: "--tp", "tp"
     if tp < 1 or pp < 1:
-        raise ConfigError(f"--tp {tp} --pp {pp}: both must be >= 1")
+        raise ConfigError(f"{t}{tp} {p}{pp}: both must be >= 1")
     try:
         check_tp_layout(cfg, tp)
     except ConfigError as e:
-        raise ConfigError(f"{str(e).replace(f'parallel.tp={tp}', f'--tp {tp}')}; choose "
-                          "another --tp") from None
+        raise ConfigError(f"{str(e).replace(f'parallel.tp={tp}', f'{t}{tp}')}; choose "
+                          f"another {tpo}") from None
     if pp > cfg.n_layers:
-        raise ConfigError(f"--pp {pp}: more pipeline stages than the model's n_layers="
-                          f"{cfg.n_layers} blocks; choose 1 <= --pp <= {cfg.n_layers}")
+        raise ConfigError(f"{p}{pp}: more pipeline stages than the model's n_layers="
+                          f"{cfg.n_layers} blocks; choose 1 <= {ppo} <= {cfg.n_layers}")
     layout.stage_cuts(cfg, pp, seq_len, partition_method)  # a known partition method
     if world % (tp * pp) or (exact and tp * pp != world):
         need = "equal" if exact else "divide"
-        raise ConfigError(f"--tp {tp} * --pp {pp} = {tp * pp} does not {need} the world size "
+        raise ConfigError(f"{t}{tp} * {p}{pp} = {tp * pp} does not {need} the world size "
                           f"{world}; launch {'' if exact else 'a multiple of '}tp*pp ranks "
-                          "(torchrun --nproc-per-node) or change --tp / --pp")
+                          f"(torchrun --nproc-per-node {tp * pp if exact else 'N'}) or change "
+                          f"{tpo} / {ppo}")
     return Grid.from_world(world, tp=tp, pp=pp)
 
 
