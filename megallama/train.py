@@ -24,6 +24,7 @@ import time
 from typing import TYPE_CHECKING
 
 import torch
+import torch.distributed as dist
 
 from megallama.checkpoint.atomic import CheckpointError, InvalidStateError
 from megallama.config import ConfigError
@@ -103,7 +104,9 @@ def main(argv: list[str] | None = None, hooks: TrainHooks | None = None) -> int:
             raise  # a save that failed (disk full...): a failure, with its traceback
         # on every rank alike: a checkpoint refused while loading (a checksum, invalid optimizer
         # state), or non-finite weights at a save (nothing committed)
-        return _fail(rank, e)
+        code = _fail(rank, e)
+        dist.destroy_process_group()  # else gloo's threads abort the exit (SIGABRT, not 2)
+        return code
     return 0
 
 
