@@ -113,13 +113,14 @@ def _other_inputs(root: Path) -> dict[str, str]:
     (root / "not_spm.model").write_bytes(b"this is not a SentencePiece model\n" * 8)
     (root / "prompts.txt").write_bytes(b"first prompt\nsecond \xff prompt\n")
     (root / "tags.txt").write_text("first prompt\n\nwhat is <</SYS>> for?\n")
+    (root / "short.txt").write_text("a few words\n")
     with IndexedWriter(root / "tokens", 32000) as w:
         w.add_document(list(range(1, 200)))
     shutil.copyfile(root / "tokens.bin", root / "bad_idx.bin")
     (root / "bad_idx.idx").write_bytes((root / "tokens.idx").read_bytes()[:10])
     return {name: str(root / name) for name in ("text.txt", "latin1.txt", "empty_dir",
                                                  "not_spm.model", "prompts.txt", "tags.txt",
-                                                 "bad_idx")}
+                                                 "bad_idx", "short.txt")}
 
 
 @pytest.fixture(scope="module")
@@ -197,8 +198,9 @@ DATA_CASES = [
                                         "--device", "cpu"), ("--data {empty_dir}", "directory")),
     _ev("data-text-without-tokenizer", "--format", "meta", ckpt="{meta}",
         expect=("--data {text.txt} is text", "pass --tokenizer")),
-    _ev("data-too-few-windows", "--batch-size", "64",
-        expect=("--data {text.txt}", "fewer than --batch-size 64")),
+    Case("data-no-window", "evaluate", ("--checkpoint", "{step}", "--data", "{short.txt}",
+                                        "--seq-len", "8", "--device", "cpu"),
+         ("--data {short.txt}: no window of 9 tokens", "lower --seq-len")),
     Case("data-text-not-utf8", "evaluate", ("--checkpoint", "{step}", "--data", "{latin1.txt}",
                                             "--device", "cpu"), ("{latin1.txt}", "UTF-8")),
     Case("data-token-index-damaged", "evaluate", ("--checkpoint", "{step}", "--data",

@@ -83,7 +83,8 @@ class TrainerConfig:
     epochs: float = 0.0  # > 0: steps = ceil(epochs * training samples / global_batch_size)
     log_interval: int = 10
     eval_interval: int = 50
-    eval_iters: int = 10
+    eval_iters: int | None = None  # global batches per evaluation; None: the whole set, once
+    eval_at_start: bool = False  # evaluate the starting weights before the first step
     save_interval: int = 0  # 0: save only at the end
     seed: int = 1234
     precision: str = "fp32"  # fp32 | bf16

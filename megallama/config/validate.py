@@ -86,10 +86,10 @@ def check_trainer(t: TrainerConfig) -> None:
         raise ConfigError(f"trainer.log_interval={t.log_interval}: must be >= 1")
     if t.eval_interval < 0:
         raise ConfigError(f"trainer.eval_interval={t.eval_interval}: must be >= 0 (0 disables)")
-    if t.eval_interval > 0 and t.eval_iters < 1:
+    if t.eval_iters is not None and t.eval_iters < 1:
         raise ConfigError(
-            f"trainer.eval_iters={t.eval_iters}: must be >= 1 when evaluating "
-            "(or set trainer.eval_interval=0)"
+            f"trainer.eval_iters={t.eval_iters}: must be >= 1, or null to evaluate the whole "
+            "validation set (trainer.eval_interval=0 disables evaluation)"
         )
     if t.save_interval < 0:
         raise ConfigError(f"trainer.save_interval={t.save_interval}: must be >= 0 (0: at the end)")

@@ -3,7 +3,8 @@
 reported first: every token file exists and is intact (its index, its tokens and, for chat data,
 its loss mask: a truncated ``.mask`` is reported like a truncated ``.bin``); all of them come
 from one tokenizer; ``data.tokenizer`` loads and is that tokenizer; ``model.vocab_size`` matches
-it; every file holds at least one sample; the held-out validation tail (``data.valid_fraction``)
+it; every file holds at least one sample (and, packed by document, a document of 2 or more
+tokens); the held-out validation tail (``data.valid_fraction``)
 fits. So a config whose tokenizer disagrees with its token files says that, instead of advising
 a model vocabulary that the token files would then refuse."""
 
@@ -11,6 +12,8 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import NamedTuple
+
+import numpy as np
 
 from megallama.config import ConfigError, ModelConfig
 from megallama.config.train_config import DataConfig
@@ -24,6 +27,7 @@ class _TokenFile(NamedTuple):
     prefix: str
     vocab_size: int
     num_tokens: int
+    longest_document: int
 
     @property
     def name(self) -> str:
@@ -60,6 +64,12 @@ def check_data_files(d: DataConfig, model: ModelConfig) -> None:
                 f"{f.name} holds {f.num_tokens} tokens, fewer than one sample of "
                 f"data.seq_len+1 = {d.seq_len + 1}; give more data or lower data.seq_len"
             )
+    if d.packing != "concat":
+        for f in files:
+            if f.longest_document < 2:
+                raise ConfigError(
+                    f"{f.name}: every document is shorter than 2 tokens, so data.packing="
+                    f"{d.packing} has nothing to predict; use data.packing=concat or other data")
     if not d.valid and d.valid_fraction > 0:
         _check_holdout(first, d.seq_len, d.valid_fraction)
 
@@ -72,7 +82,9 @@ def _open_token_file(option: str, prefix: str) -> _TokenFile:
         verb = "create" if "not found" in str(exc) else "re-create"
         raise ConfigError(f"{option}={prefix}: {exc} ({verb} it with megallama-preprocess)"
                           ) from None
-    found = _TokenFile(option, prefix, tokens.vocab_size, tokens.num_tokens)
+    offsets = np.asarray(tokens.doc_offsets, dtype=np.int64)
+    longest = int(np.diff(offsets).max()) if len(offsets) > 1 else 0
+    found = _TokenFile(option, prefix, tokens.vocab_size, tokens.num_tokens, longest)
     del tokens  # release the memory map
     return found
 

@@ -119,12 +119,15 @@ def _webster_schedule(weights: np.ndarray, num_samples: int) -> np.ndarray:
 
 
 class BlendedDataset:
-    """``num_samples`` samples drawn from ``datasets`` in proportion to ``weights``.
+    """One epoch of ``num_samples`` samples drawn from ``datasets`` in proportion to ``weights``.
 
     Which dataset sample i comes from follows ``_webster_schedule`` (exact proportions at
-    every prefix, like Megatron's greedy error-minimising blend). Within dataset d the k-th
-    draw takes index ``perm[k % len]`` of a permutation seeded by ``(seed, d, pass)``,
-    ``pass = k // len``, so a small dataset is cycled through, reshuffled on every pass.
+    every prefix, like Megatron's greedy error-minimising blend). Dataset d's draws are numbered
+    on across epochs: in epoch e its k-th draw is draw ``g = e * count_d + k``, which takes index
+    ``perm[g % len]`` of a permutation seeded by ``(seed, d, g // len)``: a small dataset is
+    cycled through, reshuffled on every pass, and a down-weighted one shows new samples in every
+    epoch. The size does not depend on the run's length, so a run resumes with another
+    ``trainer.steps`` (the sampler refuses a changed size).
     """
 
     def __init__(
@@ -149,28 +152,76 @@ class BlendedDataset:
         self.num_samples = int(num_samples)
         self.seed = int(seed)
         self.dataset_index = _webster_schedule(self.weights, self.num_samples)
-        self.dataset_sample_index = np.empty(self.num_samples, dtype=np.int64)
         self.counts = np.bincount(self.dataset_index, minlength=len(datasets))
-        for d, dataset in enumerate(self.datasets):
-            count = int(self.counts[d])
-            if count == 0:
-                continue
-            size = len(dataset)
-            passes = -(-count // size)
-            order = np.concatenate(
-                [np.random.default_rng([self.seed, d, p]).permutation(size) for p in range(passes)]
-            )
-            self.dataset_sample_index[self.dataset_index == d] = order[:count]
+        # k: the how-manieth draw of its dataset each sample is within an epoch
+        self.draw = np.empty(self.num_samples, dtype=np.int64)
+        for d in range(len(self.datasets)):
+            at = self.dataset_index == d
+            self.draw[at] = np.arange(int(at.sum()))
+        self._perms: dict[tuple[int, int], np.ndarray] = {}
+
+    def _perm(self, d: int, pass_: int) -> np.ndarray:
+        key = (d, pass_)
+        if key not in self._perms:
+            if len(self._perms) >= 2 * len(self.datasets):  # a batch touches few passes
+                self._perms.pop(next(iter(self._perms)))
+            self._perms[key] = np.random.default_rng([self.seed, d, pass_]).permutation(
+                len(self.datasets[d]))
+        return self._perms[key]
 
     def __len__(self) -> int:
         return self.num_samples
 
-    def __getitem__(self, index: int) -> np.ndarray:
+    def sample_indices(self, epoch: int) -> np.ndarray:
+        """Every sample's index within its dataset, in epoch ``epoch``."""
+        out = np.empty(self.num_samples, dtype=np.int64)
+        for d, dataset in enumerate(self.datasets):
+            at = self.dataset_index == d
+            g = int(epoch) * int(self.counts[d]) + self.draw[at]
+            size = len(dataset)
+            passes = np.unique(g // size) if size else []
+            picked = np.empty(len(g), dtype=np.int64)
+            for p in passes:
+                sel = g // size == p
+                picked[sel] = self._perm(d, int(p))[g[sel] % size]
+            out[at] = picked
+        return out
+
+    @property
+    def dataset_sample_index(self) -> np.ndarray:
+        """Epoch 0's :meth:`sample_indices`."""
+        return self.sample_indices(0)
+
+    def sample(self, index: int, epoch: int) -> np.ndarray:
+        """Sample ``index`` of epoch ``epoch``."""
         index = int(index)
         if not -self.num_samples <= index < self.num_samples:
             raise IndexError(f"sample {index} out of range for {self.num_samples} samples")
         d = int(self.dataset_index[index])
-        return self.datasets[d][int(self.dataset_sample_index[index])]
+        size = len(self.datasets[d])
+        g = int(epoch) * int(self.counts[d]) + int(self.draw[index])
+        return self.datasets[d][int(self._perm(d, g // size)[g % size])]
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        return self.sample(index, 0)
+
+
+class ConcatWindows:
+    """Several datasets read one after the other (e.g. several validation files)."""
+
+    def __init__(self, datasets: Sequence[SampleSource]) -> None:
+        self.datasets = list(datasets)
+        self.ends = np.cumsum([len(d) for d in self.datasets])
+
+    def __len__(self) -> int:
+        return int(self.ends[-1]) if len(self.ends) else 0
+
+    def __getitem__(self, index: int):  # noqa: ANN204 -- the datasets' own item type
+        index = int(index)
+        if not 0 <= index < len(self):
+            raise IndexError(f"sample {index} out of range for {len(self)} samples")
+        d = int(np.searchsorted(self.ends, index, side="right"))
+        return self.datasets[d][index - (int(self.ends[d - 1]) if d else 0)]
 
 
 def holdout_start(total: int, seq_len: int, valid_fraction: float) -> int:

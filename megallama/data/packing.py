@@ -40,6 +40,7 @@ class Window(NamedTuple):
     tokens: np.ndarray  # int64 [n]
     targets: np.ndarray  # bool [n]: token i may be predicted (from position i - 1)
     segments: np.ndarray | None  # int64 [n]: document index within the window; None: concat
+    length: int | None = None  # tokens before the padding (None: no padding)
 
 
 def _loss_mask(indexed: IndexedTokens, use: bool) -> np.ndarray | None:
@@ -128,7 +129,7 @@ class DocumentWindows:
                                       else self.mask[start + 1:start + n].astype(bool))
             segments[at:at + n] = seg
             at += n
-        return Window(tokens, targets, segments)
+        return Window(tokens, targets, segments, at)
 
 
 def windows_for(packed: PackedDataset, packing: str, use_mask: bool):
@@ -139,6 +140,26 @@ def windows_for(packed: PackedDataset, packing: str, use_mask: bool):
         return DocumentWindows(packed, one_per_window=packing == "padded", use_mask=use_mask)
     mask = _loss_mask(packed.indexed, use_mask)
     return packed if mask is None else MaskedWindows(packed, mask)
+
+
+def input_tokens(samples: Sequence[np.ndarray | Window]) -> int:
+    """Input tokens of these windows that are data, not padding (what the data advanced by)."""
+    count = 0
+    for w in samples:
+        if not isinstance(w, Window):
+            count += len(w) - 1
+            continue
+        size = len(w.tokens) - 1
+        count += size if w.length is None else min(w.length, size)
+    return count
+
+
+def blank_window(like: np.ndarray | Window) -> Window:
+    """A window shaped like ``like`` with no target: it fills a short last batch of an
+    evaluation and weighs nothing in the token-weighted loss."""
+    tokens = like.tokens if isinstance(like, Window) else np.asarray(like)
+    segments = like.segments if isinstance(like, Window) else None
+    return Window(tokens, np.zeros(len(tokens), dtype=bool), segments, 0)
 
 
 def collate_windows(samples: Sequence[np.ndarray | Window]) -> tuple[torch.Tensor, ...]:

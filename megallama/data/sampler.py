@@ -63,6 +63,7 @@ class DataSampler:
         self.drop_last = bool(drop_last)
         self.num_epochs = num_epochs
         self.consumed_samples = 0
+        self.last_epochs: list[int] = []  # epoch of each index next_batch() returned last
         self._perms: dict[int, np.ndarray] = {}
 
     @property
@@ -126,6 +127,8 @@ class DataSampler:
         lo, hi = self._rank_bounds(batch)
         start = self.consumed_samples
         indices = self.stream(start + lo, start + hi)
+        # the epoch of each index (a batch may straddle two): for epoch-aware datasets
+        self.last_epochs = (np.arange(start + lo, start + hi) // self.num_samples).tolist()
         self.consumed_samples += batch
         return indices.tolist()
 

@@ -79,6 +79,7 @@ class StepResult:
     grad_norm: float | None
     lr: float
     skipped: bool
+    no_targets: bool = False  # skipped because the global batch had no target token
 
 
 class Engine:
@@ -140,6 +141,7 @@ class Engine:
                 self.ds.pipeline_enable_backward_allreduce = False
         self.module = module
         self._skipped_before = 0
+        self.last_targets = 0  # target tokens of the last global batch trained or evaluated
         self._state_access: OptimizerStateAccess | None = None
 
     def _module(self, cfg: TrainConfig, topo: Topology) -> nn.Module:
@@ -240,27 +242,43 @@ class Engine:
         return int(self.ds.skipped_steps)
 
     # ---- steps -------------------------------------------------------------------------------
-    def _weigh_tokens(self, micro_batches: list[MicroBatch], micro_batches_per_rank: int) -> None:
+    def _count_targets(self, micro_batches: list[MicroBatch]) -> int:
+        """Target tokens (labels != -100) of the whole global batch, known on every rank: the
+        last stage's TP rank 0 counts its DP rank's micro-batches and one sum over the world
+        hands the total to every stage (middle stages pass placeholders)."""
+        count = 0
+        if self.topo.is_last_stage and self.topo.tp_rank == 0:
+            count = sum(int((batch[1] != -100).sum()) for batch in micro_batches)
+        total = torch.tensor(float(count), dtype=torch.float64, device=self.device)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(total)
+        self.last_targets = int(total)
+        return self.last_targets
+
+    def _weigh_tokens(self, targets: int, micro_batches_per_rank: int) -> None:
         """Make the loss of this step the mean over every target token of the global batch,
         however the tokens fall over micro-batches and DP ranks: each micro-batch's summed token
         loss is divided by (global target tokens) / (global micro-batches), and DeepSpeed's mean
-        over micro-batches and DP ranks (of the loss and the gradients) does the rest. Only the
-        last stage computes the loss; it counts the labels of its DP group's micro-batches."""
+        over micro-batches and DP ranks (of the loss and the gradients) does the rest."""
         if not self.topo.is_last_stage or not hasattr(self.loss_fn, "denominator"):
             return
-        count = sum(int((batch[1] != -100).sum()) for batch in micro_batches)
-        total = torch.tensor(float(count), dtype=torch.float64, device=self.device)
-        if self.topo.grid.dp > 1:
-            dist.all_reduce(total, group=self.topo.dp_group)
         global_micro_batches = micro_batches_per_rank * self.topo.grid.dp
-        self.loss_fn.denominator = max(float(total), 1.0) / global_micro_batches
+        self.loss_fn.denominator = max(float(targets), 1.0) / global_micro_batches
 
     def train_step(self, micro_batches: Iterable[MicroBatch]) -> StepResult:
         """One optimizer step over ``gas`` micro-batches of this DP rank; the loss is the mean
-        over all target tokens of the global batch (:meth:`_weigh_tokens`)."""
+        over all target tokens of the global batch (:meth:`_weigh_tokens`). A global batch
+        without any target token (e.g. every answer masked) is skipped on every rank and counted
+        like a non-finite step: Adam's momentum and weight decay would otherwise still move the
+        weights."""
         lr = self.optimizer.param_groups[0]["lr"]
         micro_batches = list(micro_batches)
-        self._weigh_tokens(micro_batches, self.gas)
+        if self._count_targets(micro_batches) == 0:
+            self.ds.global_steps += 1
+            self.ds.skipped_steps += 1
+            self._skipped_before = self.ds.skipped_steps
+            return StepResult(float("nan"), None, lr, skipped=True, no_targets=True)
+        self._weigh_tokens(self.last_targets, self.gas)
         if self.is_pipeline:
             loss = self.ds.train_batch(data_iter=map(_pipeline_item, micro_batches))
         else:
@@ -294,7 +312,9 @@ class Engine:
         placeholders: they only need the count."""
         n = len(micro_batches) - len(micro_batches) % self.gas  # whole chunks of gas micro-batches
         micro_batches = micro_batches[:n]
-        self._weigh_tokens(micro_batches, n)
+        if self._count_targets(micro_batches) == 0:
+            return float("nan")
+        self._weigh_tokens(self.last_targets, n)
         if self.is_pipeline:
             # eval_batch consumes gas micro-batches per call and averages them over DP
             losses = [float(self.ds.eval_batch(map(_pipeline_item, micro_batches[i:i + self.gas])))

@@ -25,8 +25,10 @@ from megallama.config import ConfigError, ModelConfig
 from megallama.config.compose import load_saved_config
 from megallama.config.grid import Grid
 from megallama.config.train_config import TrainConfig
-from megallama.data.dataset import DatasetError, PackedDataset, collate
+from megallama.config.validate import PACKINGS
+from megallama.data.dataset import DatasetError, PackedDataset
 from megallama.data.indexed import IndexedFormatError
+from megallama.data.packing import blank_window, collate_windows, windows_for
 from megallama.data.preprocess import preprocess
 from megallama.data.sources import SourceError
 from megallama.data.tokenizer import TokenizerError, check_vocab
@@ -62,6 +64,8 @@ class EvalRequest:
     max_batches: int = 0  # 0: all whole batches
     precision: str = "fp32"
     device: str = "auto"
+    packing: str | None = None  # concat | documents | padded; None: the run's data.packing
+    loss_mask: bool | None = None  # use the files' loss mask (chat data); None: the run's
 
 
 @dataclass(frozen=True)
@@ -76,6 +80,8 @@ class EvalPlan:
     tokenizer: Path | None
     partition_method: str  # the run's, so that stages are those training used
     device: torch.device
+    packing: str = "concat"  # resolved: --packing, else the run's data.packing
+    loss_mask: bool = True  # resolved: --no-loss-mask, else the run's data.loss_mask
 
 
 def _is_prefix(path: str) -> bool:
@@ -94,6 +100,8 @@ def _check_numbers(req: EvalRequest) -> None:
             raise ConfigError(f"{option} {value}: must be >= {low}")
     if req.precision not in PRECISIONS:
         raise ConfigError(f"--precision {req.precision}: expected one of {', '.join(PRECISIONS)}")
+    if req.packing is not None and req.packing not in PACKINGS:
+        raise ConfigError(f"--packing {req.packing}: expected one of {', '.join(PACKINGS)}")
 
 
 def _check_data(data: Sequence[str], tokenizer: Path | None, explicit: bool,
@@ -139,7 +147,10 @@ def plan_evaluation(req: EvalRequest, world: int) -> EvalPlan:
     _check_batches(req, grid)
     tokenizer = Path(req.tokenizer) if req.tokenizer else info.tokenizer
     _check_data(req.data, tokenizer, req.tokenizer is not None, info.cfg)
-    return EvalPlan(req, info.path, info.cfg, grid, seq_len, tokenizer, method, device)
+    packing = req.packing if req.packing is not None else run.data.packing
+    loss_mask = req.loss_mask if req.loss_mask is not None else run.data.loss_mask
+    return EvalPlan(req, info.path, info.cfg, grid, seq_len, tokenizer, method, device, packing,
+                    loss_mask)
 
 
 def token_files(data: Sequence[str], tokenizer: Path | None, tmp: Path) -> list[str]:
@@ -149,18 +160,22 @@ def token_files(data: Sequence[str], tokenizer: Path | None, tmp: Path) -> list[
 
 
 def check_windows(data: Sequence[str], prefixes: Sequence[str], seq_len: int,
-                  batch_size: int) -> None:
-    """Every item must hold one global batch of windows; the error names the ``--data`` item
-    (not the temporary tokenization of a text file)."""
+                  packing: str = "concat") -> None:
+    """Every item must hold at least one window; the error names the ``--data`` item (not the
+    temporary tokenization of a text file)."""
     for item, prefix in zip(data, prefixes, strict=True):
         try:
-            windows = len(PackedDataset(prefix, seq_len))
-        except DatasetError:  # not even one window
+            windows = len(_windows(prefix, seq_len, packing, True))
+        except DatasetError:  # not even one window (or, by document, no document to predict)
             windows = 0
-        if windows < batch_size:
-            raise ConfigError(f"--data {item}: {windows} windows of {seq_len + 1} tokens, fewer "
-                              f"than --batch-size {batch_size}; give more data or lower "
-                              "--seq-len / --batch-size")
+        if windows < 1:
+            raise ConfigError(f"--data {item}: no window of {seq_len + 1} tokens (--packing "
+                              f"{packing}); give more data or lower --seq-len")
+
+
+def _windows(prefix: str, seq_len: int, packing: str, loss_mask: bool):
+    """The windows of a token file as the trainer reads them for ``data.packing``."""
+    return windows_for(PackedDataset(prefix, seq_len), packing, loss_mask)
 
 
 def evaluate(plan: EvalPlan) -> dict:
@@ -172,13 +187,14 @@ def evaluate(plan: EvalPlan) -> dict:
     req = plan.request
     with tempfile.TemporaryDirectory(prefix="megallama-evaluate-") as tmp:
         prefixes = token_files(req.data, plan.tokenizer, Path(tmp))
-        check_windows(req.data, prefixes, plan.seq_len, req.batch_size)
+        check_windows(req.data, prefixes, plan.seq_len, plan.packing)
         model = load_for_inference(plan.checkpoint, req.fmt, tp=req.tp, pp=req.pp,
                                    dtype=PRECISIONS[req.precision], device=plan.device,
                                    seq_len=plan.seq_len, partition_method=plan.partition_method)
         return validation_loss(model, prefixes, seq_len=plan.seq_len,
                                batch_size=req.batch_size, micro_batch_size=req.micro_batch_size,
-                               max_batches=req.max_batches)
+                               max_batches=req.max_batches, packing=plan.packing,
+                               loss_mask=plan.loss_mask)
 
 
 def _token_prefix(item: str, tokenizer: Path | None, prefix: Path) -> str:
@@ -192,10 +208,14 @@ def _token_prefix(item: str, tokenizer: Path | None, prefix: Path) -> str:
 
 
 def _summed_loss(model: InferenceModel, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The sum (not the mean) of the token losses of one micro-batch, float64."""
+    """The sum (not the mean) of the token losses of one micro-batch, float64 (0 without
+    targets, e.g. the blank windows that fill a short last batch)."""
     labels = labels.to(logits.device)
+    count = (labels != IGNORE_INDEX).sum()
+    if int(count) == 0:
+        return torch.zeros((), dtype=torch.float64, device=logits.device)
     mean = vocab_parallel_cross_entropy(logits, labels, model.tp.group, model.cfg.vocab_size)
-    return mean.double() * (labels != IGNORE_INDEX).sum()
+    return mean.double() * count
 
 
 def _total_over_ranks(model: InferenceModel, loss_sum: torch.Tensor) -> float:
@@ -211,35 +231,40 @@ def _total_over_ranks(model: InferenceModel, loss_sum: torch.Tensor) -> float:
 @torch.no_grad()
 def validation_loss(model: InferenceModel, data: Sequence[str], *, seq_len: int, batch_size: int,
                     micro_batch_size: int = 1, max_batches: int = 0,
-                    tokenizer: Path | None = None) -> dict:
-    """Token-weighted loss over all of ``data`` (token-file prefixes or text files) in whole
-    global batches of ``batch_size`` windows (at most ``max_batches`` per file, 0: all); the same
-    dict on every rank. Collective over the model's world."""
+                    tokenizer: Path | None = None, packing: str = "concat",
+                    loss_mask: bool = True) -> dict:
+    """Token-weighted loss over every window of ``data`` (token-file prefixes or text files),
+    each once, in global batches of ``batch_size`` windows (at most ``max_batches`` per file, 0:
+    all; a short last batch is filled with windows that have no target), the windows and targets
+    made as the trainer makes them (``packing``, ``loss_mask``); the same dict on every rank.
+    Collective over the model's world."""
     topo = model.topo
     dp, dp_rank = (topo.grid.dp, topo.dp_rank) if topo is not None else (1, 0)
     per_rank = batch_size // dp
     loss_sum = torch.zeros((), dtype=torch.float64, device=model.device)
-    tokens = 0
+    windows = targets = 0
     with tempfile.TemporaryDirectory() as tmp:
         for i, item in enumerate(data):
-            ds = PackedDataset(_token_prefix(item, tokenizer, Path(tmp) / f"data{i}"), seq_len)
-            n_batches = len(ds) // batch_size
-            if max_batches:
-                n_batches = min(n_batches, max_batches)
-            if n_batches == 0:
-                raise ConfigError(f"{item}: fewer than --batch-size={batch_size} windows of "
-                                  f"{seq_len + 1} tokens")
-            for b in range(n_batches):
+            prefix = _token_prefix(item, tokenizer, Path(tmp) / f"data{i}")
+            ds = _windows(prefix, seq_len, packing, loss_mask)
+            n = len(ds) if not max_batches else min(len(ds), max_batches * batch_size)
+            for b in range(-(-n // batch_size)):
                 lo = b * batch_size + dp_rank * per_rank
-                tok, lab = collate([ds[i] for i in range(lo, lo + per_rank)])
-                for t, labels in zip(tok.split(micro_batch_size), lab.split(micro_batch_size),
-                                     strict=True):
-                    logits = model(t)
+                batch = collate_windows([ds[j] if j < n else blank_window(ds[0])
+                                         for j in range(lo, lo + per_rank)])
+                for micro in zip(*(t.split(micro_batch_size) for t in batch), strict=True):
+                    labels, segments = micro[1], (micro[2] if len(micro) == 3 else None)
+                    targets += int((labels != IGNORE_INDEX).sum())
+                    logits = model(micro[0], segments=segments)
                     if logits is not None:
                         loss_sum += _summed_loss(model, logits, labels)
-            tokens += n_batches * batch_size * seq_len
-    val = _total_over_ranks(model, loss_sum) / tokens
-    return {"val_loss": val, "perplexity": perplexity(val), "tokens": tokens}
+            windows += n
+    count = torch.tensor(float(targets), dtype=torch.float64, device=model.device)
+    if topo is not None and dp > 1:
+        dist.all_reduce(count, group=topo.dp_group)  # gloo or NCCL: the DP group's device
+    val = _total_over_ranks(model, loss_sum) / max(float(count), 1.0)
+    return {"val_loss": val, "perplexity": perplexity(val), "tokens": int(count),
+            "windows": windows}
 
 
 __all__ = ["INPUT_ERRORS", "EvalPlan", "EvalRequest", "check_windows", "evaluate", "perplexity",

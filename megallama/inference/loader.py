@@ -182,11 +182,14 @@ class InferenceModel(nn.Module):
         return StageKVCache(self.cfg, self.tp, self.first_block, self.n_blocks, batch, max_len,
                             self.device, self.dtype)
 
-    def forward(self, tokens: torch.Tensor, cache: StageKVCache | None = None) -> torch.Tensor | None:
+    def forward(self, tokens: torch.Tensor, cache: StageKVCache | None = None,
+                segments: torch.Tensor | None = None) -> torch.Tensor | None:
         """Vocab-parallel logits [b, s, vocab/tp] of ``tokens`` [b, s] on the last stage, None on
         the others. Collective over the pipeline: every stage calls it with tokens of the same
         shape (only the first stage reads their values). With a prepared ``cache`` the tokens
-        continue the cached ones (see :class:`megallama.model.llama.KVCache`)."""
+        continue the cached ones (see :class:`megallama.model.llama.KVCache`). ``segments``
+        [b, s] (packed documents, every stage) keeps attention and RoPE positions within each
+        document, as in training."""
         b, s = tokens.shape
         h = None
         if not self.is_first_stage:
@@ -196,7 +199,7 @@ class InferenceModel(nn.Module):
             if name == "tok_embeddings":
                 h = module(tokens.to(self.device))
             elif isinstance(module, TransformerBlock):
-                h = module(h, cache)
+                h = module(h, cache) if segments is None else module(h, cache, segments)
             else:  # final norm, output head
                 h = module(h)
         if cache is not None:

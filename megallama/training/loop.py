@@ -23,8 +23,8 @@ from megallama.checkpoint.stateful import SavedHook, has_training_state
 from megallama.config.compose import save_config
 from megallama.config.grid import Grid
 from megallama.config.train_config import TrainConfig
-from megallama.data.dataset import BlendedDataset, PackedDataset, build_train_valid
-from megallama.data.packing import collate_windows, windows_for
+from megallama.data.dataset import BlendedDataset, ConcatWindows, PackedDataset, build_train_valid
+from megallama.data.packing import blank_window, collate_windows, input_tokens, windows_for
 from megallama.data.sampler import DataSampler
 from megallama.engine import Engine, MicroBatch, StepResult
 from megallama.parallel.cross_entropy import perplexity
@@ -51,48 +51,90 @@ class TrainHooks:
 
 
 def build_datasets(cfg: TrainConfig) -> tuple[Any, Any]:
-    """Train (blended when several files are given) and validation datasets, as windows of the
-    configured packing (``data.packing``, ``data.loss_mask``; see megallama.data.packing)."""
+    """Train and validation datasets, as windows of the configured packing (``data.packing``,
+    ``data.loss_mask``; see megallama.data.packing). Several ``data.train`` prefixes are
+    blended into an epoch of as many samples as they hold together (in proportion to
+    ``data.train_weights``; independent of the run's length, so a run can be extended);
+    several ``data.valid`` prefixes are evaluated one after the other."""
     d = cfg.data
-    valid_prefix = d.valid[0] if d.valid else None
-    first, valid = build_train_valid(d.train[0], d.seq_len, valid_prefix, d.valid_fraction)
-    first = windows_for(first, d.packing, d.loss_mask)
-    valid = None if valid is None else windows_for(valid, d.packing, d.loss_mask)
-    if len(d.train) == 1:
-        return first, valid
-    parts = [first] + [windows_for(PackedDataset(p, d.seq_len), d.packing, d.loss_mask)
-                       for p in d.train[1:]]
+
+    def windows(packed: PackedDataset):
+        return windows_for(packed, d.packing, d.loss_mask)
+
+    first, valid = build_train_valid(d.train[0], d.seq_len, d.valid[0] if d.valid else None,
+                                     d.valid_fraction)
+    parts = [windows(first)] + [windows(PackedDataset(p, d.seq_len)) for p in d.train[1:]]
+    valid_parts = [] if valid is None else [windows(valid)] + [
+        windows(PackedDataset(p, d.seq_len)) for p in d.valid[1:]]
+    valid_set = None if not valid_parts else (
+        valid_parts[0] if len(valid_parts) == 1 else ConcatWindows(valid_parts))
+    if len(parts) == 1:
+        return parts[0], valid_set
     weights = d.train_weights or [len(p) for p in parts]
-    total = cfg.trainer.steps * cfg.parallel.global_batch_size
-    return BlendedDataset(parts, weights, num_samples=max(total, sum(map(len, parts))),
-                          seed=cfg.trainer.seed), valid
+    return BlendedDataset(parts, weights, num_samples=sum(map(len, parts)),
+                          seed=cfg.trainer.seed), valid_set
+
+
+def steps_for_epochs(cfg: TrainConfig, train_set) -> int:
+    """``trainer.epochs`` as optimizer steps: ceil(epochs * training samples / global batch)."""
+    return max(1, math.ceil(cfg.trainer.epochs * len(train_set) / cfg.parallel.global_batch_size))
 
 
 class BatchSource:
-    """This rank's micro-batches for each global step, driven by the resumable sampler."""
+    """This rank's micro-batches for each global step, driven by the resumable sampler;
+    ``real_tokens`` counts the input tokens read that are data, not padding."""
 
     def __init__(self, dataset, cfg: TrainConfig, topo: Topology, shuffle: bool = True) -> None:
         self.dataset, self.micro = dataset, cfg.parallel.micro_batch_size
         self.sampler = DataSampler(len(dataset), cfg.parallel.global_batch_size, topo.dp_rank,
                                    topo.grid.dp, seed=cfg.trainer.seed, shuffle=shuffle)
+        self.real_tokens = 0
 
     def next_step(self, load: bool = True) -> list[MicroBatch]:
         indices = self.sampler.next_batch()  # advance on every rank, read only where needed
         if not load:
             return []
-        batch = collate_windows([self.dataset[i] for i in indices])
-        return list(zip(*(t.split(self.micro) for t in batch), strict=True))
+        if isinstance(self.dataset, BlendedDataset):  # draws continue from epoch to epoch
+            samples = [self.dataset.sample(i, e)
+                       for i, e in zip(indices, self.sampler.last_epochs, strict=True)]
+        else:
+            samples = [self.dataset[i] for i in indices]
+        self.real_tokens += input_tokens(samples)
+        return split_micro(collate_windows(samples), self.micro)
 
 
-def validation_loss(engine: Engine, dataset, cfg: TrainConfig, topo: Topology) -> float:
-    """Validation loss over the first ``eval_iters`` global batches of the (unshuffled) set."""
-    source = BatchSource(dataset, cfg, topo, shuffle=False)
+def split_micro(batch: tuple[torch.Tensor, ...], micro: int) -> list[MicroBatch]:
+    return list(zip(*(t.split(micro) for t in batch), strict=True))
+
+
+@dataclass
+class ValidationResult:
+    loss: float
+    windows: int  # validation windows scored (each once)
+    targets: int  # target tokens the loss averages over
+
+
+def validation_loss(engine: Engine, dataset, cfg: TrainConfig, topo: Topology
+                    ) -> ValidationResult:
+    """Token-weighted loss over the validation set in order, each window once: all of it when
+    ``trainer.eval_iters`` is null, else its first ``eval_iters`` global batches (fewer if the
+    set is smaller). A short last global batch is filled with windows that have no target."""
+    gbs, per_rank = cfg.parallel.global_batch_size, cfg.parallel.global_batch_size // topo.grid.dp
+    n = len(dataset)
+    if cfg.trainer.eval_iters is not None:
+        n = min(n, cfg.trainer.eval_iters * gbs)
+    steps = -(-n // gbs)
     batches: list[MicroBatch] = []
-    for _ in range(cfg.trainer.eval_iters):
-        batches += source.next_step(load=engine.needs_data())
-    if not engine.needs_data():  # middle stages: the engine ignores the data, keep the count
-        batches = [None] * (cfg.trainer.eval_iters * engine.gas)  # type: ignore[list-item]
-    return engine.eval_loss(batches)
+    for b in range(steps):
+        if not engine.needs_data():  # middle stages: the engine ignores the data, keeps the count
+            batches += [None] * engine.gas  # type: ignore[list-item]
+            continue
+        lo = b * gbs + topo.dp_rank * per_rank
+        samples = [dataset[i] if i < n else blank_window(dataset[0])
+                   for i in range(lo, lo + per_rank)]
+        batches += split_micro(collate_windows(samples), cfg.parallel.micro_batch_size)
+    loss = engine.eval_loss(batches)
+    return ValidationResult(loss, n, engine.last_targets)
 
 
 class StopSignal:
@@ -117,24 +159,35 @@ class StopSignal:
 
 class Throughput:
     """Tokens/s, TFLOP/s per device and MFU over the steps since the last report (evaluation and
-    saving excluded by :meth:`restart`)."""
+    saving excluded by :meth:`restart`). ``tokens_per_s`` counts every position computed (what
+    MFU measures, padding included); ``data_tokens_per_s`` only the data, not the padding of
+    ``documents`` / ``padded`` packing (how fast the data advances). Collective: every rank calls
+    :meth:`report`, the data tokens are summed over the first stage's DP ranks."""
 
-    def __init__(self, cfg: TrainConfig, world: int, device: torch.device) -> None:
+    def __init__(self, cfg: TrainConfig, topo: Topology, device: torch.device,
+                 source: BatchSource) -> None:
         self.tokens_per_step = cfg.parallel.global_batch_size * cfg.data.seq_len
         self.fpt = flops_per_token(cfg.model, cfg.data.seq_len)
         self.peak = device_peak_flops(device, cfg.trainer.precision)
-        self.world, self.device = world, device
+        self.world, self.device, self.source = topo.grid.world_size, device, source
+        self.counts = topo.is_first_stage and topo.tp_rank == 0  # one count per DP rank
         self.restart()
 
     def restart(self) -> None:
-        self.t0, self.steps = time.perf_counter(), 0
+        self.t0, self.steps, self.real_at = time.perf_counter(), 0, self.source.real_tokens
 
     def report(self) -> dict[str, float]:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
-        tok_s = self.tokens_per_step * self.steps / (time.perf_counter() - self.t0)
+        seconds = time.perf_counter() - self.t0
+        tok_s = self.tokens_per_step * self.steps / seconds
+        real = torch.tensor(float(self.source.real_tokens - self.real_at) if self.counts else 0.0,
+                            dtype=torch.float64, device=self.device)
+        if self.world > 1:
+            dist.all_reduce(real)
         tflops = self.fpt * tok_s / self.world / 1e12
-        out = {"tokens_per_s": tok_s, "tflops_per_device": tflops,
+        out = {"tokens_per_s": tok_s, "data_tokens_per_s": float(real) / seconds,
+               "tflops_per_device": tflops,
                "peak_memory_gib": peak_memory_bytes(self.device) / 2**30}
         if self.peak:
             out["mfu"] = tflops * 1e12 / self.peak
@@ -144,7 +197,12 @@ class Throughput:
 
 def _check_finite(result: StepResult, step: int, engine: Engine, cfg: TrainConfig,
                   progress: Progress) -> None:
-    """A skipped (non-finite) step stops the run or is reported, as ``trainer.nonfinite`` says."""
+    """A skipped (non-finite) step stops the run or is reported, as ``trainer.nonfinite`` says;
+    a global batch without any target token is skipped and reported (not an error)."""
+    if result.no_targets:
+        progress.log(f"step {step}: no target token in the global batch (every label masked), "
+                     f"update skipped ({engine.skipped_steps} skipped so far)")
+        return
     if not (result.skipped or not math.isfinite(result.loss)):
         return
     if cfg.trainer.nonfinite == "stop":
@@ -167,7 +225,7 @@ class Trainer:
         self.is_logger, self.out_dir = self.topo.rank == 0, Path(t.output_dir)
         train_set, self.valid_set = build_datasets(cfg)
         if t.epochs > 0:  # the schedule, the logs and the saved config all see these steps
-            t.steps = max(1, math.ceil(t.epochs * len(train_set) / cfg.parallel.global_batch_size))
+            t.steps = steps_for_epochs(cfg, train_set)
         if self.is_logger:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out_dir / "config.yaml")
@@ -182,7 +240,7 @@ class Trainer:
             self.start = self.state.resume(resume)
             self._say(f"resumed from {resume} at step {self.start}")
         self.writer = MetricsWriter.for_run(cfg, enabled=self.is_logger, resumed=self.start > 0)
-        self.throughput = Throughput(cfg, grid.world_size, device)
+        self.throughput = Throughput(cfg, self.topo, device, self.source)
         self.progress = Progress(t.steps, enabled=self.is_logger, bar=t.progress,
                                  initial=self.start,
                                  tokens_per_step=self.throughput.tokens_per_step)
@@ -212,6 +270,8 @@ class Trainer:
         t, engine, stop = self.cfg.trainer, self.engine, StopSignal()
         final: dict[str, Any] = {}
         step = self.start
+        if self.valid_set is not None and t.eval_at_start and self.start == 0:
+            final["valid_loss_at_start"] = self.evaluate(0)  # the starting weights' number
         for step in range(self.start + 1, t.steps + 1):
             for hook in self.hooks.step_start:
                 hook(step, engine)
@@ -250,11 +310,16 @@ class Trainer:
         return metrics
 
     def evaluate(self, step: int) -> float:
-        """Validation loss (and perplexity) after ``step``, reported like the training loss."""
-        val = validation_loss(self.engine, self.valid_set, self.cfg, self.topo)
-        self.writer.scalars(step, {"valid/loss": val, "valid/perplexity": perplexity(val)})
+        """Validation loss (and perplexity) after ``step`` (0: before the first update), with
+        the windows and target tokens it averages over; reported like the training loss."""
+        result = validation_loss(self.engine, self.valid_set, self.cfg, self.topo)
+        val = result.loss
+        self.writer.scalars(step, {"valid/loss": val, "valid/perplexity": perplexity(val),
+                                   "valid/windows": result.windows,
+                                   "valid/target_tokens": result.targets})
         self.progress.log(f"step {step}/{self.cfg.trainer.steps} | valid loss {val:.4f} | "
-                          f"perplexity {perplexity(val):.2f}")
+                          f"perplexity {perplexity(val):.2f} | {result.windows} windows, "
+                          f"{result.targets} target tokens")
         self.throughput.restart()  # evaluation time is not training throughput
         return val
 

@@ -114,6 +114,7 @@ METRIC_FORMATS: dict[str, tuple[str, Any]] = {
     "lr": ("lr", "{:.2e}".format),
     "grad_norm": ("grad_norm", "{:.3f}".format),
     "tokens_per_s": ("tok/s", "{:.0f}".format),
+    "data_tokens_per_s": ("data tok/s", "{:.0f}".format),
     "tflops": ("TFLOP/s", "{:.2f}".format),
     "tflops_per_device": ("TFLOP/s", "{:.2f}".format),
     "mfu": ("MFU", "{:.1%}".format),
