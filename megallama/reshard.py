@@ -37,7 +37,7 @@ def parse_size(text: str) -> int:
 def checkpoint_spec(text: str) -> str:
     """``--src``/``--dst``: ``FORMAT:PATH`` with a known format, else a usage error naming the
     option (checked by the converter's own parser, imported here only when an option is given)."""
-    from megallama.checkpoint.convert import parse_spec
+    from megallama.interop.convert import parse_spec
 
     try:
         parse_spec(text)
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     option); 130/143 interrupted by SIGINT/SIGTERM. Unexpected errors keep their traceback (1)."""
     args = build_parser().parse_args(argv)
     # imported after parsing so that --help answers without loading torch and safetensors
-    from megallama.checkpoint.convert import convert
+    from megallama.interop.convert import convert
 
     dst = args.dst.partition(":")[2]
     previous = signal.signal(signal.SIGTERM, _terminate)

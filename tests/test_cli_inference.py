@@ -22,13 +22,13 @@ import pytest
 import torch
 
 from megallama import evaluate, generate
-from megallama.checkpoint.convert import convert
 from megallama.checkpoint.weights import save_model_weights
 from megallama.config import preset
 from megallama.config.compose import save_config
 from megallama.config.grid import Grid
 from megallama.config.train_config import TrainConfig
 from megallama.data.indexed import IndexedWriter
+from megallama.interop.convert import convert
 from megallama.model.llama import Transformer
 from megallama.parallel.topology import Topology
 from tests.conftest import require_llama_tokenizer

@@ -28,10 +28,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from megallama.checkpoint.atomic import file_sha256
-from megallama.checkpoint.convert import convert
-from megallama.checkpoint.names import meta_tensor_to_hf
 from megallama.config import preset
 from megallama.config.arguments import DEBUG_ENV
+from megallama.interop.convert import convert
+from megallama.interop.names import meta_tensor_to_hf
 from megallama.reshard import main
 from tests.test_reshard import one_thread, random_state, write_meta  # noqa: F401 (fixture)
 
@@ -455,7 +455,7 @@ def test_debug_adds_the_traceback_above_the_line(tmp_path, capsys, monkeypatch):
 
 def test_unexpected_errors_keep_their_traceback(sources, tmp_path, monkeypatch):
     """A bug is not an expected failure: it is not turned into a one-line message."""
-    import megallama.checkpoint.convert as convert_mod
+    import megallama.interop.convert as convert_mod
 
     def broken(*args, **kwargs):
         raise ZeroDivisionError("a bug")
@@ -466,7 +466,7 @@ def test_unexpected_errors_keep_their_traceback(sources, tmp_path, monkeypatch):
 
 
 def test_interrupt_is_one_line_and_status_130(sources, tmp_path, capsys, monkeypatch):
-    import megallama.checkpoint.convert as convert_mod
+    import megallama.interop.convert as convert_mod
 
     def interrupted(self, name, t):
         raise KeyboardInterrupt

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from megallama.checkpoint.names import meta_to_hf_state_dict
 from megallama.config import preset
 from megallama.generate import main
 from megallama.inference.generation import (
@@ -20,6 +19,7 @@ from megallama.inference.generation import (
     generate,
     next_token,
 )
+from megallama.interop.names import meta_to_hf_state_dict
 from megallama.model.llama import Transformer
 
 VOCAB = 512
@@ -151,8 +151,8 @@ def _hf_dir(tmp: Path, vocab: int) -> tuple[Transformer, Path]:
 
 
 def test_cli_hf_and_megallama_checkpoints(tmp_path, capsys, llama_tokenizer_path) -> None:
-    from megallama.checkpoint.convert import convert
     from megallama.data.tokenizer import Tokenizer
+    from megallama.interop.convert import convert
 
     model, hf_dir = _hf_dir(tmp_path, 32000)
     tok = Tokenizer(llama_tokenizer_path)

@@ -9,14 +9,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megallama.checkpoint.names import (
+from megallama.config import preset
+from megallama.interop.names import (
     hf_to_meta_state_dict,
     meta_tensor_to_hf,
     meta_to_hf_state_dict,
     permute_hf_to_meta,
     permute_meta_to_hf,
 )
-from megallama.config import preset
 from megallama.model.llama import Transformer
 
 

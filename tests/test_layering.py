@@ -36,11 +36,14 @@ def test_import_contracts_catch_forbidden_imports(tmp_path):
         f.write("\nimport deepspeed  # noqa: E402,F401\n")
     with open(tmp_path / "megallama/checkpoint/weights.py", "a") as f:
         f.write("\nimport megallama.engine  # noqa: E402,F401\n")
+    with open(tmp_path / "megallama/checkpoint/state.py", "a") as f:  # interop is above checkpoint
+        f.write("\nimport megallama.interop.hf  # noqa: E402,F401\n")
     proc = _lint(tmp_path)
     assert proc.returncode != 0
     assert "Only megallama.engine imports DeepSpeed BROKEN" in proc.stdout, proc.stdout[-4000:]
     assert "megallama.model.llama -> deepspeed" in proc.stdout
     assert "megallama.checkpoint.weights -> megallama.engine" in proc.stdout
+    assert "megallama.checkpoint.state -> megallama.interop.hf" in proc.stdout
 
 
 def test_module_names_are_unique():
@@ -49,3 +52,4 @@ def test_module_names_are_unique():
     packages = {p.name for p in (REPO / "megallama").iterdir() if p.is_dir()}
     clashes = {n for n, c in names.items() if c > 1} | (set(names) & packages)
     assert not clashes, sorted(clashes)
+

@@ -31,8 +31,8 @@ from lm_eval import simple_evaluate  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
 import megallama.inference.harness  # noqa: E402,F401  (registers the model "megallama")
-from megallama.checkpoint.convert import convert  # noqa: E402
 from megallama.config import preset  # noqa: E402
+from megallama.interop.convert import convert  # noqa: E402
 from megallama.model.llama import Transformer  # noqa: E402
 from tests.test_generate import hf_model_from  # noqa: E402
 

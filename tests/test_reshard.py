@@ -24,9 +24,6 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from megallama.checkpoint.atomic import CheckpointError
-from megallama.checkpoint.convert import convert
-from megallama.checkpoint.meta import ROPE_FREQS, rope_freqs
-from megallama.checkpoint.names import meta_split_dim, model_tensor_shapes
 from megallama.checkpoint.weights import (
     _local_shard,
     _named_params,
@@ -35,6 +32,9 @@ from megallama.checkpoint.weights import (
     shard_file_name,
 )
 from megallama.config import preset
+from megallama.interop.convert import convert
+from megallama.interop.meta import ROPE_FREQS, rope_freqs
+from megallama.interop.names import meta_split_dim, model_tensor_shapes
 from megallama.model.layout import stage_cuts
 from megallama.model.llama import Transformer
 from megallama.reshard import main, parse_size
@@ -460,7 +460,7 @@ def test_killed_conversions_leave_nothing_behind(meta2, tmp_path, monkeypatch):
     stale, live = tmp_path / f".out.tmp-{dead.pid}", tmp_path / f".out.tmp-{os.getppid()}"
     for d in (stale, live):
         (d / "sub").mkdir(parents=True)
-    import megallama.checkpoint.convert as convert_mod
+    import megallama.interop.convert as convert_mod
 
     def terminated(self, name, t):
         os.kill(os.getpid(), signal.SIGTERM)
@@ -561,7 +561,7 @@ def _rss_file_kb() -> int:
 def test_meta_reader_drops_mapped_pages(tmp_path):
     """Streaming a mapped .pth must not keep every page it touched: the file-backed resident set
     stays near one tensor, not the file size."""
-    from megallama.checkpoint.meta import MetaSource
+    from megallama.interop.meta import MetaSource
 
     cfg = preset("tiny", dim=512, n_layers=6, n_heads=8, n_kv_heads=8, vocab_size=1024)
     src = write_meta(tmp_path / "meta", cfg, random_state(cfg, torch.float32), k=1)
@@ -575,7 +575,7 @@ def test_meta_reader_drops_mapped_pages(tmp_path):
 
 
 def test_pth_writer_is_byte_identical_to_torch_save(tmp_path):
-    from megallama.checkpoint.meta import TorchZipStream
+    from megallama.interop.meta import TorchZipStream
 
     tensors = {"a": torch.randn(4, 6).to(torch.bfloat16), "b": torch.randn(8, 3)[4:],
                "c": torch.randn(5).half()}

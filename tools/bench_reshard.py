@@ -28,15 +28,15 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from megallama.checkpoint.meta import MetaSink  # noqa: E402
-from megallama.checkpoint.names import model_tensor_shapes  # noqa: E402
 from megallama.config import preset  # noqa: E402
+from megallama.interop.meta import MetaSink  # noqa: E402
+from megallama.interop.names import model_tensor_shapes  # noqa: E402
 
 BASELINE = """
 import json, sys, torch
 from pathlib import Path
 from safetensors.torch import save_file
-from megallama.checkpoint.names import meta_tensor_to_hf
+from megallama.interop.names import meta_tensor_to_hf
 from megallama.config import ModelConfig
 src, dst = Path(sys.argv[1]), Path(sys.argv[2])
 params = json.loads((src / "params.json").read_text())
@@ -142,7 +142,7 @@ def main() -> None:
     gen_s = time.monotonic() - t0
     hwm = work / "hwm"
     results: dict[str, dict[str, float]] = {}
-    results["import only"] = run_child("-c", "import megallama.checkpoint.convert", [], hwm)
+    results["import only"] = run_child("-c", "import megallama.interop.convert", [], hwm)
     steps = [("meta -> hf", ["--src", f"meta:{work / 'meta'}", "--dst", f"hf:{work / 'hf'}"]),
              ("hf -> megallama tp2 pp2", ["--src", f"hf:{work / 'hf'}", "--dst",
                                           f"megallama:{work / 'mg'}", "--tp", "2", "--pp", "2"])]

@@ -15,8 +15,8 @@ import torch
 def main() -> int:
     import transformers
 
-    from megallama.checkpoint.names import meta_to_hf_state_dict
     from megallama.config import preset
+    from megallama.interop.names import meta_to_hf_state_dict
     from megallama.model.llama import Transformer
 
     torch.backends.cuda.matmul.allow_tf32 = False

@@ -51,7 +51,6 @@ except ImportError as e:  # only this model needs them: say how to get them, in 
     raise ImportError(f"the lm-eval model 'megallama' needs lm-evaluation-harness ({e.name} is "
                       "missing): pip install 'megallama[eval]'") from None
 
-from megallama.checkpoint.hf import write_hf_tokenizer
 from megallama.config import ConfigError, ModelConfig
 from megallama.inference.generation import Sampling, generate
 from megallama.inference.harness_args import (
@@ -65,6 +64,7 @@ from megallama.inference.harness_args import (
     model_arg_keys,
 )
 from megallama.inference.loader import PRECISIONS, load_for_inference
+from megallama.interop.hf import write_hf_tokenizer
 from megallama.parallel import mappings
 
 Request = tuple[Any, list[int], list[int]]  # ((context, continuation) or None, context, continuation)

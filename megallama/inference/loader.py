@@ -25,10 +25,7 @@ import torch.distributed as dist
 from torch import nn
 
 from megallama.checkpoint.atomic import CheckpointError, agree
-from megallama.checkpoint.convert import open_source
-from megallama.checkpoint.hf import HFSource
 from megallama.checkpoint.lookup import find_checkpoint, find_tokenizer, run_config_of
-from megallama.checkpoint.names import hf_to_meta_name
 from megallama.checkpoint.weights import load_model_weights, read_index
 from megallama.config import ConfigError, ModelConfig, check_tp_layout, kv_replicas_for
 from megallama.config.grid import Grid
@@ -39,6 +36,9 @@ from megallama.inference.stages import (
     recv_from_previous,
     send_to_next,
 )
+from megallama.interop.convert import open_source
+from megallama.interop.hf import HFSource
+from megallama.interop.names import hf_to_meta_name
 from megallama.model import layout
 from megallama.model.llama import Transformer, TransformerBlock, layer_defs
 from megallama.parallel.layers import TensorParallel
@@ -46,7 +46,7 @@ from megallama.parallel.runtime import init_distributed, resolve_device, world_i
 from megallama.parallel.topology import Topology, build_topology
 
 if TYPE_CHECKING:
-    from megallama.checkpoint.convert import Source
+    from megallama.interop.convert import Source
 
 FORMATS = ("megallama", "meta", "hf")
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from megallama.checkpoint.hf import HFSource
 from megallama.config import preset
 from megallama.inference.generation import Sampling, generate
 from megallama.inference.loader import load_from_source
+from megallama.interop.hf import HFSource
 from megallama.model.llama import Transformer
 from megallama.parallel.mappings import all_gather_tensor
 from megallama.parallel.topology import Grid, build_topology, kv_replicas_for

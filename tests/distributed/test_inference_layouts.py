@@ -25,7 +25,6 @@ import torch
 from megallama import evaluate as evaluate_cli
 from megallama import generate as generate_cli
 from megallama.checkpoint.atomic import CheckpointError
-from megallama.checkpoint.convert import convert
 from megallama.checkpoint.lookup import find_checkpoint, find_tokenizer, run_config_of
 from megallama.checkpoint.weights import save_model_weights
 from megallama.config import preset
@@ -36,6 +35,7 @@ from megallama.data.tokenizer import Tokenizer
 from megallama.inference.evaluation import validation_loss
 from megallama.inference.generation import Sampling, generate
 from megallama.inference.loader import load_for_inference
+from megallama.interop.convert import convert
 from megallama.model import layout
 from megallama.model.llama import Transformer
 from megallama.parallel.topology import Topology

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from megallama.checkpoint.convert import convert
 from megallama.checkpoint.weights import load_model_weights, read_index
 from megallama.config import ModelConfig, preset
+from megallama.interop.convert import convert
 from megallama.model.llama import Transformer
 from megallama.parallel.topology import Grid, build_topology, kv_replicas_for
 from tests.distributed.harness import run_world

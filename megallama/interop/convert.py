@@ -29,18 +29,8 @@ from typing import Any, Protocol
 import torch
 
 from megallama.checkpoint.atomic import CheckpointError, write_text_atomic
-from megallama.checkpoint.hf import (
-    HF_TOKENIZER_FILES,
-    HFSink,
-    HFSource,
-    SafetensorsStream,
-    nbytes_of,
-)
 from megallama.checkpoint.lookup import find_checkpoint
-from megallama.checkpoint.meta import MetaSink, MetaSource, check_mp, default_mp
-from megallama.checkpoint.names import model_tensor_shapes
 from megallama.checkpoint.shard_index import check_shard_headers
-from megallama.checkpoint.staging import publish, temporary_output
 from megallama.checkpoint.weights import (
     FORMAT,
     INDEX_NAME,
@@ -54,6 +44,16 @@ from megallama.config import ConfigError, ModelConfig, check_tp_layout
 from megallama.config.grid import Grid
 from megallama.data.progress_bar import progress_bar
 from megallama.data.tokenizer import Tokenizer, TokenizerError, check_vocab
+from megallama.interop.hf import (
+    HF_TOKENIZER_FILES,
+    HFSink,
+    HFSource,
+    SafetensorsStream,
+    nbytes_of,
+)
+from megallama.interop.meta import MetaSink, MetaSource, check_mp, default_mp
+from megallama.interop.names import model_tensor_shapes
+from megallama.interop.staging import publish, temporary_output
 from megallama.model.layout import ShardSpec, layer_of, shard_specs, stage_of_layers
 
 FORMATS = ("meta", "hf", "megallama")

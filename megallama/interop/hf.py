@@ -23,13 +23,13 @@ import torch
 from safetensors import safe_open
 
 from megallama.checkpoint.atomic import CheckpointError, fsync_file
-from megallama.checkpoint.names import (
+from megallama.config import ConfigError, ModelConfig
+from megallama.interop.names import (
     hf_tensor_to_meta,
     meta_tensor_to_hf,
     meta_to_hf_name,
     model_tensor_shapes,
 )
-from megallama.config import ConfigError, ModelConfig
 
 ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 ST_TO_TORCH = {v: k for k, v in ST_DTYPES.items()}

@@ -1,7 +1,7 @@
 """Meta's consolidated checkpoints (``consolidated.NN.pth`` + ``params.json``), streamed.
 
 The K files are fairscale model-parallel shards: every file holds every tensor's K-th slice along
-the dimension fairscale splits it (see :func:`megallama.checkpoint.names.meta_split_dim`; the
+the dimension fairscale splits it (see :func:`megallama.interop.names.meta_split_dim`; the
 embedding is split along the hidden dimension), norms whole, plus ``rope.freqs``.
 
 Reading maps all K files with ``torch.load(mmap=True, weights_only=True)`` -- weights_only refuses a
@@ -33,9 +33,9 @@ from typing import Any
 import torch
 
 from megallama.checkpoint.atomic import CheckpointError
-from megallama.checkpoint.hf import check_rope_scaling
-from megallama.checkpoint.names import meta_split_dim, model_tensor_shapes
 from megallama.config import ConfigError, ModelConfig
+from megallama.interop.hf import check_rope_scaling
+from megallama.interop.names import meta_split_dim, model_tensor_shapes
 
 ROPE_FREQS = "rope.freqs"
 _FILE_RE = re.compile(r"consolidated\.(\d+)\.pth")
