@@ -142,9 +142,26 @@ def test_sum_of_squares_matches_torch(monkeypatch, device):
     for group in (ts, ts[:1], ts[3:]):
         want = sum(t.double().square().sum() for t in group)
         got = ak.sum_of_squares(group)
-        assert got.dtype == torch.float32 and got.shape == ()
-        torch.testing.assert_close(got.double(), want, rtol=2e-6, atol=0)
+        assert got.dtype == torch.float64 and got.shape == ()
+        torch.testing.assert_close(got, want, rtol=2e-6, atol=0)
         assert torch.equal(ak.sum_of_squares(group), got)  # deterministic
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_sum_of_squares_keeps_small_blocks(monkeypatch, device):
+    """One large element and 127 blocks of small ones (each block's sum ~1e-8 of the total,
+    below half an fp32 ulp of it; together 1e-6 of it): the blocks' fp32 partial sums are added
+    in float64, so the result is the float64 sum within one block's fp32 rounding. (The large
+    element's own block does lose its small squares: the bound is per block, see
+    master_step.local_sum_of_squares.)"""
+    set_kernels(monkeypatch, "triton", device)
+    g = torch.Generator().manual_seed(2)
+    t = torch.randn(128 * ak.NORM_BLOCK, generator=g) * 1e-3
+    t[0] = 1e3
+    t = t.to(device)
+    want = t.double().square().sum()
+    got = ak.sum_of_squares([t])
+    assert abs(got.item() - want.item()) <= 1e-7 * want.item(), (got.item(), want.item())
 
 
 LR, BETAS, EPS, WD = 1e-2, (0.9, 0.95), 1e-5, 0.1

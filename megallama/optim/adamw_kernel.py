@@ -157,8 +157,10 @@ def kernels() -> tuple:
 
 
 def sum_of_squares(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """sum(t^2) over all elements of all tensors, in fp32, as a 0-d tensor: one Triton launch per
-    tensor writing per-block partial sums (no atomics, so the result is deterministic)."""
+    """sum(t^2) over all elements of all tensors as a float64 0-d tensor: one Triton launch per
+    tensor writing per-block fp32 partial sums (no atomics, so the result is deterministic),
+    which are added in float64 (an fp32 sum of many blocks would drop the small ones, see
+    :func:`megallama.optim.master_step.local_sum_of_squares`)."""
     kernel = kernels()[1]
     blocks = [max(1, -(-t.numel() // NORM_BLOCK)) for t in tensors]
     partial = torch.empty(sum(blocks), dtype=torch.float32, device=tensors[0].device)
@@ -166,7 +168,7 @@ def sum_of_squares(tensors: list[torch.Tensor]) -> torch.Tensor:
     for t, nb in zip(tensors, blocks, strict=True):
         kernel[(nb,)](t, partial[start:], t.numel(), BLOCK=NORM_BLOCK, num_warps=8)
         start += nb
-    return partial.sum()
+    return partial.sum(dtype=torch.float64)
 
 
 def adamw_fused(weight: torch.Tensor, grad: torch.Tensor, lo: torch.Tensor | None,

@@ -44,6 +44,7 @@ from megallama.optim.master_step import (
     adam_scalars,
     clip_coefficient,
     copy_to_host,
+    global_norm,
     local_sum_of_squares,
     needs_fp32_grad_buffer,
     update,
@@ -160,7 +161,7 @@ class DistributedAdamW(torch.optim.Optimizer):
         all_reduce_sum_(sq, self.topo.dp_group)
         all_reduce_sum_(sq, self.topo.tp_group)
         all_reduce_sum_(sq, self.topo.pp_group)
-        return sq.sqrt()
+        return global_norm(sq)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> None:

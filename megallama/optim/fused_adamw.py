@@ -35,6 +35,7 @@ from megallama.optim.master_step import (
     adam_scalars,
     clip_coefficient,
     copy_to_host,
+    global_norm,
     local_sum_of_squares,
     needs_fp32_grad_buffer,
     update,
@@ -100,7 +101,7 @@ class MasterWeightAdamW(torch.optim.Optimizer):
         sq = local_sum_of_squares(counted, params[0].device, self.use_kernel)
         all_reduce_sum_(sq, self.topo.tp_group)
         all_reduce_sum_(sq, self.topo.pp_group)
-        return sq.sqrt()
+        return global_norm(sq)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> None:
