@@ -90,8 +90,8 @@ class _Streamer:
     prints what is new, because SentencePiece drops the leading space of a first piece decoded
     alone and byte pieces only become a character once all of them are there."""
 
-    def __init__(self, tokenizer: Tokenizer, prompt: list[int], eos_id: int) -> None:
-        self.tokenizer, self.eos_id = tokenizer, eos_id
+    def __init__(self, tokenizer: Tokenizer, prompt: list[int], stop_ids: tuple[int, ...]) -> None:
+        self.tokenizer, self.stop_ids = tokenizer, stop_ids
         self.ids = list(prompt)
         self.printed = tokenizer.decode(self.ids)
         self.stopped = False
@@ -100,7 +100,7 @@ class _Streamer:
 
     def __call__(self, nxt: torch.Tensor) -> None:
         tok = int(nxt[0])
-        if self.stopped or tok == self.eos_id:
+        if self.stopped or tok in self.stop_ids:
             self.stopped = True
             return
         self.ids.append(tok)
@@ -175,7 +175,7 @@ def _utf8(where: str, text: str) -> str:
     return text
 
 
-def _prompt_texts(args: argparse.Namespace) -> list[tuple[str, str]]:
+def _prompt_texts(args: argparse.Namespace, chat_format: str = "llama2") -> list[tuple[str, str]]:
     """``(where, text)`` of every prompt, where naming the option it came from; blank prompts,
     text that is not UTF-8 and (with ``--chat``) chat tags are errors here, before the chat
     format wraps a prompt into text that is never blank."""
@@ -192,7 +192,12 @@ def _prompt_texts(args: argparse.Namespace) -> list[tuple[str, str]]:
     if args.chat and not args.allow_chat_tags:
         system = [] if args.system is None else [("--system", args.system)]
         for where, text in [*system, *texts]:
-            tag = find_chat_tag(text)
+            tag = find_chat_tag(text, chat_format)
+            if tag is not None and chat_format == "llama3":
+                raise GenerationError(
+                    f"{where} contains {tag!r}, a special token of the Llama 3 chat format that "
+                    "--chat places itself (in a message it is plain text); remove it, or pass "
+                    "--allow-chat-tags to keep it as text")
             if tag is not None:
                 raise GenerationError(
                     f"{where} contains {tag!r}, a tag of the Llama 2 chat format that --chat adds "
@@ -204,7 +209,7 @@ def _prompt_texts(args: argparse.Namespace) -> list[tuple[str, str]]:
 def _prompts(args: argparse.Namespace, tokenizer: Tokenizer) -> list[list[int]]:
     if args.system is not None:
         _utf8("--system", args.system)
-    texts = [text for _, text in _prompt_texts(args)]
+    texts = [text for _, text in _prompt_texts(args, tokenizer.chat_format)]
     if args.chat:  # the format of megallama.data.chat, as chat training data is tokenized
         return [chat_prompt(tokenizer, t, args.system, allow_tags=args.allow_chat_tags)
                 for t in texts]
@@ -233,9 +238,9 @@ def _run(args: argparse.Namespace, job: _Job, rank: int) -> None:
                                dtype=PRECISIONS[args.precision], device=job.device)
     tokenizer, prompts = job.tokenizer, job.prompts
     stream = rank == 0 and len(prompts) == 1 and not args.no_stream
-    streamer = _Streamer(tokenizer, prompts[0], tokenizer.eos_id) if stream else None
+    streamer = _Streamer(tokenizer, prompts[0], tokenizer.stop_ids) if stream else None
     t0 = time.perf_counter()
-    outs = generate(model, prompts, args.max_new_tokens, job.sampling, tokenizer.eos_id,
+    outs = generate(model, prompts, args.max_new_tokens, job.sampling, tokenizer.stop_ids,
                     use_cache=not args.no_cache, on_step=streamer)
     elapsed = time.perf_counter() - t0
     if rank != 0:

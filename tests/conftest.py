@@ -13,6 +13,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 LLAMA_TOKENIZER = SHARED / "assets" / "llama2-tokenizer" / "tokenizer.model"
+LLAMA3_TOKENIZER = SHARED / "assets" / "llama3-tokenizer" / "tokenizer.model"
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 # Without a GPU, Triton kernels run on CPU tensors under Triton's interpreter, which must be on
@@ -37,6 +38,16 @@ def require_llama_tokenizer() -> Path:
     return LLAMA_TOKENIZER
 
 
+def require_llama3_tokenizer() -> Path:
+    """Meta's Llama 3 tiktoken tokenizer, under the same asset rule as the Llama 2 one."""
+    if not LLAMA3_TOKENIZER.is_file():
+        message = f"Llama 3 tokenizer not found at {LLAMA3_TOKENIZER} (../shared is absent)"
+        if REQUIRE_ASSETS:
+            pytest.fail(message + " and MEGALLAMA_REQUIRE_ASSETS=1")
+        pytest.skip(message)
+    return LLAMA3_TOKENIZER
+
+
 def require_module(name: str) -> ModuleType:
     """An optional package of the test extras (e.g. lm_eval); skips (with the reason) when it is
     not installed, or fails when MEGALLAMA_REQUIRE_ASSETS=1, where megallama[test] is installed
@@ -53,3 +64,11 @@ def require_module(name: str) -> ModuleType:
 @pytest.fixture
 def llama_tokenizer_path() -> Path:
     return require_llama_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def llama3_tokenizer():  # -> megallama.data.tokenizer.Tokenizer (its 128k ranks load in ~1 s)
+    """The Llama 3 tokenizer, loaded once per session."""
+    from megallama.data.tokenizer import Tokenizer
+
+    return Tokenizer(require_llama3_tokenizer())

@@ -2,13 +2,16 @@
 
 Modules (imported explicitly so that the preprocessing CLIs do not pull in torch):
 
-- ``tokenizer``: the Llama SentencePiece wrapper and the model/tokenizer vocabulary check.
+- ``tokenizer``: one interface, ``Tokenizer(path)`` choosing from the file: the Llama 2
+  SentencePiece wrapper here, Llama 3's tiktoken BPE in ``tiktoken_bpe``; the model/tokenizer
+  vocabulary check. ``hf_tokenizer``: HF ``tokenizer.json`` files from a tiktoken file.
 - ``tokenizer_trainer``: trains a SentencePiece BPE model with Llama 2's settings.
 - ``sources``: reads documents from text / JSONL inputs, optionally gzip or xz compressed.
 - ``indexed``: the memory-mapped token file (``.bin``), its document index (``.idx``) and the
   optional per-token loss mask of chat data (``.mask``).
-- ``chat``: the Llama 2 chat format: dialogs -> token ids and loss mask (``encode_dialog``), and
-  the prompt of a dialog for generation (``encode_dialog_prompt``): one definition for both.
+- ``chat``: the Llama 2 chat format (Llama 3's in ``chat_llama3``, chosen by the tokenizer):
+  dialogs -> token ids and loss mask (``encode_dialog``), and the prompt of a dialog for
+  generation (``encode_dialog_prompt``): one definition for both.
 - ``encoding``: preprocessing's chunk encoding, overlong limits and worker pool.
 - ``preprocess``: text/JSONL/chat JSONL -> indexed token file, in parallel, with a summary.
 - ``dataset``: packed fixed-length samples, blending, train/valid split, ``collate``.

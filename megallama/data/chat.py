@@ -1,7 +1,9 @@
-"""The Llama 2 chat format: dialogs -> token ids and the loss mask, one definition for training
-(preprocessing of chat data) and inference (``megallama-generate --chat``).
+"""The Llama 2 and Llama 3 chat formats: dialogs -> token ids and the loss mask, one definition for
+training (preprocessing of chat data) and inference (``megallama-generate --chat``). The
+tokenizer chooses the format (its ``chat_format``): Llama 3's for its tiktoken tokenizer (see
+:mod:`megallama.data.chat_llama3`), Llama 2's below for a SentencePiece one.
 
-The ids are exactly those of Meta's reference ``chat_completion`` (llama/generation.py of
+The Llama 2 ids are exactly those of Meta's reference ``chat_completion`` (llama/generation.py of
 meta-llama/llama), so a model fine-tuned here sees at training what it sees at inference:
 
 - a system prompt (optional, first message only) is wrapped as
@@ -31,6 +33,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
+from megallama.data import chat_llama3 as llama3
 from megallama.data.tokenizer import Tokenizer
 
 B_INST, E_INST = "[INST]", "[/INST]"
@@ -49,23 +52,32 @@ class ChatTagError(ChatFormatError):
     """A message whose text contains one of the chat format's own tags (:data:`CHAT_TAGS`)."""
 
 
-def find_chat_tag(text: str) -> str | None:
-    """The first of the chat format's tags (:data:`CHAT_TAGS`) that occurs in ``text``, by
-    position; None when there is none."""
+def find_chat_tag(text: str, chat_format: str = "llama2") -> str | None:
+    """The first of the chat format's tags that occurs in ``text``, by position; None when there
+    is none. Llama 2's are :data:`CHAT_TAGS`, Llama 3's its special tokens' texts."""
+    if chat_format == "llama3":
+        return llama3.find_special_token(text)
     found = [(text.find(tag), tag) for tag in CHAT_TAGS if tag in text]
     return min(found)[1] if found else None
 
 
-def check_chat_tags(messages: object) -> None:
+def chat_tag_problem(tag: str, chat_format: str = "llama2") -> str:
+    """Why a message may not hold ``tag`` (the words after "contains '<tag>', ")."""
+    if chat_format == "llama3":
+        return ("a special token of the Llama 3 chat format, which a message would hold as plain "
+                "text, not as the control token")
+    return "a tag of the Llama 2 chat format that Meta's chat_completion refuses in a message"
+
+
+def check_chat_tags(messages: object, chat_format: str = "llama2") -> None:
     """Raise ChatTagError naming the first message whose content holds a chat tag, as Meta's
     ``chat_completion`` refuses such a dialog (every role: system, user and assistant)."""
     for n, (role, content) in enumerate(_messages(messages), 1):
-        tag = find_chat_tag(content)
+        tag = find_chat_tag(content, chat_format)
         if tag is not None:
             raise ChatTagError(
-                f"message {n} ({role}) contains {tag!r}, a tag of the Llama 2 chat format that "
-                "Meta's chat_completion refuses in a message; remove it, or keep it as text with "
-                "--allow-chat-tags")
+                f"message {n} ({role}) contains {tag!r}, {chat_tag_problem(tag, chat_format)}; "
+                "remove it, or keep it as text with --allow-chat-tags")
 
 
 def json_type(value: object) -> str:
@@ -104,9 +116,21 @@ def _messages(messages: object) -> list[tuple[str, str]]:
 def split_dialog(messages: object, last: Literal["user", "assistant"] = "assistant",
                  ) -> tuple[list[str], list[str]]:
     """Check a dialog and return ``(user contents, answers)``, the system prompt already folded
-    into the first user content as Meta's code does. A dialog is an optional system message
-    first, then user and assistant turns alternating, ending with a ``last`` turn; answers are
-    non-blank. Raises ChatFormatError naming the first message that breaks this."""
+    into the first user content as Meta's Llama 2 code does. A dialog is an optional system
+    message first, then user and assistant turns alternating, ending with a ``last`` turn;
+    answers are non-blank. Raises ChatFormatError naming the first message that breaks this."""
+    system, turns = check_dialog(messages, last)
+    users = [content for role, content in turns if role == "user"]
+    answers = [content for role, content in turns if role == "assistant"]
+    if system is not None:
+        users[0] = f"{B_SYS}{system}{E_SYS}{users[0]}"
+    return users, answers
+
+
+def check_dialog(messages: object, last: Literal["user", "assistant"] = "assistant",
+                 ) -> tuple[str | None, list[tuple[str, str]]]:
+    """``(system prompt or None, [(role, content) of the user and assistant turns]``) of a
+    dialog in the form :func:`split_dialog` describes; ChatFormatError otherwise."""
     checked = _messages(messages)
     system = checked[0][1] if checked[0][0] == "system" else None
     turns = checked[1:] if system is not None else checked
@@ -133,11 +157,7 @@ def split_dialog(messages: object, last: Literal["user", "assistant"] = "assista
         else:
             ended = f"an 'assistant' turn {where}; a prompt must end with a 'user' turn"
         raise ChatFormatError(f"the dialog ends with {ended}")
-    users = [content for role, content in turns if role == "user"]
-    answers = [content for role, content in turns if role == "assistant"]
-    if system is not None:
-        users[0] = f"{B_SYS}{system}{E_SYS}{users[0]}"
-    return users, answers
+    return system, turns
 
 
 def _prompt_ids(tokenizer: Tokenizer, user: str) -> list[int]:
@@ -149,7 +169,13 @@ def encode_dialog(tokenizer: Tokenizer, messages: Sequence[Mapping[str, Any]], *
     """Token ids of a training dialog (ending with an assistant turn) and its loss mask: True on
     each answer's tokens and the EOS, False on BOS, system prompt, ``[INST]``, the user's text
     and ``[/INST]``. Raises ChatFormatError for a malformed dialog (see :func:`split_dialog`),
-    ChatTagError for a chat tag in a message unless ``allow_tags``."""
+    ChatTagError for a chat tag in a message unless ``allow_tags``. A Llama 3 tokenizer gets
+    Llama 3's format (:func:`megallama.data.chat_llama3.encode_dialog`)."""
+    if _format(tokenizer) == "llama3":
+        system, turns = check_dialog(messages, last="assistant")
+        if not allow_tags:
+            check_chat_tags(messages, "llama3")
+        return llama3.encode_dialog(tokenizer, system, turns)
     users, answers = split_dialog(messages, last="assistant")
     if not allow_tags:
         check_chat_tags(messages)
@@ -174,7 +200,13 @@ def encode_dialog_prompt(tokenizer: Tokenizer, messages: Sequence[Mapping[str, A
     """Token ids of a dialog that ends with a user turn, for generation: the finished pairs as
     :func:`encode_dialog` gives them, then ``[INST] {user} [/INST]`` with BOS and no EOS; the
     model's answer follows. Raises ChatFormatError for a malformed dialog, ChatTagError for a
-    chat tag in a message unless ``allow_tags``."""
+    chat tag in a message unless ``allow_tags``. A Llama 3 tokenizer gets Llama 3's format
+    (:func:`megallama.data.chat_llama3.encode_dialog_prompt`)."""
+    if _format(tokenizer) == "llama3":
+        system, turns = check_dialog(messages, last="user")
+        if not allow_tags:
+            check_chat_tags(messages, "llama3")
+        return llama3.encode_dialog_prompt(tokenizer, system, turns)
     users, answers = split_dialog(messages, last="user")
     if not allow_tags:
         check_chat_tags(messages)
@@ -183,6 +215,11 @@ def encode_dialog_prompt(tokenizer: Tokenizer, messages: Sequence[Mapping[str, A
         ids += tokenizer.encode(f"{B_INST} {user.strip()} {E_INST} {answer.strip()} ",
                                 bos=True, eos=True)
     return ids + _prompt_ids(tokenizer, users[-1])
+
+
+def _format(tokenizer: Tokenizer) -> str:
+    """The tokenizer's chat format; Llama 2's for a tokenizer that names none."""
+    return getattr(tokenizer, "chat_format", "llama2") or "llama2"
 
 
 def record_messages(record: Mapping[str, Any]) -> list[dict[str, Any]]:

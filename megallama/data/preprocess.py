@@ -270,7 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "chat JSONL (messages or prompt/response records) also gets a loss mask.",
     )
     parser.add_argument("inputs", nargs="+", type=Path, help="text or .jsonl/.json files")
-    parser.add_argument("--tokenizer", required=True, type=Path, help="SentencePiece .model")
+    parser.add_argument("--tokenizer", required=True, type=Path,
+                        help="tokenizer.model: SentencePiece (Llama 2) or tiktoken BPE (Llama 3)")
     parser.add_argument("--output-prefix", required=True, help="writes PREFIX.bin/.idx")
     parser.add_argument("--workers", type=positive_int, default=1, help="tokenizer processes")
     parser.add_argument("--jsonl-key", default="text", help="JSONL field with the text")

@@ -52,8 +52,9 @@ class Sampling:
 
 def chat_prompt(tokenizer: Tokenizer, user: str, system: str | None = None, *,
                 allow_tags: bool = False) -> list[int]:
-    """The prompt ids of one user turn (after an optional system prompt) in Llama 2's chat
-    format, ``<s>[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n{user} [/INST]``: exactly what
+    """The prompt ids of one user turn (after an optional system prompt) in the tokenizer's chat
+    format -- Llama 2's ``<s>[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n{user} [/INST]``, or
+    Llama 3's header/``<|eot_id|>`` messages ending with the assistant's header: exactly what
     :func:`megallama.data.chat.encode_dialog_prompt` gives, the definition training data uses.
     A chat tag inside ``user`` or ``system`` raises ChatTagError unless ``allow_tags``."""
     system_turn = [] if system is None else [{"role": "system", "content": system}]
@@ -137,12 +138,15 @@ def _pick(model: InferenceModel, logits: torch.Tensor | None, bsz: int, sampling
 
 @torch.no_grad()
 def generate(model: InferenceModel | Transformer, prompts: Sequence[Sequence[int]],
-             max_new_tokens: int, sampling: Sampling = Sampling(), eos_id: int | None = None,
+             max_new_tokens: int, sampling: Sampling = Sampling(),
+             eos_id: int | Sequence[int] | None = None,
              use_cache: bool = True,
              on_step: Callable[[torch.Tensor], None] | None = None) -> list[list[int]]:
     """New tokens for each prompt (token ids), stopping at ``eos_id`` (not included) or after
-    ``max_new_tokens``. Collective over the model's TP group and pipeline; every rank returns
-    the same lists. A plain single-stage :class:`Transformer` is accepted as well.
+    ``max_new_tokens``. ``eos_id`` may be several stop ids (a tokenizer's ``stop_ids``: Llama 3
+    ends a chat turn with ``<|eot_id|>`` and a text with ``<|end_of_text|>``). Collective over
+    the model's TP group and pipeline; every rank returns the same lists. A plain single-stage
+    :class:`Transformer` is accepted as well.
 
     ``use_cache=False`` recomputes the whole (padded) sequence at every step -- the reference the
     cached path must equal. ``on_step`` sees each step's chosen tokens [b] (for streaming).
@@ -154,6 +158,8 @@ def generate(model: InferenceModel | Transformer, prompts: Sequence[Sequence[int
     total = longest + max_new_tokens
     batch = _left_padded(prompts, total, model.device)
     generator = torch.Generator().manual_seed(sampling.seed) if sampling.temperature > 0 else None
+    stops = _stop_ids(eos_id)
+    stop_ids = torch.tensor(stops, dtype=torch.long, device=model.device)
     done = torch.zeros(bsz, dtype=torch.bool, device=model.device)
     out = torch.zeros(bsz, max_new_tokens, dtype=torch.long, device=model.device)
     cache = model.new_cache(bsz, total) if use_cache else None
@@ -167,23 +173,30 @@ def generate(model: InferenceModel | Transformer, prompts: Sequence[Sequence[int
         step_cache.prepare(batch.positions[:, start:end], batch.mask[:, :, start:end, :end])
         logits = model(batch.tokens[:, start:end], step_cache)
         nxt = _pick(model, logits, bsz, sampling, generator)
-        if eos_id is not None:
-            nxt = nxt.masked_fill(done, eos_id)
+        if stops:
+            nxt = nxt.masked_fill(done, stops[0])
         batch.tokens[:, end] = nxt
         out[:, step] = nxt
         n_out = step + 1
         if on_step is not None:
             on_step(nxt)
         start = end
-        if eos_id is not None:
-            done |= nxt == eos_id
+        if stops:
+            done |= torch.isin(nxt, stop_ids)
             if bool(done.all()):
                 break
-    return [_until_eos(row, eos_id) for row in out[:, :n_out].tolist()]
+    return [_until_stop(row, stops) for row in out[:, :n_out].tolist()]
 
 
-def _until_eos(row: list[int], eos_id: int | None) -> list[int]:
-    return row[: row.index(eos_id)] if eos_id is not None and eos_id in row else row
+def _stop_ids(eos_id: int | Sequence[int] | None) -> tuple[int, ...]:
+    if eos_id is None:
+        return ()
+    return tuple(int(i) for i in eos_id) if isinstance(eos_id, Sequence) else (int(eos_id),)
+
+
+def _until_stop(row: list[int], stops: tuple[int, ...]) -> list[int]:
+    ends = [i for i, t in enumerate(row) if t in stops]
+    return row[: ends[0]] if ends else row
 
 
 __all__ = ["GenerationError", "Sampling", "chat_prompt", "check_prompts", "generate",
