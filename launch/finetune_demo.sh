@@ -35,7 +35,8 @@ done
 echo "[finetune] the base model on held-out prompts, before fine-tuning:"
 "$py" tools/chat_accuracy.py --checkpoint runs/sft/base-hf --format hf \
   --data data/instruct_demo/valid.jsonl --limit 100 --show 1
-echo "[finetune] 3. fine-tuning: 4 ranks (tp=2 x pp=2), loss on the answers only"
+echo "[finetune] 3. fine-tuning: 4 ranks (tp=2 x pp=2), loss on the answers only; step 0's valid loss"
+echo "           is the base model's masked loss on the held-out dialogs (trainer.eval_at_start)"
 start=$(date +%s)
 "$root/.venv/bin/torchrun" --standalone --nproc-per-node 4 -m megallama.train \
   experiment=tiny_sft_cpu trainer.init_from=runs/sft/base "$@"

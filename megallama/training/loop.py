@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from megallama.checkpoint.stateful import SavedHook, has_training_state
+from megallama.config import ConfigError
 from megallama.config.compose import save_config
 from megallama.config.grid import Grid
 from megallama.config.train_config import TrainConfig
@@ -239,7 +240,7 @@ class Trainer:
         if resume is not None:
             self.start = self.state.resume(resume)
             self._say(f"resumed from {resume} at step {self.start}")
-        self.writer = MetricsWriter.for_run(cfg, enabled=self.is_logger, resumed=self.start > 0)
+        self.writer = self._open_writer()
         self.throughput = Throughput(cfg, self.topo, device, self.source)
         self.progress = Progress(t.steps, enabled=self.is_logger, bar=t.progress,
                                  initial=self.start,
@@ -260,6 +261,26 @@ class Trainer:
         if (weights := resolve_init(self.cfg)) is not None:
             self._say(f"initialised from the weights of {weights} (fresh optimizer)")
         return None, weights
+
+    def _open_writer(self) -> MetricsWriter:
+        """TensorBoard and W&B on the logging rank. W&B can refuse the run there only (no key,
+        no network): every rank learns it, so all stop with one line instead of waiting in the
+        first collective."""
+        writer, error = None, None
+        try:
+            writer = MetricsWriter.for_run(self.cfg, enabled=self.is_logger,
+                                           resumed=self.start > 0)
+        except ConfigError as e:
+            error = e
+        failed = torch.tensor([1.0 if error else 0.0], device=self.device)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+        if error is not None:
+            raise error
+        if writer is None or float(failed) > 0:
+            raise ConfigError("trainer.wandb: the logging rank (rank 0) could not open the W&B "
+                              "run (its message is in rank 0's output); see trainer.wandb.mode")
+        return writer
 
     def _say(self, line: str) -> None:
         if self.is_logger:
