@@ -8,21 +8,50 @@ and its RoPE position counts from the start of its segment -- what Megatron's
 so a packed document is computed exactly as if it were alone in the window.
 
 Two kernels, one rule (query q sees key kv iff kv <= q and both lie in one segment):
-* CUDA: FlexAttention with a block mask built from the segments (no dense seq x seq mask; blocks
-  that no query can see are skipped), compiled once per process;
-* elsewhere (CPU, tests): the reference -- SDPA under a dense boolean mask.
-Both are cached per ``segments`` tensor, so the layers of one forward share one mask.
+
+* ``flex``: FlexAttention, compiled, with a ``BlockMask`` built from the segments' per-block
+  ranges (:func:`block_mask`): no dense seq x seq mask is ever built (torch's eager
+  ``create_block_mask`` builds one: 619 MiB for one 8192-token window), and blocks that no query
+  can see are skipped;
+* ``sdpa``: the reference -- SDPA under a dense boolean mask [b, 1, s, s].
+
+Which one runs: the environment variable ``MEGALLAMA_ATTENTION`` (the rule of
+:mod:`megallama.optim.kernels` for the optimizer's kernels): ``auto`` (default, or unset) is flex
+on CUDA tensors and sdpa elsewhere; ``flex`` or ``sdpa`` force one on any device -- how the tests
+run the GPU's path on a CPU. FlexAttention has no backward on CPU in torch 2.13 ("FlexAttention
+does not support backward on CPU"), so on a CPU ``flex`` runs forward passes only (evaluation,
+the tests); its backward runs on GPUs. Both kernels take K/V with fewer heads than Q (GQA,
+``enable_gqa``): no copy of K/V per query head. Masks and positions are cached per ``segments``
+tensor, so the layers of one forward share them.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from megallama.config import ConfigError
+
+ENV = "MEGALLAMA_ATTENTION"
+MODES = ("auto", "flex", "sdpa")
+BLOCK = 128  # FlexAttention's block size (its default): the BlockMask's granularity
 _CACHE_ATTR = "_megallama_documents"  # per-segments-tensor cache of positions and masks
+
+
+def attention_kernel(device: torch.device) -> str:
+    """``flex`` or ``sdpa``: the kernel of document attention on ``device`` under
+    ``MEGALLAMA_ATTENTION`` (see the module docstring); ConfigError for an unknown value."""
+    mode = os.environ.get(ENV, "").strip().lower() or "auto"
+    if mode not in MODES:
+        raise ConfigError(f"{ENV}={os.environ[ENV]!r}: choose one of {list(MODES)} "
+                          "(or leave it unset for auto)")
+    if mode == "auto":
+        return "flex" if device.type == "cuda" else "sdpa"
+    return mode
 
 
 def document_positions(segments: torch.Tensor) -> torch.Tensor:
@@ -64,35 +93,85 @@ def dense_mask(segments: torch.Tensor) -> torch.Tensor:
     return cache["dense"]
 
 
-@functools.cache
-def _flex(compiled: bool) -> Any:
-    """FlexAttention, compiled (its fast path; CUDA) or eager (a slow check of the mask on CPU)."""
-    from torch.nn.attention.flex_attention import flex_attention
-    return torch.compile(flex_attention, dynamic=False) if compiled else flex_attention
+def block_classes(segments: torch.Tensor, block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """(partial, full): [b, n, n] booleans over (query block, key block) pairs, n = ceil(s /
+    block), from each block's lowest and highest segment id -- O(b n^2), not O(b s^2). A pair is
+    visible when it is causal (key block <= query block) and the two blocks' segment ranges meet;
+    full (every query sees every key: no mask_mod needed) when the key block lies strictly before
+    the query block, both are whole and both hold one and the same segment. For segments that
+    never decrease along the sequence (what packing writes) this is exact: a causal pair whose
+    ranges meet shares a segment; for any other segments it is conservative (a visible pair may
+    hold no visible element: the kernel's mask_mod still masks element-wise), so always correct."""
+    bsz, seq = segments.shape
+    n = -(-seq // block)
+    padded = F.pad(segments, (0, n * block - seq), value=0).view(bsz, n, block)
+    valid = (torch.arange(n * block, device=segments.device) < seq).view(n, block)
+    big = torch.iinfo(segments.dtype).max
+    lo = torch.where(valid, padded, big).amin(-1)  # [b, n]
+    hi = torch.where(valid, padded, -big).amax(-1)
+    causal = torch.ones(n, n, dtype=torch.bool, device=segments.device).tril()
+    meet = (lo[:, :, None] <= hi[:, None, :]) & (lo[:, None, :] <= hi[:, :, None])
+    visible = meet & causal
+    whole = valid.all(-1)  # only the last block can be cut short
+    single = (lo == hi) & whole
+    full = (visible & single[:, :, None] & single[:, None, :] & (lo[:, :, None] == lo[:, None, :])
+            & causal.tril(-1))
+    return visible & ~full, full
+
+
+def _ordered(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per query block: how many key blocks are set, and their indices first (BlockMask's
+    ``kv_num_blocks`` / ``kv_indices`` layout, as torch's ``_dense_to_ordered`` writes it)."""
+    dense = blocks.to(torch.int32)
+    order = torch.argsort(dense, dim=-1, descending=True, stable=True)
+    return dense.sum(-1).to(torch.int32).unsqueeze(1), order.to(torch.int32).unsqueeze(1)
 
 
 @torch.compiler.disable
-def block_mask(segments: torch.Tensor) -> Any:
-    """FlexAttention's BlockMask of the rule for ``segments``."""
+def block_mask(segments: torch.Tensor, block: int = BLOCK) -> Any:
+    """FlexAttention's BlockMask of the rule for ``segments``, built from
+    :func:`block_classes` without any [s, s] tensor (its size: b n^2 int32 entries per index
+    table, docs/PERFORMANCE.md)."""
     cache = _cached(segments)
     if "block" not in cache:
-        from torch.nn.attention.flex_attention import create_block_mask
+        from torch.nn.attention.flex_attention import BlockMask
 
         def mask_mod(b, h, q, kv):
             return (segments[b, q] == segments[b, kv]) & (kv <= q)
 
-        bsz, seq = segments.shape
-        cache["block"] = create_block_mask(mask_mod, B=bsz, H=None, Q_LEN=seq, KV_LEN=seq,
-                                           device=segments.device)
+        partial, full = block_classes(segments, block)
+        seq = segments.shape[-1]
+        cache["block"] = BlockMask.from_kv_blocks(*_ordered(partial), *_ordered(full),
+                                                  BLOCK_SIZE=block, mask_mod=mask_mod,
+                                                  seq_lengths=(seq, seq))
     return cache["block"]
 
 
+@functools.cache
+def _compiled_flex() -> Any:
+    from torch.nn.attention.flex_attention import flex_attention
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _flex() -> Any:
+    """FlexAttention compiled (its fast path; eager FlexAttention is a slow reference loop):
+    inside a compiled region (``parallel.compile_blocks``) the call itself, traced into the
+    block's graph; elsewhere compiled once per process, for every device."""
+    if torch.compiler.is_compiling():
+        from torch.nn.attention.flex_attention import flex_attention
+        return flex_attention
+    return _compiled_flex()
+
+
 def document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                       segments: torch.Tensor, kernel: str = "auto") -> torch.Tensor:
-    """Attention of q/k/v [b, heads, s, head_dim] within documents. ``kernel``: ``flex``,
-    ``dense`` or ``auto`` (flex on CUDA, dense elsewhere)."""
-    if kernel == "auto":
-        kernel = "flex" if q.is_cuda else "dense"
+                       segments: torch.Tensor, kernel: str | None = None) -> torch.Tensor:
+    """Attention of q [b, heads, s, head_dim] over k/v [b, kv_heads, s, head_dim] (kv_heads
+    dividing heads: GQA) within documents. ``kernel``: ``flex`` or ``sdpa``; None: the rule of
+    :func:`attention_kernel`."""
+    kernel = kernel or attention_kernel(q.device)
+    gqa = k.shape[1] != q.shape[1]
     if kernel == "flex":
-        return _flex(q.is_cuda)(q, k, v, block_mask=block_mask(segments))
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=dense_mask(segments))
+        return _flex()(q, k, v, block_mask=block_mask(segments), enable_gqa=gqa)
+    if kernel != "sdpa":
+        raise ValueError(f"unknown attention kernel {kernel!r}: choose flex or sdpa")
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=dense_mask(segments), enable_gqa=gqa)

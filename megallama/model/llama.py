@@ -174,14 +174,13 @@ class Attention(nn.Module):
         if cache is not None:
             xk, xv = cache.update(self.layer_id, xk, xv)
         q = xq.transpose(1, 2)
-        k = xk.repeat_interleave(self.n_rep, dim=2).transpose(1, 2)
-        v = xv.repeat_interleave(self.n_rep, dim=2).transpose(1, 2)
-        if cache is not None:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=cache.mask)
-        elif segments is not None:
-            out = document_attention(q, k, v, segments)
+        if cache is None and segments is not None:  # K/V heads shared by the kernel (GQA)
+            out = document_attention(q, xk.transpose(1, 2), xv.transpose(1, 2), segments)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            k = xk.repeat_interleave(self.n_rep, dim=2).transpose(1, 2)
+            v = xv.repeat_interleave(self.n_rep, dim=2).transpose(1, 2)
+            mask = None if cache is None else cache.mask
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=cache is None)
         out = out.transpose(1, 2).reshape(bsz, seqlen, -1)
         return self.tp.exit(self.wo(out))
 
@@ -320,13 +319,16 @@ class Transformer(nn.Module):
         return logits[..., : self.cfg.vocab_size]
 
 
-def compile_blocks(module: nn.Module) -> nn.Module:
+def compile_blocks(module: nn.Module, **options: Any) -> nn.Module:
     """Optional fast path: ``torch.compile`` each transformer block in place (the blocks share one
     compiled graph). Inductor fuses the fp32 RMSNorm, RoPE and SwiGLU element-wise work into a few
-    kernels and keeps fewer activations for backward; the arithmetic is the same as eager."""
+    kernels and keeps fewer activations for backward; the arithmetic is the same as eager. At
+    tp > 1 a block still traces whole: its TP/SP collectives are traceable inside compiled
+    regions (:mod:`megallama.parallel.mappings`). ``options`` go to ``torch.compile`` (tests pick
+    a backend)."""
     for block in module.modules():
         if isinstance(block, TransformerBlock):
-            block.compile()
+            block.compile(**options)
     return module
 
 

@@ -16,12 +16,20 @@ rank, so the same model code runs unchanged at tp=1.
 | gather_from_sequence         | all-gather seq dim       | reduce-scatter seq dim   |
 | reduce_scatter_to_sequence   | reduce-scatter seq dim   | all-gather seq dim       |
 | all_reduce_max (no grad)     | all-reduce MAX           | --                       |
+
+Inside a region ``torch.compile`` traces (``parallel.compile_blocks``), the collectives are
+torch's functional collectives (``torch.distributed._functional_collectives``): traceable, so a
+compiled block is one graph at tp > 1 too, forward and backward (Inductor can then overlap them
+with compute), where the in-place ``dist.*`` list collectives would break the graph at every
+one. Eager code keeps the ``dist.*`` calls. Both compute the same sums and concatenations
+(tests/distributed/test_compiled_paths.py compares a fullgraph-compiled block with eager).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 
 Group = dist.ProcessGroup | None
 
@@ -37,9 +45,16 @@ def group_rank(group: Group) -> int:
 
 
 # ---- raw collectives (no autograd) ------------------------------------------------------------
+def _traced() -> bool:
+    """Whether torch.compile is tracing this call: use the functional (traceable) collectives."""
+    return torch.compiler.is_compiling()
+
+
 def _all_reduce(x: torch.Tensor, group: Group) -> torch.Tensor:
     if group_size(group) == 1:
         return x
+    if _traced():
+        return funcol.wait_tensor(funcol.all_reduce(x, "sum", group))
     x = x.clone(memory_format=torch.contiguous_format)
     dist.all_reduce(x, group=group)
     return x
@@ -58,6 +73,8 @@ def _all_gather(x: torch.Tensor, dim: int, group: Group) -> torch.Tensor:
     n = group_size(group)
     if n == 1:
         return x
+    if _traced():
+        return funcol.wait_tensor(funcol.all_gather_tensor(x.contiguous(), dim % x.dim(), group))
     x = x.contiguous()
     parts = [torch.empty_like(x) for _ in range(n)]
     dist.all_gather(parts, x, group=group)
@@ -70,6 +87,9 @@ def _reduce_scatter(x: torch.Tensor, dim: int, group: Group) -> torch.Tensor:
         return x
     if x.size(dim) % n:
         raise ValueError(f"dimension {dim} of size {x.size(dim)} is not divisible by {n} ranks")
+    if _traced():
+        return funcol.wait_tensor(funcol.reduce_scatter_tensor(x.contiguous(), "sum",
+                                                               dim % x.dim(), group))
     chunks = [c.contiguous() for c in x.chunk(n, dim=dim)]
     out = torch.empty_like(chunks[0])
     dist.reduce_scatter(out, chunks, group=group)
@@ -198,6 +218,8 @@ def all_reduce_max(x: torch.Tensor, group: Group) -> torch.Tensor:
     """Element-wise maximum over ranks; not differentiable (used for softmax stabilisation)."""
     if group_size(group) == 1:
         return x
+    if _traced():
+        return funcol.wait_tensor(funcol.all_reduce(x, "max", group))
     x = x.clone(memory_format=torch.contiguous_format)
     dist.all_reduce(x, op=dist.ReduceOp.MAX, group=group)
     return x
