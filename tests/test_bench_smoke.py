@@ -1,6 +1,8 @@
-"""Smoke test of the GPU benchmark harness (tools/bench_gpu.py) on CPU with tiny shapes: both the
-megallama path (the real Engine, DeepSpeed included) and transformers' model run, the table is
-printed and one JSON line per variant is written."""
+"""Smoke tests of the GPU tools on CPU with tiny shapes: the benchmark harness (tools/bench_gpu.py:
+both the megallama path, the real Engine with DeepSpeed, and transformers' model run, the table is
+printed and one JSON line per variant is written), the one-command GPU check (tools/gpu_check.py
+--smoke, with the correctness checks of tools/gpu_parity.py) and the optimizer-kernel bandwidth
+tool (tools/bench_optimizer.py, under Triton's interpreter)."""
 
 from __future__ import annotations
 
@@ -13,11 +15,12 @@ import pytest
 pytest.importorskip("transformers")
 pytest.importorskip("deepspeed")
 
-TOOL = Path(__file__).resolve().parents[1] / "tools" / "bench_gpu.py"
+TOOLS = Path(__file__).resolve().parents[1] / "tools"
+TOOL = TOOLS / "bench_gpu.py"
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("bench_gpu", TOOL)
+def _load(name: str = "bench_gpu"):
+    spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -113,3 +116,91 @@ def test_tiny_bench_with_document_packing(tmp_path):
     tokens, labels, segments = data[0]
     starts_inside = int((segments[:, 1:] != segments[:, :-1]).sum())  # label t -> token t + 1
     assert segments.max() > 2 and int((labels == -100).sum()) in (starts_inside, starts_inside + 1)
+
+
+def test_bench_optimizer_runs_under_the_interpreter(capsys):
+    """tools/bench_optimizer.py imports the kernels from megallama.optim and calls them with their
+    current arguments (split master): every configuration prints a line."""
+    pytest.importorskip("triton")
+    assert _load("bench_optimizer").main(["--device", "cpu", "--numel", "3000", "--reps", "1"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("adamw_fused BLOCK=") == 12 and out.count("sum_of_squares NORM_BLOCK=") == 4
+    assert "torch._fused_adamw_" in out
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: tiny shapes gain nothing from more, and on a loaded 2-core machine a
+    second thread's spinning tripled this test's CPU time (measured)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_gpu_check_smoke_runs_every_path(tmp_path, capsys, one_thread):
+    """tools/gpu_check.py --smoke --h200: every correctness check passes on the CPU (Triton
+    interpreted, FlexAttention forward, FP8 emulated, aot_eager), every benchmark (four megallama
+    variants and transformers' at 1 and 2 micro-batches, documents packing, the full-model part
+    at tiny shapes) runs with the planner's peak beside it; the JSON lines and tables are written,
+    and no target is judged on a CPU."""
+    pytest.importorskip("torchao")
+    pytest.importorskip("triton")
+    check, parity = _load("gpu_check"), _load("gpu_parity")
+    assert check.main(["--smoke", "--h200", "--out-dir", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("cpu-*-gpu-check.jsonl")
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    checks = {r["check"]: r for r in rows if r["kind"] == "check"}
+    assert list(checks) == list(parity.CHECKS)
+    assert all(r["ok"] is True for r in checks.values()), checks
+    assert checks["flex_documents"]["causal_only_out_rel_err"] > 0.1  # the mask is in effect
+    bench = [r for r in rows if r["kind"] == "bench"]
+    assert [(r["variant"], r["micro_batches"], r["packing"]) for r in bench] == [
+        (v, mb, "concat") for v in (*check.ML, "hf_bf16") for mb in (1,)] + [
+        ("ml_fused", 1, "documents")] + [(v, 2, "concat") for v in (*check.ML, "hf_bf16")]
+    for r in bench:
+        assert r["tokens_per_s"] > 0 and r["compiled"] is False
+        assert (r.get("planner_peak_gib", 0) > 0) is r["variant"].startswith("ml_")
+    full = [r for r in rows if r["kind"] == "full_model"]
+    assert [(r["variant"], r["fits"], r["tokens_per_s"] > 0) for r in full] == [
+        ("ml_fused", True, True), ("ml_fp8", True, True)]
+    comps = {(r["comparison"], r["micro_batches"]): r for r in rows if r["kind"] == "comparison"}
+    assert all(r["met"] is None for r in comps.values())
+    assert comps["ml_distributed / ml_fused", 1]["loss_max_abs_diff"] == 0.0  # same update at dp 1
+    assert comps["ml_fp8 / ml_fused", 1]["loss_max_abs_diff"] > 0  # FP8 is on
+    assert comps["documents / concat", 1]["tokens_per_s_ratio"] > 0
+    out = capsys.readouterr().out
+    assert "== correctness (cpu) ==" in out and f"records appended to {path}" in out
+
+
+def test_gpu_check_full_model_verdict_from_the_planner():
+    """The full Llama-2-7B with megallama's fused optimizer: on an 80 GiB card the planner's bytes
+    say it does not fit (reported, nothing runs); on an H200's 141 GiB it fits."""
+    from megallama.config import preset
+
+    plans = _load("gpu_check_plan")
+    h100 = plans.full_model_plan(preset("llama2_7b"), "ml_fused", 4096, 8, 79.2)
+    assert h100["fits"] is False and h100["planner_gib"]["total"] > 79.2
+    assert h100["not_run"].startswith("does not fit: the planner needs ")
+    h200 = plans.full_model_plan(preset("llama2_7b"), "ml_fp8", 4096, 8, 139.8)
+    assert h200["fits"] is True and h200["planner_gib"]["total"] <= 139.8
+
+
+def test_gpu_checks_fail_when_what_they_check_is_off(monkeypatch):
+    """The checks can fail: FP8 conversion that converts nothing, and attention that ignores the
+    documents, are both reported as failures (ok False), not passed."""
+    pytest.importorskip("torchao")
+    import torch
+
+    from megallama.model import documents
+    from megallama.parallel import fp8
+
+    parity = _load("gpu_parity")
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(fp8, "convert_to_float8", lambda module, *a, **k: 2)
+    assert parity.run_check("fp8_tensorwise", cpu, True)["ok"] is False
+    monkeypatch.setattr(documents, "document_attention", lambda q, k, v, segments, kernel="auto":
+                        torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True))
+    assert parity.run_check("flex_documents", cpu, True)["ok"] is False

@@ -84,6 +84,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--micro-batches", type=int, default=1,
                     help="micro-batches (of one sequence) per optimizer step: gradient accumulation")
     ap.add_argument("--ckpt", action="store_true", help="activation checkpointing (every variant)")
+    ap.add_argument("--eager", action="store_true",
+                    help="run the compiled variants without torch.compile (CPU smoke runs: "
+                         "Inductor on a CPU costs ~40 s per process)")
     ap.add_argument("--packing", default="concat", choices=["concat", "documents"],
                     help="documents: megallama variants attend within packed documents")
     ap.add_argument("--doc-len", type=int, default=1024, help="mean document length (--packing)")
@@ -233,6 +236,11 @@ def memory_stats(device) -> dict:
             "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30}
 
 
+def compiled(name: str, args) -> bool:
+    """Whether the variant ran under torch.compile (``--eager`` runs every variant eagerly)."""
+    return (name in COMPILED or name == "hf_compile") and not args.eager
+
+
 def summarise(name, args, times, losses, fpt, device) -> dict:
     import torch
 
@@ -244,6 +252,7 @@ def summarise(name, args, times, losses, fpt, device) -> dict:
         "torch": torch.__version__, "layers": args.layers, "seq": args.seq, "vocab": args.vocab,
         "steps_timed": len(times), "warmup": args.warmup,
         "micro_batches": args.micro_batches, "activation_checkpointing": args.ckpt,
+        "packing": args.packing, "compiled": compiled(name, args),
         "step_ms_median": step * 1e3, "step_ms_min": min(times) * 1e3, "step_ms_max": max(times) * 1e3,
         "tokens_per_s": tps, "flops_per_token": fpt, "model_tflops": fpt * tps / 1e12,
         "mfu": fpt * tps / H100_BF16_PEAK, "losses": losses,
@@ -297,7 +306,7 @@ def run_megallama(name: str, args, device) -> dict:
             ds["bf16"].pop("immediate_grad_update", None)
             return ds
         engine_mod.deepspeed_config = deepspeed_config
-    cfg.parallel.compile_blocks = name in COMPILED
+    cfg.parallel.compile_blocks = name in COMPILED and not args.eager
     if name.startswith("ml_fused") or name in FP8_RECIPE:
         cfg.optim.impl, cfg.parallel.zero_stage = "fused", 0
     if name == "ml_distributed":
@@ -361,7 +370,7 @@ def run_hf(name: str, args, device) -> dict:
     fused = {"fused": True} if device.type == "cuda" else {}
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), eps=1e-5,
                             weight_decay=0.1, **fused)
-    fwd = torch.compile(model) if name == "hf_compile" else model
+    fwd = torch.compile(model) if name == "hf_compile" and not args.eager else model
     n_all = sum(p.numel() for p in model.parameters())
     fpt = flops_per_token(n_all - model.model.embed_tokens.weight.numel(), args, dim)
     data = batches(args, device)
@@ -406,13 +415,29 @@ def run_variant(name: str, args) -> dict:
     return out
 
 
-def run_child(name: str, args, argv) -> dict:
+def run_child(name: str, args, argv, timeout: float | None = None) -> dict:
+    """One variant in a child process (clean CUDA memory and peak statistics); ``timeout``
+    seconds: the child is killed and the variant reported as an error."""
     cmd = [sys.executable, os.path.abspath(__file__), *argv, "--variant", name]
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+    try:
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        tail = exc.stdout[-2000:] if isinstance(exc.stdout, str) else ""
+        return {"variant": name, "error": f"killed after {timeout:.0f} s", "stdout_tail": tail}
     for line in proc.stdout.splitlines():
         if line.startswith(MARK):
             return json.loads(line[len(MARK):])
     return {"variant": name, "error": f"child exited {proc.returncode}", "stdout_tail": proc.stdout[-2000:]}
+
+
+def measure(name: str, argv: list[str], timeout: float | None = None) -> dict:
+    """One variant with this command's options ``argv`` (without ``--variants``): in this
+    process under ``--tiny`` / ``--in-process``, else in a child. For other tools
+    (tools/gpu_check.py) that time variants one by one."""
+    args = parse_args(argv)
+    if args.in_process:
+        return run_variant(name, args)
+    return run_child(name, args, argv, timeout)
 
 
 def table(results: list[dict]) -> str:

@@ -1,0 +1,372 @@
+"""One command that confirms on a real GPU what CI can only emulate, and times it.
+
+    python3 tools/gpu_check.py                  # on one GPU: checks + benchmarks, < 8 min on an H100
+    python3 tools/gpu_check.py --h200           # + the full Llama-2-7B (32 layers), bf16 and FP8
+    python3 tools/gpu_check.py --parts h200     # the full-model part alone
+    python3 tools/gpu_check.py --smoke          # every path at tiny shapes on the CPU, in seconds
+
+Parts (``--parts``, comma list; ``--h200`` adds ``h200``):
+  check  the correctness checks of tools/gpu_parity.py on CUDA tensors (seconds each): Triton
+         AdamW of optim.impl=fused and of distributed (dp 1) against the torch reference,
+         FlexAttention document masks against SDPA's dense mask (forward and backward), an FP8
+         linear pair (tensorwise and rowwise) against bf16, a compiled block (tp 1) against eager,
+         fp32 logits against transformers;
+  bench  tools/bench_gpu.py's variants ml_fused, ml_distributed, ml_fp8 (tensorwise) and
+         ml_fp8_rowwise, compiled, at Llama-2-7B widths, 8 layers, seq 4096, 1 and 8 micro-batches
+         per step, next to transformers' best variant (the fastest hf_* of earlier runs on this card
+         in docs/perf/, else hf_bf16; ``--hf`` picks one), and ml_fused with data.packing=documents
+         against concat; each megallama variant's peak max_memory_allocated next to the planner's
+         (megallama.training.planner, the figure megallama-plan prints, without its fixed 3 GiB for
+         the CUDA context, which max_memory_allocated does not see);
+  h200   the full Llama-2-7B (--layers 32), ml_fused (bf16) and ml_fp8, 8 micro-batches, with the
+         activation checkpointing of the planner's first choice for this card; where the planner
+         says it does not fit (an 80 GiB H100), that is reported with the planner's bytes and
+         nothing runs.
+
+Every benchmark runs in its own child process (clean peak statistics). ``--budget-s`` (default 450)
+bounds the run: a benchmark that would start after it is reported as not run. Writes one JSON line
+per check, benchmark and comparison to ``--out-dir``/<card>-<date>-gpu-check.jsonl (default
+docs/perf/; runs/gpu_check/ for --smoke) and prints the tables. Exit status 1 when a check fails or
+a benchmark errs (an out-of-memory benchmark is a result), 2 for bad options. ``--smoke``
+(= ``--device cpu``) runs it all on the CPU at tiny shapes: Triton under its interpreter,
+FlexAttention forward only, FP8 emulated, torch.compile with backend aot_eager in the block check
+and the benchmarks eager; its timings mean nothing and no target is judged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+TOOLS = Path(__file__).resolve().parent
+REPO = TOOLS.parent
+GIB = 2**30
+ML = ("ml_fused", "ml_distributed", "ml_fp8", "ml_fp8_rowwise")
+PARTS = ("check", "bench", "h200")
+HF_DEFAULT = "hf_bf16"  # the fastest transformers variant of docs/perf/h100-2026-11-23.jsonl
+# Targets of the GPU issue: (comparison, wanted ratio, at least (True) or within +-10% (None))
+TARGETS = {"ml_distributed / ml_fused": 0.98, "ml_fp8 / ml_fused": 1.35,
+           "ml_fp8_rowwise / ml_fused": 1.35, "documents / concat": 0.9}
+
+
+def tool(name: str) -> ModuleType:
+    """tools/<name>.py as a module (tools/ is not a package)."""
+    if str(TOOLS) not in sys.path:
+        sys.path.insert(0, str(TOOLS))
+    return importlib.import_module(name)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="gpu_check", description=__doc__.split("\n")[0])
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (CI)")
+    ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
+                    help="cpu is --smoke")
+    ap.add_argument("--parts", default="check,bench", help=f"comma list of {', '.join(PARTS)}")
+    ap.add_argument("--h200", action="store_true", help="add the full-model part (h200)")
+    ap.add_argument("--checks", default="all", help="comma list of gpu_parity checks, or all")
+    ap.add_argument("--micro-batches", default=None, help="comma list (default 1,8; smoke 1,2)")
+    ap.add_argument("--hf", default="best", help="transformers variant beside ours, or best")
+    ap.add_argument("--budget-s", type=float, default=450.0,
+                    help="start no benchmark after this many seconds")
+    ap.add_argument("--gpu-mem-gib", type=float, default=None,
+                    help="capacity the planner fits the full model into (default: the card's)")
+    ap.add_argument("--out-dir", default=None, help="where the JSON lines go")
+    args = ap.parse_args(argv)
+    args.smoke = args.smoke or args.device == "cpu"
+    args.parts = [p.strip() for p in args.parts.split(",") if p.strip()] + ["h200"] * args.h200
+    bad = [p for p in args.parts if p not in PARTS]
+    if bad:
+        ap.error(f"--parts {','.join(bad)}: choose from {', '.join(PARTS)}")
+    try:
+        args.micro_batches = [int(x) for x in (args.micro_batches or
+                                               ("1,2" if args.smoke else "1,8")).split(",")]
+    except ValueError:
+        ap.error(f"--micro-batches {args.micro_batches}: a comma list of integers >= 1")
+    if min(args.micro_batches) < 1:
+        ap.error(f"--micro-batches {args.micro_batches}: each must be >= 1")
+    args.out_dir = Path(args.out_dir or (REPO / ("runs/gpu_check" if args.smoke else "docs/perf")))
+    return args
+
+
+# ---- what the card is ------------------------------------------------------------------------
+def card_name(device) -> str:
+    import torch
+
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def card_slug(name: str) -> str:
+    """h100, h200, a100, ... from the device name; cpu for the CPU."""
+    found = re.search(r"\b([A-Z]\d{2,4})\b", name)
+    return found.group(1).lower() if found else re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def best_hf(slug: str, card: str) -> str:
+    """The transformers variant with the most tokens/s in earlier 8-layer, 1-micro-batch runs on
+    this card (docs/perf/<slug>-*.jsonl), else HF_DEFAULT."""
+    best: tuple[float, str] = (0.0, HF_DEFAULT)
+    for path in sorted((REPO / "docs" / "perf").glob(f"{slug}-*.jsonl")):
+        for line in path.read_text().splitlines():
+            r = json.loads(line)
+            if (str(r.get("variant", "")).startswith("hf_") and r.get("device") == card
+                    and r.get("layers") == 8 and r.get("micro_batches", 1) == 1
+                    and r.get("tokens_per_s")):
+                best = max(best, (r["tokens_per_s"], r["variant"]))
+    return best[1]
+
+
+# ---- the parts -------------------------------------------------------------------------------
+class Clock:
+    """The run's time budget: a benchmark starts only if the longest one so far would end in it."""
+
+    def __init__(self, budget_s: float) -> None:
+        self.start, self.budget, self.longest = time.monotonic(), budget_s, 0.0
+
+    def left(self) -> float:
+        return self.budget - (time.monotonic() - self.start)
+
+    def run(self, fn, *args: Any) -> dict | None:
+        if self.left() < self.longest:
+            return None
+        t0 = time.monotonic()
+        out = fn(*args, max(self.left(), 60.0))
+        self.longest = max(self.longest, time.monotonic() - t0)
+        return out
+
+
+def bench_argv(args, micro_batches: int, packing: str = "concat", layers: int | None = None,
+               ckpt: bool = False) -> list[str]:
+    """tools/bench_gpu.py's options for one benchmark: fewer steps than its defaults (the
+    median of 8 after 3 warm-up steps, 4 after 2 at several micro-batches), tiny and eager for
+    --smoke."""
+    steps, warmup = (2, 1) if args.smoke else ((8, 3) if micro_batches == 1 else (4, 2))
+    argv = ["--micro-batches", str(micro_batches), "--steps", str(steps), "--warmup", str(warmup),
+            "--packing", packing]
+    if args.smoke:
+        argv += ["--tiny", "--eager"] + (["--doc-len", "8"] if packing == "documents" else [])
+    if layers:
+        argv += ["--layers", str(layers)]
+    return argv + ["--ckpt"] * ckpt
+
+
+def bench_one(args, clock: Clock, variant: str, argv: list[str]) -> dict:
+    bench = tool("bench_gpu")
+    row = clock.run(lambda a, t: bench.measure(variant, a, timeout=t), argv)
+    parsed = bench.parse_args(argv)
+    label = {"kind": "bench", "variant": variant, "micro_batches": parsed.micro_batches,
+             "packing": parsed.packing, "bench_args": " ".join(argv)}
+    if row is None:
+        return {**label, "not_run": f"time budget of {args.budget_s:.0f} s spent"}
+    row = {**label, **row}
+    if variant.startswith("ml_") and "error" not in row:
+        row.update(tool("gpu_check_plan").planner_peak(variant, row, args.smoke))
+    print(f"[gpu_check] {variant} {' '.join(argv)}: "
+          + (row.get("error") or f"{row['tokens_per_s']:.0f} tokens/s"), file=sys.stderr,
+          flush=True)
+    return row
+
+
+def bench_part(args, clock: Clock, hf: str) -> list[dict]:
+    first, *more = args.micro_batches
+    todo = [(v, bench_argv(args, first)) for v in (*ML, hf)]
+    todo.append(("ml_fused", bench_argv(args, first, "documents")))
+    todo += [(v, bench_argv(args, mb)) for mb in more for v in (*ML, hf)]
+    return [bench_one(args, clock, v, argv) for v, argv in todo]
+
+
+def h200_part(args, clock: Clock, capacity_gib: float) -> list[dict]:
+    layers, seq, vocab, mb = (2, 64, 512, 2) if args.smoke else (32, 4096, 32000, 8)
+    plans = tool("gpu_check_plan")
+    cfg = plans.model_config(args.smoke, layers, seq, vocab)
+    rows = []
+    for variant in ("ml_fused", "ml_fp8"):
+        plan = plans.full_model_plan(cfg, variant, seq, mb, capacity_gib)
+        if plan["fits"]:
+            argv = bench_argv(args, mb, layers=layers, ckpt=plan["activation_checkpointing"])
+            plan.update({k: v for k, v in bench_one(args, clock, variant, argv).items()
+                         if k not in plan})
+        rows.append({**plan, "kind": "full_model"})
+    return rows
+
+
+def find(rows: list[dict], want: dict) -> dict | None:
+    """The benchmark row with every field of ``want`` that has a throughput."""
+    return next((r for r in rows if r.get("kind") == "bench" and "tokens_per_s" in r
+                 and all(r.get(k) == v for k, v in want.items())), None)
+
+
+def compare(rows: list[dict], name: str, num: dict, den: dict, smoke: bool) -> dict:
+    """tokens/s of row ``num`` over row ``den`` against the issue's target, and the largest
+    per-step loss difference of two megallama variants (same data, same initialisation)."""
+    a, b = find(rows, num), find(rows, den)
+    value = a["tokens_per_s"] / b["tokens_per_s"] if a and b else None
+    target = TARGETS.get(name)
+    out = {"kind": "comparison", "comparison": name, "micro_batches": num["micro_batches"],
+           "tokens_per_s_ratio": value, "target": target,
+           "met": None if smoke or value is None or target is None else value >= target}
+    ours = a and b and a["variant"].startswith("ml_") and b["variant"].startswith("ml_")
+    if ours and a["packing"] == b["packing"]:
+        out["loss_max_abs_diff"] = max(abs(x - y) for x, y in zip(a["losses"], b["losses"],
+                                                                   strict=False))
+    return out
+
+
+def comparisons(rows: list[dict], args, hf: str) -> list[dict]:
+    """Ratios of tokens/s the issue sets targets for, and each megallama row's peak over the
+    planner's; ``met`` is None on a CPU (timings of a smoke run mean nothing) or when a side is
+    missing."""
+    out = []
+    for mb in args.micro_batches:
+        fused = {"variant": "ml_fused", "packing": "concat", "micro_batches": mb}
+        for v in ML[1:]:
+            out.append(compare(rows, f"{v} / ml_fused", {**fused, "variant": v}, fused,
+                               args.smoke))
+        out.append(compare(rows, f"ml_fused / {hf}", fused, {**fused, "variant": hf},
+                           args.smoke))
+        if mb == args.micro_batches[0]:
+            out.append(compare(rows, "documents / concat", {**fused, "packing": "documents"},
+                               fused, args.smoke))
+    for r in rows:
+        if r.get("peak_over_planner") is not None:
+            met = None if args.smoke else abs(r["peak_over_planner"] - 1) <= 0.10
+            out.append({"kind": "comparison", "comparison": f"{r['variant']} peak / planner",
+                        "micro_batches": r["micro_batches"], "packing": r.get("packing"),
+                        "ratio": r["peak_over_planner"], "target": "1 +- 0.10", "met": met})
+    return out
+
+
+# ---- output ----------------------------------------------------------------------------------
+def _num(x: Any, fmt: str) -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+def _worst(r: dict) -> str:
+    """A check's largest error field, or why it did not pass."""
+    if r.get("skipped") or r.get("error"):
+        return r.get("skipped") or r["error"]
+    errs = {k: v for k, v in r.items() if isinstance(v, float) and ("err" in k or "diff" in k)
+            and not k.startswith(("sdpa_", "causal_only"))}
+    if not errs:
+        return ""
+    key = max(errs, key=errs.get)
+    return f"worst {key} {errs[key]:.2e}"
+
+
+def tables(rows: list[dict], card: str) -> str:
+    lines = [f"== correctness ({card}) =="]
+    for r in (r for r in rows if r["kind"] == "check"):
+        status = {True: "PASS", False: "FAIL", None: "SKIP"}[r["ok"]]
+        lines.append(f"{r['check']:<18} {status:<5} {r['seconds']:>7.1f} s  {_worst(r)}")
+    lines.append(f"== speed and memory ({card}) ==")
+    lines.append(f"{'variant':<15} {'mb':>2} {'packing':<9} {'tokens/s':>9} {'MFU':>6} "
+                 f"{'step ms':>8} {'peak GiB':>8} {'planner':>8} {'ratio':>6}")
+    for r in (r for r in rows if r["kind"] in ("bench", "full_model")):
+        head = f"{r['variant']:<15} {r.get('micro_batches', '-'):>2} {r.get('packing', '-'):<9}"
+        if "tokens_per_s" not in r:
+            why = r.get("not_run") or ("OOM " if r.get("oom") else "ERROR ") + r.get("error", "")
+            lines.append(f"{head} {why}")
+            continue
+        lines.append(f"{head} {r['tokens_per_s']:>9.0f} {r['mfu']:>6.3f} "
+                     f"{r['step_ms_median']:>8.1f} {_num(r.get('peak_mem_gib'), '8.2f')} "
+                     f"{_num(r.get('planner_peak_gib'), '8.2f')} "
+                     f"{_num(r.get('peak_over_planner'), '6.2f')}"
+                     + (f"  ({r['layers']} layers" + (", checkpointing)" if
+                        r["activation_checkpointing"] else ")") if r["kind"] == "full_model"
+                        else ""))
+    lines.append("== comparisons (met: - on a CPU or with a side missing) ==")
+    for r in (r for r in rows if r["kind"] == "comparison"):
+        value = r.get("tokens_per_s_ratio", r.get("ratio"))
+        lines.append(f"{r['comparison']:<32} mb {r['micro_batches']:>2} {_num(value, '7.3f')} "
+                     f"target {r['target'] if r['target'] is not None else '-'}  met "
+                     f"{'-' if r['met'] is None else r['met']}"
+                     + (f"  max |dloss| {r['loss_max_abs_diff']:.2e}"
+                        if r.get("loss_max_abs_diff") is not None else ""))
+    return "\n".join(lines)
+
+
+def git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
+                              text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def write(rows: list[dict], path: Path, argv: list[str], card: str) -> None:
+    import torch
+
+    common = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "command": " ".join(["tools/gpu_check.py", *argv]), "card": card,
+              "torch": torch.__version__, "commit": git_commit()}
+    with open(path, "a") as f:
+        for r in rows:
+            f.write(json.dumps({**common, **r}) + "\n")
+
+
+# ---- main ------------------------------------------------------------------------------------
+def run_parts(args, device, card: str) -> list[dict]:
+    import torch
+
+    clock, rows = Clock(args.budget_s), []
+    if "check" in args.parts:
+        parity = tool("gpu_parity")
+        names = list(parity.CHECKS) if args.checks == "all" else args.checks.split(",")
+        for name in names:
+            rows.append({"kind": "check", **parity.run_check(name, device, args.smoke)})
+            print(f"[gpu_check] {name}: {rows[-1]['ok']} ({rows[-1]['seconds']} s)",
+                  file=sys.stderr, flush=True)
+    hf = best_hf(card_slug(card), card) if args.hf == "best" else args.hf
+    if "bench" in args.parts:
+        rows += bench_part(args, clock, hf)
+    if "h200" in args.parts:
+        capacity = args.gpu_mem_gib or (torch.cuda.get_device_properties(device).total_memory
+                                        / GIB if device.type == "cuda" else 80.0)
+        rows += h200_part(args, clock, capacity)
+    return rows + comparisons(rows, args, hf)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    if args.smoke:  # Triton's interpreter must be on before triton is first imported
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    import torch
+
+    if not args.smoke and not torch.cuda.is_available():
+        print("gpu_check: error: no CUDA GPU here; --smoke runs every path at tiny shapes on "
+              "the CPU", file=sys.stderr)
+        return 2
+    unknown = set() if args.checks == "all" else set(args.checks.split(",")) - set(
+        tool("gpu_parity").CHECKS)
+    if unknown:
+        print(f"gpu_check: error: --checks {','.join(sorted(unknown))}: choose from "
+              f"{', '.join(tool('gpu_parity').CHECKS)} or all", file=sys.stderr)
+        return 2
+    device = torch.device("cpu") if args.smoke else torch.device("cuda", 0)
+    card = card_name(device)
+    try:
+        args.out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        print(f"gpu_check: error: --out-dir {args.out_dir}: {exc.strerror}", file=sys.stderr)
+        return 2
+    path = args.out_dir / f"{card_slug(card)}-{time.strftime('%Y-%m-%d', time.gmtime())}-gpu-check.jsonl"
+    rows = run_parts(args, device, card)
+    write(rows, path, argv, card)
+    print(tables(rows, card))
+    print(f"{len(rows)} records appended to {path}")
+    failed = [r for r in rows if r.get("ok") is False
+              or (r["kind"] in ("bench", "full_model") and r.get("error") and not r.get("oom"))]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
