@@ -26,6 +26,7 @@ Checks (each returns one JSON-able dict with ``check``, ``ok``, ``seconds`` and 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -33,7 +34,7 @@ import sys
 import time
 import traceback
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +49,17 @@ FP8_MAX, FP8_MIN = 0.15, 0.01
 FP8_VS_TORCHAO = 1e-3  # our TP matmul at tp 1 vs torchao's Float8Linear: 0.0 on CPU (emulated)
 COMPILED_TOL = 1e-4  # compiled vs eager block, fp32 with TF32 off: 0 (aot_eager) on CPU
 LOGITS_TOL = 1e-5
+
+
+@contextlib.contextmanager
+def no_tf32() -> Iterator[None]:
+    """fp32 matmuls in fp32 (TF32 off), restored afterwards: fp32 comparisons at 1e-5."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -78,7 +90,7 @@ def check_hf_logits(device: torch.device, smoke: bool) -> dict:
         model.to(device), hf.to(device)
         gen = torch.Generator().manual_seed(0)
         tokens = torch.randint(0, cfg.vocab_size, (1, seq), generator=gen).to(device)
-        with torch.no_grad():
+        with torch.no_grad(), no_tf32():
             errors[f"rel_err_{name}_seq{seq}"] = rel_err(model.full_logits(tokens), hf(tokens).logits)
         del model, hf
     return {"ok": max(errors.values()) < LOGITS_TOL, "tolerance": LOGITS_TOL, **errors}
@@ -197,8 +209,9 @@ def check_flex_documents(device: torch.device, smoke: bool) -> dict:
         out.backward(grad_out.to(out.dtype))
         return [out] + [t.grad for t in x]
 
-    ref = run(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=dense),
-              torch.float32)
+    with no_tf32():
+        ref = run(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=dense),
+                  torch.float32)
     base = run(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=dense), dtype)
     with warnings.catch_warnings():  # on a CPU: that eager FlexAttention is slow, as intended
         warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
@@ -281,9 +294,7 @@ def check_compiled_block(device: torch.device, smoke: bool) -> dict:
 
     seq = 64 if smoke else 1024
     cfg = preset("tiny" if smoke else "llama2_7b", n_layers=1, max_seq_len=seq)
-    tf32 = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
+    with no_tf32():
         eager = TransformerBlock(0, cfg, TensorParallel(), seed=3).to(device)
         compiled = copy.deepcopy(eager)
         if smoke:  # Inductor on a CPU costs ~40 s: the graph capture and autograd only
@@ -305,8 +316,6 @@ def check_compiled_block(device: torch.device, smoke: bool) -> dict:
                 results.append([y, xx.grad] + [p.grad for p in block.parameters()])
             errs = [rel_err(a, b) for a, b in zip(*results, strict=True)]
             out[f"{case}_out_rel_err"], out[f"{case}_grads_max_rel_err"] = errs[0], max(errs[1:])
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = tf32
     ok = all(v < COMPILED_TOL for v in out.values())
     return {"ok": ok, "tolerance": COMPILED_TOL, "dim": cfg.dim, "seq": seq,
             "backend": "aot_eager" if smoke else "inductor", **out}
@@ -350,8 +359,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is first imported
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
     results = [run_check(n, device, args.smoke or device.type == "cpu")
                for n in (CHECKS if args.all else ["hf_logits"])]
     for r in results:
