@@ -45,7 +45,10 @@ memory it had reached), not as a failure of the command:
     python3 tools/bench_gpu.py --variants ml_fused,ml_fp8,hf_compile --micro-batches 8 --out b.jsonl
     python3 tools/bench_gpu.py --layers 32 --ckpt --variants ml_fused,ml_fp8,hf_eager --out b.jsonl
 The megallama variants also record their per-step losses; the parent compares each with ml_base
-(same init, same data), which is the "unchanged numerics" check.
+(same init, same data), which is the "unchanged numerics" check. ``--eager`` runs the compiled
+variants without torch.compile (the CPU smoke run of tools/gpu_check.py: each variant's optimizer,
+FP8 recipe and packing path, without Inductor's ~40 s per process on a CPU); ``measure(name,
+argv)`` times one variant for other tools (tools/gpu_check.py).
 """
 
 from __future__ import annotations
