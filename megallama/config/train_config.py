@@ -23,7 +23,9 @@ class ParallelConfig:
     micro_batch_size: int = 1
     global_batch_size: int = 8
     activation_checkpointing: bool = False
-    compile_blocks: bool = False  # torch.compile each transformer block (fast path on GPU)
+    # torch.compile each transformer block (fast path on GPU); None: on with trainer.fp8 on CUDA
+    # (torchao's casts are fast only compiled), else off (resolved in validation)
+    compile_blocks: bool | None = None
     # "balanced": stage costs from FLOPs per layer (embedding and head included);
     # "uniform": equal layer counts. Either way every stage holds at least one block.
     partition_method: str = "balanced"

@@ -61,17 +61,55 @@ def resolve_optimizer(cfg: TrainConfig, world_size: int | None = None) -> None:
         p.zero_stage = 0 if o.impl in ("fused", "distributed") else 1
 
 
+def fp8_gemms_on_gpu(t: TrainerConfig) -> bool:
+    """Whether ``trainer.fp8`` runs real FP8 gemms (``torch._scaled_mm`` on a GPU), not
+    torchao's emulation (CPU)."""
+    return t.fp8 != "none" and t.device != "cpu" and torch.cuda.is_available()
+
+
+def resolve_compile_blocks(cfg: TrainConfig) -> None:
+    """Fill in ``parallel.compile_blocks=null`` (in place; idempotent): on for FP8 on a GPU
+    (torchao's casts are fast only under torch.compile), else off; true/false are kept."""
+    if cfg.parallel.compile_blocks is None:
+        cfg.parallel.compile_blocks = fp8_gemms_on_gpu(cfg.trainer)
+
+
+def check_fp8_sizes(cfg: TrainConfig) -> None:
+    """``torch._scaled_mm`` takes dimensions that are multiples of 16: every FP8 linear's widths
+    on one TP rank, and the tokens of a micro-batch (the inner dimension of the weight-gradient
+    gemm; the linears see the whole sequence, under SP too). Only real FP8 gemms (GPU)."""
+    if not fp8_gemms_on_gpu(cfg.trainer):
+        return
+    m, p = cfg.model, cfg.parallel
+    sizes = {
+        "model.dim": m.dim,
+        "per-rank query width n_heads*head_dim/tp": m.n_heads * m.head_dim // p.tp,
+        "per-rank KV width": max(1, m.n_kv_heads // p.tp) * m.head_dim,
+        "per-rank FFN width ffn_hidden_dim/tp": m.ffn_hidden_dim // p.tp,
+        "tokens per micro-batch parallel.micro_batch_size*data.seq_len":
+            p.micro_batch_size * cfg.data.seq_len,
+    }
+    bad = [f"{name} = {size}" for name, size in sizes.items() if size % 16]
+    if bad:
+        raise ConfigError(
+            f"trainer.fp8={cfg.trainer.fp8}: FP8 gemms (torch._scaled_mm) need sizes that are "
+            f"multiples of 16, but {', '.join(bad)}; change them (e.g. data.seq_len or "
+            "parallel.micro_batch_size), or set trainer.fp8=none")
+
+
 def validate_options(cfg: TrainConfig, world_size: int) -> Grid:
     """Raise ConfigError on the first inconsistency, the primary one first (see the module
-    docstring); return the rank grid for ``world_size``. Resolves ``optim.impl=auto`` and the
-    ZeRO stage first (:func:`resolve_optimizer`)."""
+    docstring); return the rank grid for ``world_size``. Resolves ``optim.impl=auto``, the
+    ZeRO stage (:func:`resolve_optimizer`) and ``parallel.compile_blocks=null`` first."""
     resolve_optimizer(cfg, world_size)
+    resolve_compile_blocks(cfg)
     check_data(cfg.data, cfg.model)
     check_trainer(cfg.trainer)
     check_wandb(cfg.trainer.wandb)
     check_optim(cfg.optim)
     grid = check_parallel(cfg.parallel, cfg.model, cfg.data.seq_len, world_size)
     check_optimizer_impl(cfg.optim, cfg.parallel)
+    check_fp8_sizes(cfg)
     check_evaluation(cfg.data, cfg.trainer)
     return grid
 
@@ -328,10 +366,13 @@ __all__ = [
     "check_data",
     "check_evaluation",
     "check_fp8",
+    "check_fp8_sizes",
     "check_optim",
     "check_parallel",
     "check_start",
     "check_trainer",
     "check_wandb",
+    "fp8_gemms_on_gpu",
+    "resolve_compile_blocks",
     "validate_options",
 ]
