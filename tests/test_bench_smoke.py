@@ -175,6 +175,14 @@ def test_gpu_check_smoke_runs_every_path(tmp_path, capsys, one_thread):
     assert "== correctness (cpu) ==" in out and f"records appended to {path}" in out
 
 
+def test_child_past_its_timeout_is_an_error_row():
+    """A benchmark child that outlives its time (tools/gpu_check.py's budget) is killed and
+    reported as an error row, not waited for."""
+    bench = _load()
+    row = bench.run_child("ml_fused", None, ["--tiny"], timeout=0.05)
+    assert row["variant"] == "ml_fused" and row["error"].startswith("killed after ")
+
+
 def test_gpu_check_full_model_verdict_from_the_planner():
     """The full Llama-2-7B with megallama's fused optimizer: on an 80 GiB card the planner's bytes
     say it does not fit (reported, nothing runs); on an H200's 141 GiB it fits."""

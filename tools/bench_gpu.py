@@ -425,7 +425,8 @@ def run_child(name: str, args, argv, timeout: float | None = None) -> dict:
     try:
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as exc:
-        tail = exc.stdout[-2000:] if isinstance(exc.stdout, str) else ""
+        out = exc.stdout or ""  # bytes even with text=True, on some Pythons
+        tail = (out.decode(errors="replace") if isinstance(out, bytes) else out)[-2000:]
         return {"variant": name, "error": f"killed after {timeout:.0f} s", "stdout_tail": tail}
     for line in proc.stdout.splitlines():
         if line.startswith(MARK):

@@ -331,7 +331,7 @@ def run_parts(args, device, card: str) -> list[dict]:
         capacity = args.gpu_mem_gib or (torch.cuda.get_device_properties(device).total_memory
                                         / GIB if device.type == "cuda" else 80.0)
         rows += h200_part(args, clock, capacity)
-    return rows + comparisons(rows, args, hf)
+    return rows + (comparisons(rows, args, hf) if {"bench", "h200"} & set(args.parts) else [])
 
 
 def main(argv: list[str] | None = None) -> int:
