@@ -33,6 +33,19 @@ def test_meta_params_round_trip(tmp_path):
     assert {**meta, "vocab_size": 32000} == cfg.to_meta_params()
 
 
+@pytest.mark.parametrize("name,scaled", [("llama3_8b", False), ("llama3_1_8b", True)])
+def test_llama3_meta_params_round_trip(name, scaled):
+    """Meta's published Llama 3 / 3.1 8B params.json (3.1 adds use_scaled_rope: Meta's
+    apply_scaling, factor 8) is the preset: 8k context for 3.0, 128k for 3.1; written back as is."""
+    meta = {"dim": 4096, "n_layers": 32, "n_heads": 32, "n_kv_heads": 8, "vocab_size": 128256,
+            "ffn_dim_multiplier": 1.3, "multiple_of": 1024, "norm_eps": 1e-05,
+            "rope_theta": 500000.0, **({"use_scaled_rope": True} if scaled else {})}
+    cfg = ModelConfig.from_meta_params(meta)
+    assert cfg == preset(name)
+    assert cfg.max_seq_len == (131072 if scaled else 8192)
+    assert cfg.to_meta_params() == meta
+
+
 def test_meta_params_errors(tmp_path):
     with pytest.raises(ConfigError, match="params.json not found"):
         ModelConfig.from_meta_params_file(tmp_path / "params.json")
@@ -57,18 +70,26 @@ def _hf_fields(hf) -> dict:
     ``rope_scaling`` before 5.0, ``rope_parameters`` since)."""
     rope = {**(getattr(hf, "rope_scaling", None) or {}), **(getattr(hf, "rope_parameters", None) or {})}
     names = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-             "num_key_value_heads", "head_dim", "vocab_size", "rms_norm_eps", "max_position_embeddings")
+             "num_key_value_heads", "head_dim", "vocab_size", "rms_norm_eps", "max_position_embeddings",
+             "tie_word_embeddings")
     return {**{k: getattr(hf, k) for k in names},
             "rope_theta": rope.get("rope_theta", getattr(hf, "rope_theta", None)),
             "rope_type": rope.get("rope_type", rope.get("type", "default")),
-            "rope_factor": rope.get("factor")}
+            "rope_factor": rope.get("factor"),
+            "rope_llama3": [rope.get(k) for k in ("low_freq_factor", "high_freq_factor",
+                                                  "original_max_position_embeddings")]}
 
 
 _LLAMA2 = dict(vocab_size=32000, rms_norm_eps=1e-5, max_position_embeddings=4096,
-               rope_theta=10000.0, rope_type="default", rope_factor=None)
+               rope_theta=10000.0, rope_type="default", rope_factor=None, tie_word_embeddings=False,
+               rope_llama3=[None, None, None])
+_LLAMA3_1 = dict(vocab_size=128256, rms_norm_eps=1e-5, max_position_embeddings=131072,
+                 rope_theta=500000.0, rope_type="llama3", rope_factor=8.0,
+                 tie_word_embeddings=False, rope_llama3=[1.0, 4.0, 8192], num_key_value_heads=8)
 
 
-# Expected values: Llama 2's config.json on the Hub (meta-llama/Llama-2-{7b,13b,70b}-hf), and for
+# Expected values: Llama 2's and 3's config.json on the Hub (meta-llama/Llama-2-{7b,13b,70b}-hf,
+# meta-llama/Llama-3.1-{8B,70B}, meta-llama/Llama-3.2-1B), and for
 # the tiny model Meta's FFN rule by hand (int(2/3 * 4 * 128) = 341, up to a multiple of 32: 352).
 @pytest.mark.parametrize("name,over,want", [
     ("llama2_7b", {}, dict(_LLAMA2, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
@@ -81,8 +102,16 @@ _LLAMA2 = dict(vocab_size=32000, rms_norm_eps=1e-5, max_position_embeddings=4096
                   "rope_scaling": {"type": "linear", "factor": 4.0}},
      dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=8,
           num_key_value_heads=2, head_dim=16, vocab_size=1000, rms_norm_eps=1e-6,
-          max_position_embeddings=256, rope_theta=500000.0, rope_type="linear", rope_factor=4.0)),
-], ids=["7b", "13b", "70b", "tiny_gqa-theta-eps-linear"])
+          max_position_embeddings=256, rope_theta=500000.0, rope_type="linear", rope_factor=4.0,
+          tie_word_embeddings=False, rope_llama3=[None, None, None])),
+    ("llama3_1_8b", {}, dict(_LLAMA3_1, hidden_size=4096, intermediate_size=14336,
+                             num_hidden_layers=32, num_attention_heads=32, head_dim=128)),
+    ("llama3_1_70b", {}, dict(_LLAMA3_1, hidden_size=8192, intermediate_size=28672,
+                              num_hidden_layers=80, num_attention_heads=64, head_dim=128)),
+    ("llama3_2_1b", {}, dict(_LLAMA3_1, hidden_size=2048, intermediate_size=8192,
+                             num_hidden_layers=16, num_attention_heads=32, head_dim=64,
+                             rope_factor=32.0, tie_word_embeddings=True)),
+], ids=["7b", "13b", "70b", "tiny_gqa-theta-eps-linear", "3.1-8b", "3.1-70b", "3.2-1b"])
 def test_hf_config_loads_in_transformers(name, over, want, tmp_path):
     """transformers is the oracle: the config.json we write, loaded by transformers.LlamaConfig,
     has the published sizes, heads, KV heads, eps, RoPE theta/scaling and vocabulary; and a
@@ -103,7 +132,7 @@ def test_bad_configs():
     with pytest.raises(ConfigError, match="n_kv_heads"):
         ModelConfig(dim=64, n_heads=4, n_kv_heads=3, vocab_size=10)
     with pytest.raises(ConfigError, match="unknown model preset"):
-        preset("llama3_8b")
+        preset("llama5_8b")
     with pytest.raises(ConfigError, match="rope_scaling.type"):
         preset("tiny", rope_scaling={"type": "yarn", "factor": 2.0})
 
@@ -128,3 +157,22 @@ def test_fields_are_type_and_range_checked(field, value, message):
     with pytest.raises(ConfigError) as info:
         ModelConfig.from_meta_params({**preset("tiny").to_meta_params(), field: value})
     assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_tied_embeddings_need_one_pipeline_stage():
+    """Llama 3.2's tied head shares the embedding's weight: a Hydra ``model=llama3_2_1b`` run with
+    pp > 1 stops in option validation (before any collective), one line naming both options; the
+    layout refuses the cut too, and pp = 1 passes."""
+    from megallama.config.compose import load_config
+    from megallama.config.validate import check_parallel, resolve_optimizer
+    from megallama.model.layout import stage_cuts
+
+    cfg = load_config(overrides=["model=llama3_2_1b", "parallel.pp=2"])
+    assert cfg.model == preset("llama3_2_1b") and cfg.model.tie_embeddings
+    resolve_optimizer(cfg, 2)
+    with pytest.raises(ConfigError, match=r"parallel.pp=2 with model.tie_embeddings=true.*pp=1"):
+        check_parallel(cfg.parallel, cfg.model, cfg.data.seq_len, world_size=2)
+    with pytest.raises(ConfigError, match="tie_embeddings"):
+        stage_cuts(cfg.model, 2)
+    cfg.parallel.pp = 1
+    check_parallel(cfg.parallel, cfg.model, cfg.data.seq_len, world_size=2)

@@ -1,4 +1,4 @@
-"""Model configuration: Meta's params.json fields, the Llama 2 presets, and HF config.json mapping.
+"""Model configuration: Meta's params.json fields, the Llama 2 and 3 presets, HF config.json mapping.
 
 The field names are Meta's (``dim``, ``n_layers``, ...) so a params.json loads as-is; the FFN width is
 derived exactly as Meta's reference code derives it, never stored, so a preset cannot drift from it.
@@ -18,19 +18,57 @@ class ConfigError(ValueError):
     """A configuration that cannot describe a valid model or layout; the message says what to fix."""
 
 
+ROPE_TYPES = ("linear", "dynamic", "llama3")
+
+
 @dataclass
 class RopeScaling:
     """RoPE context extension: ``linear`` divides positions by ``factor``; ``dynamic`` is NTK-aware
-    scaling of the base when the sequence exceeds ``max_seq_len`` (as transformers implements it)."""
+    scaling of the base when the sequence exceeds ``max_seq_len`` (as transformers implements it);
+    ``llama3`` (Llama 3.1+, Meta's ``apply_scaling``) divides the frequencies whose wavelength
+    exceeds ``original_max_seq_len / low_freq_factor`` by ``factor``, keeps those shorter than
+    ``original_max_seq_len / high_freq_factor`` and blends linearly in between. The last three
+    fields are read only by ``llama3``."""
 
     type: str = "linear"
     factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_seq_len: int = 8192
 
     def __post_init__(self) -> None:
-        if self.type not in ("linear", "dynamic"):
-            raise ConfigError(f"rope_scaling.type={self.type!r}: expected 'linear' or 'dynamic'")
+        if self.type not in ROPE_TYPES:
+            raise ConfigError(f"rope_scaling.type={self.type!r}: expected one of {list(ROPE_TYPES)}")
         if self.factor < 1.0:
             raise ConfigError(f"rope_scaling.factor={self.factor}: must be >= 1")
+        if self.type == "llama3" and not 0 < self.low_freq_factor < self.high_freq_factor:
+            raise ConfigError(f"rope_scaling: low_freq_factor={self.low_freq_factor}, high_freq_"
+                              f"factor={self.high_freq_factor}: need 0 < low < high")
+        if self.type == "llama3" and self.original_max_seq_len < 1:
+            raise ConfigError(f"rope_scaling.original_max_seq_len={self.original_max_seq_len}: "
+                              "must be >= 1")
+
+    def to_hf(self) -> dict[str, Any]:
+        """config.json's ``rope_scaling`` object."""
+        if self.type != "llama3":
+            return {"type": self.type, "rope_type": self.type, "factor": self.factor}
+        return {"rope_type": "llama3", "factor": self.factor,
+                "low_freq_factor": self.low_freq_factor, "high_freq_factor": self.high_freq_factor,
+                "original_max_position_embeddings": self.original_max_seq_len}
+
+    @classmethod
+    def from_hf(cls, scaling: dict[str, Any]) -> RopeScaling | None:
+        """From config.json's ``rope_scaling`` (None for the default rope type)."""
+        kind = scaling.get("rope_type", scaling.get("type", "default"))
+        if kind in ("linear", "dynamic"):
+            return cls(kind, float(scaling["factor"]))
+        if kind == "llama3":
+            return cls("llama3", float(scaling["factor"]), float(scaling["low_freq_factor"]),
+                       float(scaling["high_freq_factor"]),
+                       int(scaling["original_max_position_embeddings"]))
+        if kind != "default":
+            raise ConfigError(f"config.json rope_scaling type {kind!r} is not supported")
+        return None
 
 
 _POSITIVE_INTS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of",
@@ -40,7 +78,8 @@ _POSITIVE_FLOATS = ("ffn_dim_multiplier", "norm_eps", "rope_theta", "init_std")
 
 @dataclass
 class ModelConfig:
-    """Llama 2 architecture, in the vocabulary of Meta's params.json."""
+    """Llama 2 / 3 architecture, in the vocabulary of Meta's params.json. ``tie_embeddings``
+    (Llama 3.2 1B/3B): the output head multiplies by the embedding table (one weight)."""
 
     dim: int = 4096
     n_layers: int = 32
@@ -55,6 +94,7 @@ class ModelConfig:
     rope_scaling: RopeScaling | None = None
     pad_token_id: int | None = None
     init_std: float = 0.02
+    tie_embeddings: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.rope_scaling, dict):
@@ -96,6 +136,8 @@ class ModelConfig:
         if self.pad_token_id is not None and (isinstance(self.pad_token_id, bool) or
                                               not isinstance(self.pad_token_id, int)):
             raise ConfigError(f"pad_token_id={self.pad_token_id!r}: expected an integer or null")
+        if not isinstance(self.tie_embeddings, bool):
+            raise ConfigError(f"tie_embeddings={self.tie_embeddings!r}: expected true or false")
 
     @property
     def head_dim(self) -> int:
@@ -110,12 +152,18 @@ class ModelConfig:
         return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
 
     def num_parameters(self, include_embedding: bool = True) -> int:
-        """Exact parameter count of the unpadded model."""
+        """Exact parameter count of the unpadded model (tied embeddings: the one table counts as
+        the output head, with or without ``include_embedding``)."""
         d, f, hd = self.dim, self.ffn_hidden_dim, self.head_dim
         attn = d * self.n_heads * hd * 2 + d * self.n_kv_heads * hd * 2
         block = attn + 3 * d * f + 2 * d
         total = self.n_layers * block + d + self.vocab_size * d  # blocks, final norm, output head
-        return total + (self.vocab_size * d if include_embedding else 0)
+        return total + (self.vocab_size * d if include_embedding and not self.tie_embeddings else 0)
+
+    def bos_eos_ids(self) -> tuple[int, int]:
+        """The begin/end-of-text ids an export declares: Llama 3's tiktoken vocabulary of 128,256
+        ids has <|begin_of_text|> 128000 and <|end_of_text|> 128001, Llama 2's <s> 1 and </s> 2."""
+        return (128000, 128001) if self.vocab_size == 128256 else (1, 2)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -137,6 +185,25 @@ class ModelConfig:
             out["ffn_dim_multiplier"] = self.ffn_dim_multiplier
         if self.rope_theta != 10000.0:
             out["rope_theta"] = self.rope_theta
+        out.update(self._meta_rope_scaling())
+        if self.tie_embeddings:  # not Meta's field (its code ignores it; output.weight is written)
+            out["tie_word_embeddings"] = True
+        return out
+
+    def _meta_rope_scaling(self) -> dict[str, Any]:
+        """params.json's RoPE scaling fields: ``use_scaled_rope`` (Meta's Llama 3.1 code, factor
+        8, high_freq_factor 4) and Llama 4's names for another factor; ConfigError otherwise."""
+        s = self.rope_scaling
+        if s is None:
+            return {}
+        if s.type != "llama3" or s.low_freq_factor != 1.0 or s.original_max_seq_len != 8192:
+            raise ConfigError(f"rope_scaling {s} cannot be expressed in Meta's params.json "
+                              "(only llama3 scaling with low_freq_factor 1 and original 8192)")
+        out: dict[str, Any] = {"use_scaled_rope": True}
+        if s.factor != 8.0:
+            out["rope_scaling_factor"] = s.factor
+        if s.high_freq_factor != 4.0:
+            out["rope_high_freq_factor"] = s.high_freq_factor
         return out
 
     @classmethod
@@ -144,8 +211,19 @@ class ModelConfig:
         cls, params: dict[str, Any], vocab_size: int | None = None, max_seq_len: int = 4096
     ) -> ModelConfig:
         """Build from a params.json dict; ``vocab_size`` overrides Meta's -1 placeholder."""
-        known = {f.name for f in dataclasses.fields(cls)}
+        known = {f.name for f in dataclasses.fields(cls)} - {"rope_scaling", "tie_embeddings"}
         kwargs = {k: v for k, v in params.items() if k in known}
+        if params.get("use_scaled_rope"):  # Meta's apply_scaling: factor 8, high 4 unless named
+            kwargs["rope_scaling"] = RopeScaling(
+                "llama3", params.get("rope_scaling_factor") or 8.0, 1.0,
+                params.get("rope_high_freq_factor") or 4.0, 8192)
+            kwargs.setdefault("rope_theta", 500000.0)
+        if "tie_word_embeddings" in params:
+            kwargs["tie_embeddings"] = params["tie_word_embeddings"]
+        if params.get("use_scaled_rope"):  # no context length in params.json: Llama 3.1's 128k
+            max_seq_len = 131072
+        elif params.get("vocab_size") == 128256:  # Llama 3.0: 8k
+            max_seq_len = 8192
         if vocab_size is not None:
             kwargs["vocab_size"] = vocab_size
         kwargs.setdefault("max_seq_len", max_seq_len)
@@ -171,13 +249,7 @@ class ModelConfig:
     # ---- Hugging Face config.json -----------------------------------------------------------
     def to_hf_config(self, torch_dtype: str = "float32") -> dict[str, Any]:
         """LlamaForCausalLM's config.json fields."""
-        scaling = None
-        if self.rope_scaling is not None:
-            scaling = {
-                "type": self.rope_scaling.type,
-                "rope_type": self.rope_scaling.type,
-                "factor": self.rope_scaling.factor,
-            }
+        scaling = None if self.rope_scaling is None else self.rope_scaling.to_hf()
         return {
             "architectures": ["LlamaForCausalLM"],
             "model_type": "llama",
@@ -196,9 +268,9 @@ class ModelConfig:
             "initializer_range": self.init_std,
             "attention_bias": False,
             "mlp_bias": False,
-            "tie_word_embeddings": False,
-            "bos_token_id": 1,
-            "eos_token_id": 2,
+            "tie_word_embeddings": self.tie_embeddings,
+            "bos_token_id": self.bos_eos_ids()[0],
+            "eos_token_id": self.bos_eos_ids()[1],
             "pad_token_id": self.pad_token_id,
             "pretraining_tp": 1,
             "use_cache": True,
@@ -220,11 +292,7 @@ class ModelConfig:
         rope_theta = hf.get("rope_theta", 10000.0)
         if scaling:
             rope_theta = scaling.get("rope_theta", rope_theta)
-            kind = scaling.get("rope_type", scaling.get("type", "default"))
-            if kind in ("linear", "dynamic"):
-                rope = RopeScaling(kind, float(scaling["factor"]))
-            elif kind != "default":
-                raise ConfigError(f"config.json rope_scaling type {kind!r} is not supported")
+            rope = RopeScaling.from_hf(scaling)
         cfg = cls(
             dim=dim,
             n_layers=hf["num_hidden_layers"],
@@ -236,6 +304,7 @@ class ModelConfig:
             max_seq_len=hf.get("max_position_embeddings", 4096),
             rope_scaling=rope,
             pad_token_id=hf.get("pad_token_id"),
+            tie_embeddings=hf.get("tie_word_embeddings", False),
         )
         cfg.multiple_of, cfg.ffn_dim_multiplier = _solve_ffn(dim, hf["intermediate_size"])
         return cfg
@@ -279,6 +348,15 @@ def kv_replicas_for(n_kv_heads: int, tp: int) -> int:
 
 
 # ---- presets ------------------------------------------------------------------------------------
+_LLAMA3: dict[str, Any] = dict(n_kv_heads=8, vocab_size=128256, rope_theta=500000.0,
+                               max_seq_len=8192)
+_ROPE_3_1: dict[str, Any] = dict(type="llama3", factor=8.0, low_freq_factor=1.0,
+                                 high_freq_factor=4.0, original_max_seq_len=8192)
+_LLAMA3_1: dict[str, Any] = dict(_LLAMA3, max_seq_len=131072, rope_scaling=_ROPE_3_1)
+_LLAMA3_2: dict[str, Any] = dict(_LLAMA3_1, rope_scaling=dict(_ROPE_3_1, factor=32.0),
+                                 multiple_of=256, tie_embeddings=True)
+_FFN_8B: dict[str, Any] = dict(multiple_of=1024, ffn_dim_multiplier=1.3)  # 14336
+_FFN_70B: dict[str, Any] = dict(multiple_of=4096, ffn_dim_multiplier=1.3)  # 28672
 PRESETS: dict[str, dict[str, Any]] = {
     "llama2_7b": dict(dim=4096, n_layers=32, n_heads=32),
     "llama2_13b": dict(dim=5120, n_layers=40, n_heads=40),
@@ -293,15 +371,32 @@ PRESETS: dict[str, dict[str, Any]] = {
         dim=256, n_layers=2, n_heads=64, n_kv_heads=8, ffn_dim_multiplier=1.3, multiple_of=64,
         max_seq_len=256,
     ),
+    # Llama 3 (tiktoken vocabulary of 128,256 ids, GQA 8 KV heads at every size, rope_theta 5e5):
+    # 3.0 has 8k context; 3.1 (and 3.3 70B, the same architecture) scale RoPE to 128k.
+    "llama3_8b": dict(_LLAMA3, dim=4096, n_layers=32, n_heads=32, **_FFN_8B),
+    "llama3_70b": dict(_LLAMA3, dim=8192, n_layers=80, n_heads=64, **_FFN_70B),
+    "llama3_1_8b": dict(_LLAMA3_1, dim=4096, n_layers=32, n_heads=32, **_FFN_8B),
+    "llama3_1_70b": dict(_LLAMA3_1, dim=8192, n_layers=80, n_heads=64, **_FFN_70B),
+    "llama3_1_405b": dict(_LLAMA3_1, dim=16384, n_layers=126, n_heads=128, multiple_of=4096,
+                          ffn_dim_multiplier=1.2),
+    # 3.2: small, tied input/output embeddings, RoPE factor 32 (as their config.json says)
+    "llama3_2_1b": dict(_LLAMA3_2, dim=2048, n_layers=16, n_heads=32, ffn_dim_multiplier=1.5),
+    "llama3_2_3b": dict(_LLAMA3_2, dim=3072, n_layers=28, n_heads=24, ffn_dim_multiplier=1.0),
+    # Llama 3's shape at tiny width (tests): the full vocabulary, GQA, 3.1's scaled RoPE (head_dim
+    # 16 puts frequencies in each of its three bands), and 3.2's tied embeddings
+    "tiny_llama3": dict(_LLAMA3_1, dim=64, n_layers=4, n_heads=4, n_kv_heads=2, multiple_of=32,
+                        max_seq_len=256),
+    "tiny_llama3_tied": dict(_LLAMA3_2, dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                             multiple_of=32, max_seq_len=256),
 }
 
 
 def preset(name: str, **overrides: Any) -> ModelConfig:
-    """A named preset (``llama2_7b``, ``llama2_13b``, ``llama2_70b``, ``tiny``...) with overrides."""
+    """A named preset (``llama2_7b``, ``llama3_1_8b``, ``tiny``...) with overrides."""
     if name not in PRESETS:
         raise ConfigError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
     return ModelConfig(**{**PRESETS[name], **overrides})
 
 
-__all__ = ["ConfigError", "ModelConfig", "RopeScaling", "PRESETS", "check_tp_layout",
+__all__ = ["ConfigError", "ModelConfig", "RopeScaling", "ROPE_TYPES", "PRESETS", "check_tp_layout",
            "kv_replicas_for", "preset"]

@@ -239,9 +239,10 @@ def check_layout(fmt: str, where: Path, cfg: ModelConfig, tp: int, pp: int,
     """Refuse an output layout that cannot split this model, before anything is written."""
     if fmt == "meta":
         check_mp(cfg, mp or default_mp(cfg), where)
-        if cfg.rope_scaling is not None:  # Meta's params.json has no field for it
-            raise CheckpointError(f"{where}: rope_scaling {cfg.rope_scaling} cannot be expressed "
-                                  "in Meta's params.json; convert to hf or megallama instead")
+        try:  # Meta's params.json has fields for Llama 3.1's RoPE scaling only
+            cfg.to_meta_params()
+        except ConfigError as e:
+            raise CheckpointError(f"{where}: {e}; convert to hf or megallama instead") from None
     elif fmt == "megallama":
         try:
             check_tp_layout(cfg, tp)
@@ -249,6 +250,10 @@ def check_layout(fmt: str, where: Path, cfg: ModelConfig, tp: int, pp: int,
             raise CheckpointError(f"{where}: --tp {tp}: {e}") from None
         if not 1 <= pp <= cfg.n_layers:
             raise CheckpointError(f"{where}: --pp {pp}: need 1 <= pp <= n_layers={cfg.n_layers}")
+        if pp > 1 and cfg.tie_embeddings:
+            raise CheckpointError(f"{where}: --pp {pp}: the model ties its output head to the "
+                                  "embedding (tie_word_embeddings), which needs both on one "
+                                  "pipeline stage; use --pp 1")
 
 
 def _cast(t: torch.Tensor, dtype: torch.dtype, name: str, where: str) -> torch.Tensor:

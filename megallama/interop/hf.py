@@ -24,6 +24,8 @@ from safetensors import safe_open
 
 from megallama.checkpoint.atomic import CheckpointError, fsync_file
 from megallama.config import ConfigError, ModelConfig
+from megallama.data.hf_tokenizer import write_hf_tiktoken_tokenizer
+from megallama.data.tokenizer import Tokenizer, TokenizerError
 from megallama.interop.names import (
     hf_tensor_to_meta,
     meta_tensor_to_hf,
@@ -123,8 +125,6 @@ def read_hf_config(path: Path) -> tuple[ModelConfig, dict[str, Any]]:
             raise ConfigError(f"expected a JSON object, got {type(raw).__name__}")
         if raw.get("model_type") not in (None, "llama"):
             raise ConfigError(f"model_type {raw['model_type']!r} is not 'llama'")
-        if raw.get("tie_word_embeddings"):
-            raise ConfigError("tie_word_embeddings=true: Llama 2 has an untied output head")
         check_rope_scaling(raw.get("rope_scaling") or raw.get("rope_parameters") or None)
         inter = raw.get("intermediate_size", 1)  # solved into multiple_of/ffn_dim_multiplier
         if isinstance(inter, bool) or not isinstance(inter, int) or inter < 1:
@@ -163,11 +163,17 @@ class HFSource:
         self.files = self._weight_map()
         expected = {meta_to_hf_name(n): s for n, s in model_tensor_shapes(self.config)}
         self.names = list(expected)
+        # a tied model's lm_head.weight, when a writer stored it, must be the embedding: checked,
+        # not converted
+        ignored = _IGNORED_HF + (("lm_head.weight",) if self.config.tie_embeddings else ())
+        if self.config.tie_embeddings and "lm_head.weight" in self.files:
+            self._check_tied_head(self.files["lm_head.weight"])
+        self.files = {k: v for k, v in self.files.items() if not k.endswith(ignored)}
         for fname in sorted(set(self.files.values())):
             fpath = self.path / fname
             try:
                 with safe_open(fpath, framework="pt") as f:
-                    keys = [k for k in f.keys() if not k.endswith(_IGNORED_HF)]
+                    keys = [k for k in f.keys() if not k.endswith(ignored)]
                     for key in keys:
                         if key not in expected:
                             raise CheckpointError(f"{fpath}: {key}: unexpected tensor (not a "
@@ -203,6 +209,22 @@ class HFSource:
         self.declared_dtype = ST_TO_TORCH[first]
         self.nbytes = sum(nbytes_of(s, ST_TO_TORCH.get(stored[n], torch.float32))
                           for n, s in expected.items())
+
+    def _check_tied_head(self, head_file: str) -> None:
+        """config.json's tie_word_embeddings is true: a stored lm_head.weight must equal the
+        embedding (or the head of an untied model would be dropped)."""
+        tensors = []
+        for name in ("model.embed_tokens.weight", "lm_head.weight"):
+            fname = head_file if name == "lm_head.weight" else self.files.get(name, head_file)
+            try:
+                with safe_open(self.path / fname, framework="pt") as f:
+                    tensors.append(f.get_tensor(name))
+            except Exception:  # noqa: BLE001 -- a missing or unreadable one is reported below
+                return
+        if not torch.equal(*tensors):
+            raise CheckpointError(f"{self.path / 'config.json'}: tie_word_embeddings=true but "
+                                  f"lm_head.weight ({head_file}) differs from the embedding; set "
+                                  "it false to convert an untied model")
 
     def _weight_map(self) -> dict[str, str]:
         index = self.path / INDEX_FILE
@@ -278,7 +300,8 @@ class HFSink:
             (self.out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
         hf = self.cfg.to_hf_config(torch_dtype=HF_DTYPE_NAMES[self.dtype])
         (self.out / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
-        gen: dict[str, Any] = {"bos_token_id": 1, "eos_token_id": 2}
+        bos, eos = self.cfg.bos_eos_ids()
+        gen: dict[str, Any] = {"bos_token_id": bos, "eos_token_id": self._stop_ids() or eos}
         if self.cfg.pad_token_id is not None:
             gen["pad_token_id"] = self.cfg.pad_token_id
         (self.out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
@@ -289,6 +312,15 @@ class HFSink:
         if self._open is not None:
             self._open[1].abort()
 
+    def _stop_ids(self) -> list[int] | None:
+        """The shipped Llama 3 tokenizer's stop ids (<|end_of_text|>, <|eom_id|>, <|eot_id|>), so
+        transformers' ``generate`` stops where megallama's does; None otherwise (one EOS)."""
+        src = None if self.tokenizer is None else Path(self.tokenizer)
+        if src is None or src.is_dir() or not src.is_file():
+            return None
+        tok = Tokenizer(src)
+        return list(tok.stop_ids) if tok.chat_format == "llama3" else None
+
 
 HF_TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
                       "special_tokens_map.json")
@@ -296,7 +328,9 @@ HF_TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.jso
 
 def write_hf_tokenizer(src: Path, out: Path, cfg: ModelConfig) -> None:
     """Copy HF tokenizer files from a directory, or wrap a sentencepiece ``tokenizer.model`` with
-    the tokenizer_config.json / special_tokens_map.json that LlamaTokenizer expects."""
+    the tokenizer_config.json / special_tokens_map.json that LlamaTokenizer expects, or beside a
+    tiktoken ``tokenizer.model`` (Llama 3) write tokenizer.json + tokenizer_config.json
+    (:mod:`megallama.data.hf_tokenizer`)."""
     src = Path(src)
     if src.is_dir():
         found = [n for n in HF_TOKENIZER_FILES if (src / n).is_file()]
@@ -308,6 +342,12 @@ def write_hf_tokenizer(src: Path, out: Path, cfg: ModelConfig) -> None:
     if not src.is_file():
         raise CheckpointError(f"{src}: tokenizer not found")
     shutil.copyfile(src, out / "tokenizer.model")
+    if Tokenizer(src).chat_format == "llama3":  # tiktoken: tokenizer.json for AutoTokenizer
+        try:
+            write_hf_tiktoken_tokenizer(src, out, cfg.max_seq_len)
+        except TokenizerError as e:
+            raise CheckpointError(f"{src}: {e}") from None
+        return
     special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
     (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
     config = {"tokenizer_class": "LlamaTokenizer", **special, "add_bos_token": True,

@@ -39,8 +39,11 @@ from megallama.interop.names import meta_split_dim, model_tensor_shapes
 
 ROPE_FREQS = "rope.freqs"
 _FILE_RE = re.compile(r"consolidated\.(\d+)\.pth")
-# Meta's published model-parallel sizes, by model width: 7B 1, 13B 2, 70B 8.
-_DEFAULT_MP = {4096: 1, 5120: 2, 8192: 8}
+# Meta's published model-parallel sizes, by model width: 7B/8B 1, 13B 2, 70B 8, 405B 8.
+_DEFAULT_MP = {4096: 1, 5120: 2, 8192: 8, 16384: 8}
+# Meta's Llama 3 code loads a checkpoint strictly and has no rope.freqs buffer: no rope.freqs is
+# written for its models, those of the tiktoken vocabulary or its rope_theta.
+LLAMA3_VOCAB, LLAMA3_THETA = 128256, 500000.0
 _STORAGE_TYPES = {torch.float32: "FloatStorage", torch.bfloat16: "BFloat16Storage",
                   torch.float16: "HalfStorage"}
 
@@ -216,6 +219,9 @@ class MetaSource:
         check_mp(self.config, self.mp, self.files[0])
         self.expected = model_tensor_shapes(self.config)
         self.names = [n for n, _ in self.expected]
+        # tied (tie_word_embeddings in params.json): Meta's code still loads an output.weight,
+        # which must then be the embedding; it is checked, not converted
+        self.extra = {"output.weight"} if self.config.tie_embeddings else set()
         self._validate()
         first = self.shards[0]["tok_embeddings.weight"].dtype
         self.declared_dtype = first
@@ -239,7 +245,7 @@ class MetaSource:
         dtypes: dict[str, torch.dtype] = {}
         for path, sd in zip(self.files, self.shards, strict=True):
             for key, t in sd.items():
-                if key not in want and key != ROPE_FREQS:
+                if key not in want and key != ROPE_FREQS and key not in self.extra:
                     raise CheckpointError(f"{path}: {key}: unexpected tensor (not a parameter of "
                                           "the params.json model)")
                 if key in want:
@@ -276,7 +282,20 @@ class MetaSource:
             for p in pieces:
                 release_pages(p)
             del pieces
+            if name == "tok_embeddings.weight" and self.extra:
+                self._check_tied(full)
             yield name, full, str(self.files[0] if dim is None else self.path)
+
+    def _check_tied(self, embedding: torch.Tensor) -> None:
+        """A tied model's stored ``output.weight`` (if any) must equal the embedding."""
+        if not all("output.weight" in sd for sd in self.shards):
+            return
+        head = torch.cat([sd["output.weight"] for sd in self.shards], dim=meta_split_dim(
+            "output.weight"))
+        if not torch.equal(head, embedding):
+            raise CheckpointError(f"{self.path}: output.weight differs from tok_embeddings.weight "
+                                  "but params.json says tie_word_embeddings; remove that field "
+                                  "to convert an untied model")
 
     def close(self) -> None:
         self.shards = []
@@ -358,7 +377,11 @@ class MetaSink:
         self.out, self.cfg, self.dtype, self.mp = Path(out), cfg, dtype, mp
         check_mp(cfg, mp, self.out)
         plans: list[list[tuple[str, torch.dtype, list[int]]]] = [[] for _ in range(mp)]
-        for name, shape in model_tensor_shapes(cfg) + [(ROPE_FREQS, [cfg.head_dim // 2])]:
+        shapes = model_tensor_shapes(cfg)
+        if cfg.tie_embeddings:  # Meta's code needs output.weight: the embedding, written twice
+            shapes.insert(1, ("output.weight", shapes[0][1]))
+        self.rope_freqs = cfg.vocab_size != LLAMA3_VOCAB and cfg.rope_theta != LLAMA3_THETA
+        for name, shape in shapes + [(ROPE_FREQS, [cfg.head_dim // 2])] * self.rope_freqs:
             dim = meta_split_dim(name)
             piece = list(shape)
             if dim is not None:
@@ -374,11 +397,14 @@ class MetaSink:
         pieces = [t] * self.mp if dim is None else t.chunk(self.mp, dim=dim)
         for f, piece in zip(self.files, pieces, strict=True):
             f.write(name, piece)
+        if name == "tok_embeddings.weight" and self.cfg.tie_embeddings:
+            self.write("output.weight", t)
 
     def finish(self) -> None:
         freqs = rope_freqs(self.cfg, self.dtype)
         for f in self.files:
-            f.write(ROPE_FREQS, freqs)
+            if self.rope_freqs:
+                f.write(ROPE_FREQS, freqs)
             f.close()
         params = self.cfg.to_meta_params()
         (self.out / "params.json").write_text(json.dumps(params) + "\n")

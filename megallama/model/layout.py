@@ -6,7 +6,10 @@ writer and reader, the resharder and the planner, so none of them can disagree w
 Nothing here builds a layer or touches torch.distributed (and DeepSpeed is never imported): the
 planner and the resharder lay out a 70B model on a laptop.
 
-Layers: embedding, ``n_layers`` transformer blocks, final norm, output head (Meta's names).
+Layers: embedding, ``n_layers`` transformer blocks, final norm, output head (Meta's names). With
+``tie_embeddings`` the head has no parameter: ``output.weight`` is not a tensor of the model (the
+head multiplies by ``tok_embeddings.weight``), so it is neither sharded nor saved; both layers
+must then be on one stage (pp = 1).
 
 Stages: ``balanced`` weighs each layer by its forward FLOPs per token (the head's vocabulary
 matmul and loss included; the embedding lookup costs memory but almost no compute, so it gets a
@@ -108,6 +111,9 @@ def stage_cuts(cfg: ModelConfig, pp: int, seq_len: int | None = None,
     (default ``max_seq_len``), ``uniform`` weighs every layer 1."""
     if method not in PARTITION_METHODS:
         raise ConfigError(f"partition_method={method!r}: choose one of {list(PARTITION_METHODS)}")
+    if cfg.tie_embeddings and pp != 1:
+        raise ConfigError(f"pp={pp} with model.tie_embeddings=true: a tied output head shares the "
+                          "embedding's weight, which needs both on one pipeline stage; use pp=1")
     if not 1 <= pp <= cfg.n_layers:
         raise ConfigError(f"pp={pp}: every pipeline stage needs at least one transformer block "
                           f"and the model has n_layers={cfg.n_layers}; choose 1 <= pp <= "
@@ -216,9 +222,12 @@ def _block_params(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], int | No
 def _top_params(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], int | None]]:
     """(shape, split dim) of the embedding, final norm and head (the two tables are split along
     the vocabulary)."""
-    return {"tok_embeddings.weight": ((cfg.vocab_size, cfg.dim), 0),
-            "norm.weight": ((cfg.dim,), None),
-            "output.weight": ((cfg.vocab_size, cfg.dim), 0)}
+    top = {"tok_embeddings.weight": ((cfg.vocab_size, cfg.dim), 0),
+           "norm.weight": ((cfg.dim,), None),
+           "output.weight": ((cfg.vocab_size, cfg.dim), 0)}
+    if cfg.tie_embeddings:
+        del top["output.weight"]
+    return top
 
 
 def _spec(cfg: ModelConfig, name: str, tp: int, shape: tuple[int, ...],
@@ -276,7 +285,7 @@ def shard_specs(cfg: ModelConfig, tp: int) -> list[ShardSpec]:
     out = [_spec(cfg, "tok_embeddings.weight", tp, *top["tok_embeddings.weight"])]
     for i in range(cfg.n_layers):
         out += [_spec(cfg, f"layers.{i}.{local}", tp, *rule) for local, rule in block.items()]
-    return out + [_spec(cfg, n, tp, *top[n]) for n in ("norm.weight", "output.weight")]
+    return out + [_spec(cfg, n, tp, *top[n]) for n in ("norm.weight", "output.weight") if n in top]
 
 
 __all__ = ["VOCAB_PADDED", "ShardSpec", "balanced_cuts", "is_block",

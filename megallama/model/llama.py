@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from megallama.config import ConfigError, ModelConfig, check_tp_layout, kv_replicas_for
+from megallama.config import ConfigError, ModelConfig, RopeScaling, check_tp_layout, kv_replicas_for
 from megallama.model.documents import cached_positions, document_attention
 from megallama.model.layout import is_block, layer_names, shard_spec
 from megallama.parallel import mappings
@@ -49,9 +49,24 @@ class RMSNorm(nn.Module):
         return out * mappings.copy_to_tp(self.weight, self.sp_group)
 
 
+def llama3_inv_freq(inv_freq: torch.Tensor, scaling: RopeScaling) -> torch.Tensor:
+    """Llama 3.1's RoPE scaling of the frequencies (Meta's ``apply_scaling``, transformers'
+    ``llama3`` rope type, the same fp32 operations): wavelengths longer than
+    original/low_freq_factor are divided by ``factor``, those shorter than original/high_freq_factor
+    kept, and the band between blends the two linearly in original/wavelength."""
+    factor, low, high = scaling.factor, scaling.low_freq_factor, scaling.high_freq_factor
+    old = scaling.original_max_seq_len
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old / low, inv_freq / factor, inv_freq)
+    smooth = (old / wavelen - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old / high) & (wavelen <= old / low)
+    return torch.where(medium, blended, scaled)
+
+
 def rope_cos_sin(cfg: ModelConfig, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of the rotation angles, [seq_len, head_dim/2], fp32, with linear or dynamic
-    (NTK) scaling as transformers computes them."""
+    """cos and sin of the rotation angles, [seq_len, head_dim/2], fp32, with linear, dynamic
+    (NTK) or llama3 scaling as transformers computes them."""
     dim, base = cfg.head_dim, cfg.rope_theta
     positions = torch.arange(seq_len, device=device, dtype=torch.float32)
     scaling = cfg.rope_scaling
@@ -61,6 +76,8 @@ def rope_cos_sin(cfg: ModelConfig, seq_len: int, device: torch.device) -> tuple[
     inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, device=device, dtype=torch.int64).float() / dim))
     if scaling is not None and scaling.type == "linear":
         inv_freq = inv_freq / scaling.factor
+    if scaling is not None and scaling.type == "llama3":
+        inv_freq = llama3_inv_freq(inv_freq, scaling)
     angles = torch.outer(positions, inv_freq)
     return angles.cos(), angles.sin()
 
@@ -73,6 +90,11 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     c, s = cos.unsqueeze(-2), sin.unsqueeze(-2)
     out = torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1)
     return out.flatten(-2).type_as(x)
+
+
+# Positions the per-layer RoPE table holds: 128k-context configs (Llama 3.1) would otherwise keep
+# 64 MiB per layer; longer sequences compute their angles per forward (the same values).
+ROPE_TABLE_MAX = 8192
 
 
 class KVCache:
@@ -138,7 +160,7 @@ class Attention(nn.Module):
         self.wo = RowParallelLinear(cfg.n_heads * hd, cfg.dim, tp, seed=seed, key=f"{prefix}.wo.weight", std=out_std)
         # RoPE table for positions < max_seq_len, computed once (not per forward, and not inside a
         # compiled block, where Inductor would evaluate cos/sin once per head); not in checkpoints
-        cos, sin = rope_cos_sin(cfg, cfg.max_seq_len, torch.device("cpu"))
+        cos, sin = rope_cos_sin(cfg, min(cfg.max_seq_len, ROPE_TABLE_MAX), torch.device("cpu"))
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
@@ -225,14 +247,26 @@ class TransformerBlock(nn.Module):
         return self._forward(x, cache, segments)
 
 
+class EmbeddingRef:
+    """The embedding a tied output head multiplies by: set when the embedding of the same stage is
+    built (``layer_defs`` hands one to both), read at each forward (so a weight replaced after
+    building, e.g. materialised from the meta device, is the one used)."""
+
+    def __init__(self) -> None:
+        self.module: nn.Module | None = None
+
+
 class Embedding(VocabParallelEmbedding):
     """tok_embeddings: token ids [b, s] -> hidden [b, s, dim] (a sequence chunk under SP)."""
 
-    def __init__(self, cfg: ModelConfig, tp: TensorParallel, seed: int = 0) -> None:
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel, seed: int = 0,
+                 ref: EmbeddingRef | None = None) -> None:
         padded = shard_spec(cfg, "tok_embeddings.weight", tp.size).padded
         super().__init__(cfg.vocab_size, padded, cfg.dim, tp,
                          seed=seed, key="tok_embeddings.weight", std=cfg.init_std,
                          padding_idx=cfg.pad_token_id)
+        if ref is not None:
+            ref.module = self
 
 
 class FinalNorm(RMSNorm):
@@ -241,16 +275,30 @@ class FinalNorm(RMSNorm):
 
 
 class OutputHead(ColumnParallelLinear):
-    """Untied output projection; returns this rank's vocabulary slice of the logits, full sequence."""
+    """Output projection; returns this rank's vocabulary slice of the logits, full sequence.
+    Tied (``cfg.tie_embeddings``): no weight of its own; it multiplies by the embedding table of
+    its stage, whose TP slices are the same vocabulary rows (both padded alike), so the one
+    weight's gradient sums both uses within autograd."""
 
-    def __init__(self, cfg: ModelConfig, tp: TensorParallel, seed: int = 0) -> None:
-        padded = shard_spec(cfg, "output.weight", tp.size).padded
-        super().__init__(cfg.dim, cfg.vocab_size, tp, seed=seed, key="output.weight",
-                         std=cfg.init_std, pad_rows_to=padded)
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel, seed: int = 0,
+                 ref: EmbeddingRef | None = None) -> None:
+        self.tied = ref if cfg.tie_embeddings else None
+        if self.tied is not None:
+            nn.Module.__init__(self)
+            self.replica_group, self.fp8_matmul = None, None
+        else:
+            padded = shard_spec(cfg, "output.weight", tp.size).padded
+            super().__init__(cfg.dim, cfg.vocab_size, tp, seed=seed, key="output.weight",
+                             std=cfg.init_std, pad_rows_to=padded)
         self.tp = tp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(self.tp.enter(x))
+        x = self.tp.enter(x)
+        if self.tied is None:
+            return super().forward(x)
+        if self.tied.module is None:
+            raise ConfigError("tie_embeddings: the output head's stage has no embedding")
+        return F.linear(x, self.tied.module.weight)
 
 
 @dataclass
@@ -273,8 +321,10 @@ def layer_defs(cfg: ModelConfig, tp: TensorParallel, seed: int = 0,
     check_tp_layout(cfg, tp.size)
     top = {"tok_embeddings": Embedding, "norm": FinalNorm, "output": OutputHead}
     ckpt = activation_checkpointing
+    tied = {"ref": EmbeddingRef()} if cfg.tie_embeddings else {}
     return [LayerDef(n, TransformerBlock, (int(n.split(".")[1]), cfg, tp, seed, ckpt))
-            if is_block(n) else LayerDef(n, top[n], (cfg, tp, seed))
+            if is_block(n) else
+            LayerDef(n, top[n], (cfg, tp, seed), tied if n != "norm" else {})
             for n in layer_names(cfg)]
 
 

@@ -65,9 +65,12 @@ def _check_case(world: int, name: str, tp: int, sp: bool, **over) -> None:
         assert torch.equal(full_w, ref_params[pname].detach()), f"{what}: init of {pname} differs"
         err = rel_err(full_g, ref_params[pname].grad)
         assert err < TOL, f"{what}: grad of {pname} rel err {err:.2e}"
-    # padded vocabulary rows: zero weights, zero gradients
-    padded = full_tensor(model.output.weight.grad, model.output.weight, tpc)[VOCAB:]
+    # padded vocabulary rows: zero weights, zero gradients (a tied head's are the embedding's)
+    head = model.tok_embeddings.weight if cfg.tie_embeddings else model.output.weight
+    padded = full_tensor(head.grad, head, tpc)[VOCAB:]
     assert padded.abs().sum() == 0, f"{what}: padded head rows received gradient"
+    if cfg.tie_embeddings:  # one weight: its gradient sums the lookup's and the head's
+        assert "output.weight" not in dict(model.named_parameters())
 
 
 def _check_cross_entropy(world: int, tp: int) -> None:
@@ -116,6 +119,8 @@ CASES_4 = [
     ("tiny_gqa", 4, False), ("tiny_gqa", 4, True),      # tp > n_kv: each KV head on 2 ranks
     ("tiny_70b_shape", 4, True),                         # 64 query heads over 8 KV heads
     ("tiny", 2, True, {"pad_token_id": 0}),
+    ("tiny_llama3", 4, True),                            # Llama 3.1: scaled RoPE, tp > n_kv
+    ("tiny_llama3_tied", 2, True), ("tiny_llama3_tied", 4, False),  # 3.2: tied head
 ]
 CASES_8 = [
     ("tiny", 8, True), ("tiny_gqa", 8, False), ("tiny_gqa", 8, True),  # 4 replicas per KV head
