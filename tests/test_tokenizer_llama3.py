@@ -94,7 +94,14 @@ def test_long_texts_equal_metas_cuts(llama3_tokenizer: Tokenizer, meta) -> None:
         assert llama3_tokenizer.decode(ours) == text
     assert llama3_tokenizer.encode_batch(texts[:3], num_threads=2) == [
         llama3_tokenizer.encode(t) for t in texts[:3]]
-    # the cuts themselves are Meta's, piece for piece
+    # the cuts themselves are Meta's, piece for piece; also for runs of 24,990..25,010
+    # characters at random offsets (across the positions 25000*k that the fast check measures)
+    rng = random.Random(3)
+    for _ in range(6):
+        runs = [rng.choice([rng.randint(1, 9), rng.randint(24_990, 25_010)]) for _ in range(12)]
+        texts.append("".join(("\u3000" if i % 2 else "z") * n for i, n in enumerate(runs)))
+    texts += [" " * 20_000 + "z" * 25_001 + " ", " " * 20_000 + "z" * 25_000 + " ",
+              "z" * 20_000 + "\n" * 25_001, "z" * 20_000 + "\n" * 25_000 + "z"]
     for text in texts:
         metas = [piece for i in range(0, len(text), 400_000)
                  for piece in meta._split_whitespaces_or_nonwhitespaces(text[i:i + 400_000],

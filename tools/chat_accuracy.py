@@ -48,7 +48,7 @@ def main() -> None:
     cases = held_out(args.data, args.limit)
     prompts = [encode_dialog_prompt(tokenizer, messages) for messages, _ in cases]
     with torch.no_grad():
-        outputs = generate(model, prompts, args.max_new_tokens, eos_id=tokenizer.eos_id)
+        outputs = generate(model, prompts, args.max_new_tokens, eos_id=tokenizer.stop_ids)
     answers = [tokenizer.decode(ids).strip() for ids in outputs]
     right = [a == want for a, (_, want) in zip(answers, cases, strict=True)]
     for (messages, want), answer, ok in list(zip(cases, answers, right, strict=True))[:args.show]:

@@ -13,8 +13,9 @@ tokens follow the ranks: ``<|begin_of_text|>`` (BOS, 128000), ``<|end_of_text|>`
 text, never as the special id: only the chat format places control ids. Meta cuts a text into
 pieces of at most 400,000 characters, and each of those wherever a run of whitespace or of
 non-whitespace would exceed 25,000 characters (tiktoken's regex otherwise overflows), and encodes
-the pieces separately; the cuts change ids at those points, so they are replicated here (found by
-a regex over the long runs only, rather than Meta's loop over every character).
+the pieces separately; the cuts change ids at those points, so they are replicated here (found
+by measuring only the runs through every 25,000th character, rather than Meta's loop over every
+character).
 
 ``decode`` is tiktoken's (Meta's): special tokens decode to their text, and bytes that do not
 form UTF-8 (a character cut between tokens) decode as U+FFFD. Every text round-trips:
@@ -63,9 +64,11 @@ ALL_SPECIAL_TOKENS = SPECIAL_TOKENS + tuple(
 TIKTOKEN_MAX_ENCODE_CHARS = 400_000  # Meta's limit of one tiktoken call
 MAX_NO_WHITESPACES_CHARS = 25_000  # Meta's limit of one run of (non-)whitespace
 # a run longer than the limit, matched only from its first character: linear time (without the
-# lookbehinds, a short run would be rescanned from each of its characters)
+# lookbehinds, a short run would be rescanned from each of its characters). ``\s`` is exactly
+# ``str.isspace`` (both are CPython's Py_UNICODE_ISSPACE), the test of Meta's loop.
 _LONG_RUN = re.compile(
     rf"(?<!\s)\s{{{MAX_NO_WHITESPACES_CHARS + 1},}}|(?<!\S)\S{{{MAX_NO_WHITESPACES_CHARS + 1},}}")
+_SPACE_RUN, _WORD_RUN = re.compile(r"\s+"), re.compile(r"\S+")
 
 
 class TiktokenTokenizer(Tokenizer):
@@ -162,6 +165,9 @@ def split_for_tiktoken(text: str) -> Iterator[str]:
     characters (a long run is cut every 25,000 characters from its start)."""
     for start in range(0, len(text), TIKTOKEN_MAX_ENCODE_CHARS):
         chunk = text[start: start + TIKTOKEN_MAX_ENCODE_CHARS]
+        if not _has_long_run(chunk):  # the common case: no cut inside this chunk
+            yield chunk
+            continue
         begin = 0
         for run in _LONG_RUN.finditer(chunk):
             for cut in range(run.start() + MAX_NO_WHITESPACES_CHARS, run.end(),
@@ -169,6 +175,25 @@ def split_for_tiktoken(text: str) -> Iterator[str]:
                 yield chunk[begin:cut]
                 begin = cut
         yield chunk[begin:]
+
+
+def _has_long_run(chunk: str) -> bool:
+    """Whether ``chunk`` has a run of whitespace or of non-whitespace longer than the limit.
+    Such a run covers one of the positions 0, 25000, 50000, ...: only the runs through those
+    are measured (forward, and backward on the reversed chunk), much faster than a regex pass
+    over every character."""
+    limit, last = MAX_NO_WHITESPACES_CHARS, len(chunk) - 1
+    reverse = ""
+    for p in range(0, len(chunk), limit):
+        run = _SPACE_RUN if chunk[p].isspace() else _WORD_RUN
+        ahead = run.match(chunk, p).end() - p
+        if ahead > limit:
+            return True
+        reverse = reverse or chunk[::-1]
+        behind = run.match(reverse, last - p).end() - (last - p)
+        if ahead + behind - 1 > limit:
+            return True
+    return False
 
 
 def _load_ranks(path: Path) -> dict[bytes, int]:
