@@ -14,6 +14,7 @@ transformers is needed only here (``megallama[eval]`` or ``[test]`` install it).
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from pathlib import Path
@@ -69,8 +70,11 @@ def _converted(src: Path, tokenizer: Tokenizer):  # -> tokenizers.Tokenizer
     except ImportError as exc:
         raise TokenizerError(f"writing HF tokenizer files for {src} needs transformers ({exc}): "
                              "pip install 'megallama[eval]'") from None
+    # transformers 5 names the argument extra_special_tokens, 4.x additional_special_tokens
+    params = inspect.signature(TikTokenConverter.__init__).parameters
+    key = "extra_special_tokens" if "extra_special_tokens" in params else "additional_special_tokens"
     backend = TikTokenConverter(vocab_file=str(src), pattern=PAT_STR,
-                                extra_special_tokens=list(ALL_SPECIAL_TOKENS)).converted()
+                                **{key: list(ALL_SPECIAL_TOKENS)}).converted()
     if backend.get_vocab_size(with_added_tokens=True) != tokenizer.vocab_size:
         raise TokenizerError(f"{src}: transformers' converter gave "
                              f"{backend.get_vocab_size(with_added_tokens=True)} ids, not the "
