@@ -176,3 +176,11 @@ def test_tied_embeddings_need_one_pipeline_stage():
         stage_cuts(cfg.model, 2)
     cfg.parallel.pp = 1
     check_parallel(cfg.parallel, cfg.model, cfg.data.seq_len, world_size=2)
+    # the planner proposes pp = 1 only, and counts the one table once (1.24B parameters)
+    from megallama.training import planner
+
+    layouts = planner.candidate_layouts(cfg.model, 8, global_batch=64)
+    assert layouts and {lay.pp for lay in layouts} == {1}
+    kinds = planner.layer_params(cfg.model, 1)
+    total = kinds["tok_embeddings"] + 16 * kinds["block"] + kinds["norm"] + kinds["output"]
+    assert kinds["output"] == 0 and total == cfg.model.num_parameters() == 1_235_814_400
