@@ -309,16 +309,18 @@ def test_fused_optimizer_states():
 
 
 def test_distributed_optimizer_states_by_hand():
-    """optim.impl=distributed: bf16 weights and an fp32 gradient buffer for every parameter,
-    the reduced fp32 gradient, master remainder (2 bytes) and moments (8) of a 1/dp shard only:
-    2 + 4 + (4 + 2 + 8) / dp bytes per parameter (at dp 1 no reduced copy: 2 + 4 + 10)."""
+    """optim.impl=distributed: bf16 weights and an fp32 gradient buffer for every parameter
+    (which holds the reduced shard too: the reduce-scatter is in place), master remainder (2
+    bytes) and moments (8) of a 1/dp shard only: 2 + 4 + (2 + 8) / dp bytes per parameter."""
     p = 8_000_000
-    for dp, want in ((1, 16 * p), (2, 6 * p + 7 * p), (8, 6 * p + 14 * p // 8)):
+    for dp, want in ((1, 16 * p), (2, 6 * p + 5 * p), (8, 6 * p + 10 * p // 8)):
         st = state_bytes.optimizer_states(p, dp, "bf16", 0, "cuda", gas=4, impl="distributed")
         assert st.weights + st.grads_keep + st.grads_accum + st.master + st.adam == want, dp
         assert st.step == 0 and st.bucket == 0
     fp32 = state_bytes.optimizer_states(p, 4, "fp32", 0, "cuda", impl="distributed")
-    assert (fp32.weights, fp32.grads_keep, fp32.master, fp32.adam) == (4 * p, 5 * p, 0, 2 * p)
+    assert (fp32.weights, fp32.grads_keep, fp32.master, fp32.adam) == (4 * p, 4 * p, 0, 2 * p)
+    gloo = state_bytes.optimizer_states(p, 4, "bf16", 0, "cpu", gas=4, impl="distributed")
+    assert gloo.bucket == p and not gloo.bucket_early  # Gloo's staging shards, 4 bytes / dp
     # the fused optimizer keeps everything on every rank: 2 + 4 + 4 + 8 bytes/param at any dp
     fused = state_bytes.optimizer_states(p, 8, "bf16", 0, "cuda", gas=4)
     assert fused.weights + fused.grads_keep + fused.master + fused.adam == 18 * p

@@ -19,6 +19,12 @@ and every tensor's box) and ``pieces.index.json`` (:mod:`megallama.checkpoint.pi
 
 Rank 0 writes the index last, after checking that the boxes of every tensor tile it exactly; a
 reader checks the index, then each file's size, sha256 and header records before first use.
+
+Reading back: an optimizer that owns flat ranges of its parameters (``optim.impl=distributed``,
+:class:`OwnedRangesAccess`) gets only those ranges, cut into boxes as at saving, and reads only
+the pieces that overlap them (:func:`load_owned_state`): about 1/dp of the state per rank, and
+only the files holding those pieces are opened (and checksummed). Any other optimizer gets each
+parameter's whole TP slice (:func:`load_from_pieces`).
 """
 
 from __future__ import annotations
@@ -61,6 +67,18 @@ class OwnedStateAccess(Protocol):
     def owned_pieces(self, p: nn.Parameter, key: str) -> list[tuple[int, torch.Tensor]]: ...
 
 
+class OwnedRangesAccess(Protocol):
+    """Setting only the state a rank owns: flat ``[start, stop)`` ranges of ``p``'s TP slice."""
+
+    def owned_ranges(self, p: nn.Parameter) -> list[tuple[int, int]]: ...
+
+    def set_owned_pieces(self, p: nn.Parameter, key: str,
+                         pieces: list[tuple[int, torch.Tensor]]) -> None: ...
+
+    def owned_state_loaded(self, key: str) -> None:
+        """Every piece of ``key`` is set (collective over DP: e.g. gather the weights)."""
+
+
 def flat_boxes(shape: tuple[int, ...], start: int, stop: int) -> list[tuple[Box, int, int]]:
     """Elements ``[start, stop)`` of a row-major tensor of ``shape`` (1-D or 2-D) as boxes, each
     with its ``[lo, hi)`` within the range: a partial first row, whole rows, a partial last row."""
@@ -81,12 +99,12 @@ def flat_boxes(shape: tuple[int, ...], start: int, stop: int) -> list[tuple[Box,
     return out
 
 
-def _to_global(spec: ShardSpec, tp_rank: int, box: Box, data: torch.Tensor
-               ) -> tuple[Box, torch.Tensor] | None:
-    """A box of this TP rank's slice as a box of the global tensor (padding rows cut off)."""
+def _global_box(spec: ShardSpec, tp_rank: int, box: Box) -> Box | None:
+    """A box of this TP rank's slice as a box of the global tensor (padding rows cut off: the
+    kept part starts where ``box`` does); None when it is all padding."""
     d = spec.split_dim
     if d is None:
-        return box, data
+        return box
     offset, length = spec.piece(tp_rank)
     a, b = box[d]
     b = min(b, length)
@@ -94,7 +112,17 @@ def _to_global(spec: ShardSpec, tp_rank: int, box: Box, data: torch.Tensor
         return None
     out = [list(x) for x in box]
     out[d] = [offset + a, offset + b]
-    return out, data.narrow(d, 0, b - a)
+    return out
+
+
+def _to_global(spec: ShardSpec, tp_rank: int, box: Box, data: torch.Tensor
+               ) -> tuple[Box, torch.Tensor] | None:
+    """A box of this TP rank's slice and its data as a box of the global tensor."""
+    placed = _global_box(spec, tp_rank, box)
+    if placed is None:
+        return None
+    d = spec.split_dim
+    return placed, data if d is None else data.narrow(d, 0, placed[d][1] - placed[d][0])
 
 
 def _local_pieces(layers: Layers, tp: TensorParallel, cfg: ModelConfig, access: OwnedStateAccess,
@@ -182,14 +210,62 @@ def load_from_pieces(layers: Layers, tp: TensorParallel, key_dir: Path, cfg: Mod
     all_or_none(error, f"loading {key_dir}")
 
 
-def _read_slice(reader: PieceReader, name: str, cfg: ModelConfig, tp: TensorParallel
-                ) -> torch.Tensor:
+def load_owned_state(layers: Layers, tp: TensorParallel, key_dir: Path, cfg: ModelConfig,
+                     access: OwnedRangesAccess, key: str,
+                     check: Callable[[str, torch.Tensor, torch.Tensor], None]) -> None:
+    """For every parameter of ``layers``: only the flat ranges of its TP slice that ``access``
+    owns, read from the pieces that overlap them; ``check(name, weights, values)`` sees each
+    range's values beside the same range of the parameter's weights (and may refuse them by
+    raising) before ``access.set_owned_pieces``. Collective: if any rank fails, every rank
+    raises; then ``access.owned_state_loaded(key)``."""
+    error = None
+    with ExitStack() as stack:
+        try:
+            reader = PieceReader(key_dir, stack, key)
+            for prefix, module in layers:
+                for local, p in module.named_parameters():
+                    name = f"{prefix}.{local}"
+                    spec = _checked_spec(reader, name, cfg, tp)
+                    pieces = [(start, _read_range(reader, name, spec, tp.rank, start, stop))
+                              for start, stop in access.owned_ranges(p)]
+                    flat = p.detach().reshape(-1)
+                    for start, values in pieces:
+                        check(name, flat[start:start + values.numel()], values)
+                    access.set_owned_pieces(p, key, pieces)
+        except Exception as e:  # reported through all_or_none() so that every rank raises
+            error = e
+    all_or_none(error, f"loading {key_dir}")
+    access.owned_state_loaded(key)
+
+
+def _read_range(reader: PieceReader, name: str, spec: ShardSpec, tp_rank: int, start: int,
+                stop: int) -> torch.Tensor:
+    """Elements ``[start, stop)`` of this TP rank's (padded) slice of ``name``, flat, fp32
+    (padding zero), read box by box."""
+    out = torch.zeros(stop - start, dtype=torch.float32)
+    for box, lo, hi in flat_boxes(spec.local_shape(), start, stop):
+        placed = _global_box(spec, tp_rank, box)
+        if placed is not None:
+            view = out[lo:hi].view([b - a for a, b in box])
+            view[tuple(slice(0, b - a) for a, b in placed)] = reader.read(name, placed)
+    return out
+
+
+def _checked_spec(reader: PieceReader, name: str, cfg: ModelConfig, tp: TensorParallel
+                  ) -> ShardSpec:
+    """``name``'s shard spec, once the index is known to hold it with the model's shape."""
     if name not in reader.tensors:
         raise CheckpointError(f"{reader.index_path}: no state for {name}")
     spec = shard_spec(cfg, name, tp.size)
     if list(spec.shape) != reader.tensors[name]["shape"]:
         raise CheckpointError(f"{reader.index_path}: {name}: shape "
                               f"{reader.tensors[name]['shape']} != model {list(spec.shape)}")
+    return spec
+
+
+def _read_slice(reader: PieceReader, name: str, cfg: ModelConfig, tp: TensorParallel
+                ) -> torch.Tensor:
+    spec = _checked_spec(reader, name, cfg, tp)
     buf = torch.zeros(spec.local_shape(), dtype=torch.float32)
     offset, length = spec.piece(tp.rank)
     if length > 0:
@@ -200,5 +276,5 @@ def _read_slice(reader: PieceReader, name: str, cfg: ModelConfig, tp: TensorPara
     return buf
 
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "INDEX_NAME", "OwnedStateAccess", "flat_boxes",
-           "has_pieces", "load_from_pieces", "save_owned_state"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "INDEX_NAME", "OwnedRangesAccess", "OwnedStateAccess",
+           "flat_boxes", "has_pieces", "load_from_pieces", "load_owned_state", "save_owned_state"]

@@ -39,7 +39,11 @@ from megallama.checkpoint.atomic import (
     all_or_none,
     write_text_atomic,
 )
-from megallama.checkpoint.optim_pieces import load_from_pieces, save_owned_state
+from megallama.checkpoint.optim_pieces import (
+    load_from_pieces,
+    load_owned_state,
+    save_owned_state,
+)
 from megallama.checkpoint.pieces_index import INDEX_NAME as PIECES_INDEX
 from megallama.checkpoint.pieces_index import check_piece_files, has_pieces, read_pieces_index
 from megallama.checkpoint.weights import (
@@ -177,7 +181,9 @@ def load_optimizer_state(layers: Layers, tp: TensorParallel, ckpt_dir: Path, cfg
     for key in OPTIM_KEYS:
         key_dir = ckpt_dir / "optim" / key
         check = _validator(key, key_dir, saved)
-        if optim_format(key_dir) == "pieces":
+        if optim_format(key_dir) == "pieces" and hasattr(access, "owned_ranges"):
+            load_owned_state(layers, tp, key_dir, cfg, access, key, check)  # its shard only
+        elif optim_format(key_dir) == "pieces":
             def put(p: nn.Parameter, name: str, v: torch.Tensor, k: str = key,
                     check: Check = check) -> None:
                 check(name, p, v)

@@ -170,7 +170,8 @@ class Engine:
             return DistributedAdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
                                     max_grad_norm=o.grad_clip, topo=topo, gas=self.gas,
                                     bucket_bytes=int(o.bucket_mb * (1 << 20)),
-                                    registration_order=module.parameters())
+                                    registration_order=module.parameters(),
+                                    modules=[m for _, m in _layers_of(module)])
         return MasterWeightAdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
                                  max_grad_norm=o.grad_clip, topo=topo, gas=self.gas)
 
@@ -180,8 +181,16 @@ class Engine:
         return self.topo.grid.pp > 1
 
     def local_layers(self) -> Layers:
-        """(global name, module) of the layers this rank holds, in forward order."""
+        """(global name, module) of the layers this rank holds, in forward order, with every
+        weight final (no parameter all-gather of ``optim.impl=distributed`` in flight)."""
+        self.wait_for_weights()
         return _layers_of(self.module)
+
+    def wait_for_weights(self) -> None:
+        """Wait for the distributed optimizer's parameter all-gathers, which the next forward
+        would otherwise wait for layer by layer: before weights are read outside training."""
+        if isinstance(self.optimizer, DistributedAdamW):
+            self.optimizer.wait_param_gathers()
 
     def needs_data(self) -> bool:
         """Only the first stage (tokens) and the last (labels) read batches."""
@@ -310,6 +319,7 @@ class Engine:
         """Mean loss over every target token of the given micro-batches of all DP ranks (the
         training loss's definition; the same value on every rank). Middle pipeline stages pass
         placeholders: they only need the count."""
+        self.wait_for_weights()
         n = len(micro_batches) - len(micro_batches) % self.gas  # whole chunks of gas micro-batches
         micro_batches = micro_batches[:n]
         if self._count_targets(micro_batches) == 0:

@@ -5,9 +5,9 @@ with the backward.
 Memory: every rank keeps the (bf16 or fp32) weights and a flat gradient buffer for all of its
 parameters, but the fp32 master (for bf16 weights: a 16-bit remainder beside the weight, see
 :mod:`megallama.optim.adamw_kernel`) and both Adam moments only for its 1/dp shard of every
-gradient bucket (:mod:`megallama.optim.grad_buckets`): 2 + 4 + (2 + 8 + 4) / dp bytes per bf16
-parameter (the last 4: the shard's reduced fp32 gradient, when dp > 1) instead of the fused
-optimizer's 2 + 4 + 4 + 8 at any dp.
+gradient bucket (:mod:`megallama.optim.grad_buckets`): 2 + 4 + (2 + 8) / dp bytes per bf16
+parameter (the reduce-scatter writes the reduced gradient into the buffer's own shard) instead of
+the fused optimizer's 2 + 4 + 4 + 8 at any dp.
 
 One step:
 1. backward: each gradient is added into its bucket's flat buffer by a post-accumulate-grad hook
@@ -18,7 +18,15 @@ One step:
    shards (sharded parameters on every TP rank, replicated ones on TP rank 0, summed over DP, TP
    and PP: the same number as the fused optimizer's), clip, one fused AdamW update per run of the
    shard (the Triton kernel or the torch reference, :mod:`megallama.optim.kernels`), and an
-   all-gather of each bucket's updated weights, started as soon as that bucket is updated.
+   all-gather of each bucket's updated weights, started as soon as that bucket is updated
+   (buckets updated in forward order, the embedding's first, so the gathers finish in that order);
+3. the next forward: with ``modules`` given (the layers of the stage), each bucket's gather is
+   waited for in a forward pre-hook of the first of those layers that holds one of its
+   parameters, so the gathers of later layers run behind the forward of the first ones
+   (Megatron's ``overlap_param_gather``). Without ``modules``, or for a bucket holding a parameter
+   no module covers, :meth:`step` waits itself. Whoever reads or writes weights outside a forward
+   (checkpoints, evaluation, the state accessors below, which do it themselves) calls
+   :meth:`wait_param_gathers` first.
 A non-finite norm changes nothing on any rank and sets ``overflow`` (DeepSpeed counts the skip).
 
 Every parameter must get one gradient per micro-batch in every step: a bucket's reduce-scatter is
@@ -31,14 +39,13 @@ of reducing such a bucket itself (a step with no gradient at all does nothing, a
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from megallama.optim.adamw_kernel import join_fp32, split_fp32
-from megallama.optim.grad_buckets import Bucket, gather_flat, plan_buckets
+from megallama.optim.grad_buckets import Bucket, plan_buckets
 from megallama.optim.kernels import use_triton
 from megallama.optim.master_step import (
     adam_scalars,
@@ -49,27 +56,32 @@ from megallama.optim.master_step import (
     needs_fp32_grad_buffer,
     update,
 )
+from megallama.optim.shard_state import ShardStateAccess
 from megallama.parallel.mappings import all_reduce_sum_
 from megallama.parallel.topology import Topology
 
 Run = tuple[int, int, int]  # (shard start, length, parameter group) of a piece of a shard
 
 
-class DistributedAdamW(torch.optim.Optimizer):
+class DistributedAdamW(ShardStateAccess, torch.optim.Optimizer):
     """AdamW over fp32 or bf16 parameters, fp32 master and moments sharded over DP."""
 
     def __init__(self, groups: Iterable[dict[str, Any]], *, lr: float, betas: tuple[float, float],
                  eps: float, max_grad_norm: float, topo: Topology, gas: int, bucket_bytes: int,
                  registration_order: Iterable[nn.Parameter | tuple[str, nn.Parameter]] | None = None,
-                 use_kernel: bool | None = None) -> None:
+                 use_kernel: bool | None = None, modules: Sequence[nn.Module] = ()) -> None:
         """``registration_order``: the module's ``parameters()`` or ``named_parameters()`` (the
-        names then appear in errors). ``use_kernel``: None follows :func:`use_triton`."""
+        names then appear in errors). ``use_kernel``: None follows :func:`use_triton`.
+        ``modules``: the layers whose forward first uses the parameters (the parameter all-gather
+        is then waited for in their forward pre-hooks, see the module docstring)."""
         super().__init__(list(groups), {"lr": lr, "betas": betas, "eps": eps, "weight_decay": 0.0})
         self.max_grad_norm, self.topo, self.gas = max_grad_norm, topo, gas
         self.step_count = torch.zeros(())  # shared as every parameter's state["step"]
         self.overflow = False
         self._global_grad_norm: float | None = None
         self.on_launch: Callable[[Bucket], None] | None = None  # tests record launches here
+        self.on_gather: Callable[[str, int], None] | None = None  # ("start"/"wait", bucket)
+        self._gathers: dict[int, Any] = {}  # bucket -> its all-gather still in flight
         params = self._params()
         _check_dtypes(params)
         self.names: dict[nn.Parameter, str] = {}
@@ -92,6 +104,7 @@ class DistributedAdamW(torch.optim.Optimizer):
             use_kernel = use_triton(params[0].device)
         self.use_kernel = use_kernel
         self._gathered: tuple[tuple[int, str], torch.Tensor] | None = None
+        self.deferred = self._hook_modules(modules)
         self._begin_step()
 
     def _params(self) -> list[nn.Parameter]:
@@ -140,6 +153,45 @@ class DistributedAdamW(torch.optim.Optimizer):
             counted.append(c)
         return runs, counted
 
+    def _hook_modules(self, modules: Sequence[nn.Module]) -> set[int]:
+        """Register the forward pre-hooks that wait for the gathers of the buckets holding each
+        module's parameters; the buckets whose every parameter some module holds (their gathers
+        are left to the hooks)."""
+        holders: dict[int, set[nn.Parameter]] = {}
+        for module in modules:
+            buckets = sorted({self.where[p][0] for p in module.parameters() if p in self.where})
+            if buckets:
+                module.register_forward_pre_hook(self._waiter(buckets))
+            for p in module.parameters():
+                if p in self.where:
+                    holders.setdefault(self.where[p][0], set()).add(p)
+        return {b for b, ps in holders.items() if len(ps) == len(self.buckets[b].params)}
+
+    def _waiter(self, buckets: list[int]) -> Callable[..., None]:
+        @torch.compiler.disable  # a wait on a collective: eager, also before a compiled block
+        def hook(module: nn.Module, args: Any) -> None:
+            if self._gathers:
+                for b in buckets:
+                    self._wait_gather(b)
+        return hook
+
+    def _wait_gather(self, b: int) -> None:
+        work = self._gathers.pop(b, None)
+        if work is not None:
+            if self.on_gather is not None:
+                self.on_gather("wait", b)
+            work.wait()
+
+    def wait_param_gathers(self) -> None:
+        """Wait for every parameter all-gather still in flight: call before reading or writing
+        weights outside a forward (a checkpoint, evaluation, the weights' checks)."""
+        for b in list(self._gathers):
+            self._wait_gather(b)
+
+    def pending_gathers(self) -> list[int]:
+        """The buckets whose updated weights are still being gathered."""
+        return sorted(self._gathers)
+
     # ---- backward ----------------------------------------------------------------------------
     def _begin_step(self) -> None:
         for bucket in self.buckets:
@@ -167,6 +219,7 @@ class DistributedAdamW(torch.optim.Optimizer):
     def step(self, closure: Callable[[], Any] | None = None) -> None:
         if closure is not None:
             raise ValueError("DistributedAdamW does not take a closure")
+        self.wait_param_gathers()  # a step without a forward since the last one
         if all(b.pending == len(b.params) * self.gas for b in self.buckets):
             return  # no gradient at all this step (as torch's AdamW: nothing to do)
         self._check_complete()
@@ -207,24 +260,29 @@ class DistributedAdamW(torch.optim.Optimizer):
         return self.names.get(p) or f"parameter of shape {list(p.shape)}"
 
     def _update(self, coef: torch.Tensor, ok: torch.Tensor, step: int) -> None:
-        """Update every run of this rank's shards, then all-gather each bucket's weights (started
-        as soon as the bucket is done, so it overlaps the next bucket's update)."""
+        """Update every run of this rank's shards, bucket by bucket in forward order (buckets
+        are in backward order), each bucket's all-gather started as soon as it is done (it
+        overlaps the next bucket's update). The gathers of :attr:`deferred` buckets are waited
+        for by the next forward's hooks, the others here."""
         apply = self.use_kernel or bool(ok)
         scalars = [adam_scalars(g, step) for g in self.param_groups]
-        works = []
-        for bucket, state, runs in zip(self.buckets, self.shards, self.runs, strict=True):
+        for b in reversed(range(len(self.buckets))):
+            bucket, state = self.buckets[b], self.shards[b]
             weight, grad, lo = bucket.weight_shard(), bucket.shard_grad, state.get("master_lo")
-            for start, length, g in runs:
+            for start, length, g in self.runs[b]:
                 cut = slice(start, start + length)
                 update(weight[cut], grad[cut], None if lo is None else lo[cut],
                        state["exp_avg"][cut], state["exp_avg_sq"][cut], coef, ok, scalars[g],
                        use_kernel=self.use_kernel, apply=apply)
-            if apply:
-                works.append(bucket.all_gather())
             bucket.zero_grad()
-        for work in works:
+            work = bucket.all_gather() if apply else None
             if work is not None:
-                work.wait()
+                self._gathers[b] = work
+                if self.on_gather is not None:
+                    self.on_gather("start", b)
+        for b in list(self._gathers):
+            if b not in self.deferred:
+                self._wait_gather(b)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none=set_to_none)
@@ -235,87 +293,13 @@ class DistributedAdamW(torch.optim.Optimizer):
     # ---- memory ------------------------------------------------------------------------------
     def resident_bytes(self) -> dict[str, int]:
         """Bytes this rank holds: ``weights`` (flat, all parameters), ``grads`` (the flat
-        buffers, plus the reduced shard when dp > 1) and ``state`` (master remainder and Adam
+        buffers, which also hold the reduced shard) and ``state`` (master remainder and Adam
         moments of the shard only): what the planner models for ``optim.impl=distributed``."""
         def size(t: torch.Tensor) -> int:
             return t.numel() * t.element_size()
         return {"weights": sum(size(b.weight) for b in self.buckets),
-                "grads": sum(size(b.grad) + (size(b.shard_grad) if b.dp > 1 else 0)
-                             for b in self.buckets),
+                "grads": sum(size(b.grad) for b in self.buckets),
                 "state": sum(size(t) for s in self.shards for t in s.values())}
-
-    # ---- checkpoint access (OptimizerStateAccess) --------------------------------------------
-    def _shard_value(self, b: int, key: str) -> torch.Tensor:
-        """This rank's shard of ``key`` of bucket ``b``, as fp32."""
-        state = self.shards[b]
-        if key != "fp32":
-            return state[key]
-        weight = self.buckets[b].weight_shard()
-        lo = state.get("master_lo")
-        return weight.float() if lo is None else join_fp32(weight, lo)
-
-    def owned_pieces(self, p: nn.Parameter, key: str) -> list[tuple[int, torch.Tensor]]:
-        """The state of ``p`` this rank owns, with no communication: (first element in ``p``
-        flattened, fp32 values) per piece of ``p`` in this rank's shard (what a checkpoint
-        writes, :mod:`megallama.checkpoint.optim_pieces`)."""
-        b, i = self.where[p]
-        bucket, state = self.buckets[b], self.shards[b]
-        out = []
-        for seg in bucket.segments:
-            if seg.index != i:
-                continue
-            cut = slice(seg.shard_start, seg.shard_start + seg.length)
-            if key != "fp32":
-                value = state[key][cut]
-            elif "master_lo" in state:
-                value = join_fp32(bucket.weight_shard()[cut], state["master_lo"][cut])
-            else:
-                value = bucket.weight_shard()[cut].float()
-            out.append((seg.start, value))
-        return out
-
-    def full_state(self, p: nn.Parameter, key: str) -> torch.Tensor:
-        """``fp32`` (master weight), ``exp_avg`` or ``exp_avg_sq`` of ``p`` as a full fp32 tensor.
-        Collective over DP (every DP rank asks for the same parameters in the same order): the
-        bucket's shards are all-gathered once and kept until another bucket or key is asked."""
-        b, i = self.where[p]
-        bucket = self.buckets[b]
-        if self._gathered is None or self._gathered[0] != (b, key):
-            shard = self._shard_value(b, key).contiguous()
-            full = torch.empty(bucket.shard_size * bucket.dp, dtype=torch.float32,
-                               device=shard.device)
-            if bucket.dp > 1:
-                gather_flat(full, shard, bucket.group)
-            else:
-                full.copy_(shard)
-            self._gathered = ((b, key), full)
-        o = bucket.offsets[i]
-        return self._gathered[1][o:o + p.numel()].view(p.shape)
-
-    @torch.no_grad()
-    def set_full_state(self, p: nn.Parameter, key: str, value: torch.Tensor) -> None:
-        """Set ``key`` of ``p`` from its full value: each rank keeps the part its shard holds (no
-        communication); ``fp32`` also sets the (replicated) weight itself."""
-        b, i = self.where[p]
-        bucket, state = self.buckets[b], self.shards[b]
-        flat = value.to(p.device, torch.float32).reshape(-1)
-        lo_full = None
-        if key == "fp32":
-            if "master_lo" in state:
-                hi, lo_full = split_fp32(flat)
-                p.data.copy_(hi.view(p.shape))
-            else:
-                p.data.copy_(flat.view(p.shape))
-        for seg in bucket.segments:
-            if seg.index != i:
-                continue
-            src = slice(seg.start, seg.start + seg.length)
-            dst = slice(seg.shard_start, seg.shard_start + seg.length)
-            if key != "fp32":
-                state[key][dst].copy_(flat[src])
-            elif lo_full is not None:
-                state["master_lo"][dst].copy_(lo_full[src])
-        self._gathered = None
 
 
 def _check_dtypes(params: list[nn.Parameter]) -> None:

@@ -10,6 +10,12 @@ to a multiple of ``dp``: DP rank r owns elements ``[r * shard, (r + 1) * shard)`
 
 A parameter may straddle two ranks' shards; :class:`Segment` is one parameter's piece of one
 rank's shard, the unit the update, the norm and the checkpoint work on.
+
+The reduce-scatter is in place: its output is this rank's own shard of the gradient buffer, so no
+separate reduced-gradient buffer exists (4 bytes/param/dp less than a separate fp32 shard). NCCL
+reduces in place when the output is the input's rank-th chunk, as here; Gloo does not (measured:
+it overwrote chunks other ranks still had to read), so over Gloo (CPU tests) the collective writes
+into a staging shard allocated at its launch and copied into the buffer at :meth:`Bucket.wait`.
 """
 
 from __future__ import annotations
@@ -26,6 +32,11 @@ Group = dist.ProcessGroup | None
 # torch 2.13 renamed the tensor collectives (the old names warn); older torch has only those
 _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def reduces_in_place(group: Group) -> bool:
+    """Whether a reduce-scatter over ``group`` may write into its own input (NCCL)."""
+    return dist.get_backend(group) == "nccl"
 
 
 def gather_flat(out: torch.Tensor, shard: torch.Tensor, group: Group) -> None:
@@ -90,9 +101,10 @@ class Bucket:
             p.data = self.weight[o:o + n].view(p.shape)
         self.grad = torch.zeros(padded, dtype=grad_dtype, device=device)
         self.segments = shard_segments(numels, self.shard_start, self.shard_size)
-        # dp == 1: the shard is the whole buffer; else the reduce-scatter's own output
-        self.shard_grad = (self._shard(self.grad) if dp == 1 else
-                           torch.zeros(self.shard_size, dtype=grad_dtype, device=device))
+        # the reduce-scatter's output: this rank's chunk of the buffer itself (module docstring)
+        self.shard_grad = self._shard(self.grad)
+        self.in_place = dp == 1 or reduces_in_place(group)
+        self.staging: torch.Tensor | None = None  # Gloo: the collective's output until wait()
         self.pending = 0  # gradients still to come this step (parameters x micro-batches)
         self.received = [0] * len(params)  # gradients of each parameter so far this step
         self.work: dist.Work | None = None
@@ -130,17 +142,22 @@ class Bucket:
         if on_launch is not None:
             on_launch(self)
         if self.dp > 1:
-            self.work = _reduce_scatter(self.shard_grad, self.grad, group=self.group,
-                                        async_op=True)
+            out = self.shard_grad
+            if not self.in_place:
+                out = self.staging = torch.empty_like(self.shard_grad)
+            self.work = _reduce_scatter(out, self.grad, group=self.group, async_op=True)
 
     @torch.no_grad()
     def wait(self) -> None:
-        """Wait for the reduce-scatter; the shard then holds the DP mean, the buffer is free."""
+        """Wait for the reduce-scatter; this rank's shard of the buffer then holds the DP mean
+        (the rest of the buffer, this rank's own sums, is stale until :meth:`zero_grad`)."""
         if self.work is not None:
             self.work.wait()
             self.work = None
+            if self.staging is not None:
+                self.shard_grad.copy_(self.staging)
+                self.staging = None
             self.shard_grad.div_(self.dp)
-            self.grad.zero_()
 
     def all_gather(self) -> dist.Work | None:
         """Start gathering every rank's updated weight shard into the flat weights (in place)."""
@@ -150,5 +167,3 @@ class Bucket:
 
     def zero_grad(self) -> None:
         self.grad.zero_()
-        if self.dp > 1:
-            self.shard_grad.zero_()

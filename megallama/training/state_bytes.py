@@ -38,15 +38,21 @@ class States(NamedTuple):
 def distributed_states(p: int, dp: int, precision: str, device: str, *, gas: int = 1,
                        bucket_bytes: int = DIST_BUCKET) -> States:
     """``optim.impl=distributed`` (docs/PLANNER.md): the weights and a flat gradient buffer
-    (fp32 where gradients are summed) for all ``p`` parameters, plus the reduced fp32 gradient,
-    the master's remainder (bf16) and the Adam moments of this rank's 1/dp shard only. The CPU
-    update (torch reference) makes ~16 bytes of temporaries per element of one bucket's shard."""
+    (fp32 where gradients are summed) for all ``p`` parameters, which also holds the reduced
+    gradient of this rank's shard (the reduce-scatter is in place), plus the master's remainder
+    (bf16) and the Adam moments of this rank's 1/dp shard only: 6 + 10/dp bytes per bf16
+    parameter. On CPU (Gloo, which cannot reduce in place) each bucket's reduce-scatter writes
+    into a staging shard from the last backward to the step: ``4 P / dp`` in all, as ``bucket``;
+    and the update (torch reference) makes ~16 bytes of temporaries per element of one bucket's
+    shard."""
     e, shard = ELEMENT[precision], -(-p // dp)
     summed = precision == "fp32" or needs_fp32_grad_buffer(torch.bfloat16, gas, dp)
-    grads = (4 if summed else e) * p + (4 * shard if dp > 1 else 0)
+    grads = (4 if summed else e) * p
+    staging = 4 * shard if device == "cpu" and dp > 1 else 0
     master = 2 * shard if precision == "bf16" else 0
     run = min(shard, -(-bucket_bytes // (4 * dp)))  # one bucket's shard (bytes of fp32 grads)
-    return States(e * p, grads, 0, 0, False, master, 8 * shard, 16 * run if device == "cpu" else 0)
+    return States(e * p, grads, 0, staging, False, master, 8 * shard,
+                  16 * run if device == "cpu" else 0)
 
 
 def optimizer_states(p: int, dp: int, precision: str, zero: int, device: str, *,

@@ -8,26 +8,35 @@ reduce-scatter started from the backward) at every layout, against independent o
   parameters straddle DP shards; after 2 steps at (2,1,2) every parameter equals torch's;
 * bf16: tracks impl=fused within the bf16 tolerances of test_fused_optimizer at dp 2 and at
   tp2 x pp2 x dp2, and a non-finite step is skipped identically on every rank;
-* resume: each rank writes only the state it owns (no gather; every DP rank writes a file); same
-  layout bit-exact; a (2,2,2) checkpoint resumes as (1,1,4) and (2,2,1) within 1e-5 of the
+* resume: each rank writes only the state it owns (no gather; every DP rank writes a file) and
+  reads back only the pieces overlapping its shard (bytes counted: 1/dp of its slice's state, at
+  the same layout and at (1,1,4) and (2,2,1) from (2,2,2)); same layout bit-exact; a (2,2,2) checkpoint resumes as (1,1,4) and (2,2,1) within 1e-5 of the
   uninterrupted run; impl=deepspeed and impl=fused checkpoints resume under impl=distributed and
   back, within 1e-5 of plain torch;
 * memory: the bytes each rank holds (weights, gradient buffers, sharded state) at dp 1, 2 and 4
-  are the planner's (megallama.training.state_bytes.optimizer_states) within 10%;
+  are the planner's (megallama.training.state_bytes.optimizer_states) within 10%, and 6 + 10/dp
+  per bf16 parameter within 0.01 (in-place reduce-scatter: no separate reduced shard);
 * overlap: the reduce-scatter of the bucket holding the output head starts in the last
-  micro-batch's backward, before any gradient of the first transformer block is computed;
+  micro-batch's backward, before any gradient of the first transformer block is computed; the
+  parameter all-gathers of a step are started in forward order and none is waited for in that
+  step: each is waited for at the next step's first forward of a layer holding one of its
+  parameters, the head's after the first block's forward has begun; reading weights
+  (Engine.local_layers, eval_loss) first waits for every gather in flight;
 * the real entry point: a bf16 dp-2 run resumed through the Trainer gives identical losses.
 """
 
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 
+from megallama.checkpoint import pieces_index
+from megallama.checkpoint.pieces_index import PieceReader
 from megallama.checkpoint.stateful import load_pieces, save_pieces
 from megallama.engine import Engine
 from megallama.parallel.runtime import init_distributed
@@ -133,6 +142,10 @@ def _memory(world: int, tp: int, pp: int, precision: str, gas: int) -> None:
     for k, v in planned.items():
         assert abs(got[k] - v) <= MEM_TOL * v, \
             f"{precision} dp={topo.grid.dp}: {k} {got[k]} bytes, planner {v}"
+    if precision == "bf16" and gas > 1:  # summed gradients: an fp32 buffer at every dp
+        per_param, dp = sum(got.values()) / local, topo.grid.dp
+        assert abs(per_param - (6 + 10 / dp)) <= 0.01, \
+            f"dp={dp}: {per_param:.4f} bytes/param of model state, want 6 + 10/dp"
 
 
 def _overlap(world: int) -> None:
@@ -161,10 +174,50 @@ def _overlap(world: int) -> None:
         f"the head's bucket was reduced only after layers.0's backward began: {events}"
 
 
+def _gather_overlap(world: int) -> None:
+    """Step n starts every bucket's parameter all-gather, in forward order, and waits for none;
+    step n+1 waits for each at the forward pre-hook of the first layer holding one of its
+    parameters, so the head's gather is waited for after layers.0's forward began. Reading the
+    weights outside a forward (local_layers, eval_loss) waits for whatever is still in flight."""
+    engine, cfg, topo = _engine(world, 1, 1, 2)
+    opt, layers = engine.optimizer, engine.local_layers()
+    events: list[tuple[str, object]] = []
+    opt.on_gather = lambda kind, b: events.append((kind, b))
+    hooks = [m.register_forward_pre_hook(lambda m, a, n=name: events.append(("forward", n)))
+             for name, m in layers]  # after the optimizer's own hooks: they run first
+    first_use = {}
+    for name, m in layers:
+        for p in m.parameters():
+            first_use.setdefault(opt.where[p][0], name)
+    for step in range(2):
+        events.append(("step", step))
+        engine.train_step(rank_micro_batches(step, cfg, topo.dp_rank, topo.grid.dp))
+    for h in hooks:
+        h.remove()
+    n, second = len(opt.buckets), events.index(("step", 1))
+    starts = [b for kind, b in events[:second] if kind == "start"]
+    assert starts == list(reversed(range(n))), f"gathers not started in forward order: {events}"
+    assert not any(kind == "wait" for kind, _ in events[:second]), f"waited in step 0: {events}"
+    order = [x for x in events[second:] if x[0] in ("wait", "forward")]
+    for b in range(n):  # waited for in the pre-hooks of its first layer's first forward
+        at, use = order.index(("wait", b)), order.index(("forward", first_use[b]))
+        assert at < use and all(k == "wait" for k, _ in order[at:use]), \
+            f"bucket {b} not waited for at {first_use[b]}'s first forward: {order}"
+    head = opt.where[dict(layers)["output"].weight][0]
+    assert order.index(("forward", "layers.0")) < order.index(("wait", head)), order
+    assert opt.pending_gathers() == list(range(n)), "step 1 left no gathers in flight"
+    engine.local_layers()
+    assert opt.pending_gathers() == [], "local_layers() left gathers in flight"
+    engine.train_step(rank_micro_batches(2, cfg, topo.dp_rank, topo.grid.dp))
+    engine.eval_loss(rank_micro_batches(3, cfg, topo.dp_rank, topo.grid.dp))
+    assert opt.pending_gathers() == [], "eval_loss left gathers in flight"
+
+
 def _worker_dp2(rank: int, world: int, refs: dict, tmp: Path) -> None:
     init_distributed(torch.device("cpu"))
     _fp32(world, 1, 1, refs)
     _overlap(world)
+    _gather_overlap(world)
     _memory(world, 1, 1, "bf16", 2)
     _bf16(world, 1, 1)
     # impl=fused -> impl=distributed -> impl=fused, each resumed run against plain torch
@@ -227,11 +280,48 @@ def _save(engine, cfg, topo, path: Path) -> None:
 
 
 def _resumed(path: Path, world: int, tp: int, pp: int, gas: int, impl: str = "distributed",
-             sp: bool = False) -> list[float]:
-    """Losses of the steps after SAVED_AT of a run resumed from ``path`` (global batch 8)."""
+             sp: bool = False, bytes_read: bool = False) -> list[float]:
+    """Losses of the steps after SAVED_AT of a run resumed from ``path`` (global batch 8);
+    ``bytes_read``: check that the optimizer pieces read are this rank's 1/dp of the state."""
     engine, cfg, topo = _engine(world, tp, pp, gas, impl=impl, global_batch=8, sp=sp)
-    load_pieces(_state(engine, cfg, topo).pieces, path)
+    with _counting_reads() as got:
+        load_pieces(_state(engine, cfg, topo).pieces, path)
+    if bytes_read:
+        _check_bytes_read(got, engine, topo, f"{path.name} -> ({tp}, {pp}, {topo.grid.dp})")
     return [x[0] for x in _train(engine, cfg, topo, range(SAVED_AT, STEPS))]
+
+
+@contextmanager
+def _counting_reads():
+    """Bytes of optimizer state read out of piece files ("data") and of piece files opened
+    (each is checksummed whole before its first read: "files")."""
+    got = {"data": 0, "files": 0}
+    read, verify = PieceReader.read, pieces_index.verify_file
+
+    def counted_read(self, name, box):
+        out = read(self, name, box)
+        got["data"] += out.numel() * out.element_size()
+        return out
+
+    def counted_verify(path, *args, **kwargs):
+        got["files"] += Path(path).stat().st_size
+        return verify(path, *args, **kwargs)
+    PieceReader.read, pieces_index.verify_file = counted_read, counted_verify
+    try:
+        yield got
+    finally:
+        PieceReader.read, pieces_index.verify_file = read, verify
+
+
+def _check_bytes_read(got: dict[str, int], engine, topo, what: str) -> None:
+    """A distributed resume reads this rank's 1/dp of its (tp, pp) slice's state (3 fp32
+    tensors per parameter), not the whole slice; the bytes go to the report on rank 0."""
+    share = 3 * 4 * sum(p.numel() for p in engine.module.parameters()) / topo.grid.dp
+    ratio = got["data"] / share
+    if topo.rank == 0:
+        print(f"{what}: read {got['data']} bytes of state, {ratio:.3f} x the 1/dp share; "
+              f"opened {got['files']} bytes of piece files", flush=True)
+    assert 0.95 <= ratio <= 1.01, f"{what}: read {got['data']} bytes, 1/dp share {share:.0f}"
 
 
 def _worker_3d(rank: int, world: int, refs: dict, ckpt: Path, out: Path) -> None:
@@ -241,7 +331,7 @@ def _worker_3d(rank: int, world: int, refs: dict, ckpt: Path, out: Path) -> None
     _train(engine, cfg, topo, range(SAVED_AT))
     _save(engine, cfg, topo, ckpt)
     cont = [x[0] for x in _train(engine, cfg, topo, range(SAVED_AT, STEPS))]
-    again = _resumed(ckpt, world, 2, 2, 1, sp=True)
+    again = _resumed(ckpt, world, 2, 2, 1, sp=True, bytes_read=True)
     assert again == cont, f"same-layout resume is not bit-exact: {again} vs {cont}"
     if rank == 0:
         out.write_text(json.dumps(cont))
@@ -269,7 +359,8 @@ def _worker_dp4(rank: int, world: int, refs: dict, ckpt: Path, cont: list[float]
     _memory(world, 1, 1, "bf16", 2)   # dp 4
     _memory(world, 2, 2, "bf16", 2)   # dp 1
     for tp, pp, gas in ((1, 1, 1), (2, 2, 2)):  # (2,2,2) -> (1,1,4) and (2,2,1)
-        _close(_resumed(ckpt, world, tp, pp, gas), cont, TOL, f"(2,2,2) -> ({tp},{pp})")
+        _close(_resumed(ckpt, world, tp, pp, gas, bytes_read=True), cont, TOL,
+               f"(2,2,2) -> ({tp},{pp})")
     # impl=distributed -> impl=deepspeed, and impl=deepspeed -> impl=distributed
     _close(_resumed(ckpt, world, 1, 1, 1, impl="deepspeed"), cont, TOL, "distributed -> ds")
     engine, cfg, topo = _engine(world, 1, 1, 1, impl="deepspeed", global_batch=8)

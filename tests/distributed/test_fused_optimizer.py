@@ -40,7 +40,10 @@ LOSS_TOL, NORM_TOL = (1e-6, 5e-4), (1e-4, 2e-2)  # MEGALLAMA_PRINT_DIFFS=1 pytes
 
 def _skip_step(engine, cfg, topo, grid, poisoned: bool, label: str) -> None:
     """One step with NaN logits where ``poisoned``: it must be skipped on EVERY rank (weights,
-    LR and Adam step untouched everywhere), agreed over all ranks; the next step trains again."""
+    LR and Adam step untouched everywhere), agreed over all ranks; the next step trains again.
+    Weights are read once the previous step's parameter all-gathers are done (impl=distributed
+    leaves them to the next forward)."""
+    engine.wait_for_weights()
     weights = [p.detach().clone() for p in engine.module.parameters()]
     lr, adam_step, skipped = engine.optimizer.param_groups[0]["lr"], engine.adam_step(), \
         engine.skipped_steps
