@@ -1,5 +1,6 @@
 """Generation at tp = 1: greedy equals transformers' greedy ``generate`` token for token on the same
-random weights (a left-padded batch of prompts of different lengths, MHA and GQA); the KV-cache path
+random weights (a left-padded batch of prompts of different lengths, MHA, GQA and Llama 3.2's
+shape: scaled RoPE, tied head); the KV-cache path
 equals full recomputation and the training forward; sampling is seeded; bad input fails clearly;
 the command line loads HF and megallama checkpoints."""
 
@@ -59,9 +60,10 @@ def reference_greedy(model: Transformer, prompt: list[int], new: int) -> list[in
     return tokens[0, len(prompt):].tolist()
 
 
-@pytest.fixture(scope="module", params=["tiny", "tiny_gqa"])
+@pytest.fixture(scope="module", params=["tiny", "tiny_gqa", "tiny_llama3_tied"])
 def model(request) -> Transformer:
-    """MHA and GQA; two layers: as exact a test as four, at half the time on a loaded CPU."""
+    """MHA, GQA, and Llama 3.2's shape (llama3 RoPE scaling, tied head); two layers: as exact a
+    test as four, at half the time on a loaded CPU."""
     return Transformer(preset(request.param, vocab_size=VOCAB, n_layers=2), seed=5).eval()
 
 
