@@ -184,3 +184,17 @@ def test_tied_embeddings_need_one_pipeline_stage():
     kinds = planner.layer_params(cfg.model, 1)
     total = kinds["tok_embeddings"] + 16 * kinds["block"] + kinds["norm"] + kinds["output"]
     assert kinds["output"] == 0 and total == cfg.model.num_parameters() == 1_235_814_400
+
+
+@pytest.mark.parametrize("bad,message", [
+    ({"factor": "8"}, "rope_scaling.factor='8': expected a finite number"),
+    ({"low_freq_factor": float("nan")}, "rope_scaling.low_freq_factor=nan"),
+    ({"original_max_position_embeddings": None}, "rope_scaling.original_max_seq_len=None"),
+    ({"high_freq_factor": 0.5}, "low_freq_factor=1.0, high_freq_factor=0.5: need 0 < low < high"),
+])
+def test_llama3_rope_scaling_values_are_checked(bad, message):
+    """config.json's llama3 rope_scaling values of the wrong kind are one line naming the field."""
+    hf = preset("llama3_1_8b").to_hf_config()
+    with pytest.raises(ConfigError) as info:
+        ModelConfig.from_hf_config({**hf, "rope_scaling": {**hf["rope_scaling"], **bad}})
+    assert message in str(info.value) and "\n" not in str(info.value)

@@ -39,6 +39,11 @@ class RopeScaling:
     def __post_init__(self) -> None:
         if self.type not in ROPE_TYPES:
             raise ConfigError(f"rope_scaling.type={self.type!r}: expected one of {list(ROPE_TYPES)}")
+        for name in ("factor", "low_freq_factor", "high_freq_factor", "original_max_seq_len"):
+            value = getattr(self, name)
+            if (isinstance(value, bool) or not isinstance(value, int | float)
+                    or not math.isfinite(value)):
+                raise ConfigError(f"rope_scaling.{name}={value!r}: expected a finite number")
         if self.factor < 1.0:
             raise ConfigError(f"rope_scaling.factor={self.factor}: must be >= 1")
         if self.type == "llama3" and not 0 < self.low_freq_factor < self.high_freq_factor:
@@ -63,9 +68,8 @@ class RopeScaling:
         if kind in ("linear", "dynamic"):
             return cls(kind, float(scaling["factor"]))
         if kind == "llama3":
-            return cls("llama3", float(scaling["factor"]), float(scaling["low_freq_factor"]),
-                       float(scaling["high_freq_factor"]),
-                       int(scaling["original_max_position_embeddings"]))
+            return cls("llama3", scaling["factor"], scaling["low_freq_factor"],
+                       scaling["high_freq_factor"], scaling["original_max_position_embeddings"])
         if kind != "default":
             raise ConfigError(f"config.json rope_scaling type {kind!r} is not supported")
         return None
