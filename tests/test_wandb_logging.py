@@ -203,7 +203,7 @@ def test_an_error_found_after_start_up_is_one_line_exit_2(monkeypatch, capsys):
     def refused(*_args):
         raise WandbStartError("trainer.wandb.mode=online: W&B could not start the run (x)")
 
-    monkeypatch.setattr(loop, "train", refused)
+    monkeypatch.setattr(loop, "Trainer", refused)  # W&B opens while the Trainer is built
     assert train_module.main([]) == 2
     err = capsys.readouterr().err
     assert err == "megallama.train: error: trainer.wandb.mode=online: W&B could not start the " \
