@@ -18,6 +18,7 @@ committed). Any other failure during training exits non-zero with its traceback.
 from __future__ import annotations
 
 import faulthandler
+import os
 import signal
 import sys
 import time
@@ -98,16 +99,27 @@ def main(argv: list[str] | None = None, hooks: TrainHooks | None = None) -> int:
         trainer.train()
     except ConfigError as e:  # found after start-up, by one rank (W&B refusing the run): one line
         report_error("megallama.train", e)
-        return EXIT_CONFIG
+        return _exit_started(EXIT_CONFIG)
     except CheckpointError as e:
         if trainer is not None and not isinstance(e, InvalidStateError):
             raise  # a save that failed (disk full...): a failure, with its traceback
         # on every rank alike: a checkpoint refused while loading (a checksum, invalid optimizer
         # state), or non-finite weights at a save (nothing committed)
-        code = _fail(rank, e)
-        dist.destroy_process_group()  # else gloo's threads abort the exit (SIGABRT, not 2)
-        return code
+        return _exit_started(_fail(rank, e))
     return 0
+
+
+def _exit_started(code: int) -> int:
+    """End a rank that reported an input error after torch.distributed started. The process
+    exits at once with ``code``: a normal interpreter exit runs the process group's C++
+    destructors while gloo's threads may still be talking to a peer that already left, and under
+    load that aborts the process ("terminate called without an active exception", SIGABRT)
+    instead of exiting with ``code``. Returns ``code`` where no process group is running."""
+    if not dist.is_initialized():
+        return code
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":
