@@ -22,7 +22,9 @@ reduce-scatter started from the backward) at every layout, against independent o
   step: each is waited for at the next step's first forward of a layer holding one of its
   parameters, the head's after the first block's forward has begun; reading weights
   (Engine.local_layers, eval_loss) first waits for every gather in flight;
-* the real entry point: a bf16 dp-2 run resumed through the Trainer gives identical losses.
+* the real entry point: a bf16 dp-2 run resumed through the Trainer gives identical losses;
+* the global gradient norm of impl=distributed and impl=fused equals a float64 recomputation
+  from the layout's gradients within 1e-7 at six layouts (grad_norm_cases.py, in the dp-4 launch).
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from tests.distributed.engine_cases import (
     reference_run,
     reference_weights,
 )
+from tests.distributed.grad_norm_cases import check_every_layout
 from tests.distributed.harness import run_world
 from tests.distributed.test_fused_optimizer import LOSS_TOL, NORM_TOL, _skip_step
 from tests.distributed.test_resume import losses, run
@@ -353,6 +356,7 @@ def test_3d_fp32_bf16_same_layout_resume(saved_3d):
 def _worker_dp4(rank: int, world: int, refs: dict, ckpt: Path, cont: list[float],
                 tmp: Path) -> None:
     init_distributed(torch.device("cpu"))
+    check_every_layout(world)  # grad_norm_cases: the norm against a float64 oracle
     for tp, pp, recompute in ((1, 1, False), (2, 1, False), (1, 2, True)):
         _fp32(world, tp, pp, refs, ckpt=recompute)
     _weights(world, 2, 1)
