@@ -38,10 +38,12 @@ tensorwise issues one per column-parallel linear in forward (weight) and one in 
 output; the weight's forward scale is reused), one per row-parallel linear in forward (input and
 weight); rowwise one per column-parallel linear in backward and one per row-parallel in forward.
 
-With these reductions tp = 2 quantizes every element as tp = 1 does: with fp32 activations the
-two agree to fp32 round-off (2e-7), without the reductions tensorwise differs by 4e-2; in bf16,
-tp's round-off of partial sums flips some fp8 roundings, so there they agree within fp8 tolerance
-(tests/distributed/test_fp8_tp.py). Rowwise scales are powers of two, so a different scale barely
+With these reductions every scale at tp = 2 is bit for bit tp = 1's, and a linear on identical
+inputs equals tp = 1 to fp32 round-off (2e-7; without the reductions tensorwise is 2.5e-2 off).
+The whole model still is not bit-faithful: tp reorders fp32 sums, and an element within that
+round-off of an fp8 rounding midpoint rounds the other way (in fp32 rarely, in bf16 often), so
+there tp = 2 and tp = 1 agree within fp8 tolerance (tests/distributed/test_fp8_tp.py).
+Rowwise scales are powers of two, so a different scale barely
 changes e4m3 values (only in its subnormal range): for rowwise the reductions matter little. One
 exception: when tp > n_kv_heads (KV heads replicated over TP ranks), each replica of a wk/wv slice
 quantizes its own partial gradient of the slice's output, while tp = 1 quantizes their sum;
