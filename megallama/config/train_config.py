@@ -8,7 +8,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from megallama.config import ModelConfig
+from megallama.config import ConfigError, ModelConfig
+
+CHECKPOINTING = ("none", "selective", "full")
+_CHECKPOINTING_BOOLS = {"true": "full", "false": "none"}
+
+
+def checkpointing_mode(value: object) -> str:
+    """``parallel.activation_checkpointing`` as one of :data:`CHECKPOINTING`: true (also
+    "True", as YAML/Hydra booleans reach a string field) is ``full``, false is ``none``;
+    ConfigError naming the choices for anything else."""
+    text = str(value).strip().lower()
+    mode = _CHECKPOINTING_BOOLS.get(text, text)
+    if mode not in CHECKPOINTING:
+        raise ConfigError(f"parallel.activation_checkpointing={value!r}: choose one of "
+                          f"{list(CHECKPOINTING)} (true = full, false = none)")
+    return mode
 
 
 @dataclass
@@ -22,7 +37,9 @@ class ParallelConfig:
     zero_stage: int | None = None
     micro_batch_size: int = 1
     global_batch_size: int = 8
-    activation_checkpointing: bool = False
+    # none | selective (attention core and SwiGLU product recomputed) | full (every block
+    # recomputed from its input); true = full, false = none
+    activation_checkpointing: str = "none"
     # torch.compile each transformer block (fast path on GPU); None: on with trainer.fp8 on CUDA
     # (torchao's casts are fast only compiled), else off (resolved in validation)
     compile_blocks: bool | None = None

@@ -28,6 +28,7 @@ from megallama.config.train_config import (
     TrainConfig,
     TrainerConfig,
     WandbConfig,
+    checkpointing_mode,
 )
 
 PRECISIONS = ("fp32", "bf16")
@@ -309,6 +310,7 @@ def check_parallel(p: ParallelConfig, model: ModelConfig, seq_len: int, world_si
             f"parallel.zero_stage={p.zero_stage} with pp={p.pp}: DeepSpeed refuses ZeRO-2/3 with "
             "pipeline parallelism; use zero_stage 1, or pp=1"
         )
+    p.activation_checkpointing = checkpointing_mode(p.activation_checkpointing)
     if p.partition_method not in PARTITION_METHODS:
         raise ConfigError(
             f"parallel.partition_method={p.partition_method!r}: choose one of "

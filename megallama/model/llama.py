@@ -23,6 +23,7 @@ from torch.utils.checkpoint import checkpoint
 from megallama.config import ConfigError, ModelConfig, RopeScaling, check_tp_layout, kv_replicas_for
 from megallama.model.documents import cached_positions, document_attention
 from megallama.model.layout import is_block, layer_names, shard_spec
+from megallama.model.recompute import checkpointing_mode, recompute, swiglu
 from megallama.parallel import mappings
 from megallama.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megallama.parallel.layers import (
@@ -37,6 +38,8 @@ class RMSNorm(nn.Module):
     """RMS normalisation in fp32 (as Meta and HF); under sequence parallelism each rank sees part of
     the sequence, so the weight's gradient is summed over the TP group inside autograd."""
 
+    recompute = False  # parallel.activation_checkpointing=selective (a block's norms): rerun in backward
+
     def __init__(self, dim: int, eps: float, tp: TensorParallel) -> None:
         super().__init__()
         self.eps = eps
@@ -44,6 +47,9 @@ class RMSNorm(nn.Module):
         self.sp_group = tp.group if tp.sequence_parallel else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return recompute(self.recompute, self._forward, x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
         out = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x)
         return out * mappings.copy_to_tp(self.weight, self.sp_group)
@@ -90,6 +96,23 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     c, s = cos.unsqueeze(-2), sin.unsqueeze(-2)
     out = torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1)
     return out.flatten(-2).type_as(x)
+
+
+def attention_core(xq: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor, cos: torch.Tensor,
+                   sin: torch.Tensor, segments: torch.Tensor | None, n_rep: int) -> torch.Tensor:
+    """RoPE, K/V repeated to the query heads and causal softmax(QK^T)V (within documents when
+    ``segments`` is given): q [b, s, heads, hd] and k/v [b, s, kv_heads, hd] as wq/wk/wv wrote
+    them -> [b, s, heads * hd]. No parameters: what selective recomputation reruns."""
+    bsz, seqlen = xq.shape[:2]
+    q = apply_rotary(xq, cos, sin).transpose(1, 2)
+    xk = apply_rotary(xk, cos, sin)
+    if segments is not None:  # K/V heads shared by the kernel (GQA)
+        out = document_attention(q, xk.transpose(1, 2), xv.transpose(1, 2), segments)
+    else:
+        k = xk.repeat_interleave(n_rep, dim=2).transpose(1, 2)
+        v = xv.repeat_interleave(n_rep, dim=2).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return out.transpose(1, 2).reshape(bsz, seqlen, -1)
 
 
 # Positions the per-layer RoPE table holds: 128k-context configs (Llama 3.1) would otherwise keep
@@ -141,6 +164,8 @@ class KVCache:
 
 
 class Attention(nn.Module):
+    recompute = False  # parallel.activation_checkpointing=selective: rerun attention_core in backward
+
     def __init__(self, cfg: ModelConfig, tp: TensorParallel, layer_id: int, seed: int) -> None:
         super().__init__()
         self.cfg, self.tp, self.layer_id = cfg, tp, layer_id
@@ -192,23 +217,22 @@ class Attention(nn.Module):
             cos, sin = cos[positions], sin[positions]
         else:
             cos, sin = self.rope(seqlen, x.device)
+        if cache is None:  # training / evaluation: the attention core, recomputed if selective
+            out = recompute(self.recompute, attention_core, xq, xk, xv, cos, sin, segments, self.n_rep)
+            return self.tp.exit(self.wo(out))
         xq, xk = apply_rotary(xq, cos, sin), apply_rotary(xk, cos, sin)
-        if cache is not None:
-            xk, xv = cache.update(self.layer_id, xk, xv)
-        q = xq.transpose(1, 2)
-        if cache is None and segments is not None:  # K/V heads shared by the kernel (GQA)
-            out = document_attention(q, xk.transpose(1, 2), xv.transpose(1, 2), segments)
-        else:
-            k = xk.repeat_interleave(self.n_rep, dim=2).transpose(1, 2)
-            v = xv.repeat_interleave(self.n_rep, dim=2).transpose(1, 2)
-            mask = None if cache is None else cache.mask
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=cache is None)
+        xk, xv = cache.update(self.layer_id, xk, xv)
+        k = xk.repeat_interleave(self.n_rep, dim=2).transpose(1, 2)
+        v = xv.repeat_interleave(self.n_rep, dim=2).transpose(1, 2)
+        out = F.scaled_dot_product_attention(xq.transpose(1, 2), k, v, attn_mask=cache.mask)
         out = out.transpose(1, 2).reshape(bsz, seqlen, -1)
         return self.tp.exit(self.wo(out))
 
 
 class FeedForward(nn.Module):
     """SwiGLU: w2(silu(w1 x) * w3 x), w1/w3 column-parallel, w2 row-parallel."""
+
+    recompute = False  # parallel.activation_checkpointing=selective: rerun the product in backward
 
     def __init__(self, cfg: ModelConfig, tp: TensorParallel, layer_id: int, seed: int) -> None:
         super().__init__()
@@ -221,19 +245,27 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.tp.enter(x)
-        return self.tp.exit(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+        return self.tp.exit(self.w2(recompute(self.recompute, swiglu, self.w1(x), self.w3(x))))
 
 
 class TransformerBlock(nn.Module):
+    """One Llama block. ``activation_checkpointing`` (parallel.activation_checkpointing):
+    ``full`` (or true) recomputes the whole block in backward from its input, ``selective`` its
+    RMSNorms, attention core and SwiGLU product (:mod:`megallama.model.recompute`), ``none`` (or false)
+    keeps every activation."""
+
     def __init__(self, layer_id: int, cfg: ModelConfig, tp: TensorParallel, seed: int = 0,
-                 activation_checkpointing: bool = False) -> None:
+                 activation_checkpointing: bool | str = False) -> None:
         super().__init__()
         self.layer_id = layer_id
         self.attention = Attention(cfg, tp, layer_id, seed)
         self.feed_forward = FeedForward(cfg, tp, layer_id, seed)
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps, tp)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps, tp)
-        self.activation_checkpointing = activation_checkpointing
+        self.activation_checkpointing = checkpointing_mode(activation_checkpointing)
+        selective = self.activation_checkpointing == "selective"
+        for part in (self.attention, self.feed_forward, self.attention_norm, self.ffn_norm):
+            part.recompute = selective
 
     def _forward(self, x: torch.Tensor, cache: KVCache | None = None,
                  segments: torch.Tensor | None = None) -> torch.Tensor:
@@ -242,7 +274,7 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None,
                 segments: torch.Tensor | None = None) -> torch.Tensor:
-        if cache is None and self.activation_checkpointing and torch.is_grad_enabled():
+        if cache is None and self.activation_checkpointing == "full" and torch.is_grad_enabled():
             return checkpoint(self._forward, x, None, segments, use_reentrant=False)
         return self._forward(x, cache, segments)
 
@@ -315,7 +347,7 @@ class LayerDef:
 
 
 def layer_defs(cfg: ModelConfig, tp: TensorParallel, seed: int = 0,
-               activation_checkpointing: bool = False) -> list[LayerDef]:
+               activation_checkpointing: bool | str = False) -> list[LayerDef]:
     """One :class:`LayerDef` per name of ``layout.layer_names`` (embedding, n_layers blocks,
     final norm, output head), in forward order."""
     check_tp_layout(cfg, tp.size)
@@ -332,7 +364,7 @@ class Transformer(nn.Module):
     """The whole model on one pipeline stage; ``forward`` returns vocab-parallel logits."""
 
     def __init__(self, cfg: ModelConfig, tp: TensorParallel | None = None, seed: int = 0,
-                 activation_checkpointing: bool = False) -> None:
+                 activation_checkpointing: bool | str = False) -> None:
         super().__init__()
         self.cfg, self.tp = cfg, tp or TensorParallel()
         defs = layer_defs(cfg, self.tp, seed, activation_checkpointing)

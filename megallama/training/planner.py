@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from megallama.config import ConfigError, ModelConfig, check_tp_layout
-from megallama.config.train_config import ParallelConfig, TrainConfig
+from megallama.config.train_config import ParallelConfig, TrainConfig, checkpointing_mode
 from megallama.config.validate import FP8_RECIPES, check_parallel, resolve_optimizer
 from megallama.model import layout as model_layout
 from megallama.parallel import cross_entropy
@@ -71,6 +71,7 @@ class MemoryEstimate:
     capacity: int
     dp_comm: int = 0  # bytes a GPU sends per optimizer step in DP gradient / weight collectives
     pp_comm: int = 0  # bytes a GPU sends per optimizer step to its pipeline neighbours
+    recompute: str = "none"  # parallel.activation_checkpointing: none | selective | full
 
     @property
     def fits(self) -> bool:
@@ -107,18 +108,29 @@ def stage_bounds(cfg: ModelConfig, pp: int, *, seq_len: int, method: str = "bala
 
 # ---- activations -------------------------------------------------------------------------------
 def block_activation_bytes(cfg: ModelConfig, *, tokens: int, seq_len: int, tp: int,
-                           sequence_parallel: bool, element: int, fp8: str = "none") -> int:
+                           sequence_parallel: bool, element: int, fp8: str = "none",
+                           recompute: str = "none") -> int:
     """Bytes one transformer block's autograd graph keeps for one micro-batch of ``tokens``
     (= micro_batch * seq_len) on one TP rank, term by term as docs/PLANNER.md derives them
-    (``fp8``: trainer.fp8, see :func:`megallama.parallel.fp8.activation_delta_bytes`)."""
+    (``fp8``: trainer.fp8, see :func:`megallama.parallel.fp8.activation_delta_bytes`;
+    ``recompute``: parallel.activation_checkpointing, none / selective / full)."""
     h, e = cfg.dim, element
     hq, heads, ffn = cfg.n_heads * cfg.head_dim // tp, cfg.n_heads // tp, cfg.ffn_hidden_dim // tp
+    hkv = max(1, cfg.n_kv_heads // tp) * cfg.head_dim  # local K/V width (replicated past n_kv)
     ts = tokens // tp if sequence_parallel else tokens  # tokens of the sequence-split region
-    return (2 * (4 + e) * ts * h + 2 * 4 * ts   # 2 RMSNorms: fp32 input, normalised, rsqrt
+    if recompute == "full":  # the block's input only, held by the checkpoint
+        return e * ts * h
+    if recompute == "selective":  # the recomputed regions' inputs, not their insides
+        norms = 2 * e * ts * h  # the 2 RMSNorms' inputs
+        core = 2 * e * tokens * hq + 2 * e * tokens * hkv  # wq/wk/wv outputs, attention output
+        swiglu = 3 * e * tokens * ffn  # w1 out, w3 out, product
+    else:
+        norms = 2 * (4 + e) * ts * h + 2 * 4 * ts  # 2 RMSNorms: fp32 input, normalised, rsqrt
+        core = 4 * e * tokens * hq + 4 * tokens * heads  # SDPA q, k, v (repeated), out; fp32 lse
+        swiglu = 4 * e * tokens * ffn  # w1 out, silu out, w3 out, product
+    return (norms
             + 2 * e * tokens * h                # inputs of wq/wk/wv and w1/w3 (full seq under SP)
-            + 4 * e * tokens * hq               # SDPA q, k and v (repeated to query heads), output
-            + 4 * tokens * heads                # SDPA logsumexp (fp32)
-            + 4 * e * tokens * ffn              # SwiGLU: w1 out, silu out, w3 out, product
+            + core + swiglu
             + fp8_linears.activation_delta_bytes(cfg, tokens=tokens, tp=tp, element=e, recipe=fp8))
     # (RoPE cos/sin are slices of a per-block fp32 buffer, 4 * max_seq_len * head_dim bytes: not
     # activations, and < 0.1% of a block's weights)
@@ -170,7 +182,7 @@ def resolved_optimizer(precision: str, zero_stage: int | None, optim_impl: str,
 
 def estimate_stages(model_cfg: ModelConfig, layout: Layout, *, seq_len: int, global_batch: int,
                     precision: str = "bf16", zero_stage: int | None = 1,
-                    activation_checkpointing: bool = False, sequence_parallel: bool = False,
+                    activation_checkpointing: bool | str = False, sequence_parallel: bool = False,
                     overhead_bytes: int | None = None, device: str = "cuda",
                     capacity_bytes: int = 80 * GIB,
                     partition_method: str = "balanced",
@@ -186,7 +198,9 @@ def estimate_stages(model_cfg: ModelConfig, layout: Layout, *, seq_len: int, glo
     megallama's optimizer where ``zero_stage`` is 0; "auto" (and ``zero_stage`` None) plan what
     the trainer's ``optim.impl=auto`` picks at this layout (:func:`resolved_optimizer`). ``fp8``
     (trainer.fp8) changes the blocks' activations and adds an fp8 cast's transient to the workspace.
+    ``activation_checkpointing``: none / selective / full (true = full, false = none).
     """
+    mode = checkpointing_mode(activation_checkpointing)
     cfg, lay, e = model_cfg, layout, ELEMENT.get(precision, 0)
     zero_stage, optim_impl = resolved_optimizer(precision, zero_stage, optim_impl, lay)
     if not e or device not in DEFAULT_OVERHEAD_GIB:
@@ -195,7 +209,7 @@ def estimate_stages(model_cfg: ModelConfig, layout: Layout, *, seq_len: int, glo
     par = ParallelConfig(tp=lay.tp, pp=lay.pp, dp=lay.dp, sequence_parallel=sequence_parallel,
                          zero_stage=zero_stage, micro_batch_size=lay.micro_batch,
                          global_batch_size=global_batch, partition_method=partition_method,
-                         activation_checkpointing=activation_checkpointing)
+                         activation_checkpointing=mode)
     check_parallel(par, cfg, seq_len, lay.tp * lay.pp * lay.dp)
     if fp8 not in FP8_RECIPES:
         raise ConfigError(f"fp8={fp8!r}: choose one of {list(FP8_RECIPES)}")
@@ -207,16 +221,18 @@ def estimate_stages(model_cfg: ModelConfig, layout: Layout, *, seq_len: int, glo
     ts = tokens // t if sequence_parallel else tokens
     block = block_activation_bytes(cfg, tokens=tokens, seq_len=seq_len, tp=t,
                                    sequence_parallel=sequence_parallel, element=e, fp8=fp8)
+    stored = block_activation_bytes(cfg, tokens=tokens, seq_len=seq_len, tp=t, recompute=mode,
+                                    sequence_parallel=sequence_parallel, element=e, fp8=fp8)
     boundary = e * ts * h  # one [micro, seq(/tp), dim] activation crossing a stage boundary
     shape = _StepShape(
         cfg=cfg, layout=lay, element=e, gas=global_batch // (lay.micro_batch * lay.dp),
         tokens=tokens, ts=ts, sizes=layer_params(cfg, t), block=block,
-        stored=e * ts * h if activation_checkpointing else block,  # per block per micro-batch
+        stored=stored,  # per block per micro-batch
         workspace=max(2 * e * tokens * cfg.ffn_hidden_dim // t + e * ts * h, 16 * ts * h)
         + fp8_linears.cast_workspace_bytes(cfg, tokens=tokens, tp=t, recipe=fp8),
         boundary=boundary,
         sent=boundary // t if t > 1 and not sequence_parallel else boundary,  # pipe_partitioned
-        ckpt=activation_checkpointing, sp=sequence_parallel, precision=precision,
+        ckpt=mode, sp=sequence_parallel, precision=precision,
         zero_stage=zero_stage, device=device, overhead=overhead_bytes, capacity=capacity_bytes,
         optim_impl=optim_impl)
     bounds = stage_bounds(cfg, lay.pp, seq_len=seq_len, method=partition_method)
@@ -240,7 +256,7 @@ class _StepShape:
     workspace: int
     boundary: int
     sent: int
-    ckpt: bool
+    ckpt: str  # none | selective | full
     sp: bool
     precision: str
     zero_stage: int
@@ -268,7 +284,9 @@ def _stage_estimate(x: _StepShape, s: int, mine: list[str]) -> MemoryEstimate:
     per_mb = blocks * x.stored + (0 if first else x.boundary) + (0 if last else x.sent)
     if last:  # final RMSNorm and the head's (gathered) input
         per_mb += (4 + e) * ts * h + 4 * ts + e * tokens * h
-    acts = k * per_mb + (x.block if x.ckpt else 0) + (0 if first else x.sent) \
+    # backward of one block recomputes what it did not keep: the whole block under full
+    acts = k * per_mb + (x.block if x.ckpt == "full" else x.block - x.stored) \
+        + (0 if first else x.sent) \
         + (0 if last else x.sent)
     logits = logits_bytes(cfg, tokens=tokens, tp=t, element=e, pipeline=lay.pp > 1) \
         if last else 0
@@ -277,16 +295,18 @@ def _stage_estimate(x: _StepShape, s: int, mine: list[str]) -> MemoryEstimate:
     end = st.grads_accum + st.bucket + (k - 1) * per_mb + x.block + x.workspace + fresh
     fixed = st.weights + st.master + st.adam + st.grads_keep + x.overhead
     # TP collectives of [tokens, h] per micro-batch, in units of (t-1)/t of it (one ring
-    # all-reduce = 2): 4 all-reduces per block (+2 recomputed), 1 for embedding and head each
-    comm = (8 + 4 * x.ckpt) * blocks + 2 * first + 2 * last
+    # all-reduce = 2): 4 all-reduces per block (+2 recomputed under full; selective regions
+    # have none), 1 for embedding and head each
+    comm = (8 + 4 * (x.ckpt == "full")) * blocks + 2 * first + 2 * last
     return MemoryEstimate(
-        lay, x.ckpt, x.sp, x.gas, s, blocks, params, k, st.weights,
+        lay, x.ckpt != "none", x.sp, x.gas, s, blocks, params, k, st.weights,
         st.grads_keep + st.grads_accum + st.bucket + fresh, st.master, st.adam,
         acts + x.workspace, logits, st.step, x.overhead, fixed + max(start, end, st.step),
         "bwd" if max(start, end) >= st.step else "step", bubble_fraction(lay.pp, x.gas),
         x.gas * comm * e * tokens * h * (t - 1) // t, x.capacity,
         dp_comm_bytes(params, lay.dp, x.precision, x.zero_stage, x.optim_impl),
-        x.gas * x.sent * ((not first) + (not last)))  # activations out, their gradients back
+        x.gas * x.sent * ((not first) + (not last)),  # activations out, their gradients back
+        recompute=x.ckpt)
 
 
 def candidate_layouts(model_cfg: ModelConfig, gpus: int, *, global_batch: int,
@@ -328,7 +348,7 @@ def _tp_ok(cfg: ModelConfig, tp: int) -> bool:
 def plan(model_cfg: ModelConfig, gpus: int, *, seq_len: int, global_batch: int,
          tp: list[int] | None = None, pp: list[int] | None = None,
          micro_batch: list[int] = (1, 2), max_tp: int = 8,
-         activation_checkpointing: tuple[bool, ...] = (False, True),
+         activation_checkpointing: tuple[bool | str, ...] = (False, True),
          sequence_parallel: tuple[bool, ...] = (False, True),
          **kwargs: Any) -> list[MemoryEstimate]:
     """:func:`estimate` for every candidate layout x checkpointing x SP choice (SP only where

@@ -11,12 +11,14 @@ import torch
 import torch.nn.functional as F
 
 from megallama.config import ConfigError, ModelConfig, preset
-from megallama.model.llama import Transformer
+from megallama.model.llama import Transformer, TransformerBlock
 from megallama.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megallama.parallel.layers import TensorParallel, full_tensor, padded_vocab_size
 from megallama.parallel.mappings import all_gather_tensor
 from megallama.parallel.topology import Grid, build_topology, kv_replicas_for
+from megallama.training.planner import block_activation_bytes
 from tests.distributed.harness import run_world
+from tests.saved_bytes import saved_block_bytes
 
 VOCAB = 1001  # divisible by no tp > 1: exercises vocabulary padding
 TOL = 1e-5
@@ -42,7 +44,7 @@ def _reference(cfg, tokens, labels):
     return ref, logits.detach(), loss.detach()
 
 
-def _check_case(world: int, name: str, tp: int, sp: bool, **over) -> None:
+def _check_case(world: int, name: str, tp: int, sp: bool, ckpt: str = "none", **over) -> None:
     cfg = preset(name, vocab_size=VOCAB, **over)
     grid = Grid(tp=tp, dp=world // tp)
     topo = build_topology(grid, kv_replicas=kv_replicas_for(cfg.n_kv_heads, tp))
@@ -50,11 +52,11 @@ def _check_case(world: int, name: str, tp: int, sp: bool, **over) -> None:
     tokens, labels = _batch()
     ref, ref_logits, ref_loss = _reference(cfg, tokens, labels)
 
-    model = Transformer(cfg, tpc, seed=3)
+    model = Transformer(cfg, tpc, seed=3, activation_checkpointing=ckpt)
     logits = model(tokens)
     loss = model.loss(logits, labels)
     loss.backward()
-    what = f"{name} tp={tp} sp={sp}"
+    what = f"{name} tp={tp} sp={sp} ckpt={ckpt}"
     full_logits = all_gather_tensor(logits.detach(), -1, tpc.group)[..., :VOCAB]
     assert rel_err(full_logits, ref_logits) < TOL, f"{what}: logits {rel_err(full_logits, ref_logits)}"
     assert abs(loss.item() - ref_loss.item()) <= TOL * abs(ref_loss.item()), f"{what}: loss"
@@ -103,12 +105,35 @@ def _check_bad_layouts(world: int) -> None:
         Transformer(cfg, TensorParallel(group=build_topology(Grid(tp=4)).tp_group))
 
 
+def _check_saved_bytes(world: int, name: str, tp: int) -> None:
+    """Saved-activation bytes of one block on this rank (tests/saved_bytes.py), at tp and tp +
+    SP x none / selective / full, equal the planner's block_activation_bytes within 5%; the
+    formula of none misses selective's bytes by more (tests/test_recompute.py: tp 1)."""
+    cfg, seq, micro = preset(name, vocab_size=VOCAB), 64, 2
+    topo = build_topology(Grid(tp=tp, dp=world // tp), kv_replicas=kv_replicas_for(cfg.n_kv_heads, tp))
+    for sp in (False, True):
+        tpc = topo.tensor_parallel(cfg.n_kv_heads, sequence_parallel=sp)
+        got = {}
+        for mode in ("none", "selective", "full"):
+            block = TransformerBlock(0, cfg, tpc, 3, mode)
+            x = torch.randn(micro, seq // tp if sp else seq, cfg.dim, requires_grad=True)
+            got[mode] = saved_block_bytes(block, x)
+            want = block_activation_bytes(cfg, tokens=micro * seq, seq_len=seq, tp=tp, element=4,
+                                          sequence_parallel=sp, recompute=mode)
+            assert abs(got[mode] - want) <= 0.05 * want, (name, tp, sp, mode, got[mode], want)
+        ignoring = block_activation_bytes(cfg, tokens=micro * seq, seq_len=seq, tp=tp, element=4,
+                                          sequence_parallel=sp, recompute="none")
+        assert abs(got["selective"] - ignoring) > 0.05 * got["selective"], (name, tp, sp, got)
+
+
 def _tp_world(rank: int, world: int, cases) -> None:
     torch.manual_seed(0)
     if world == 4:
         _check_bad_layouts(world)
         for tp in (2, 4):
             _check_cross_entropy(world, tp)
+        for name in ("tiny", "tiny_gqa"):
+            _check_saved_bytes(world, name, 2)
     for case in cases:
         _check_case(world, *case[:3], **(case[3] if len(case) > 3 else {}))
 
@@ -121,6 +146,8 @@ CASES_4 = [
     ("tiny", 2, True, {"pad_token_id": 0}),
     ("tiny_llama3", 4, True),                            # Llama 3.1: scaled RoPE, tp > n_kv
     ("tiny_llama3_tied", 2, True), ("tiny_llama3_tied", 4, False),  # 3.2: tied head
+    ("tiny_gqa", 2, True, {"ckpt": "selective"}),       # recomputation under TP + SP
+    ("tiny_gqa", 4, False, {"ckpt": "selective"}),      # ... with KV heads replicated
 ]
 CASES_8 = [
     ("tiny", 8, True), ("tiny_gqa", 8, False), ("tiny_gqa", 8, True),  # 4 replicas per KV head
