@@ -20,14 +20,16 @@ TOL = 1e-5
 
 def _worker(rank: int, world: int, layouts) -> None:
     init_distributed(torch.device("cpu"))
-    for tp, pp, zero, sp, *micro in layouts:
-        cfg = make_config(tp=tp, pp=pp, zero=zero, sp=sp, micro=micro[0] if micro else 2)
+    for tp, pp, zero, sp, *extra in layouts:  # extra: micro-batch size, activation checkpointing
+        cfg = make_config(tp=tp, pp=pp, zero=zero, sp=sp, micro=extra[0] if extra else 2)
+        cfg.parallel.activation_checkpointing = extra[1] if len(extra) > 1 else "none"
         grid = Grid.from_world(world, tp=tp, pp=pp)
         topo = build_topology(grid, kv_replicas_for(cfg.model.n_kv_heads, tp))
         engine = Engine(cfg, topo, torch.device("cpu"))
         ref_losses, ref_norms = reference_run(cfg)
         assert max(ref_norms) > cfg.optim.grad_clip, "clipping must be active in this test"
-        what = f"tp={tp} pp={pp} dp={grid.dp} zero={zero} sp={sp} micro={cfg.parallel.micro_batch_size}"
+        what = (f"tp={tp} pp={pp} dp={grid.dp} zero={zero} sp={sp} micro={cfg.parallel.micro_batch_size}"
+                f" ckpt={cfg.parallel.activation_checkpointing}")
         for step in range(cfg.trainer.steps):
             batches = rank_micro_batches(step, cfg, topo.dp_rank, grid.dp)
             out = engine.train_step(batches)
@@ -46,7 +48,8 @@ def _worker(rank: int, world: int, layouts) -> None:
     (2, [(2, 1, 1, False), (1, 2, 1, False), (1, 2, 1, False, 1), (1, 1, 1, False), (1, 1, 2, False), (1, 1, 3, False),
          (2, 1, 0, False), (1, 2, 0, False), (1, 1, 0, False)]),
     (4, [(2, 2, 1, False), (2, 2, 1, True), (1, 4, 1, False), (2, 1, 2, False), (2, 1, 3, False),
-         (2, 2, 0, True), (2, 1, 0, False)]),
+         (2, 2, 0, True), (2, 1, 0, False),
+         (2, 2, 1, True, 2, "selective")]),  # selective recomputation through TP + SP + pipeline
     (8, [(2, 2, 1, True), (2, 2, 0, True)]),
 ], ids=["world1", "world2", "world4", "world8"])
 def test_engine_matches_reference(world, layouts):
