@@ -164,9 +164,12 @@ def save_model_weights(layers: Layers, tp: TensorParallel, topo: Topology, ckpt_
 
 # ---- read ----------------------------------------------------------------------------------------
 def _config_diff(saved: dict[str, Any], cfg: ModelConfig) -> list[str]:
-    ours = cfg.to_dict()
-    return [f"{k}: checkpoint {saved.get(k, '<absent>')!r} != model {v!r}"
-            for k, v in ours.items() if k not in _IGNORED_CONFIG_FIELDS and saved.get(k) != v]
+    """Fields where the checkpoint's model config and ``cfg`` differ. A field the checkpoint does
+    not record was added to ModelConfig after it was written: it holds the field's default."""
+    ours, default = cfg.to_dict(), ModelConfig().to_dict()
+    return [f"{k}: checkpoint {saved.get(k, default.get(k))!r} != model {v!r}"
+            for k, v in ours.items()
+            if k not in _IGNORED_CONFIG_FIELDS and saved.get(k, default.get(k)) != v]
 
 
 def load_model_weights(layers: Layers, tp: TensorParallel, ckpt_dir: Path,
