@@ -12,6 +12,7 @@ tests/distributed/test_lm_eval_tp.py (it reuses the fixtures here)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -22,7 +23,11 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local files only (before huggingface_hub loads)
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from tests.conftest import require_llama_tokenizer, require_module  # noqa: E402
+from tests.conftest import (  # noqa: E402
+    require_llama3_tokenizer,
+    require_llama_tokenizer,
+    require_module,
+)
 
 require_module("lm_eval")
 require_module("accelerate")  # lm-eval's hf model
@@ -134,18 +139,24 @@ def build_setup(root: Path) -> dict[str, Path]:
     return {"megallama": root / "mg", "hf": root / "hf", "tasks": write_tasks(root / "tasks")}
 
 
+@functools.cache
+def task_manager(tasks_dir: Path) -> TaskManager:
+    """One index of lm-eval's tasks (thousands of YAMLs: seconds to build) per tasks folder."""
+    return TaskManager(include_path=str(tasks_dir))
+
+
 def evaluate(model: str, model_args: dict[str, Any], tasks_dir: Path,
-             batch_size: int = 3) -> dict[str, Any]:
-    return simple_evaluate(model=model, model_args=model_args, tasks=TASKS,
-                           task_manager=TaskManager(include_path=str(tasks_dir)),
+             batch_size: int = 3, tasks: list[str] = TASKS) -> dict[str, Any]:
+    return simple_evaluate(model=model, model_args=model_args, tasks=tasks,
+                           task_manager=task_manager(tasks_dir),
                            batch_size=batch_size, device="cpu", log_samples=True,
                            bootstrap_iters=0)
 
 
-def hf_reference(setup: dict[str, Path]) -> dict[str, Any]:
+def hf_reference(setup: dict[str, Path], tasks: list[str] = TASKS) -> dict[str, Any]:
     """lm-eval's own ``hf`` model on the HF export (fp32, on the CPU)."""
     return evaluate("hf", {"pretrained": str(setup["hf"]), "dtype": "float32"}, setup["tasks"],
-                    batch_size=2)
+                    batch_size=2, tasks=tasks)
 
 
 def _plain(value: Any) -> Any:
@@ -169,13 +180,14 @@ def responses(results: dict[str, Any]) -> dict[str, dict[int, list]]:
             for task, samples in results["samples"].items()}
 
 
-def assert_same_scores(ours: dict[str, Any], ref: dict[str, Any]) -> float:
+def assert_same_scores(ours: dict[str, Any], ref: dict[str, Any],
+                       tasks: list[str] = TASKS) -> float:
     """Equal metrics (acc exactly, perplexities within TOL relative) and per-request answers;
     returns the largest log-likelihood difference seen."""
     worst = 0.0
     a, b = responses(ours), responses(ref)
-    assert a.keys() == b.keys() == set(TASKS)
-    for task in TASKS:
+    assert a.keys() == b.keys() == set(tasks)
+    for task in tasks:
         assert a[task].keys() == b[task].keys(), task
         for doc, resps in b[task].items():
             for mine, theirs in zip(a[task][doc], resps, strict=True):
@@ -225,6 +237,30 @@ def test_scores_match_hf_backend(lm_eval_setup) -> None:
     assert ours["config"]["model"] == "megallama" and ours["config"]["tp"] == 1
     gen = responses(ours)["megallama_gen_stop"]
     assert all("e" not in r[0] and "\n" not in r[0] for r in gen.values())
+
+
+# Llama 3: tiktoken text, its BOS as the prefix of rolling windows and empty contexts, stop strings
+LLAMA3_TASKS = ["megallama_mc", "megallama_ll", "megallama_ppl", "megallama_gen_stop"]
+
+
+def test_llama3_scores_match_hf_backend(lm_eval_setup, tmp_path_factory) -> None:
+    """The same comparison on a Llama-3-shaped checkpoint: tiny_llama3 (GQA, llama3 RoPE scaling,
+    128,256 ids) with Meta's tiktoken tokenizer, saved as megallama at tp 2, against lm-eval's
+    ``hf`` model on its HF export (tokenizer.json written from the tiktoken file). The tasks
+    folder (and its index) is the Llama 2 test's."""
+    tokenizer = require_llama3_tokenizer()
+    root = tmp_path_factory.mktemp("lm_eval_llama3")
+    cfg = preset("tiny_llama3", n_layers=2, max_seq_len=64)
+    hf_model_from(Transformer(cfg, seed=7).eval()).save_pretrained(root / "src")
+    convert(f"hf:{root / 'src'}", f"megallama:{root / 'mg'}", tp=2, tokenizer=tokenizer,
+            progress=False)
+    convert(f"megallama:{root / 'mg'}", f"hf:{root / 'hf'}", tokenizer=tokenizer, progress=False)
+    setup = {"hf": root / "hf", "tasks": lm_eval_setup["tasks"]}
+    ref = hf_reference(setup, LLAMA3_TASKS)
+    ours = evaluate("megallama", {"checkpoint": str(root / "mg"), "tp": 1}, setup["tasks"],
+                    tasks=LLAMA3_TASKS)
+    worst = assert_same_scores(ours, ref, LLAMA3_TASKS)
+    print(f"Llama 3: largest |loglikelihood(megallama) - loglikelihood(hf)|: {worst:.2e}")
 
 
 def test_bad_arguments_fail_clearly(lm_eval_setup) -> None:
