@@ -3,7 +3,9 @@ consolidated files (written by megallama's Meta writer from a seeded model, with
 ``tokenizer.model``) -> ``megallama-reshard`` to megallama at tp 2 -> ``megallama-preprocess`` of
 chat JSONL in Llama 3's format (prompts masked) -> fine-tuning under torchrun at tp 2 from those
 weights -> ``megallama-reshard`` to HF -> transformers' greedy ``generate`` on the export gives the
-tokens megallama's ``generate`` gives on the fine-tuned checkpoint (and the answer it was taught).
+tokens megallama's ``generate`` gives on the fine-tuned checkpoint (and the answer it was taught),
+and its logits over 300 positions equal megallama's (an export without Llama 3.1's RoPE scaling
+leaves short greedy outputs unchanged but moves these logits by 0.2; 3e-6 when right).
 
 Tiny widths and two layers; the 128,256-id vocabulary is Llama 3's, so the embedding and head are
 most of the model (16.4M of its 16.5M parameters) and of the run's time.
@@ -109,7 +111,8 @@ def test_meta_to_finetuned_hf_generates_as_megallama(tmp_path):
 
     question, answer = QA[0]
     prompts = [chat_prompt(tok, question, SYSTEM), chat_prompt(tok, UNSEEN, SYSTEM)]
-    ours = generate(load_for_inference(step, "megallama"), prompts, 6)  # fp32, tp 1 from tp 2
+    tuned = load_for_inference(step, "megallama")  # fp32, tp 1 from the tp 2 checkpoint
+    ours = generate(tuned, prompts, 6)
     taught = tok.encode(answer, bos=False, eos=False) + [EOT]
     assert ours[0][:len(taught)] == taught, tok.decode(ours[0])  # the answer, then the turn ends
 
@@ -126,3 +129,11 @@ def test_meta_to_finetuned_hf_generates_as_megallama(tmp_path):
                 1, len(prompt), dtype=torch.long), max_new_tokens=6, do_sample=False,
                 pad_token_id=tok.eos_id)[0, len(prompt):].tolist()
         assert mine == theirs, (hf_tok.decode(mine), hf_tok.decode(theirs))
+    # logits over 300 positions, where the scaled RoPE's low-frequency bands turn measurably
+    # (greedy tokens of short prompts hardly depend on them: 0.2 off without
+    # the scaling in config.json, 3e-6 with it): transformers' equal megallama's
+    text = tok.encode(" ".join([question, answer] * 30), bos=True)[:300]
+    with torch.no_grad():
+        want = tuned(torch.tensor([text]))[..., :cfg.vocab_size]
+        got = hf_model(torch.tensor([text])).logits
+    assert torch.allclose(got, want, rtol=0, atol=1e-4), (got - want).abs().max()
