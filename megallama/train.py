@@ -99,29 +99,31 @@ def main(argv: list[str] | None = None, hooks: TrainHooks | None = None) -> int:
         trainer.train()
     except ConfigError as e:  # found after start-up, by one rank (W&B refusing the run): one line
         report_error("megallama.train", e)
-        return _exit_started(EXIT_CONFIG)
+        return EXIT_CONFIG
     except CheckpointError as e:
         if trainer is not None and not isinstance(e, InvalidStateError):
             raise  # a save that failed (disk full...): a failure, with its traceback
         # on every rank alike: a checkpoint refused while loading (a checksum, invalid optimizer
         # state), or non-finite weights at a save (nothing committed)
-        return _exit_started(_fail(rank, e))
+        return _fail(rank, e)
     return 0
 
 
-def _exit_started(code: int) -> int:
-    """End a rank that reported an input error after torch.distributed started. The process
-    exits at once with ``code``: a normal interpreter exit runs the process group's C++
-    destructors while gloo's threads may still be talking to a peer that already left, and under
-    load that aborts the process ("terminate called without an active exception", SIGABRT)
-    instead of exiting with ``code``. Returns ``code`` where no process group is running."""
-    if not dist.is_initialized():
-        return code
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+def cli() -> None:
+    """The process entry point (``python -m megallama.train``, ``megallama-train``): :func:`main`,
+    then the exit. A rank that reported an error after torch.distributed started leaves at once
+    with its status: a normal interpreter exit runs the process group's C++ destructors while
+    gloo's threads may still talk to a peer that already left, and under load that aborts the
+    process ("terminate called without an active exception", SIGABRT) instead of exiting with the
+    status. Only here, never inside :func:`main`, which tests call in-process."""
+    code = main()
+    if code != 0 and dist.is_initialized():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    raise SystemExit(code)
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    cli()
 
