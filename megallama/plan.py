@@ -27,13 +27,14 @@ USAGE = """usage: megallama-plan model=NAME|params.json gpus=N [seq_len=4096] [g
   [optim_impl=fused|distributed (zero_stage=0)] [fp8=none|tensorwise|rowwise (trainer.fp8)]
   (default, as the trainer's optim.impl=auto: bf16 -> fused at dp 1, distributed at dp > 1;
    fp32 -> ZeRO-1)
-  [activation_checkpointing=both|on|off] [sequence_parallel=both|on|off] [device=cuda|cpu]
-  [overhead_gib=3 (cuda) / 0 (cpu)] [max_tp=8] [partition_method=balanced] [top=20] [json=PATH]
+  [activation_checkpointing=both|on|off|selective|all (both: off, on; all: off, selective, on)]
+  [sequence_parallel=both|on|off] [device=cuda|cpu] [overhead_gib=3 (cuda) / 0 (cpu)] [max_tp=8] [partition_method=balanced] [top=20] [json=PATH]
   [model.FIELD=VALUE ...]   (formulas: docs/PLANNER.md)"""
 OPTIONS = ("model", "gpus", "seq_len", "global_batch", "gpu_mem_gib", "precision", "zero_stage",
            "micro_batch", "tp", "pp", "activation_checkpointing", "sequence_parallel", "device",
            "overhead_gib", "max_tp", "partition_method", "top", "json", "optim_impl",
            "fp8")
+_CKPT = {"none": "off", "selective": "sel", "full": "on"}  # the table's ckpt column
 OPTIM_IMPLS = ("fused", "distributed")  # megallama's optimizers (zero_stage=0)
 
 
@@ -176,6 +177,19 @@ def _switch(opts: dict[str, str], key: str) -> tuple[bool, ...]:
     return choices[value]
 
 
+def _recompute(opts: dict[str, str]) -> tuple[str, ...]:
+    """``activation_checkpointing=``: the recomputation modes to plan (on = full, off = none;
+    ``selective`` = parallel.activation_checkpointing=selective, ``all`` the three)."""
+    value = opts.get("activation_checkpointing", "both").lower()
+    choices = {"both": ("none", "full"), "on": ("full",), "off": ("none",), "full": ("full",),
+               "none": ("none",), "selective": ("selective",),
+               "all": ("none", "selective", "full")}
+    if value not in choices:
+        raise ConfigError(f"activation_checkpointing={value!r}: choose both, on, off, selective "
+                          "or all")
+    return choices[value]
+
+
 def format_table(rows: list[MemoryEstimate], top: int | None = None) -> str:
     """One line per layout, memory in GiB; layouts over capacity are marked NO."""
     head = (f"{'fits':4} {'tp':>3} {'pp':>3} {'dp':>4} {'mb':>3} {'gas':>5} {'ckpt':>4} {'sp':>3} "
@@ -187,7 +201,7 @@ def format_table(rows: list[MemoryEstimate], top: int | None = None) -> str:
         lay = r.layout
         lines.append(
             f"{'yes' if r.fits else 'NO':4} {lay.tp:>3} {lay.pp:>3} {lay.dp:>4} "
-            f"{lay.micro_batch:>3} {r.gas:>5} {'on' if r.activation_checkpointing else 'off':>4} "
+            f"{lay.micro_batch:>3} {r.gas:>5} {_CKPT[r.recompute]:>4} "
             f"{'on' if r.sequence_parallel else 'off':>3} {r.stage:>5} |"
             + "".join(f"{getattr(r, field) / GIB:8.2f}" for _, field in _COLUMNS)
             + f" | {r.total / GIB:7.2f} {r.peak_phase:>4} {r.bubble:6.3f} {r.tp_comm / GIB:8.1f}"
@@ -224,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = plan(cfg, gpus, seq_len=seq_len, global_batch=batch,
                     tp=_get(opts, "tp", None, list), pp=_get(opts, "pp", None, list),
                     micro_batch=_get(opts, "micro_batch", [1, 2], list),
-                    activation_checkpointing=_switch(opts, "activation_checkpointing"),
+                    activation_checkpointing=_recompute(opts),
                     sequence_parallel=_switch(opts, "sequence_parallel"),
                     max_tp=_get(opts, "max_tp", 8), precision=precision, zero_stage=zero,
                     overhead_bytes=int(overhead * GIB), device=device,

@@ -251,6 +251,8 @@ def test_cli_model_overrides_and_fp32_cpu(capsys):
     (["model=tiny", "gpus=2", "optim_impl=distributed", "zero_stage=1"],
      "optim_impl=distributed with zero_stage=1"),
     (["model=tiny", "gpus=1", "fp8=e4m3"], "fp8='e4m3': choose one of ['none', 'tensorwise'"),
+    (["model=tiny", "gpus=1", "activation_checkpointing=some"],
+     "activation_checkpointing='some': choose both, on, off, selective or all"),
     (["model=tiny", "gpus=1", "fp8=rowwise", "precision=fp32"],
      "fp8=rowwise needs precision=bf16 (as trainer.fp8 does), not fp32"),
 ])
@@ -297,13 +299,15 @@ def test_load_model_from_meta_params_json(tmp_path):
 
 
 def test_fused_optimizer_states():
-    """zero_stage=0 (optim.impl=fused): bf16 weights and gradients, fp32 master and moments, all
-    unsharded (16 bytes/param); an fp32 gradient buffer once gradients are summed (gas or dp > 1)."""
+    """zero_stage=0 (optim.impl=fused): bf16 weights and gradients, the master's int16 remainder
+    (the bf16 weight is its upper half) and fp32 moments, all unsharded (14 bytes/param); an fp32
+    gradient buffer once gradients are summed (gas or dp > 1)."""
     p = 1_000_000
     st = state_bytes.optimizer_states(p, 1, "bf16", 0, "cuda", gas=1)
-    assert st.weights + st.grads_keep + st.grads_accum + st.master + st.adam == 16 * p
+    assert st.weights + st.grads_keep + st.grads_accum + st.master + st.adam == 14 * p
     summed = state_bytes.optimizer_states(p, 2, "bf16", 0, "cuda", gas=1)
     assert summed.grads_keep == 4 * p and summed.grads_accum == 0 and summed.adam == 8 * p
+    assert summed.master == 2 * p
     fp32 = state_bytes.optimizer_states(p, 1, "fp32", 0, "cuda", gas=4)
     assert (fp32.weights, fp32.master, fp32.grads_accum) == (4 * p, 0, 4 * p)
 
@@ -321,9 +325,69 @@ def test_distributed_optimizer_states_by_hand():
     assert (fp32.weights, fp32.grads_keep, fp32.master, fp32.adam) == (4 * p, 4 * p, 0, 2 * p)
     gloo = state_bytes.optimizer_states(p, 4, "bf16", 0, "cpu", gas=4, impl="distributed")
     assert gloo.bucket == p and not gloo.bucket_early  # Gloo's staging shards, 4 bytes / dp
-    # the fused optimizer keeps everything on every rank: 2 + 4 + 4 + 8 bytes/param at any dp
+    # the fused optimizer keeps everything on every rank: 2 + 4 + 2 + 8 bytes/param at any dp
     fused = state_bytes.optimizer_states(p, 8, "bf16", 0, "cuda", gas=4)
-    assert fused.weights + fused.grads_keep + fused.master + fused.adam == 18 * p
+    assert fused.weights + fused.grads_keep + fused.master + fused.adam == 16 * p
+
+
+def _held_bytes(opt: torch.optim.Optimizer, params: list[torch.nn.Parameter]) -> int:
+    """Bytes of every distinct storage the parameters, their .grad and the optimizer reach
+    (its state, buckets and shards, walked through containers and megallama's own objects)."""
+    seen: set[int] = set()
+    storages: dict[int, int] = {}
+
+    def walk(x: object) -> None:
+        if id(x) in seen:
+            return
+        seen.add(id(x))
+        if isinstance(x, torch.Tensor):
+            st = x.untyped_storage()
+            storages[st.data_ptr()] = st.nbytes()
+        elif isinstance(x, dict):
+            for k, v in x.items():
+                walk(k)
+                walk(v)
+        elif isinstance(x, (list, tuple, set)):
+            for v in x:
+                walk(v)
+        elif type(x).__module__.startswith("megallama.optim") and hasattr(x, "__dict__"):
+            walk(vars(x))
+
+    walk(params)
+    walk([p.grad for p in params if p.grad is not None])
+    walk(vars(opt))
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("impl", ["fused", "distributed"])
+@pytest.mark.parametrize("gas", [1, 2])
+def test_optimizer_bytes_per_param_match_what_the_optimizer_holds(impl, gas):
+    """bf16 at dp = 1 after a backward: every byte the weights, gradients and optimizer hold,
+    counted from the tensors themselves, equals the planner's model-state bytes (the fused
+    optimizer's master is the bf16 weight plus an int16 remainder: 2 bytes, not 4)."""
+    from megallama.optim.distributed_adamw import DistributedAdamW
+    from megallama.optim.fused_adamw import MasterWeightAdamW
+    from megallama.parallel.topology import Grid, build_topology
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.Linear(96, 64, bias=False))
+    model.to(torch.bfloat16)
+    params = list(model.parameters())
+    kw = {"lr": 1e-3, "betas": (0.9, 0.95), "eps": 1e-8, "max_grad_norm": 1.0,
+          "topo": build_topology(Grid.from_world(1)), "gas": gas, "use_kernel": False}
+    groups = [{"params": params, "weight_decay": 0.0}]
+    opt = (MasterWeightAdamW(groups, **kw) if impl == "fused" else
+           DistributedAdamW(groups, bucket_bytes=DIST_BUCKET_SMALL, registration_order=params,
+                            **kw))
+    model(torch.randn(4, 64, dtype=torch.bfloat16)).float().square().sum().backward()
+    n = sum(p.numel() for p in params)
+    want = state_bytes.optimizer_states(n, 1, "bf16", 0, "cpu", gas=gas, impl=impl)
+    planned = want.weights + want.grads_keep + want.grads_accum + want.master + want.adam
+    got = _held_bytes(opt, params)
+    assert abs(got - planned) <= 0.01 * planned, (impl, gas, got / n, planned / n)
+
+
+DIST_BUCKET_SMALL = 8192  # bytes: several buckets for the tiny model
 
 
 def test_communication_bytes_per_step_by_hand():
@@ -348,6 +412,23 @@ def test_communication_bytes_per_step_by_hand():
     kw8 = {"seq_len": 4096, "global_batch": 1024, "zero_stage": 0, "activation_checkpointing": True}
     assert not planner.estimate(cfg, lay8, **kw8).fits
     assert planner.estimate(cfg, lay8, optim_impl="distributed", **kw8).fits
+
+
+def test_cli_plans_selective_recomputation(capsys, tmp_path):
+    """activation_checkpointing=selective plans parallel.activation_checkpointing=selective (its
+    own column value, "sel", and recompute in the JSON); all = off, selective and on; the
+    selective row keeps less than no recomputation and more than full."""
+    path = tmp_path / "plan.jsonl"
+    base = ["model=llama2_7b", "gpus=8", "tp=2", "pp=1", "micro_batch=1", "sequence_parallel=off"]
+    rc, out, err = run([*base, "activation_checkpointing=selective", f"json={path}"], capsys)
+    rows = [line.split() for line in out.splitlines() if line.startswith(("yes", "NO"))]
+    assert rc == 0 and not err and rows and all(r[6] == "sel" for r in rows), out
+    assert {json.loads(x)["recompute"] for x in path.read_text().splitlines()} == {"selective"}
+    rc, out, err = run([*base, "activation_checkpointing=all", f"json={path}"], capsys)
+    acts = {r["recompute"]: r["activations"] for r in map(json.loads, path.read_text().splitlines())}
+    assert rc == 0 and not err and acts["full"] < acts["selective"] < acts["none"], acts
+    table = {line.split()[6] for line in out.splitlines() if line.startswith(("yes", "NO"))}
+    assert table == {"off", "sel", "on"}, out
 
 
 def test_cli_distributed_optimizer(capsys):

@@ -70,10 +70,10 @@ def optimizer_states(p: int, dp: int, precision: str, zero: int, device: str, *,
     if zero == 0:  # megallama's fused optimizer: nothing sharded, updated in place
         bucket = min(FUSED_BUCKET, 4 * p) if dp > 1 else 0  # its DP all-reduce flattens a bucket
         tmp = 8 * largest_layer if cpu else 0  # the torch reference path: fp32 g and denom
-        if precision == "bf16":
+        if precision == "bf16":  # master = the bf16 weight + an int16 remainder: 2 more bytes
             summed = needs_fp32_grad_buffer(torch.bfloat16, gas, dp)  # fp32 buffer takes .grad
             return States(2 * p, 4 * p if summed else 0, 0 if summed else 2 * p, 0, False,
-                          4 * p, 8 * p, bucket + tmp)
+                          2 * p, 8 * p, bucket + tmp)
         return States(4 * p, 0, 4 * p, 0, False, 0, 8 * p, bucket + tmp)
     if precision == "bf16" and zero == 1:
         # BF16_Optimizer: full fp32 accumulator; immediate_grad_update frees each bf16 .grad once
