@@ -100,18 +100,18 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 def attention_core(xq: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor, cos: torch.Tensor,
                    sin: torch.Tensor, segments: torch.Tensor | None, n_rep: int) -> torch.Tensor:
-    """RoPE, K/V repeated to the query heads and causal softmax(QK^T)V (within documents when
-    ``segments`` is given): q [b, s, heads, hd] and k/v [b, s, kv_heads, hd] as wq/wk/wv wrote
-    them -> [b, s, heads * hd]. No parameters: what selective recomputation reruns."""
+    """RoPE and causal softmax(QK^T)V (within documents when ``segments`` is given), K/V heads
+    shared by the query heads inside the kernel (``enable_gqa``, no repeated copy): q [b, s,
+    heads, hd] and k/v [b, s, kv_heads, hd] as wq/wk/wv wrote them -> [b, s, heads * hd]. No
+    parameters: what selective recomputation reruns."""
     bsz, seqlen = xq.shape[:2]
     q = apply_rotary(xq, cos, sin).transpose(1, 2)
     xk = apply_rotary(xk, cos, sin)
-    if segments is not None:  # K/V heads shared by the kernel (GQA)
-        out = document_attention(q, xk.transpose(1, 2), xv.transpose(1, 2), segments)
+    k, v = xk.transpose(1, 2), xv.transpose(1, 2)
+    if segments is not None:
+        out = document_attention(q, k, v, segments)
     else:
-        k = xk.repeat_interleave(n_rep, dim=2).transpose(1, 2)
-        v = xv.repeat_interleave(n_rep, dim=2).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=n_rep > 1)
     return out.transpose(1, 2).reshape(bsz, seqlen, -1)
 
 
@@ -222,9 +222,9 @@ class Attention(nn.Module):
             return self.tp.exit(self.wo(out))
         xq, xk = apply_rotary(xq, cos, sin), apply_rotary(xk, cos, sin)
         xk, xv = cache.update(self.layer_id, xk, xv)
-        k = xk.repeat_interleave(self.n_rep, dim=2).transpose(1, 2)
-        v = xv.repeat_interleave(self.n_rep, dim=2).transpose(1, 2)
-        out = F.scaled_dot_product_attention(xq.transpose(1, 2), k, v, attn_mask=cache.mask)
+        out = F.scaled_dot_product_attention(xq.transpose(1, 2), xk.transpose(1, 2),
+                                             xv.transpose(1, 2), attn_mask=cache.mask,
+                                             enable_gqa=self.n_rep > 1)
         out = out.transpose(1, 2).reshape(bsz, seqlen, -1)
         return self.tp.exit(self.wo(out))
 

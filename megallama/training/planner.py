@@ -126,7 +126,8 @@ def block_activation_bytes(cfg: ModelConfig, *, tokens: int, seq_len: int, tp: i
         swiglu = 3 * e * tokens * ffn  # w1 out, w3 out, product
     else:
         norms = 2 * (4 + e) * ts * h + 2 * 4 * ts  # 2 RMSNorms: fp32 input, normalised, rsqrt
-        core = 4 * e * tokens * hq + 4 * tokens * heads  # SDPA q, k, v (repeated), out; fp32 lse
+        # SDPA q, out (query width), k, v (K/V width: GQA in the kernel, no copy); fp32 lse
+        core = 2 * e * tokens * (hq + hkv) + 4 * tokens * heads
         swiglu = 4 * e * tokens * ffn  # w1 out, silu out, w3 out, product
     return (norms
             + 2 * e * tokens * h                # inputs of wq/wk/wv and w1/w3 (full seq under SP)
