@@ -20,7 +20,8 @@ from megallama.interop.names import (
     permute_hf_to_meta,
     permute_meta_to_hf,
 )
-from megallama.model.llama import Transformer, llama3_inv_freq, rope_cos_sin
+from megallama.model.llama import Transformer
+from megallama.model.rope import llama3_inv_freq, rope_cos_sin
 
 
 def hf_model_from(model: Transformer):
