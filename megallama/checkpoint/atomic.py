@@ -71,6 +71,20 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def read_json_object(path: Path, what: str, missing: str) -> dict[str, Any]:
+    """The JSON object in ``path`` (a checkpoint's index or state file, ``what`` it is), or one
+    line: ``missing`` when the file is absent, "not valid JSON" / "not a JSON object" else."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: {missing}")
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: {what} is not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: {what} is not a JSON object")
+    return value
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """Replace ``path`` by ``text`` so that readers see the old or the new content, never a mix."""
     path = Path(path)

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from megallama.checkpoint.atomic import CheckpointError, verify_file
+from megallama.checkpoint.atomic import CheckpointError, read_json_object, verify_file
 from megallama.checkpoint.shard_index import Listed, check_files, check_stored
 
 FORMAT, FORMAT_VERSION, INDEX_NAME = "megallama-optim-pieces", 2, "pieces.index.json"
@@ -88,14 +88,9 @@ def read_pieces_index(key_dir: Path, state: str | None = None) -> dict[str, Any]
     state it holds (``state``, when the index records one), every tensor's boxes tiling it, every
     piece's file recorded in ``files`` (size and sha256 required from version 2)."""
     path = Path(key_dir) / INDEX_NAME
-    if not path.is_file():
-        raise CheckpointError(f"{path}: optimizer pieces index not found (deleted, or an "
-                              "incomplete checkpoint)")
-    try:
-        index = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: optimizer pieces index is not valid JSON ({e})") from None
-    if not isinstance(index, dict) or index.get("format") != FORMAT:
+    index = read_json_object(path, "optimizer pieces index", "optimizer pieces index not found "
+                             "(deleted, or an incomplete checkpoint)")
+    if index.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a {FORMAT} index")
     version = index.get("format_version")
     if version not in READABLE_VERSIONS:

@@ -10,7 +10,6 @@ docs/CHECKPOINTS.md; :mod:`megallama.checkpoint.weights` writes and loads it for
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -19,7 +18,12 @@ from typing import Any, Protocol
 import torch
 from safetensors import safe_open
 
-from megallama.checkpoint.atomic import CheckpointError, size_mismatch, verify_file
+from megallama.checkpoint.atomic import (
+    CheckpointError,
+    read_json_object,
+    size_mismatch,
+    verify_file,
+)
 from megallama.config import ModelConfig
 from megallama.config.grid import Grid
 
@@ -94,14 +98,9 @@ def build_index(metas: list[Any], cfg: ModelConfig, topo: _HasGrid,
 def read_index(ckpt_dir: Path) -> dict[str, Any]:
     """The parsed and validated ``model.index.json`` of a weights checkpoint."""
     path = Path(ckpt_dir) / INDEX_NAME
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint index not found (not a weights checkpoint, or "
-                              "an incomplete one)")
-    try:
-        index = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: checkpoint index is not valid JSON ({e})") from None
-    if not isinstance(index, dict) or index.get("format") != FORMAT:
+    index = read_json_object(path, "checkpoint index", "checkpoint index not found (not a "
+                             "weights checkpoint, or an incomplete one)")
+    if index.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a {FORMAT} index")
     if index.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: format_version {index.get('format_version')} is not "

@@ -37,6 +37,7 @@ from megallama.checkpoint.atomic import (
     InvalidStateError,
     agree,
     all_or_none,
+    read_json_object,
     write_text_atomic,
 )
 from megallama.checkpoint.optim_pieces import (
@@ -292,14 +293,6 @@ def write_trainer_state(ckpt_dir: Path, state: dict[str, Any]) -> None:
 
 
 def read_trainer_state(ckpt_dir: Path) -> dict[str, Any]:
-    path = ckpt_dir / STATE_NAME
-    if not path.is_file():
-        raise CheckpointError(f"{path}: not found; {ckpt_dir} holds weights only, not a "
-                              "resumable training state")
-    try:
-        state = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: corrupted ({e})") from None
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{path}: corrupted (not a JSON object)")
-    return state
+    return read_json_object(ckpt_dir / STATE_NAME, "the training state (corrupted)",
+                            f"not found; {ckpt_dir} holds weights only, not a resumable "
+                            "training state")
