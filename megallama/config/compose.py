@@ -25,7 +25,8 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 import megallama
-from megallama.config.model_config import PRESETS, ConfigError, ModelConfig
+from megallama.config.model_config import ConfigError, ModelConfig
+from megallama.config.presets import PRESETS
 from megallama.config.train_config import TrainConfig
 
 SCHEMA_NAME = "train_schema"
