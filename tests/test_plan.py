@@ -157,15 +157,17 @@ def test_bubble_fraction():
     assert r.gas == 128 and r.bubble == pytest.approx(7 / (128 + 8 - 1))
 
 
-def test_sequence_parallel_splits_the_norm_region_over_tp():
+def test_sequence_parallel_splits_the_norm_region_and_the_linear_inputs_over_tp():
     cfg, tokens, tp = preset("llama2_7b"), 4096, 8
     full, split = (planner.block_activation_bytes(cfg, tokens=tokens, seq_len=tokens, tp=tp,
                                                sequence_parallel=sp, element=2)
                    for sp in (False, True))
-    # the two RMSNorms keep an fp32 input, a bf16 output and an fp32 rsqrt per token, sequence-split
-    # under SP; the all-gathered inputs of the column-parallel matmuls stay full length
+    # the two RMSNorms keep an fp32 input, a bf16 output and an fp32 rsqrt per token, and the
+    # column-parallel groups (wq/wk/wv, w1/w3) their bf16 input: all sequence-split under SP
+    # (the linears re-gather theirs in backward: megallama/parallel/sequence_linears.py)
     norms = 2 * (4 + 2) * tokens * 4096 + 2 * 4 * tokens
-    assert full - split == norms - norms // tp
+    inputs = 2 * 2 * tokens * 4096
+    assert full - split == norms - norms // tp + inputs - inputs // tp
     lay = planner.Layout(tp=8, pp=1, dp=1)
     on, off = (planner.estimate(cfg, lay, seq_len=4096, global_batch=8, sequence_parallel=sp)
                for sp in (True, False))
@@ -505,7 +507,8 @@ def test_fp8_estimate_adds_activations_and_cast_workspace(capsys):
     kw = dict(seq_len=4096, global_batch=8, sequence_parallel=True)
     plain, fp8 = (planner.estimate(cfg, lay, fp8=f, **kw) for f in ("none", "tensorwise"))
     tokens, h, f = 4096, 4096, 11008 // 2
-    per_block = (5 - 4) * tokens * h + tokens * h // 2 + (1 - 2) * tokens * f + 56
+    # under SP each column group keeps one fp8 copy of its sequence shard for its bf16 shard
+    per_block = (2 - 4) * (tokens // 2) * h + tokens * h // 2 + (1 - 2) * tokens * f + 56
     cast = 9 * tokens * f  # the largest operand cast: w2's input [T, f/t] (and w1/w3's gradients)
     assert fp8.activations - plain.activations == 32 * per_block + cast
     assert (fp8.weights, fp8.gradients, fp8.master, fp8.optimizer) == \

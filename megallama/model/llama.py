@@ -33,6 +33,7 @@ from megallama.parallel.layers import (
     TensorParallel,
     VocabParallelEmbedding,
 )
+from megallama.parallel.sequence_linears import gathered_linears
 
 
 class RMSNorm(nn.Module):
@@ -162,11 +163,12 @@ class Attention(nn.Module):
         x, at the cache's positions and under its mask, appending x's keys/values to it; with
         ``segments`` [b, s] (packed documents), within each document, positions restarting at
         each (:mod:`megallama.model.documents`)."""
-        x = self.tp.enter(x)
-        bsz, seqlen, _ = x.shape
-        xq = self.wq(x).view(bsz, seqlen, self.n_local_heads, self.head_dim)
-        xk = self.wk(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
-        xv = self.wv(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
+        # one all-gather under SP; only the sequence shard is kept for backward
+        xq, xk, xv = gathered_linears(x, (self.wq, self.wk, self.wv), self.tp)
+        bsz, seqlen, _ = xq.shape
+        xq = xq.view(bsz, seqlen, self.n_local_heads, self.head_dim)
+        xk = xk.view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
+        xv = xv.view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
         if cache is not None:
             cos, sin = cache.cos, cache.sin
         elif segments is not None:
@@ -202,8 +204,8 @@ class FeedForward(nn.Module):
         self.w3 = ColumnParallelLinear(cfg.dim, hidden, tp, seed=seed, key=f"{prefix}.w3.weight", std=std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.tp.enter(x)
-        return self.tp.exit(self.w2(recompute(self.recompute, swiglu, self.w1(x), self.w3(x))))
+        gate, up = gathered_linears(x, (self.w1, self.w3), self.tp)  # SP: the shard is kept
+        return self.tp.exit(self.w2(recompute(self.recompute, swiglu, gate, up)))
 
 
 class TransformerBlock(nn.Module):

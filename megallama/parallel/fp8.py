@@ -137,17 +137,21 @@ SCALES_PER_BLOCK = 7 * 2 * 4  # tensorwise: an fp32 input scale and weight scale
 
 
 def activation_delta_bytes(cfg: ModelConfig, *, tokens: int, tp: int, element: int,
-                           recipe: str) -> int:
+                           recipe: str, sequence_parallel: bool = False) -> int:
     """What FP8 linears change in one block's saved activations (one micro-batch of ``tokens`` on
     one TP rank, ``element`` bytes per bf16 value). Tensorwise keeps each linear's input as its
     own fp8 copy (the forward cast, reused by the grad-weight gemm) instead of a reference to the
     bf16 input it shares with other consumers; rowwise keeps the bf16 input (its grad-weight cast
-    scales along the other axis), so it changes nothing."""
+    scales along the other axis), so it changes nothing. Under ``sequence_parallel`` each group
+    (wq/wk/wv, w1/w3) keeps one fp8 copy of its sequence shard instead of the bf16 shard
+    (:mod:`megallama.parallel.sequence_linears`)."""
     if recipe != "tensorwise":
         return 0
     h, e = cfg.dim, element
     hq, ffn = cfg.n_heads * cfg.head_dim // tp, cfg.ffn_hidden_dim // tp
-    return ((5 - 2 * e) * tokens * h  # wq/wk/wv, w1/w3: 5 fp8 copies replace 2 bf16 inputs
+    inputs = (2 - 2 * e) * (tokens // tp) * h if sequence_parallel and tp > 1 else \
+        (5 - 2 * e) * tokens * h  # wq/wk/wv, w1/w3: 5 fp8 copies replace 2 bf16 inputs
+    return (inputs
             + tokens * hq             # wo: an fp8 copy beside SDPA's output (SDPA keeps that)
             + (1 - e) * tokens * ffn  # w2: an fp8 copy replaces the SwiGLU product
             + SCALES_PER_BLOCK)

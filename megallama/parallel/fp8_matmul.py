@@ -150,32 +150,54 @@ class _Float8TPMatmul(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
+        x_saved, x_scale, weight, w_scale = ctx.saved_tensors  # read once (checkpointing)
+        grad_x, go8_gw = _Float8TPMatmul.grad_input(ctx, grad_out, weight, w_scale)
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            grad_w = _Float8TPMatmul.grad_weight(ctx, go8_gw, x_saved, x_scale)
+        return grad_x, grad_w, None
+
+    @staticmethod
+    def grad_input(ctx, grad_out: torch.Tensor, weight: torch.Tensor,
+                   w_scale: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Backward's first half, which reads no saved input: the grad-output casts (one
+        all-reduce of the amaxes that cross a shard) and the grad-input gemm (None unless
+        ``ctx.needs_input_grad[0]``); returns it and the grad output cast for the grad-weight
+        gemm. Sequence parallelism re-gathers the input meanwhile (parallel/sequence_linears.py)."""
         spec = ctx.spec
         c, sh, mm, pow2 = spec.config, spec.sharding, spec.mm, spec.config.round_scales_to_power_of_2
-        x_saved, x_scale, weight, w_scale = ctx.saved_tensors
         go = grad_out.reshape(-1, grad_out.shape[-1])
         w_t = weight.t()
-        cg, cw, cgw, ci = (c.cast_config_grad_output, c.cast_config_weight_for_grad_input,
-                           c.cast_config_grad_output_for_grad_weight,
-                           c.cast_config_input_for_grad_weight)
-        ax_g, ax_w, ax_gw, ax_i = _axis(cg, -1), _axis(cw, -1), _axis(cgw, 0), _axis(ci, 0)
+        cg, cw, cgw = (c.cast_config_grad_output, c.cast_config_weight_for_grad_input,
+                       c.cast_config_grad_output_for_grad_weight)
+        ax_g, ax_w, ax_gw = _axis(cg, -1), _axis(cw, -1), _axis(cgw, 0)
         share_go = _tensorwise(cg) and cgw == cg
         items = [(go, cg, ax_g, sh.grad_output)]
         items += [] if w_scale is not None else [(w_t, cw, ax_w, sh.weight_t)]
         items += [] if share_go else [(go, cgw, ax_gw, sh.grad_output)]
-        items += [] if ctx.keep_fp8 else [(x_saved, ci, ax_i, sh.input)]
         scales = iter(_scales(items, spec.group, pow2))
         go8 = _cast(go, next(scales), cg, mm, GRAD_OUTPUT, ax_g)
         w_s = w_scale if w_scale is not None else next(scales)
         go8_gw = go8 if share_go else _cast(go, next(scales), cgw, mm, GRAD_OUTPUT, ax_gw)
-        if ctx.keep_fp8:
-            x8 = Float8TrainingTensor(x_saved, x_scale, ctx.dtype, mm, INPUT, None)
-        else:
-            x8 = _cast(x_saved, next(scales), ci, mm, INPUT, ax_i)
-        grad_x = grad_w = None
+        grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = torch.mm(go8, _cast(w_t, w_s, cw, mm, WEIGHT, ax_w).t())
             grad_x = grad_x.reshape(*ctx.shape[:-1], grad_x.shape[-1])
-        if ctx.needs_input_grad[1]:
-            grad_w = torch.mm(go8_gw.t(), x8)
-        return grad_x, grad_w, None
+        return grad_x, go8_gw
+
+    @staticmethod
+    def grad_weight(ctx, go8_gw: torch.Tensor, x_saved: torch.Tensor,
+                    x_scale: torch.Tensor | None) -> torch.Tensor:
+        """Backward's second half: the grad-weight gemm on the saved input [T, K] -- the
+        forward's fp8 copy (``ctx.keep_fp8``: its data and scale), else the high-precision input,
+        cast here with amaxes along T, which no TP shard splits (no collective)."""
+        c, mm = ctx.spec.config, ctx.spec.mm
+        ci = c.cast_config_input_for_grad_weight
+        if ctx.keep_fp8:
+            x8 = Float8TrainingTensor(x_saved, x_scale, ctx.dtype, mm, INPUT, None)
+        else:
+            ax_i = _axis(ci, 0)
+            (s_i,) = _scales([(x_saved, ci, ax_i, ctx.spec.sharding.input)], ctx.spec.group,
+                             c.round_scales_to_power_of_2)
+            x8 = _cast(x_saved, s_i, ci, mm, INPUT, ax_i)
+        return torch.mm(go8_gw.t(), x8)

@@ -122,10 +122,15 @@ class ColumnParallelLinear(nn.Module):
         self.fp8_matmul: Matmul | None = None  # set by megallama.parallel.fp8.convert_to_float8
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _linear(x, self.matmul_weight(), self.fp8_matmul)
+
+    def matmul_weight(self) -> torch.Tensor:
+        """The weight as the matmul uses it (KV replicas: gradient summed over the replicas);
+        also called by :func:`megallama.parallel.sequence_linears.gathered_linears`."""
         weight = self.weight
         if self.replica_group is not None:
             weight = mappings.copy_to_tp(weight, self.replica_group)
-        return _linear(x, weight, self.fp8_matmul)
+        return weight
 
 
 class RowParallelLinear(nn.Module):

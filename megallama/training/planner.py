@@ -130,9 +130,10 @@ def block_activation_bytes(cfg: ModelConfig, *, tokens: int, seq_len: int, tp: i
         core = 2 * e * tokens * (hq + hkv) + 4 * tokens * heads
         swiglu = 4 * e * tokens * ffn  # w1 out, silu out, w3 out, product
     return (norms
-            + 2 * e * tokens * h                # inputs of wq/wk/wv and w1/w3 (full seq under SP)
+            + 2 * e * ts * h  # inputs of wq/wk/wv and w1/w3: under SP the shard (re-gathered)
             + core + swiglu
-            + fp8_linears.activation_delta_bytes(cfg, tokens=tokens, tp=tp, element=e, recipe=fp8))
+            + fp8_linears.activation_delta_bytes(cfg, tokens=tokens, tp=tp, element=e, recipe=fp8,
+                                                 sequence_parallel=sequence_parallel))
     # (RoPE cos/sin are slices of a per-block fp32 buffer, 4 * max_seq_len * head_dim bytes: not
     # activations, and < 0.1% of a block's weights)
 
