@@ -48,7 +48,9 @@ class TensorParallel:
         return mappings.group_size(self.kv_group)
 
     def enter(self, x: torch.Tensor) -> torch.Tensor:
-        """Make the full input available to column-parallel matmuls."""
+        """Make the full input available to column-parallel matmuls (under SP the blocks' column
+        linears gather through :func:`megallama.parallel.sequence_linears.gathered_linears`
+        instead, which keeps only the shard for backward; this path keeps the gathered input)."""
         if self.sequence_parallel:
             return mappings.gather_from_sequence(x, self.group)
         return mappings.copy_to_tp(x, self.group)

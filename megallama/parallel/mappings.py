@@ -1,7 +1,9 @@
 """Every collective the model issues, as named autograd functions (and, at the end, the two
 plain reductions the fused optimizer issues on gradients).
 
-This module is the only place that calls torch.distributed inside forward or backward. Activations
+This module holds the collectives issued inside forward or backward, with one exception:
+:mod:`megallama.parallel.sequence_linears` (SP column linears), whose backward launches an async
+all-gather and reduce-scatter to overlap them with its gemms. Activations
 are laid out [batch, seq, hidden]: "sequence" collectives act on dim 1, tensor-parallel
 scatter/gather on the last dim. Each function is the identity when the group is None or has one
 rank, so the same model code runs unchanged at tp=1.
