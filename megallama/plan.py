@@ -12,6 +12,7 @@ from typing import Any
 
 from megallama.config import PRESETS, ConfigError, ModelConfig, preset
 from megallama.config.arguments import os_error_message, report_error
+from megallama.training.plan_ranking import CRITERION
 from megallama.training.planner import (
     DEFAULT_OVERHEAD_GIB,
     GIB,
@@ -27,7 +28,8 @@ USAGE = """usage: megallama-plan model=NAME|params.json gpus=N [seq_len=4096] [g
   [optim_impl=fused|distributed (zero_stage=0)] [fp8=none|tensorwise|rowwise (trainer.fp8)]
   (default, as the trainer's optim.impl=auto: bf16 -> fused at dp 1, distributed at dp > 1;
    fp32 -> ZeRO-1)
-  [activation_checkpointing=both|on|off|selective|all (both: off, on; all: off, selective, on)]
+  [activation_checkpointing=all|both|on|off|selective (all, the default: off, selective, on;
+   both: off, on)]
   [sequence_parallel=both|on|off] [device=cuda|cpu] [overhead_gib=3 (cuda) / 0 (cpu)] [max_tp=8] [partition_method=balanced] [top=20] [json=PATH]
   [model.FIELD=VALUE ...]   (formulas: docs/PLANNER.md)"""
 OPTIONS = ("model", "gpus", "seq_len", "global_batch", "gpu_mem_gib", "precision", "zero_stage",
@@ -179,8 +181,9 @@ def _switch(opts: dict[str, str], key: str) -> tuple[bool, ...]:
 
 def _recompute(opts: dict[str, str]) -> tuple[str, ...]:
     """``activation_checkpointing=``: the recomputation modes to plan (on = full, off = none;
-    ``selective`` = parallel.activation_checkpointing=selective, ``all`` the three)."""
-    value = opts.get("activation_checkpointing", "both").lower()
+    ``selective`` = parallel.activation_checkpointing=selective, ``all`` the three, the default:
+    the ranking chooses the recomputation too)."""
+    value = opts.get("activation_checkpointing", "all").lower()
     choices = {"both": ("none", "full"), "on": ("full",), "off": ("none",), "full": ("full",),
                "none": ("none",), "selective": ("selective",),
                "all": ("none", "selective", "full")}
@@ -194,8 +197,8 @@ def format_table(rows: list[MemoryEstimate], top: int | None = None) -> str:
     """One line per layout, memory in GiB; layouts over capacity are marked NO."""
     head = (f"{'fits':4} {'tp':>3} {'pp':>3} {'dp':>4} {'mb':>3} {'gas':>5} {'ckpt':>4} {'sp':>3} "
             f"{'stage':>5} |" + "".join(f"{name:>8}" for name, _ in _COLUMNS)
-            + f" | {'total':>7} {'peak':>4} {'bubble':>6} {'TP-comm':>8} {'DP-comm':>8}"
-            f" {'PP-comm':>8}")
+            + f" | {'total':>7} {'peak':>4} {'bubble':>6} {'recomp':>6} {'extra':>6}"
+            f" {'TP-comm':>8} {'DP-comm':>8} {'PP-comm':>8} {'exposed':>8}")
     lines = [head, "-" * len(head)]
     for r in rows[:top] if top else rows:
         lay = r.layout
@@ -204,8 +207,9 @@ def format_table(rows: list[MemoryEstimate], top: int | None = None) -> str:
             f"{lay.micro_batch:>3} {r.gas:>5} {_CKPT[r.recompute]:>4} "
             f"{'on' if r.sequence_parallel else 'off':>3} {r.stage:>5} |"
             + "".join(f"{getattr(r, field) / GIB:8.2f}" for _, field in _COLUMNS)
-            + f" | {r.total / GIB:7.2f} {r.peak_phase:>4} {r.bubble:6.3f} {r.tp_comm / GIB:8.1f}"
-            f" {r.dp_comm / GIB:8.1f} {r.pp_comm / GIB:8.1f}")
+            + f" | {r.total / GIB:7.2f} {r.peak_phase:>4} {r.bubble:6.3f} {r.recomputed:6.3f}"
+            f" {r.extra_compute:6.3f} {r.tp_comm / GIB:8.1f} {r.dp_comm / GIB:8.1f}"
+            f" {r.pp_comm / GIB:8.1f} {r.exposed_comm / GIB:8.1f}")
     return "\n".join(lines)
 
 
@@ -257,7 +261,10 @@ def main(argv: list[str] | None = None) -> int:
           f"{_optimizer_label(precision, zero, impl)}, overhead "
           f"{overhead:g} GiB: {sum(r.fits for r in rows)} of {len(rows)} layouts fit")
     print("GiB per GPU, worst pipeline stage; total = peak over the step, set by the backward "
-          "('bwd') or the optimizer step ('step'); TP-/DP-/PP-comm: GiB sent per GPU per step")
+          "('bwd') or the optimizer step ('step'); recomp: recomputed / useful FLOPs; extra: "
+          "(1 + recomp) / (1 - bubble) - 1; TP-/DP-/PP-comm: GiB sent per GPU per step, exposed: "
+          "the part no computation hides")
+    print(CRITERION)
     print(format_table(rows, top))
     if top and len(rows) > top:
         print(f"... {len(rows) - top} more (top=0 prints all)")

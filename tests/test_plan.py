@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import weakref
+from pathlib import Path
 
 import pytest
 import torch
@@ -515,3 +516,90 @@ def test_fp8_estimate_adds_activations_and_cast_workspace(capsys):
         (plain.weights, plain.gradients, plain.master, plain.optimizer)
     rc, out, _ = run(["model=llama2_7b", "gpus=2", "tp=2", "pp=1", "fp8=tensorwise"], capsys)
     assert rc == 0 and "bf16, fp8 tensorwise" in out
+
+
+# ---- ranking (megallama.training.plan_ranking, docs/PLANNER.md "Ranking") -----------------------
+def test_ranking_by_hand():
+    """tiny (dim 128, 4 layers, 8 heads of 16, FFN 352, vocab 32000), seq 64, 8 sequences per
+    step on 4 GPUs, tp and pp in {1, 2}: the order follows extra compute, then exposed bytes."""
+    cfg = preset("tiny")
+    useful = 6 * (cfg.num_parameters() - 32000 * 128) + 12 * 4 * 128 * 64  # flops_per_token
+    assert useful == 29_793_024
+    core = 4 * 128 * 64  # q k^T and p v per token per block, forward
+    block = 2 * (4 * 128 * 128 + 3 * 128 * 352) + core  # a block's forward per token
+    sel, full = 4 * core / useful, 4 * block / useful
+    assert (round(sel, 4), round(full, 4)) == (0.0044, 0.0583)
+    rows = planner.plan(cfg, 4, seq_len=64, global_batch=8, tp=[1, 2], pp=[1, 2],
+                        micro_batch=[1], zero_stage=None, optim_impl="auto")  # as the CLI
+    key = [(r.layout.tp, r.layout.pp, r.recompute, r.sequence_parallel) for r in rows]
+    # pp = 2 idles 1/(m + 1) of the step: m = 4 at (1, 2, 2), m = 8 at (2, 2, 1)
+    assert key[:6] == [(2, 1, "none", True), (2, 1, "none", False), (1, 1, "none", False),
+                       (2, 1, "selective", True), (2, 1, "selective", False),
+                       (1, 1, "selective", False)]
+    assert [r.extra_compute for r in rows[:6]] == pytest.approx([0, 0, 0, sel, sel, sel])
+    assert rows[6].extra_compute == pytest.approx(full)
+    assert [(r.layout.pp, r.extra_compute) for r in rows[-3:]] == \
+        [(2, pytest.approx(1.25 * (1 + x) - 1)) for x in (0, sel, full)]
+    # extra 0 at (2,1,2) and (1,1,4): exposed bytes decide. (2,1,2): TP all-reduces of
+    # [64, 128] bf16 (a unit = (t-1)/t of it, 8192 B; an all-reduce 2 units), 4 per block +
+    # embedding + head = 36 units per micro-batch, 4 micro-batches; under SP the same volume
+    # forward, plus 2 re-gathers of the saved shard per block in backward (sent), and those and
+    # the 2 input-gradient reduce-scatters of the column groups hide behind gemms (not exposed).
+    # Its 4,498,560 parameters fit one 25 MiB fp32 bucket, reduce-scattered after backward and
+    # gathered before the first layer: 6 bytes x half. (1,1,4): only the embedding's bucket
+    # (32000 x 128), 6 bytes x 3/4.
+    unit, dp_tp2 = 2 * 64 * 128 // 2, 6 * 4_498_560 // 2
+    assert (rows[0].tp_comm, rows[1].tp_comm) == (4 * (36 + 8) * unit, 4 * 36 * unit)
+    assert (rows[0].exposed_comm, rows[1].exposed_comm) == \
+        (4 * (36 - 8) * unit + dp_tp2, 4 * 36 * unit + dp_tp2) == (14_413_184, 14_675_328)
+    assert rows[2].exposed_comm == 6 * 32000 * 128 * 3 // 4 == 18_432_000
+    assert rows[0].total < rows[1].total  # SP: also less memory
+
+
+def test_cli_prints_the_ranking_criterion(capsys):
+    rc, out, err = run(["model=llama2_7b", "gpus=8", "top=3"], capsys)
+    assert rc == 0 and not err and "ranked by: 1. extra compute time" in out
+    first = out.splitlines()[6].split()
+    # the layout experiment=llama2_7b_pretrain ships: tp 1 x dp 8, nothing recomputed
+    assert first[:8] == ["yes", "1", "1", "8", "1", "128", "off", "off"], out
+
+
+def _planned_presets() -> dict[str, list[str]]:
+    """experiment name -> the megallama-plan arguments its YAML comment quotes."""
+    out = {}
+    for path in sorted(PRESET_DIR.glob("*.yaml")):
+        lines = [x for x in path.read_text().splitlines() if x.startswith("#   megallama-plan ")]
+        if lines:
+            out[path.stem] = lines[0].split()[2:]
+    return out
+
+
+PRESET_DIR = Path(__file__).resolve().parents[1] / "conf" / "experiment"
+
+
+def test_every_gpu_preset_is_the_planners_first_choice(capsys, tmp_path):
+    """Each GPU experiment preset quotes the megallama-plan command of its model, sequence and
+    batch; the planner's best-ranked layout for it (tp, pp, micro-batch, recomputation, SP) is
+    the preset's. A planner change that moves the best layout fails here until the preset (and
+    its comment) follows."""
+    from megallama.config.compose import load_config
+
+    planned = _planned_presets()
+    gpu = {p.stem for p in PRESET_DIR.glob("*.yaml") if "device: cuda" in p.read_text()}
+    assert gpu == set(planned) and {"llama2_7b_pretrain", "llama2_7b_sft",
+                                    "llama2_70b_pretrain", "llama3_1_8b_pretrain"} <= gpu, planned
+    for name, argv in planned.items():
+        cfg = load_config([f"experiment={name}"])
+        opts = dict(a.split("=", 1) for a in argv)
+        assert plan.load_model(opts["model"]) == cfg.model, name
+        assert int(opts["seq_len"]) == cfg.data.seq_len, name
+        assert int(opts["global_batch"]) == cfg.parallel.global_batch_size, name
+        assert cfg.trainer.precision == opts.get("precision", "bf16"), name
+        out = tmp_path / f"{name}.jsonl"
+        assert run([*argv, "top=1", f"json={out}"], capsys)[0] == 0
+        best = json.loads(out.read_text().splitlines()[0])
+        par = cfg.parallel
+        want = {"tp": par.tp, "pp": par.pp, "micro_batch": par.micro_batch_size,
+                "recompute": par.activation_checkpointing, "sequence_parallel":
+                par.sequence_parallel, "fits": True}
+        assert {k: best[k] for k in want} == want, name

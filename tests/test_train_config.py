@@ -129,8 +129,8 @@ def test_experiment_llama2_7b_sft_is_the_papers_recipe():
     assert (cfg.parallel.global_batch_size, cfg.data.seq_len, cfg.trainer.epochs) == (64, 4096, 2)
     assert (cfg.data.packing, cfg.data.loss_mask, cfg.trainer.precision) == ("documents", True, "bf16")
     assert cfg.trainer.init_from and cfg.trainer.resume == "auto"
-    resolve_optimizer(cfg, 8)  # tp 2 x pp 4 on 8 GPUs is dp 1: the fused optimizer, ZeRO off
-    assert (cfg.optim.impl, cfg.parallel.zero_stage) == ("fused", 0)
+    resolve_optimizer(cfg, 8)  # tp 1 x pp 1 on 8 GPUs is dp 8: the distributed optimizer
+    assert (cfg.optim.impl, cfg.parallel.zero_stage) == ("distributed", 0)
     check_optim(cfg.optim)
     assert check_parallel(cfg.parallel, cfg.model, cfg.data.seq_len, 8).world_size == 8
     demo = load_config(["experiment=tiny_sft_cpu"])
@@ -146,7 +146,8 @@ def test_experiment_llama2_7b_pretrain():
     assert (cfg.optim.impl, cfg.parallel.zero_stage) == ("auto", None)
     resolve_optimizer(cfg, 64)  # bf16 at dp 8: the distributed optimizer, ZeRO off
     assert (cfg.optim.impl, cfg.parallel.zero_stage) == ("distributed", 0)
-    assert cfg.parallel.activation_checkpointing and cfg.parallel.sequence_parallel
+    # the planner's first choice (tests/test_plan.py): nothing recomputed, no TP
+    assert (cfg.parallel.activation_checkpointing, cfg.parallel.tp, cfg.parallel.pp) == ("none", 1, 1)
     check_optim(cfg.optim)
     for world in (8, 64):
         grid = check_parallel(cfg.parallel, cfg.model, cfg.data.seq_len, world)

@@ -25,6 +25,7 @@ from megallama.model import layout as model_layout
 from megallama.parallel import cross_entropy
 from megallama.parallel import fp8 as fp8_linears
 from megallama.parallel.layers import padded_vocab_size
+from megallama.training import plan_ranking
 from megallama.training.state_bytes import ELEMENT, dp_comm_bytes, optimizer_states
 
 GIB = 1024**3
@@ -72,6 +73,9 @@ class MemoryEstimate:
     dp_comm: int = 0  # bytes a GPU sends per optimizer step in DP gradient / weight collectives
     pp_comm: int = 0  # bytes a GPU sends per optimizer step to its pipeline neighbours
     recompute: str = "none"  # parallel.activation_checkpointing: none | selective | full
+    recomputed: float = 0.0  # recomputed FLOPs / useful FLOPs of a step
+    extra_compute: float = 0.0  # (1 + recomputed) / (1 - bubble) - 1: the ranking's first key
+    exposed_comm: int = 0  # bytes per step of TP + PP + DP sends no computation hides
 
     @property
     def fits(self) -> bool:
@@ -161,12 +165,13 @@ def bubble_fraction(pp: int, micro_batches: int) -> float:
 # ---- the estimate ------------------------------------------------------------------------------
 def estimate(model_cfg: ModelConfig, layout: Layout, **kwargs: Any) -> MemoryEstimate:
     """The worst stage of :func:`estimate_stages` (same arguments), with the busiest stage's
-    ``tp_comm``."""
+    ``tp_comm``, ``dp_comm``, ``pp_comm`` and ``exposed_comm`` (each its own maximum)."""
     stages = estimate_stages(model_cfg, layout, **kwargs)
     worst = max(stages, key=lambda r: r.total)
     return dataclasses.replace(worst, tp_comm=max(r.tp_comm for r in stages),
                                dp_comm=max(r.dp_comm for r in stages),
-                               pp_comm=max(r.pp_comm for r in stages))
+                               pp_comm=max(r.pp_comm for r in stages),
+                               exposed_comm=max(r.exposed_comm for r in stages))
 
 
 def resolved_optimizer(precision: str, zero_stage: int | None, optim_impl: str,
@@ -236,7 +241,8 @@ def estimate_stages(model_cfg: ModelConfig, layout: Layout, *, seq_len: int, glo
         sent=boundary // t if t > 1 and not sequence_parallel else boundary,  # pipe_partitioned
         ckpt=mode, sp=sequence_parallel, precision=precision,
         zero_stage=zero_stage, device=device, overhead=overhead_bytes, capacity=capacity_bytes,
-        optim_impl=optim_impl)
+        optim_impl=optim_impl, recomputed=plan_ranking.recomputed_fraction(cfg, seq_len, mode),
+        regather_element=1 if fp8 == "tensorwise" else e)
     bounds = stage_bounds(cfg, lay.pp, seq_len=seq_len, method=partition_method)
     names = layer_names(cfg)
     return [_stage_estimate(shape, s, names[bounds[s]:bounds[s + 1]]) for s in range(lay.pp)]
@@ -266,6 +272,8 @@ class _StepShape:
     overhead: int
     capacity: int
     optim_impl: str = "fused"
+    recomputed: float = 0.0  # recomputed FLOPs / useful FLOPs (plan_ranking)
+    regather_element: int = 2  # bytes per element SP's backward re-gathers (fp8 tensorwise: 1)
 
 
 def _stage_estimate(x: _StepShape, s: int, mine: list[str]) -> MemoryEstimate:
@@ -296,19 +304,22 @@ def _stage_estimate(x: _StepShape, s: int, mine: list[str]) -> MemoryEstimate:
         + (st.grads_accum if x.gas > k else 0) + (st.bucket if st.bucket_early else 0)
     end = st.grads_accum + st.bucket + (k - 1) * per_mb + x.block + x.workspace + fresh
     fixed = st.weights + st.master + st.adam + st.grads_keep + x.overhead
-    # TP collectives of [tokens, h] per micro-batch, in units of (t-1)/t of it (one ring
-    # all-reduce = 2): 4 all-reduces per block (+2 recomputed under full; selective regions
-    # have none), 1 for embedding and head each
-    comm = (8 + 4 * (x.ckpt == "full")) * blocks + 2 * first + 2 * last
+    tp_comm, tp_exposed = plan_ranking.tp_comm_bytes(
+        gas=x.gas, blocks=blocks, ends=first + last, full=x.ckpt == "full", sp=x.sp,
+        tokens=tokens, h=h, tp=t, element=e, regather_element=x.regather_element)
+    dp_comm = dp_comm_bytes(params, lay.dp, x.precision, x.zero_stage, x.optim_impl)
+    pp_comm = x.gas * x.sent * ((not first) + (not last))  # activations out, gradients back
+    bubble = bubble_fraction(lay.pp, x.gas)
+    exposed = tp_exposed + pp_comm + plan_ranking.exposed_dp_bytes(
+        dp_comm, impl=x.optim_impl, zero_stage=x.zero_stage, dp=lay.dp, element=e,
+        first_bucket=plan_ranking.first_bucket_elements(cfg, t, mine) if lay.dp > 1 else 0)
     return MemoryEstimate(
         lay, x.ckpt != "none", x.sp, x.gas, s, blocks, params, k, st.weights,
         st.grads_keep + st.grads_accum + st.bucket + fresh, st.master, st.adam,
         acts + x.workspace, logits, st.step, x.overhead, fixed + max(start, end, st.step),
-        "bwd" if max(start, end) >= st.step else "step", bubble_fraction(lay.pp, x.gas),
-        x.gas * comm * e * tokens * h * (t - 1) // t, x.capacity,
-        dp_comm_bytes(params, lay.dp, x.precision, x.zero_stage, x.optim_impl),
-        x.gas * x.sent * ((not first) + (not last)),  # activations out, their gradients back
-        recompute=x.ckpt)
+        "bwd" if max(start, end) >= st.step else "step", bubble, tp_comm, x.capacity, dp_comm,
+        pp_comm, recompute=x.ckpt, recomputed=x.recomputed,
+        extra_compute=plan_ranking.extra_compute(x.recomputed, bubble), exposed_comm=exposed)
 
 
 def candidate_layouts(model_cfg: ModelConfig, gpus: int, *, global_batch: int,
@@ -350,11 +361,12 @@ def _tp_ok(cfg: ModelConfig, tp: int) -> bool:
 def plan(model_cfg: ModelConfig, gpus: int, *, seq_len: int, global_batch: int,
          tp: list[int] | None = None, pp: list[int] | None = None,
          micro_batch: list[int] = (1, 2), max_tp: int = 8,
-         activation_checkpointing: tuple[bool | str, ...] = (False, True),
+         activation_checkpointing: tuple[bool | str, ...] = ("none", "selective", "full"),
          sequence_parallel: tuple[bool, ...] = (False, True),
          **kwargs: Any) -> list[MemoryEstimate]:
     """:func:`estimate` for every candidate layout x checkpointing x SP choice (SP only where
-    tp > 1 divides seq_len), sorted by (does not fit, bubble, total)."""
+    tp > 1 divides seq_len), best first by :func:`megallama.training.plan_ranking.rank_key`:
+    those that fit, by extra compute time, exposed communication bytes, peak bytes."""
     rows = []
     for lay in candidate_layouts(model_cfg, gpus, global_batch=global_batch, tp=tp, pp=pp,
                                  micro_batch=micro_batch, max_tp=max_tp):
@@ -362,4 +374,4 @@ def plan(model_cfg: ModelConfig, gpus: int, *, seq_len: int, global_batch: int,
         rows += [estimate(model_cfg, lay, seq_len=seq_len, global_batch=global_batch,
                           activation_checkpointing=ckpt, sequence_parallel=sp, **kwargs)
                  for ckpt in activation_checkpointing for sp in sps]
-    return sorted(rows, key=lambda r: (not r.fits, r.bubble, r.total))
+    return sorted(rows, key=plan_ranking.rank_key)
