@@ -107,8 +107,8 @@ def test_tied_llama3_2_round_trips(tmp_path):
     """Llama 3.2's tied embeddings: an HF checkpoint saved by transformers (no lm_head stored,
     rope factor 32) -> megallama (tp 2; one embedding table, no output.weight) -> HF bit-exact ->
     Meta (output.weight written as the embedding, which Meta's code loads) -> megallama (tp 4) ->
-    HF bit-exact again; pp > 1 is refused in one line; an untied head under a tied config.json is
-    refused rather than dropped."""
+    HF bit-exact again; at pp 2 the table is stored once, by the first stage, and round-trips;
+    an untied head under a tied config.json is refused rather than dropped."""
     transformers = pytest.importorskip("transformers")
     cfg = preset("tiny_llama3_tied")
     torch.manual_seed(3)
@@ -133,9 +133,14 @@ def test_tied_llama3_2_round_trips(tmp_path):
     assert_same(hf_tensors(src), hf_tensors(tmp_path / "hf2"))
     state = {n: t for n, t in sd.items() if n != "output.weight"}
     assert_transformers_agrees(tmp_path / "hf2", cfg, state)
-    with pytest.raises(CheckpointError, match=r"--pp 2: .*tie_word_embeddings.*use --pp 1"):
-        convert(f"hf:{src}", f"megallama:{tmp_path / 'pp2'}", tp=1, pp=2, progress=False)
-    assert not (tmp_path / "pp2").exists()
+    # pp 2: the table once, in the first stage's shard (the last stage loads its copy from it)
+    convert(f"hf:{src}", f"megallama:{tmp_path / 'pp2'}", tp=2, pp=2, progress=False)
+    index = read_index(tmp_path / "pp2")
+    assert "output.weight" not in index["tensors"]
+    assert {x["file"][:10] for x in index["tensors"]["tok_embeddings.weight"]["pieces"]} \
+        == {"model-pp00"}
+    convert(f"megallama:{tmp_path / 'pp2'}", f"hf:{tmp_path / 'hf3'}", progress=False)
+    assert_same(hf_tensors(src), hf_tensors(tmp_path / "hf3"))
     untied = {**sd, "output.weight": sd["output.weight"] + 1}  # under a tied params.json
     write_llama3_meta(tmp_path / "untied", params, untied, k=1)
     with pytest.raises(CheckpointError, match="output.weight differs from tok_embeddings"):

@@ -134,8 +134,8 @@ def _local_pieces(layers: Layers, tp: TensorParallel, cfg: ModelConfig, access: 
         for local, p in module.named_parameters():
             name = f"{prefix}.{local}"
             spec = shard_spec(cfg, name, tp.size)
-            if not spec.is_first_holder(tp.rank):
-                continue  # a TP replica: its first holder stores it
+            if not spec.is_first_holder(tp.rank) or getattr(p, "tied_copy", False):
+                continue  # a TP replica or a tied embedding's copy: stored by another rank
             shape = spec.local_shape()
             for start, values in access.owned_pieces(p, key):
                 flat = values.detach().float().reshape(-1)

@@ -78,7 +78,7 @@ class TensorSet:
 
 def _like(p: nn.Parameter, value: torch.Tensor) -> nn.Parameter:
     view = nn.Parameter(value, requires_grad=False)
-    for attr in ("partition_dim", "tp_replicas"):
+    for attr in ("partition_dim", "tp_replicas", "tied_copy"):
         if hasattr(p, attr):
             setattr(view, attr, getattr(p, attr))
     return view

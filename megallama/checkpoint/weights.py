@@ -114,6 +114,8 @@ def _local_shard(params: list[tuple[str, nn.Parameter]], tp: TensorParallel, cfg
     """The slices this (DP-rank-0) rank provides: tensors to store and their index entries."""
     tensors, entries = {}, {}
     for name, p in params:
+        if getattr(p, "tied_copy", False):
+            continue  # a tied embedding's last-stage copy: the first stage stores the one weight
         spec = _spec(name, tp, cfg, where)
         if tuple(p.shape) != spec.local_shape():
             raise CheckpointError(f"{where}: {name}: parameter shape {list(p.shape)} is not the "

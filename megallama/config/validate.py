@@ -293,10 +293,6 @@ def check_parallel(p: ParallelConfig, model: ModelConfig, seq_len: int, world_si
             f"parallel.pp={p.pp} > model.n_layers={model.n_layers}: every pipeline stage needs at "
             "least one transformer block; lower parallel.pp"
         )
-    if p.pp > 1 and model.tie_embeddings:
-        raise ConfigError(f"parallel.pp={p.pp} with model.tie_embeddings=true: the tied output "
-                          "head shares the embedding's weight, which needs both on one pipeline "
-                          "stage; use parallel.pp=1")
     check_tp_layout(model, p.tp)
     if p.sequence_parallel and seq_len % p.tp:
         raise ConfigError(

@@ -57,10 +57,12 @@ class _SingleStage(nn.Module):
         return self.loss_fn(self.model(tokens, segments=segments), labels)
 
 
-def _layers_of(module: nn.Module) -> Layers:
-    """(global name, module) of a stage's layers: a pipeline stage's own, or the whole model's."""
+def _layers_of(module: nn.Module, forward_only: bool = False) -> Layers:
+    """(global name, module) of a stage's layers: a pipeline stage's own, or the whole model's.
+    A tied model's last stage adds its copy of the embedding (what checkpoints load), unless
+    ``forward_only``."""
     if isinstance(module, LlamaPipeline):
-        return module.local_layers()
+        return module.local_layers() if forward_only else module.checkpoint_layers()
     return module.model.named_layers()
 
 
@@ -122,6 +124,8 @@ class Engine:
             compile_blocks(module)
         module.to(device)
         self.optimizer = self._make_optimizer(module, cfg, topo, device)
+        if isinstance(module, LlamaPipeline):  # megallama's optimizers sum tied grads themselves
+            module.tied_grads_by_deepspeed = not self.fused
         peak, total = cfg.optim.lr, cfg.trainer.steps
 
         def schedule(optimizer):  # built on DeepSpeed's wrapped optimizer (its own groups)
@@ -171,7 +175,7 @@ class Engine:
                                     max_grad_norm=o.grad_clip, topo=topo, gas=self.gas,
                                     bucket_bytes=int(o.bucket_mb * (1 << 20)),
                                     registration_order=module.parameters(),
-                                    modules=[m for _, m in _layers_of(module)])
+                                    modules=[m for _, m in _layers_of(module, True)])
         return MasterWeightAdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
                                  max_grad_norm=o.grad_clip, topo=topo, gas=self.gas)
 
@@ -182,7 +186,9 @@ class Engine:
 
     def local_layers(self) -> Layers:
         """(global name, module) of the layers this rank holds, in forward order, with every
-        weight final (no parameter all-gather of ``optim.impl=distributed`` in flight)."""
+        weight final (no parameter all-gather of ``optim.impl=distributed`` in flight). On the
+        last stage of a tied model at pp > 1, also ``("tok_embeddings", copy)``: checkpoints load
+        it as that tensor and skip it when saving (its parameter is tagged ``tied_copy``)."""
         self.wait_for_weights()
         return _layers_of(self.module)
 

@@ -40,7 +40,7 @@ from megallama.interop.convert import open_source
 from megallama.interop.hf import HFSource
 from megallama.interop.names import hf_to_meta_name
 from megallama.model import layout
-from megallama.model.llama import Transformer, TransformerBlock, layer_defs
+from megallama.model.llama import Transformer, TransformerBlock, embedding_copy, layer_defs
 from megallama.parallel.layers import TensorParallel
 from megallama.parallel.runtime import init_distributed, resolve_device, world_info
 from megallama.parallel.topology import Topology, build_topology
@@ -150,6 +150,9 @@ class InferenceModel(nn.Module):
                  topo: Topology | None = None, tokenizer: Path | None = None) -> None:
         super().__init__()
         self.cfg, self.tp, self.topo, self.tokenizer = cfg, tp, topo, tokenizer
+        layers = list(layers)  # a trailing tok_embeddings after the head: a tied last stage's copy
+        tied = len(layers) > 1 and layers[-1][0] == "tok_embeddings"
+        self.tied_embedding = layers.pop()[1] if tied else None
         self.names = [name for name, _ in layers]
         self.stage = nn.ModuleList(module for _, module in layers)
         blocks = [m.layer_id for m in self.stage if isinstance(m, TransformerBlock)]
@@ -175,6 +178,11 @@ class InferenceModel(nn.Module):
     def named_layers(self) -> list[tuple[str, nn.Module]]:
         """(global name, module) of this stage's layers, in forward order."""
         return list(zip(self.names, self.stage, strict=True))
+
+    def weight_layers(self) -> list[tuple[str, nn.Module]]:
+        """:meth:`named_layers` and a tied last stage's copy of the embedding: what loads."""
+        copy = self.tied_embedding
+        return self.named_layers() + ([("tok_embeddings", copy)] if copy is not None else [])
 
     # ---- compute -----------------------------------------------------------------------------
     def new_cache(self, batch: int, max_len: int) -> StageKVCache:
@@ -241,7 +249,10 @@ def build_stage(cfg: ModelConfig, tp: TensorParallel, names: Sequence[str], devi
     device no random initialisation runs (it would draw every full tensor on the CPU)."""
     wanted = set(names)
     with torch.device("meta"):
-        built = [(d.name, d.build()) for d in layer_defs(cfg, tp) if d.name in wanted]
+        defs = layer_defs(cfg, tp)
+        built = [(d.name, d.build()) for d in defs if d.name in wanted]
+        copy = embedding_copy(defs, wanted)  # a tied head without its embedding: a copy, last
+        built += [("tok_embeddings", copy)] if copy is not None else []
     return [(name, _materialise(module, device, dtype).eval()) for name, module in built]
 
 
@@ -262,8 +273,9 @@ def load_from_source(model: InferenceModel | Transformer, source: Source) -> Non
     if isinstance(model, Transformer):
         model = as_inference_model(model)
     stage = set(model.names)
-    params = {f"{prefix}.{local}": p for prefix, module in model.named_layers()
+    params = {f"{prefix}.{local}": p for prefix, module in model.weight_layers()
               for local, p in module.named_parameters()}
+    stage = stage | {name for name, _ in model.weight_layers()}
     _restrict(source, stage)
     seen = set()
     for name, full, where in source:
@@ -336,7 +348,7 @@ def load_for_inference(checkpoint: Path, fmt: str = "megallama", *, tp: int = 1,
     model = InferenceModel(cfg, tpc, build_stage(cfg, tpc, names, device, dtype), topo,
                            info.tokenizer)
     if fmt == "megallama":
-        load_model_weights(model.named_layers(), tpc, info.path, cfg)
+        load_model_weights(model.weight_layers(), tpc, info.path, cfg)
     else:
         _load_source_everywhere(model, fmt, info.path)
     return model.eval()

@@ -250,10 +250,6 @@ def check_layout(fmt: str, where: Path, cfg: ModelConfig, tp: int, pp: int,
             raise CheckpointError(f"{where}: --tp {tp}: {e}") from None
         if not 1 <= pp <= cfg.n_layers:
             raise CheckpointError(f"{where}: --pp {pp}: need 1 <= pp <= n_layers={cfg.n_layers}")
-        if pp > 1 and cfg.tie_embeddings:
-            raise CheckpointError(f"{where}: --pp {pp}: the model ties its output head to the "
-                                  "embedding (tie_word_embeddings), which needs both on one "
-                                  "pipeline stage; use --pp 1")
 
 
 def _cast(t: torch.Tensor, dtype: torch.dtype, name: str, where: str) -> torch.Tensor:

@@ -8,8 +8,9 @@ planner and the resharder lay out a 70B model on a laptop.
 
 Layers: embedding, ``n_layers`` transformer blocks, final norm, output head (Meta's names). With
 ``tie_embeddings`` the head has no parameter: ``output.weight`` is not a tensor of the model (the
-head multiplies by ``tok_embeddings.weight``), so it is neither sharded nor saved; both layers
-must then be on one stage (pp = 1).
+head multiplies by ``tok_embeddings.weight``), so it is neither sharded nor saved. At pp > 1 the
+last stage holds a copy of ``tok_embeddings.weight`` (the same TP slices), loaded under that name
+and never saved; the engine keeps the two copies equal (Megatron's embedding group).
 
 Stages: ``balanced`` weighs each layer by its forward FLOPs per token (the head's vocabulary
 matmul and loss included; the embedding lookup costs memory but almost no compute, so it gets a
@@ -111,9 +112,6 @@ def stage_cuts(cfg: ModelConfig, pp: int, seq_len: int | None = None,
     (default ``max_seq_len``), ``uniform`` weighs every layer 1."""
     if method not in PARTITION_METHODS:
         raise ConfigError(f"partition_method={method!r}: choose one of {list(PARTITION_METHODS)}")
-    if cfg.tie_embeddings and pp != 1:
-        raise ConfigError(f"pp={pp} with model.tie_embeddings=true: a tied output head shares the "
-                          "embedding's weight, which needs both on one pipeline stage; use pp=1")
     if not 1 <= pp <= cfg.n_layers:
         raise ConfigError(f"pp={pp}: every pipeline stage needs at least one transformer block "
                           f"and the model has n_layers={cfg.n_layers}; choose 1 <= pp <= "

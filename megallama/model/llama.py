@@ -12,6 +12,7 @@ KV heads) is also read from the layout.
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -240,9 +241,9 @@ class TransformerBlock(nn.Module):
 
 
 class EmbeddingRef:
-    """The embedding a tied output head multiplies by: set when the embedding of the same stage is
-    built (``layer_defs`` hands one to both), read at each forward (so a weight replaced after
-    building, e.g. materialised from the meta device, is the one used)."""
+    """The embedding a tied output head multiplies by: set when the embedding (or its copy,
+    :func:`embedding_copy`) is built (``layer_defs`` hands one to both), read at each forward (so
+    a weight replaced after building, e.g. materialised from the meta device, is the one used)."""
 
     def __init__(self) -> None:
         self.module: nn.Module | None = None
@@ -269,8 +270,8 @@ class FinalNorm(RMSNorm):
 class OutputHead(ColumnParallelLinear):
     """Output projection; returns this rank's vocabulary slice of the logits, full sequence.
     Tied (``cfg.tie_embeddings``): no weight of its own; it multiplies by the embedding table of
-    its stage, whose TP slices are the same vocabulary rows (both padded alike), so the one
-    weight's gradient sums both uses within autograd."""
+    its stage (same vocabulary rows per TP slice, padded alike): at pp = 1 autograd sums both
+    uses' gradients, at pp > 1 the engine sums the last stage's copy's with the first's."""
 
     def __init__(self, cfg: ModelConfig, tp: TensorParallel, seed: int = 0,
                  ref: EmbeddingRef | None = None) -> None:
@@ -318,6 +319,16 @@ def layer_defs(cfg: ModelConfig, tp: TensorParallel, seed: int = 0,
             if is_block(n) else
             LayerDef(n, top[n], (cfg, tp, seed), tied if n != "norm" else {})
             for n in layer_names(cfg)]
+
+
+def embedding_copy(defs: list[LayerDef], names: Collection[str]) -> nn.Module | None:
+    """A tied head's copy of the embedding on a stage ``names`` without it (the last at pp > 1),
+    else None: built by the embedding's own LayerDef (the same seeded values), it becomes the
+    head's weight through their shared EmbeddingRef; loaded as ``tok_embeddings``, never saved."""
+    by_name = {d.name: d for d in defs}
+    if "ref" not in by_name["output"].kwargs or "output" not in names or "tok_embeddings" in names:
+        return None
+    return by_name["tok_embeddings"].build()
 
 
 class Transformer(nn.Module):

@@ -14,7 +14,8 @@ One step:
    and freed; when a bucket has all of its gradients of the step (parameters x ``gas``
    micro-batches, so only in the last micro-batch's backward) its asynchronous reduce-scatter over
    DP starts, while autograd goes on with earlier layers;
-2. :meth:`step`: wait for the reduce-scatters (mean over DP), the global gradient norm from the
+2. :meth:`step`: wait for the reduce-scatters (mean over DP; a tied embedding, in a bucket of its
+   own on its first and last pipeline stage, then summed over the two), the global gradient norm from the
    shards (sharded parameters on every TP rank, replicated ones on TP rank 0, summed over DP, TP
    and PP: the same number as the fused optimizer's), clip, one fused AdamW update per run of the
    shard (the Triton kernel or the torch reference, :mod:`megallama.optim.kernels`), and an
@@ -51,9 +52,11 @@ from megallama.optim.master_step import (
     adam_scalars,
     clip_coefficient,
     copy_to_host,
+    counts_in_norm,
     global_norm,
     local_sum_of_squares,
     needs_fp32_grad_buffer,
+    sum_tied_grad,
     update,
 )
 from megallama.optim.shard_state import ShardStateAccess
@@ -118,9 +121,12 @@ class DistributedAdamW(ShardStateAccess, torch.optim.Optimizer):
         summed = dtype == torch.float32 or needs_fp32_grad_buffer(dtype, self.gas, dp)
         grad_dtype = torch.float32 if summed else dtype
         elems = max(1, bucket_bytes // grad_dtype.itemsize)  # bucket_bytes: of gradients
+        # a tied embedding's copy gets a bucket of its own on both of its pipeline stages, so
+        # both shard it alike over DP and its reduced shards can be summed over the two stages
+        alone = [getattr(p, "tied_group", None) is not None for p in order]
         return [Bucket([order[i] for i in idx], grad_dtype, dp, self.topo.dp_rank,
                        self.topo.dp_group)
-                for idx in plan_buckets([p.numel() for p in order], elems)]
+                for idx in plan_buckets([p.numel() for p in order], elems, alone)]
 
     def _shard_state(self, bucket: Bucket) -> dict[str, torch.Tensor]:
         """Adam moments (and the master's remainder for bf16 weights) of this rank's shard."""
@@ -147,7 +153,7 @@ class DistributedAdamW(ShardStateAccess, torch.optim.Optimizer):
                     r[-1] = (r[-1][0], r[-1][1] + seg.length, g)
                 else:
                     r.append((seg.shard_start, seg.length, g))
-                if getattr(p, "model_parallel", False) or tp_rank == 0:
+                if counts_in_norm(p, tp_rank):
                     c.append(bucket.shard_grad[seg.shard_start:seg.shard_start + seg.length])
             runs.append(r)
             counted.append(c)
@@ -225,6 +231,7 @@ class DistributedAdamW(ShardStateAccess, torch.optim.Optimizer):
         self._check_complete()
         for bucket in self.buckets:
             bucket.wait()
+            sum_tied_grad(bucket.params[0], bucket.shard_grad)  # a tied bucket holds one param
         norm = self.grad_norm()
         ok = torch.isfinite(norm).float()
         coef = clip_coefficient(norm, self.max_grad_norm)

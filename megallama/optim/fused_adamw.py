@@ -14,8 +14,9 @@ Gradients go where DeepSpeed's own path sends them, with the same numerics:
 * fp32 params, or bf16 params with one micro-batch per step on one DP rank: ``p.grad`` is read as is;
 * bf16 params otherwise: a hook adds each gradient into an fp32 buffer (``main_grad``) as soon as
   autograd produces it and frees it, so accumulation and the DP reduction happen in fp32.
-The DP mean all-reduce, the TP/PP-aware global norm (a sharded parameter counts on every TP rank,
-a replicated one on TP rank 0 only, as DeepSpeed's norm does) and the update all happen in
+The DP mean all-reduce (a tied embedding's gradient first summed over its first and last pipeline
+stage), the TP/PP-aware global norm (a sharded parameter counts on every TP rank, a replicated one
+on TP rank 0 only, as DeepSpeed's norm does, a tied copy once) and the update all happen in
 :meth:`step`. A step whose norm is not finite changes nothing and sets ``overflow``, which makes
 DeepSpeed count it as skipped and hold the LR schedule, as its ZeRO optimizers do.
 """
@@ -35,9 +36,11 @@ from megallama.optim.master_step import (
     adam_scalars,
     clip_coefficient,
     copy_to_host,
+    counts_in_norm,
     global_norm,
     local_sum_of_squares,
     needs_fp32_grad_buffer,
+    sum_tied_grad,
     update,
 )
 from megallama.parallel.mappings import all_reduce_mean_, all_reduce_sum_
@@ -96,8 +99,7 @@ class MasterWeightAdamW(torch.optim.Optimizer):
     def grad_norm(self, params: list[nn.Parameter]) -> torch.Tensor:
         """Global L2 norm of the gradients over the whole model (all TP and PP ranks)."""
         tp_rank = self.topo.tp_rank
-        counted = [self._grad(p) for p in params
-                   if getattr(p, "model_parallel", False) or tp_rank == 0]
+        counted = [self._grad(p) for p in params if counts_in_norm(p, tp_rank)]
         sq = local_sum_of_squares(counted, params[0].device, self.use_kernel)
         all_reduce_sum_(sq, self.topo.tp_group)
         all_reduce_sum_(sq, self.topo.pp_group)
@@ -111,6 +113,8 @@ class MasterWeightAdamW(torch.optim.Optimizer):
         if not params:
             return
         grads = [self._grad(p) for p in params]
+        for p, g in zip(params, grads, strict=True):  # a tied embedding's two pipeline stages
+            sum_tied_grad(p, g)
         all_reduce_mean_(grads, self.topo.dp_group)
         norm = self.grad_norm(params)
         ok = torch.isfinite(norm).float()

@@ -54,13 +54,15 @@ class Segment:
     length: int
 
 
-def plan_buckets(numels: list[int], bucket_elems: int) -> list[list[int]]:
+def plan_buckets(numels: list[int], bucket_elems: int,
+                 alone: list[bool] | None = None) -> list[list[int]]:
     """Indices of consecutive tensors grouped into buckets of at most ``bucket_elems`` elements
-    (a tensor larger than that is a bucket of its own)."""
+    (a tensor larger than that, or flagged in ``alone``, is a bucket of its own)."""
     buckets: list[list[int]] = []
     size = 0
+    alone = alone or [False] * len(numels)
     for i, n in enumerate(numels):
-        if not buckets or size + n > bucket_elems:
+        if not buckets or size + n > bucket_elems or alone[i] or alone[i - 1]:
             buckets.append([])
             size = 0
         buckets[-1].append(i)

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch import nn
 
 from megallama.optim.adamw_kernel import (
     AdamWScalars,
@@ -22,12 +23,31 @@ from megallama.optim.adamw_kernel import (
     adamw_reference,
     sum_of_squares,
 )
+from megallama.parallel.mappings import all_reduce_sum_
 
 
 def needs_fp32_grad_buffer(param_dtype: torch.dtype, gas: int, dp: int) -> bool:
     """Whether gradients go through an fp32 ``main_grad`` buffer: when a low-precision gradient
     is summed (over micro-batches or DP ranks), the sum must be taken in fp32."""
     return param_dtype != torch.float32 and (gas > 1 or dp > 1)
+
+
+def counts_in_norm(p: nn.Parameter, tp_rank: int) -> bool:
+    """Whether this rank adds ``p``'s gradient to the global norm: a TP-sharded parameter on
+    every TP rank, a replicated one on TP rank 0 only (as DeepSpeed's norm), and the last
+    pipeline stage's copy of a tied embedding (``tied_copy``) never: the first stage counts it."""
+    if getattr(p, "tied_copy", False):
+        return False
+    return bool(getattr(p, "model_parallel", False)) or tp_rank == 0
+
+
+def sum_tied_grad(p: nn.Parameter, grad: torch.Tensor) -> None:
+    """Sum ``grad`` in place over ``p.tied_group`` when ``p`` is one copy of a tied embedding
+    split over pipeline stages (the first stage's table, the last stage's copy): both then hold
+    the gradient of the one weight, as at pp = 1 (Megatron's embedding group)."""
+    group = getattr(p, "tied_group", None)
+    if group is not None:
+        all_reduce_sum_(grad, group)
 
 
 def local_sum_of_squares(tensors: list[torch.Tensor], device: torch.device,

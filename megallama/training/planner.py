@@ -335,8 +335,8 @@ def candidate_layouts(model_cfg: ModelConfig, gpus: int, *, global_batch: int,
         tp = [x for x in (1, 2, 4, 8, 16, 32, 64) if x <= max_tp and _tp_ok(model_cfg, x)]
     for x in tp:
         check_tp_layout(model_cfg, x)
-    if pp is None:  # a tied output head needs the embedding's stage: pp = 1 (model.layout)
-        pp = [1] if model_cfg.tie_embeddings else list(range(1, model_cfg.n_layers + 1))
+    if pp is None:
+        pp = list(range(1, model_cfg.n_layers + 1))
     if any(x < 1 or x > model_cfg.n_layers for x in pp) or any(m < 1 for m in micro_batch):
         raise ConfigError(f"pp={pp} / micro_batch={list(micro_batch)}: pp must be in "
                           f"1..n_layers={model_cfg.n_layers}, micro_batch >= 1")
