@@ -603,3 +603,18 @@ def test_every_gpu_preset_is_the_planners_first_choice(capsys, tmp_path):
                 "recompute": par.activation_checkpointing, "sequence_parallel":
                 par.sequence_parallel, "fits": True}
         assert {k: best[k] for k in want} == want, name
+
+
+def test_tp_comm_counts_sp_regathers_sent_not_exposed():
+    """Under SP the column linears re-gather their saved shard in backward (2 all-gathers per
+    block, fp8 bytes under FP8 tensorwise) behind the grad-input gemms and reduce-scatter the
+    input gradient behind the grad-weight gemms: sent, not exposed. llama2_7b, tp 2, one stage."""
+    cfg, lay = preset("llama2_7b"), planner.Layout(tp=2, pp=1, dp=1)
+    kw = {"seq_len": 4096, "global_batch": 4, "zero_stage": 0}
+    off, on, fp8 = (planner.estimate(cfg, lay, sequence_parallel=sp, fp8=f, **kw)
+                    for sp, f in ((False, "none"), (True, "none"), (True, "tensorwise")))
+    unit = 2 * 4096 * 4096 // 2  # (t-1)/t of a [4096, 4096] bf16 activation
+    assert off.tp_comm == off.exposed_comm == 4 * (8 * 32 + 4) * unit
+    assert on.tp_comm == off.tp_comm + 4 * 2 * 32 * unit
+    assert on.exposed_comm == 4 * (6 * 32 + 4) * unit
+    assert fp8.tp_comm == on.tp_comm - 4 * 2 * 32 * unit // 2  # 1-byte re-gathers
