@@ -618,3 +618,23 @@ def test_tp_comm_counts_sp_regathers_sent_not_exposed():
     assert on.tp_comm == off.tp_comm + 4 * 2 * 32 * unit
     assert on.exposed_comm == 4 * (6 * 32 + 4) * unit
     assert fp8.tp_comm == on.tp_comm - 4 * 2 * 32 * unit // 2  # 1-byte re-gathers
+
+
+def test_tied_model_at_pp2_plans_the_last_stages_copy_and_its_gradient_sum():
+    """Tied embeddings at pp > 1: the last stage holds a copy of the table (weights, gradients,
+    optimizer state) and the two stages sum its gradient every step (PP-comm). tiny_llama3_tied
+    (dim 64, vocabulary 128,256, 2 blocks of 49,280) at tp 1 x pp 2 x dp 2, 4 micro-batches of 64
+    tokens, the distributed optimizer: the DP-reduced fp32 shard, 4 x table / 2, each way."""
+    cfg = preset("tiny_llama3_tied")
+    table, block = 128_256 * 64, 49_280
+    first, last = planner.estimate_stages(cfg, planner.Layout(1, 2, 2), seq_len=64, global_batch=8,
+                                          zero_stage=None, optim_impl="auto")
+    assert (first.params, last.params) == (table + block, block + 64 + table)
+    assert last.weights == 2 * last.params and last.optimizer == 8 * last.params // 2
+    sends = 4 * 64 * 64 * 2  # one [64, 64] bf16 activation (or its gradient) per micro-batch
+    assert first.pp_comm == last.pp_comm == sends + 4 * table // 2
+    # one stage (pp 1): no copy, no sum; the head's fresh gradient is the table's (bf16)
+    one = planner.estimate_stages(cfg, planner.Layout(1, 1, 4), seq_len=64, global_batch=8,
+                                  zero_stage=None, optim_impl="auto")[0]
+    assert one.params == table + 2 * block + 64 and one.pp_comm == 0
+    assert one.gradients == 4 * one.params + 2 * table  # fp32 buffer + the fresh table gradient

@@ -26,7 +26,12 @@ from megallama.parallel import cross_entropy
 from megallama.parallel import fp8 as fp8_linears
 from megallama.parallel.layers import padded_vocab_size
 from megallama.training import plan_ranking
-from megallama.training.state_bytes import ELEMENT, dp_comm_bytes, optimizer_states
+from megallama.training.state_bytes import (
+    ELEMENT,
+    dp_comm_bytes,
+    optimizer_states,
+    tied_grad_bytes,
+)
 
 GIB = 1024**3
 DEFAULT_OVERHEAD_GIB = {"cuda": 3.0, "cpu": 0.0}
@@ -283,12 +288,15 @@ def _stage_estimate(x: _StepShape, s: int, mine: list[str]) -> MemoryEstimate:
     first, last = s == 0, s == lay.pp - 1
     blocks = sum(model_layout.is_block(n) for n in mine)
     params = sum(sizes.get(n, sizes["block"]) for n in mine)
+    tied_copy = cfg.tie_embeddings and lay.pp > 1 and last  # the last stage's embedding copy
+    params += sizes["tok_embeddings"] if tied_copy else 0
     st = optimizer_states(params, lay.dp, x.precision, x.zero_stage, x.device, gas=x.gas,
                           largest_layer=max(sizes.get(n, sizes["block"]) for n in mine),
                           impl=x.optim_impl)
     # a weight's new gradient before it is added to .grad / the fp32 buffer: the head's comes
     # early in backward, the embedding's last, a w1/w2/w3 shard's anywhere
-    table, w1 = sizes["output"], h * cfg.ffn_hidden_dim // t
+    # the head's table (tied: the embedding's, whose gradient the head's matmul also makes)
+    table, w1 = sizes["output"] or sizes["tok_embeddings"], h * cfg.ffn_hidden_dim // t
     fresh_early, fresh = e * max(w1, table * last), e * max(w1, table * (first or last))
     k = min(lay.pp - s, x.gas)
     per_mb = blocks * x.stored + (0 if first else x.boundary) + (0 if last else x.sent)
@@ -309,6 +317,9 @@ def _stage_estimate(x: _StepShape, s: int, mine: list[str]) -> MemoryEstimate:
         tokens=tokens, h=h, tp=t, element=e, regather_element=x.regather_element)
     dp_comm = dp_comm_bytes(params, lay.dp, x.precision, x.zero_stage, x.optim_impl)
     pp_comm = x.gas * x.sent * ((not first) + (not last))  # activations out, gradients back
+    if cfg.tie_embeddings and lay.pp > 1 and (first or last):  # the tied gradient's sum
+        pp_comm += tied_grad_bytes(sizes["tok_embeddings"], lay.dp, x.precision, x.zero_stage,
+                                   x.optim_impl, gas=x.gas)
     bubble = bubble_fraction(lay.pp, x.gas)
     exposed = tp_exposed + pp_comm + plan_ranking.exposed_dp_bytes(
         dp_comm, impl=x.optim_impl, zero_stage=x.zero_stage, dp=lay.dp, element=e,

@@ -103,3 +103,19 @@ def dp_comm_bytes(p: int, dp: int, precision: str, zero: int, impl: str = "fused
     if precision == "bf16" and zero == 1:
         return 2 * part * 4 + part * e
     return part * (4 + e) if zero < 3 else part * (4 + 2 * e)
+
+
+def tied_grad_bytes(table: int, dp: int, precision: str, zero: int, impl: str = "fused", *,
+                    gas: int = 1) -> int:
+    """Bytes the first or the last pipeline stage of a tied model sends per step to sum the
+    embedding table's gradient (``table`` local elements) with the other's copy: an all-reduce
+    over 2 ranks sends the tensor once. ``impl=distributed`` sums the DP-reduced shard (1/dp;
+    fp32 where gradients are summed), ``impl=fused`` its whole gradient buffer (fp32 where
+    summed), DeepSpeed the parameter's ``.grad`` (its element size)."""
+    e = ELEMENT[precision]
+    summed = precision == "fp32" or needs_fp32_grad_buffer(torch.bfloat16, gas, dp)
+    if zero == 0 and impl == "distributed":
+        return (4 if summed else e) * -(-table // dp)
+    if zero == 0:
+        return (4 if summed else e) * table
+    return e * table
