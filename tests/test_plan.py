@@ -638,3 +638,7 @@ def test_tied_model_at_pp2_plans_the_last_stages_copy_and_its_gradient_sum():
                                   zero_stage=None, optim_impl="auto")[0]
     assert one.params == table + 2 * block + 64 and one.pp_comm == 0
     assert one.gradients == 4 * one.params + 2 * table  # fp32 buffer + the fresh table gradient
+    # DeepSpeed's ZeRO-1 sums an fp32 gradient (bf16: BF16_Optimizer's _hp_grad), the whole table
+    ds = planner.estimate_stages(cfg, planner.Layout(1, 2, 2), seq_len=64, global_batch=8,
+                                 zero_stage=1)
+    assert [r.pp_comm for r in ds] == [sends + 4 * table] * 2

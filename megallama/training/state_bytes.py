@@ -111,11 +111,12 @@ def tied_grad_bytes(table: int, dp: int, precision: str, zero: int, impl: str = 
     embedding table's gradient (``table`` local elements) with the other's copy: an all-reduce
     over 2 ranks sends the tensor once. ``impl=distributed`` sums the DP-reduced shard (1/dp;
     fp32 where gradients are summed), ``impl=fused`` its whole gradient buffer (fp32 where
-    summed), DeepSpeed the parameter's ``.grad`` (its element size)."""
+    summed), DeepSpeed an fp32 gradient (bf16: BF16_Optimizer's ``_hp_grad``; fp32: the
+    ``.grad``)."""
     e = ELEMENT[precision]
     summed = precision == "fp32" or needs_fp32_grad_buffer(torch.bfloat16, gas, dp)
     if zero == 0 and impl == "distributed":
         return (4 if summed else e) * -(-table // dp)
     if zero == 0:
         return (4 if summed else e) * table
-    return e * table
+    return 4 * table
