@@ -25,14 +25,14 @@ from torch import nn
 
 from megallama.config.train_config import TrainConfig
 from megallama.config.validate import resolve_optimizer
-from megallama.engine import ds_config
+from megallama.engine import ds_config, tp_grads
 from megallama.engine.ds_state import DeepSpeedState, OptimizerStateAccess
 from megallama.engine.pipeline import LlamaPipeline
 from megallama.model.llama import Transformer, compile_blocks, layer_defs, make_loss_fn
 from megallama.optim.distributed_adamw import DistributedAdamW
 from megallama.optim.fused_adamw import MasterWeightAdamW
 from megallama.optim.schedule import lr_at, param_groups
-from megallama.parallel.fp8 import convert_to_float8
+from megallama.parallel.fp8 import convert_to_float8, weights_fixed
 from megallama.parallel.topology import Topology
 
 # tokens [b, s], labels [b, s] (-100: no loss), and with packed documents segments [b, s]
@@ -143,6 +143,11 @@ class Engine:
             self.ds.enable_backward_allreduce = False
             if self.fused and grid.pp > 1:
                 self.ds.pipeline_enable_backward_allreduce = False
+        # SP norms / KV replicas: summed over TP once per step (megallama's optimizers do it in
+        # their step; DeepSpeed's ZeRO 0/1 before its DP reduction, ZeRO 2/3 in every backward)
+        self._partial_sum = None
+        if not self.fused and tp_grads.sums_once_per_step(self.ds):
+            self._partial_sum = tp_grads.PartialGradSum(self.ds, list(module.parameters()))
         self.module = module
         self._skipped_before = 0
         self.last_targets = 0  # target tokens of the last global batch trained or evaluated
@@ -294,10 +299,11 @@ class Engine:
             self._skipped_before = self.ds.skipped_steps
             return StepResult(float("nan"), None, lr, skipped=True, no_targets=True)
         self._weigh_tokens(self.last_targets, self.gas)
-        if self.is_pipeline:
-            loss = self.ds.train_batch(data_iter=map(_pipeline_item, micro_batches))
-        else:
-            loss = self._train_single(iter(micro_batches))
+        with weights_fixed():  # FP8: each weight cast (and its amax reduced) once per step
+            if self.is_pipeline:
+                loss = self.ds.train_batch(data_iter=map(_pipeline_item, micro_batches))
+            else:
+                loss = self._train_single(iter(micro_batches))
         norm = self.ds.get_global_grad_norm()
         norm = None if norm is None else float(norm)
         # DeepSpeed's ZeRO optimizers skip the update (and the LR step) when the global gradient
@@ -308,9 +314,12 @@ class Engine:
 
     def _train_single(self, it: Iterator[MicroBatch]) -> torch.Tensor:
         total: torch.Tensor | None = None
-        for _ in range(self.gas):
+        for i in range(self.gas):
             loss = self.ds(*(t.to(self.device) for t in next(it)))
             self.ds.backward(loss)
+            if i == self.gas - 1 and self._partial_sum is not None \
+                    and not self.ds.enable_backward_allreduce:  # no DP reduction to precede
+                self._partial_sum.now()
             self.ds.step()
             total = loss.detach().float() if total is None else total + loss.detach().float()
         assert total is not None

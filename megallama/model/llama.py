@@ -26,7 +26,7 @@ from megallama.model.documents import cached_positions, document_attention
 from megallama.model.layout import is_block, layer_names, shard_spec
 from megallama.model.recompute import checkpointing_mode, recompute, swiglu
 from megallama.model.rope import apply_rotary, rope_cos_sin
-from megallama.parallel import mappings
+from megallama.parallel import mappings, partial_grads
 from megallama.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megallama.parallel.layers import (
     ColumnParallelLinear,
@@ -39,7 +39,8 @@ from megallama.parallel.sequence_linears import gathered_linears
 
 class RMSNorm(nn.Module):
     """RMS normalisation in fp32 (as Meta and HF); under sequence parallelism each rank sees part of
-    the sequence, so the weight's gradient is summed over the TP group inside autograd."""
+    the sequence, so the weight's gradient is a partial sum over the TP group: summed once per
+    step by the optimizer, or in each backward when none took that job (parallel/partial_grads.py)."""
 
     recompute = False  # parallel.activation_checkpointing=selective (a block's norms): rerun in backward
 
@@ -48,6 +49,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
         self.sp_group = tp.group if tp.sequence_parallel else None
+        partial_grads.mark(self.weight, self.sp_group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return recompute(self.recompute, self._forward, x)
@@ -55,7 +57,7 @@ class RMSNorm(nn.Module):
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
         out = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x)
-        return out * mappings.copy_to_tp(self.weight, self.sp_group)
+        return out * partial_grads.use(self.weight)
 
 
 def attention_core(xq: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor, cos: torch.Tensor,

@@ -15,7 +15,9 @@ One step:
    micro-batches, so only in the last micro-batch's backward) its asynchronous reduce-scatter over
    DP starts, while autograd goes on with earlier layers;
 2. :meth:`step`: wait for the reduce-scatters (mean over DP; a tied embedding, in a bucket of its
-   own on its first and last pipeline stage, then summed over the two), the global gradient norm from the
+   own on its first and last pipeline stage, then summed over the two; the shard pieces of SP
+   norm weights and KV replicas summed over their TP group, one flat all-reduce per group), the
+   global gradient norm from the
    shards (sharded parameters on every TP rank, replicated ones on TP rank 0, summed over DP, TP
    and PP: the same number as the fused optimizer's), clip, one fused AdamW update per run of the
    shard (the Triton kernel or the torch reference, :mod:`megallama.optim.kernels`), and an
@@ -60,6 +62,7 @@ from megallama.optim.master_step import (
     update,
 )
 from megallama.optim.shard_state import ShardStateAccess
+from megallama.parallel import partial_grads
 from megallama.parallel.mappings import all_reduce_sum_
 from megallama.parallel.topology import Topology
 
@@ -100,6 +103,7 @@ class DistributedAdamW(ShardStateAccess, torch.optim.Optimizer):
                       for i, p in enumerate(bucket.params)}
         self.shards = [self._shard_state(bucket) for bucket in self.buckets]
         self.runs, self.counted = self._runs()
+        self.partial = self._partial_pieces(params)
         for p in params:
             self.state[p]["step"] = self.step_count
             p.register_post_accumulate_grad_hook(self._on_grad)
@@ -158,6 +162,18 @@ class DistributedAdamW(ShardStateAccess, torch.optim.Optimizer):
             runs.append(r)
             counted.append(c)
         return runs, counted
+
+    def _partial_pieces(self, params: list[nn.Parameter]) -> list[tuple[torch.Tensor, Any]]:
+        """The pieces of this rank's shards that hold gradients each TP rank computes in part
+        (SP norm weights, KV replicas; :mod:`megallama.parallel.partial_grads`), with their
+        group. Every rank of such a group has the same buckets and DP rank, hence the same
+        pieces: :meth:`step` sums them over the group, on the DP-reduced shards (1/dp of the
+        bytes), one flat all-reduce per group per step."""
+        deferred = set(partial_grads.defer(params))
+        return [(bucket.shard_grad[seg.shard_start:seg.shard_start + seg.length],
+                 partial_grads.group_of(bucket.params[seg.index]))
+                for bucket in self.buckets for seg in bucket.segments
+                if bucket.params[seg.index] in deferred]
 
     def _hook_modules(self, modules: Sequence[nn.Module]) -> set[int]:
         """Register the forward pre-hooks that wait for the gathers of the buckets holding each
@@ -232,6 +248,7 @@ class DistributedAdamW(ShardStateAccess, torch.optim.Optimizer):
         for bucket in self.buckets:
             bucket.wait()
             sum_tied_grad(bucket.params[0], bucket.shard_grad)  # a tied bucket holds one param
+        partial_grads.sum_partial(self.partial)  # TP sums of SP norms / KV replicas, once
         norm = self.grad_norm()
         ok = torch.isfinite(norm).float()
         coef = clip_coefficient(norm, self.max_grad_norm)

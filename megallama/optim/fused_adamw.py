@@ -18,7 +18,10 @@ The DP mean all-reduce (a tied embedding's gradient first summed over its first 
 stage), the TP/PP-aware global norm (a sharded parameter counts on every TP rank, a replicated one
 on TP rank 0 only, as DeepSpeed's norm does, a tied copy once) and the update all happen in
 :meth:`step`. A step whose norm is not finite changes nothing and sets ``overflow``, which makes
-DeepSpeed count it as skipped and hold the LR schedule, as its ZeRO optimizers do.
+DeepSpeed count it as skipped and hold the LR schedule, as its ZeRO optimizers do. Between the DP
+mean and the norm, the gradients each TP rank holds in part (SP norm weights, KV replicas) are
+summed over their group, one flat all-reduce per group per step
+(:mod:`megallama.parallel.partial_grads`).
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from megallama.optim.master_step import (
     sum_tied_grad,
     update,
 )
+from megallama.parallel import partial_grads
 from megallama.parallel.mappings import all_reduce_mean_, all_reduce_sum_
 from megallama.parallel.topology import Topology
 
@@ -67,6 +71,8 @@ class MasterWeightAdamW(torch.optim.Optimizer):
         if use_kernel is None:
             use_kernel = use_triton(self._params()[0].device)
         self.use_kernel = use_kernel
+        # SP norm weights and KV replicas: their partial gradients summed over TP once per step
+        self.partial = partial_grads.defer(self._params())
 
     def _params(self) -> list[nn.Parameter]:
         return [p for g in self.param_groups for p in g["params"]]
@@ -116,6 +122,8 @@ class MasterWeightAdamW(torch.optim.Optimizer):
         for p, g in zip(params, grads, strict=True):  # a tied embedding's two pipeline stages
             sum_tied_grad(p, g)
         all_reduce_mean_(grads, self.topo.dp_group)
+        partial_grads.sum_partial((self._grad(p), partial_grads.group_of(p))
+                                  for p in self.partial if self._grad(p) is not None)
         norm = self.grad_norm(params)
         ok = torch.isfinite(norm).float()
         coef = clip_coefficient(norm, self.max_grad_norm)

@@ -37,6 +37,12 @@ layers). The amaxes a pass needs reduced go in one all-reduce (a scalar or a row
 tensorwise issues one per column-parallel linear in forward (weight) and one in backward (grad
 output; the weight's forward scale is reused), one per row-parallel linear in forward (input and
 weight); rowwise one per column-parallel linear in backward and one per row-parallel in forward.
+Within a training step (:func:`weights_fixed`, entered by the engine) a weight does not change,
+so its cast and the MAX-reduction of its amax happen once, in the first micro-batch (a row
+linear's weight amax rides in its input's all-reduce): per step, tensorwise issues ``5 L`` weight
+reductions (column) plus, per micro-batch, ``2 L`` (row inputs) and ``5 L`` (column grad outputs)
+for ``L`` blocks, where each micro-batch used to issue ``12 L``; weight casts drop from
+``14 L`` per micro-batch to ``7 L`` per step (tests/distributed/test_step_collectives.py).
 
 With these reductions every scale at tp = 2 is bit for bit tp = 1's, and a linear on identical
 inputs equals tp = 1 to fp32 round-off (2e-7; without the reductions tensorwise is 2.5e-2 off).
@@ -63,7 +69,9 @@ import importlib
 import logging
 from collections.abc import Iterator
 from types import ModuleType
+from typing import Any
 
+import torch
 from torch import nn
 
 from megallama.config import ModelConfig
@@ -132,6 +140,62 @@ def convert_to_float8(module: nn.Module, recipe: str, tp: TensorParallel, *,
     return converted
 
 
+# ---- the weights' casts, once per step -----------------------------------------------------
+class _WeightCasts:
+    """Per parameter and role, the FP8 weight cast (scale, fp8 copy) made in this step; None
+    outside :func:`weights_fixed`. Entries hold the parameter (so its id is not reused) and its
+    ``_version`` at the cast (an in-place change invalidates the entry)."""
+
+    entries: dict[int, tuple[nn.Parameter, int, dict[str, Any]]] | None = None
+
+
+_CASTS = _WeightCasts()
+
+
+@contextlib.contextmanager
+def weights_fixed() -> Iterator[None]:
+    """Within this block the weights do not change (one training step's forwards and backwards,
+    before its optimizer step): each FP8 weight is cast, and its amax MAX-reduced over TP, once
+    -- in the first micro-batch -- and the (bit-identical) cast reused by every later forward,
+    recomputed forward and backward, as TransformerEngine's per-step weight cache. Leaving the
+    block drops the casts (the optimizer step then changes the weights). Outside it, and inside
+    ``torch.compile`` (``parallel.compile_blocks``), every use casts afresh."""
+    if _CASTS.entries is not None:  # nested: the outer block owns the cache
+        yield
+        return
+    _CASTS.entries = {}
+    try:
+        yield
+    finally:
+        _CASTS.entries = None
+
+
+def _caching(weight: torch.Tensor) -> bool:
+    return (_CASTS.entries is not None and isinstance(weight, nn.Parameter)
+            and not torch.compiler.is_compiling())
+
+
+def cached_cast(weight: torch.Tensor, role: str) -> Any:
+    """The cast of ``weight`` stored for ``role`` in this step (:func:`weights_fixed`), or None."""
+    if not _caching(weight):
+        return None
+    entry = _CASTS.entries.get(id(weight))
+    if entry is None or entry[0] is not weight or entry[1] != weight._version:
+        return None
+    return entry[2].get(role)
+
+
+def store_cast(weight: torch.Tensor, role: str, cast: Any) -> None:
+    """Keep ``weight``'s cast for ``role`` until the end of the step (nothing outside
+    :func:`weights_fixed`, or for a tensor that is not the parameter itself)."""
+    if not _caching(weight):
+        return
+    entry = _CASTS.entries.get(id(weight))
+    if entry is None or entry[0] is not weight or entry[1] != weight._version:
+        entry = _CASTS.entries[id(weight)] = (weight, weight._version, {})
+    entry[2][role] = cast
+
+
 # ---- memory: what the FP8 matmul keeps (the planner's terms, docs/PLANNER.md "FP8") ------------
 SCALES_PER_BLOCK = 7 * 2 * 4  # tensorwise: an fp32 input scale and weight scale per linear
 
@@ -160,10 +224,26 @@ def activation_delta_bytes(cfg: ModelConfig, *, tokens: int, tp: int, element: i
 def cast_workspace_bytes(cfg: ModelConfig, *, tokens: int, tp: int, recipe: str) -> int:
     """Transient bytes of one eager fp8 cast of the largest linear operand (an input, a gradient
     or a weight shard): torchao's cast holds an fp32 copy, then its scaled and its clamped fp32
-    copies beside the fp8 result (9 bytes per element at the peak). There is no weight cast
-    cache: no fp8 weight lives between forward and backward (tensorwise keeps the weight's
-    4-byte scale and re-casts it), so nothing scales with the number of layers."""
+    copies beside the fp8 result (9 bytes per element at the peak). The per-step weight casts
+    that eager training keeps (:func:`weights_fixed`) are :func:`weight_cache_bytes`."""
     if recipe == "none":
         return 0
     h, ffn, hq = cfg.dim, cfg.ffn_hidden_dim // tp, cfg.n_heads * cfg.head_dim // tp
     return 9 * max(tokens * h, tokens * ffn, tokens * hq, h * ffn)
+
+
+def weight_cache_bytes(cfg: ModelConfig, *, tp: int, recipe: str) -> int:
+    """Bytes one block's FP8 weight casts hold during a training step (:func:`weights_fixed`,
+    eager blocks only): an fp8 copy of each linear weight shard (tensorwise: the forward's,
+    reused by backward; rowwise: also the grad-input cast along the other axis, 2 bytes per
+    parameter) and its scales (a scalar, or a row / column of fp32 amaxes)."""
+    if recipe == "none":
+        return 0
+    h, hq, f = cfg.dim, cfg.n_heads * cfg.head_dim // tp, cfg.ffn_hidden_dim // tp
+    kv = max(1, cfg.n_kv_heads // tp) * cfg.head_dim
+    params = h * (2 * hq + 2 * kv + 3 * f)  # wq, wo; wk, wv; w1, w3, w2
+    if recipe == "tensorwise":
+        return params + 7 * 4
+    # rowwise: the forward copy scales each output row (N), the grad-input copy each input column
+    # (K); summed over the 7 linears, N + K = 2 hq + 2 kv + 7 h + 3 f
+    return 2 * params + 4 * (2 * hq + 2 * kv + 7 * h + 3 * f)

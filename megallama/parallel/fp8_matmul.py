@@ -11,6 +11,9 @@ torchao, the optional extra ``megallama[fp8]``).
 What backward keeps: the input as the forward's fp8 copy when the recipe casts it once for both of
 its gemms (tensorwise), else the high-precision input; the weight as itself (a parameter, no extra
 memory) plus, for tensorwise, its forward scale, so backward re-casts it without a collective.
+Within a training step (:func:`megallama.parallel.fp8.weights_fixed`) the weight's cast -- scale
+and fp8 copy -- is made once, in the first micro-batch, and every later forward, recomputed
+forward and backward of the step reuses it (bit-identical: the weight does not change).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from torchao.float8.float8_training_tensor import (
 )
 from torchao.float8.float8_utils import amax_to_scale, tensor_to_amax
 
+from megallama.parallel import fp8
 from megallama.parallel.mappings import Group, group_size
 
 INPUT, WEIGHT, GRAD_OUTPUT = GemmInputRole.INPUT, GemmInputRole.WEIGHT, GemmInputRole.GRAD_OUTPUT
@@ -132,12 +136,19 @@ class _Float8TPMatmul(torch.autograd.Function):
         c, sh, mm = spec.config, spec.sharding, spec.mm
         x2, w_t = x.reshape(-1, x.shape[-1]), weight.t()
         ax_in, ax_w = _axis(c.cast_config_input, -1), _axis(c.cast_config_weight, 0)
-        s_in, s_w = _scales([(x2, c.cast_config_input, ax_in, sh.input),
-                             (w_t, c.cast_config_weight, ax_w, sh.weight_t)],
-                            spec.group, c.round_scales_to_power_of_2)
+        items = [(x2, c.cast_config_input, ax_in, sh.input)]
+        cached = fp8.cached_cast(weight, "forward")  # this step's cast (fp8.weights_fixed)
+        if cached is None:  # the weight's amax joins the input's all-reduce
+            items.append((w_t, c.cast_config_weight, ax_w, sh.weight_t))
+        s_in, *s_w = _scales(items, spec.group, c.round_scales_to_power_of_2)
+        if cached is None:
+            cached = (s_w[0], _cast(w_t, s_w[0], c.cast_config_weight, mm, WEIGHT, ax_w))
+            fp8.store_cast(weight, "forward", cached)
+        s_w, w8 = cached
         x8 = _cast(x2, s_in, c.cast_config_input, mm, INPUT, ax_in)
-        out = torch.mm(x8, _cast(w_t, s_w, c.cast_config_weight, mm, WEIGHT, ax_w))
+        out = torch.mm(x8, w8)
         ctx.spec, ctx.shape, ctx.dtype = spec, x.shape, x.dtype
+        ctx.param = weight  # the cache's key in backward (saved tensors come back as new objects)
         # tensorwise: the fp8 input serves the grad-weight gemm too; the weight's scale is saved
         keep_fp8 = _tensorwise(c.cast_config_input) and \
             c.cast_config_input_for_grad_weight == c.cast_config_input
@@ -172,16 +183,22 @@ class _Float8TPMatmul(torch.autograd.Function):
                        c.cast_config_grad_output_for_grad_weight)
         ax_g, ax_w, ax_gw = _axis(cg, -1), _axis(cw, -1), _axis(cgw, 0)
         share_go = _tensorwise(cg) and cgw == cg
+        # tensorwise: the forward's cast (same scale and recipe); rowwise: its own, once a step
+        role = "forward" if w_scale is not None else "grad_input"
+        w_cached = fp8.cached_cast(ctx.param, role)
         items = [(go, cg, ax_g, sh.grad_output)]
-        items += [] if w_scale is not None else [(w_t, cw, ax_w, sh.weight_t)]
+        items += [] if w_scale is not None or w_cached is not None else [(w_t, cw, ax_w, sh.weight_t)]
         items += [] if share_go else [(go, cgw, ax_gw, sh.grad_output)]
         scales = iter(_scales(items, spec.group, pow2))
         go8 = _cast(go, next(scales), cg, mm, GRAD_OUTPUT, ax_g)
-        w_s = w_scale if w_scale is not None else next(scales)
+        w_s = w_scale if w_scale is not None or w_cached is not None else next(scales)
         go8_gw = go8 if share_go else _cast(go, next(scales), cgw, mm, GRAD_OUTPUT, ax_gw)
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = torch.mm(go8, _cast(w_t, w_s, cw, mm, WEIGHT, ax_w).t())
+            if w_cached is None:
+                w_cached = (w_s, _cast(w_t, w_s, cw, mm, WEIGHT, ax_w))
+                fp8.store_cast(ctx.param, role, w_cached)
+            grad_x = torch.mm(go8, w_cached[1].t())
             grad_x = grad_x.reshape(*ctx.shape[:-1], grad_x.shape[-1])
         return grad_x, go8_gw
 

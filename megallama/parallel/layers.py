@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megallama.parallel import mappings
+from megallama.parallel import mappings, partial_grads
 from megallama.parallel.init import full_normal, shard
 from megallama.parallel.mappings import Group
 
@@ -103,8 +103,9 @@ class ColumnParallelLinear(nn.Module):
     """y = x W^T with W split along its output rows; the output stays split (no gather).
 
     ``replicas`` > 1 means several consecutive TP ranks hold the same slice (KV heads when
-    tp > n_kv_heads): their gradients are summed over ``replica_group`` and only the first replica
-    is marked model-parallel so the gradient norm counts the slice once.
+    tp > n_kv_heads): their gradients are summed over ``replica_group`` (once per step by the
+    optimizer, :mod:`megallama.parallel.partial_grads`) and only the first replica is marked
+    model-parallel so the gradient norm counts the slice once.
     """
 
     def __init__(self, in_features: int, out_features: int, tp: TensorParallel, *, seed: int,
@@ -120,6 +121,7 @@ class ColumnParallelLinear(nn.Module):
             full = torch.cat([full, full.new_zeros(rows - out_features, in_features)])
         self.weight = nn.Parameter(shard(full, 0, tp.rank // replicas, parts))
         self.replica_group = replica_group if replicas > 1 else None
+        partial_grads.mark(self.weight, self.replica_group)
         mark_tensor_parallel(self.weight, 0, tp.size, replicas, tp.rank)
         self.fp8_matmul: Matmul | None = None  # set by megallama.parallel.fp8.convert_to_float8
 
@@ -129,10 +131,7 @@ class ColumnParallelLinear(nn.Module):
     def matmul_weight(self) -> torch.Tensor:
         """The weight as the matmul uses it (KV replicas: gradient summed over the replicas);
         also called by :func:`megallama.parallel.sequence_linears.gathered_linears`."""
-        weight = self.weight
-        if self.replica_group is not None:
-            weight = mappings.copy_to_tp(weight, self.replica_group)
-        return weight
+        return partial_grads.use(self.weight)
 
 
 class RowParallelLinear(nn.Module):
