@@ -21,7 +21,8 @@ backward (grad output): ``5L + gas (2L + 5L)``, where every micro-batch used to 
 Parity: after 2 fp32 steps (clipping active) loss and grad norm equal the plain one-rank torch run
 (engine_cases.reference_train) within 1e-5 relative, every weight within 1e-4 of max |w| (the
 tolerance test_updated_weights.py measured for summation order). FP8: gradients of gas micro-batches
-inside ``weights_fixed`` (cached casts) are bit-identical to the uncached ones, at tp 2 + SP.
+inside ``weights_fixed`` (cached casts) are bit-identical to the uncached ones, at tp 2 + SP
+(tensorwise; rowwise under full recomputation), and the casts hold ``fp8.weight_cache_bytes``.
 """
 
 from __future__ import annotations
@@ -178,21 +179,28 @@ def _fp8_counts(count: Count, tp: int, gas: int) -> None:
     assert got["amax", tp] == want, f"{what}: {got['amax', tp]} amax all-reduces, formula {want}"
     assert casts["WEIGHT"] == 7 * L, f"{what}: {casts['WEIGHT']} weight casts, want {7 * L}"
     kernels._cast = cast
-    # bit-identical: the same micro-batches' gradients with and without the per-step cache (a
-    # model of its own: no optimizer hooks take its gradients)
-    model = Transformer(cfg.model, engine.tp, seed=5).to(torch.bfloat16)
-    convert_to_float8(model, "tensorwise", engine.tp, emulate=True)
+    for recipe, ckpt in (("tensorwise", "none"), ("rowwise", "full")):
+        _cached_equals_uncached(cfg.model, engine.tp, recipe, ckpt, batches, f"{what} {recipe}")
+
+
+def _cached_equals_uncached(model_cfg, tp, recipe: str, ckpt: str, batches, what: str) -> None:
+    """The micro-batches' gradients with the per-step weight casts equal (torch.equal) those cast
+    afresh at every use, and the casts hold ``fp8.weight_cache_bytes`` per block exactly (a
+    model of its own: no optimizer hook takes its gradients). Rowwise also caches the grad-input
+    cast; full recomputation reruns the forward in backward."""
+    model = Transformer(model_cfg, tp, seed=5, activation_checkpointing=ckpt).to(torch.bfloat16)
+    convert_to_float8(model, recipe, tp, emulate=True)
     grads = []
     for cached in (False, True):
         model.zero_grad(set_to_none=True)
         with weights_fixed() if cached else _nothing():
             for tokens, labels in batches:
                 model.loss(model(tokens), labels).backward()
-            if cached:  # what the step's casts hold: the planner's term, exactly
+            if cached:
                 held = sum(w8._data.numel() + 4 * scale.numel()
                            for _, _, roles in fp8._CASTS.entries.values()
                            for scale, w8 in roles.values())
-                want = L * fp8.weight_cache_bytes(cfg.model, tp=tp, recipe="tensorwise")
+                want = L * fp8.weight_cache_bytes(model_cfg, tp=tp.size, recipe=recipe)
                 assert held == want, f"{what}: the weight casts hold {held} B, formula {want}"
         grads.append([p.grad.clone() for p in model.parameters()])
     same = all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
