@@ -35,7 +35,8 @@ from torch import nn
 from megallama.config import ModelConfig
 from megallama.config.grid import Grid
 from megallama.model.layout import layer_names, stage_cuts
-from megallama.model.llama import FinalNorm, LayerDef, TransformerBlock, embedding_copy
+from megallama.model.llama import FinalNorm, LayerDef, TransformerBlock
+from megallama.model.tied import embedding_copy
 
 
 @functools.cache

@@ -40,7 +40,8 @@ from megallama.interop.convert import open_source
 from megallama.interop.hf import HFSource
 from megallama.interop.names import hf_to_meta_name
 from megallama.model import layout
-from megallama.model.llama import Transformer, TransformerBlock, embedding_copy, layer_defs
+from megallama.model.llama import Transformer, TransformerBlock, layer_defs
+from megallama.model.tied import embedding_copy
 from megallama.parallel.layers import TensorParallel
 from megallama.parallel.runtime import init_distributed, resolve_device, world_info
 from megallama.parallel.topology import Topology, build_topology

@@ -12,7 +12,6 @@ KV heads) is also read from the layout.
 from __future__ import annotations
 
 import math
-from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +25,7 @@ from megallama.model.documents import cached_positions, document_attention
 from megallama.model.layout import is_block, layer_names, shard_spec
 from megallama.model.recompute import checkpointing_mode, recompute, swiglu
 from megallama.model.rope import apply_rotary, rope_cos_sin
+from megallama.model.tied import EmbeddingRef
 from megallama.parallel import mappings, partial_grads
 from megallama.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megallama.parallel.layers import (
@@ -242,15 +242,6 @@ class TransformerBlock(nn.Module):
         return self._forward(x, cache, segments)
 
 
-class EmbeddingRef:
-    """The embedding a tied output head multiplies by: set when the embedding (or its copy,
-    :func:`embedding_copy`) is built (``layer_defs`` hands one to both), read at each forward (so
-    a weight replaced after building, e.g. materialised from the meta device, is the one used)."""
-
-    def __init__(self) -> None:
-        self.module: nn.Module | None = None
-
-
 class Embedding(VocabParallelEmbedding):
     """tok_embeddings: token ids [b, s] -> hidden [b, s, dim] (a sequence chunk under SP)."""
 
@@ -321,16 +312,6 @@ def layer_defs(cfg: ModelConfig, tp: TensorParallel, seed: int = 0,
             if is_block(n) else
             LayerDef(n, top[n], (cfg, tp, seed), tied if n != "norm" else {})
             for n in layer_names(cfg)]
-
-
-def embedding_copy(defs: list[LayerDef], names: Collection[str]) -> nn.Module | None:
-    """A tied head's copy of the embedding on a stage ``names`` without it (the last at pp > 1),
-    else None: built by the embedding's own LayerDef (the same seeded values), it becomes the
-    head's weight through their shared EmbeddingRef; loaded as ``tok_embeddings``, never saved."""
-    by_name = {d.name: d for d in defs}
-    if "ref" not in by_name["output"].kwargs or "output" not in names or "tok_embeddings" in names:
-        return None
-    return by_name["tok_embeddings"].build()
 
 
 class Transformer(nn.Module):
