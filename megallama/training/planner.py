@@ -247,7 +247,8 @@ def estimate_stages(model_cfg: ModelConfig, layout: Layout, *, seq_len: int, glo
         ckpt=mode, sp=sequence_parallel, precision=precision,
         zero_stage=zero_stage, device=device, overhead=overhead_bytes, capacity=capacity_bytes,
         optim_impl=optim_impl, recomputed=plan_ranking.recomputed_fraction(cfg, seq_len, mode),
-        regather_element=1 if fp8 == "tensorwise" else e)
+        regather_element=1 if fp8 == "tensorwise" else e,
+        weight_casts=fp8_linears.weight_cache_bytes(cfg, tp=t, recipe=fp8))
     bounds = stage_bounds(cfg, lay.pp, seq_len=seq_len, method=partition_method)
     names = layer_names(cfg)
     return [_stage_estimate(shape, s, names[bounds[s]:bounds[s + 1]]) for s in range(lay.pp)]
@@ -279,6 +280,7 @@ class _StepShape:
     optim_impl: str = "fused"
     recomputed: float = 0.0  # recomputed FLOPs / useful FLOPs (plan_ranking)
     regather_element: int = 2  # bytes per element SP's backward re-gathers (fp8 tensorwise: 1)
+    weight_casts: int = 0  # per block: FP8's per-step weight casts (fp8.weight_cache_bytes)
 
 
 def _stage_estimate(x: _StepShape, s: int, mine: list[str]) -> MemoryEstimate:
@@ -311,7 +313,7 @@ def _stage_estimate(x: _StepShape, s: int, mine: list[str]) -> MemoryEstimate:
     start = acts + max(logits, fresh_early) + x.workspace \
         + (st.grads_accum if x.gas > k else 0) + (st.bucket if st.bucket_early else 0)
     end = st.grads_accum + st.bucket + (k - 1) * per_mb + x.block + x.workspace + fresh
-    fixed = st.weights + st.master + st.adam + st.grads_keep + x.overhead
+    fixed = st.weights + st.master + st.adam + st.grads_keep + x.overhead + blocks * x.weight_casts
     tp_comm, tp_exposed = plan_ranking.tp_comm_bytes(
         gas=x.gas, blocks=blocks, ends=first + last, full=x.ckpt == "full", sp=x.sp,
         tokens=tokens, h=h, tp=t, element=e, regather_element=x.regather_element)
