@@ -29,7 +29,10 @@ def deepspeed_config(cfg: TrainConfig, dp: int) -> dict[str, Any]:
         "gradient_accumulation_steps": p.global_batch_size // (p.micro_batch_size * dp),
         # explicit: DeepSpeed's default is 1.0 (the fused optimizer clips by itself)
         "gradient_clipping": 0.0 if fused else cfg.optim.grad_clip,
-        "zero_optimization": {"stage": p.zero_stage},
+        # overlap_comm written as DeepSpeed's default (on for ZeRO-3 only): with it off, ZeRO-1
+        # keeps each accumulated p.grad until its boundary DP reduction, where
+        # megallama.engine.tp_grads sums SP norms / KV replicas over TP once per step
+        "zero_optimization": {"stage": p.zero_stage, "overlap_comm": p.zero_stage == 3},
         # immediate_grad_update: each bf16 gradient is added into the fp32 buffer as soon as it is
         # ready and then freed, instead of all of them living until the step (2 bytes/param less).
         # With the fused optimizer DeepSpeed sees plain parameters (cast to bf16 by the Engine).
