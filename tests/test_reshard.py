@@ -575,7 +575,7 @@ def test_meta_reader_drops_mapped_pages(tmp_path):
 
 
 def test_pth_writer_is_byte_identical_to_torch_save(tmp_path):
-    from megallama.interop.meta import TorchZipStream
+    from megallama.interop.torch_files import TorchZipStream
 
     tensors = {"a": torch.randn(4, 6).to(torch.bfloat16), "b": torch.randn(8, 3)[4:],
                "c": torch.randn(5).half()}
