@@ -77,7 +77,7 @@ def test_tiny_bench_fp8_micro_batches_and_checkpointing_on_cpu(tmp_path):
     assert rc == 0
     rows = {r["variant"]: r for r in map(json.loads, out.read_text().splitlines())}
     for r in rows.values():
-        assert r["micro_batches"] == 2 and r["activation_checkpointing"] is True
+        assert r["micro_batches"] == 2 and r["activation_checkpointing"] == "full"
         # tokens/s counts both micro-batches of a step
         assert r["tokens_per_s"] == pytest.approx(2 * 64 / (r["step_ms_median"] / 1e3))
         assert r["losses"][0] - r["losses"][2] > MIN_LEARNING, r["losses"]
@@ -91,7 +91,7 @@ def test_full_7b_arguments_and_variants():
     bench = _load()
     args = bench.parse_args(["--layers", "32", "--ckpt", "--micro-batches", "8",
                              "--variants", "ml_fused,ml_fp8,ml_fp8_rowwise,hf_eager"])
-    assert (args.layers, args.seq, args.ckpt, args.micro_batches) == (32, 4096, True, 8)
+    assert (args.layers, args.seq, args.ckpt, args.micro_batches) == (32, 4096, "full", 8)
     assert bench.variants_of(args) == ["ml_fused", "ml_fp8", "ml_fp8_rowwise", "hf_eager"]
     assert {"ml_fp8", "ml_fp8_rowwise"} <= set(bench.COMPILED)
     assert bench.FP8_RECIPE["ml_fp8"] == "tensorwise"
@@ -99,6 +99,10 @@ def test_full_7b_arguments_and_variants():
     assert "ml_fp8_eager" in everything and "ml_fp8" not in everything  # no compile on CPU
     with pytest.raises(SystemExit):
         bench.parse_args(["--micro-batches", "0"])
+    assert bench.parse_args(["--ckpt", "selective"]).ckpt == "selective"
+    assert bench.parse_args([]).ckpt == "none"
+    with pytest.raises(SystemExit, match="transformers has full checkpointing only"):
+        bench.variants_of(bench.parse_args(["--ckpt", "selective", "--variants", "hf_eager"]))
 
 
 def test_tiny_bench_with_document_packing(tmp_path):
@@ -144,19 +148,22 @@ def test_gpu_check_smoke_runs_every_path(tmp_path, capsys, one_thread):
     """tools/gpu_check.py --smoke --h200: every correctness check passes on the CPU (Triton
     interpreted, FlexAttention forward, FP8 emulated, aot_eager), every benchmark (four megallama
     variants and transformers' at 1 and 2 micro-batches, documents packing, the full-model part
-    at tiny shapes) runs with the planner's peak beside it; the JSON lines and tables are written,
-    and no target is judged on a CPU."""
+    at tiny shapes) runs with the planner's peak beside it, and so do the sections: the three
+    recomputation modes, FP8 with and without the per-step weight casts and compiled, the 7B
+    preset's slice against the planner at dp 1 and 8; what needs more GPUs is listed; the JSON
+    lines, the .md tables and stdout are written, and no target is judged on a CPU."""
     pytest.importorskip("torchao")
     pytest.importorskip("triton")
     check, parity = _load("gpu_check"), _load("gpu_parity")
     assert check.main(["--smoke", "--h200", "--out-dir", str(tmp_path)]) == 0
     (path,) = tmp_path.glob("cpu-*-gpu-check.jsonl")
     rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert not [r for r in rows if r["kind"] == "section_error"]
     checks = {r["check"]: r for r in rows if r["kind"] == "check"}
     assert list(checks) == list(parity.CHECKS)
     assert all(r["ok"] is True for r in checks.values()), checks
     assert checks["flex_documents"]["causal_only_out_rel_err"] > 0.1  # the mask is in effect
-    bench = [r for r in rows if r["kind"] == "bench"]
+    bench = [r for r in rows if r["kind"] == "bench" and r["section"] == "bench"]
     assert [(r["variant"], r["micro_batches"], r["packing"]) for r in bench] == [
         (v, mb, "concat") for v in (*check.ML, "hf_bf16") for mb in (1,)] + [
         ("ml_fused", 1, "documents")] + [(v, 2, "concat") for v in (*check.ML, "hf_bf16")]
@@ -171,8 +178,95 @@ def test_gpu_check_smoke_runs_every_path(tmp_path, capsys, one_thread):
     assert comps["ml_distributed / ml_fused", 1]["loss_max_abs_diff"] == 0.0  # same update at dp 1
     assert comps["ml_fp8 / ml_fused", 1]["loss_max_abs_diff"] > 0  # FP8 is on
     assert comps["documents / concat", 1]["tokens_per_s_ratio"] > 0
+    _check_sections(rows, comps)
     out = capsys.readouterr().out
     assert "== correctness (cpu) ==" in out and f"records appended to {path}" in out
+    md = path.with_suffix(".md").read_text()
+    for title in ("activation_checkpointing modes", "FP8 tensorwise: per-step weight casts",
+                  "llama2_7b_pretrain (distributed, none)", "needs >= 2 GPUs: sp_sequence_linears"):
+        assert title in md and title in out, title
+
+
+def _check_sections(rows: list[dict], comps: dict) -> None:
+    """The recompute, fp8cache and preset sections' rows, their comparisons and the list of what
+    needs more GPUs, as tools/gpu_check.py --smoke writes them."""
+    def section(name):
+        return [r for r in rows if r["kind"] == "bench" and r["section"] == name]
+    modes = section("recompute")
+    assert [(r["variant"], r["activation_checkpointing"]) for r in modes] == [
+        ("ml_distributed", m) for m in ("none", "selective", "full")]  # the 7B preset's optimizer
+    assert all(r["tokens_per_s"] > 0 and r["planner_peak_gib"] > 0 for r in modes)
+    assert [r["planner_recomputed"] > 0 for r in modes] == [False, True, True]
+    for mode in ("selective", "full"):  # recomputation changes no loss; the planner's FLOPs beside
+        step = comps[f"{mode} / none step time", 2]
+        assert step["ratio"] > 0 and step["planner"] > 1 and step["loss_max_abs_diff"] == 0.0
+        assert comps[f"{mode} / none peak", 2]["planner"] < 1
+    fp8 = {r["variant"]: r for r in section("fp8cache")}
+    assert list(fp8) == ["ml_fp8_eager", "ml_fp8_nocache_eager", "ml_fp8"]
+    # ml_fp8 runs eager under --smoke, so with the cache (compiled, on a GPU, it bypasses it)
+    assert [fp8[v]["fp8_weight_cache"] for v in fp8] == [True, False, True]
+    assert [fp8[v]["compiled"] for v in fp8] == [False, False, False]
+    assert all(r["planner_weight_cache_gib"] > 0 for r in fp8.values())
+    held = comps["fp8 cache peak - no cache peak (GiB)", 2]
+    assert held["planner"] == fp8["ml_fp8_eager"]["planner_weight_cache_gib"]
+    assert held["loss_max_abs_diff"] == 0.0  # the cached casts are bit-identical
+    assert comps["fp8 no cache / cache step time", 2]["ratio"] > 0
+    (preset,) = [r for r in rows if r["kind"] == "preset"]
+    assert preset["preset"] == "llama2_7b_pretrain" and preset["measured_in"] == "recompute"
+    assert (preset["dp"], preset["optim_impl"]) == (8, "distributed")
+    assert preset["planner_slice_dp1_gib"] == modes[0]["planner_peak_gib"]
+    assert preset["planner_slice_dp_gib"] < preset["planner_slice_dp1_gib"]
+    assert preset["planner_full_preset_gib"] == pytest.approx(72.37, abs=0.01)  # its yaml's plan
+    needs = {r["item"]: r for r in rows if r["kind"] == "needs_gpus"}
+    assert {"sp_sequence_linears", "partial_grads_once_per_step", "distributed_optimizer_nccl",
+            "llama2_70b_pretrain_peak_memory"} <= set(needs)
+    assert needs["llama2_70b_pretrain_peak_memory"]["gpus"] == 8
+    assert needs["llama2_70b_pretrain_peak_memory"]["planner_full_preset_gib"] == pytest.approx(
+        76.72, abs=0.01)
+
+
+def test_gpu_check_goes_on_after_a_part_fails(tmp_path, monkeypatch, one_thread):
+    """A part that raises is recorded (kind section_error, its message and traceback's tail),
+    the parts after it still run and the exit status is 1."""
+    check = _load("gpu_check")
+    sections = check.tool("gpu_check_sections")
+
+    def broken(*args):
+        raise RuntimeError("deliberately broken")
+    monkeypatch.setattr(sections, "fp8cache_section", broken)
+    assert check.main(["--smoke", "--parts", "recompute,fp8cache,preset", "--out-dir",
+                       str(tmp_path)]) == 1
+    (path,) = tmp_path.glob("cpu-*-gpu-check.jsonl")
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    (err,) = [r for r in rows if r["kind"] == "section_error"]
+    assert err["section"] == "fp8cache" and err["error"] == "RuntimeError: deliberately broken"
+    assert "deliberately broken" in err["traceback"][-1]
+    assert len([r for r in rows if r.get("section") == "recompute"]) >= 3
+    assert [r["preset"] for r in rows if r["kind"] == "preset"] == ["llama2_7b_pretrain"]
+    assert "SECTION ERROR fp8cache" in path.with_suffix(".md").read_text()
+
+
+def test_fp8_nocache_variant_casts_every_use(monkeypatch):
+    """bench_gpu's ml_fp8_nocache_eager turns the engine's per-step weight casts off: no cast is
+    found in the cache during its steps, where ml_fp8_eager finds one for every linear of the
+    second micro-batch onwards."""
+    pytest.importorskip("torchao")
+    from megallama.parallel import fp8
+
+    bench, hits = _load(), []
+    real = fp8.cached_cast
+
+    def counting(weight, role):
+        found = real(weight, role)
+        hits.append(found is not None)
+        return found
+    monkeypatch.setattr(fp8, "cached_cast", counting)
+    argv = ["--tiny", "--steps", "1", "--warmup", "0", "--micro-batches", "2"]
+    for variant, expect in (("ml_fp8_eager", True), ("ml_fp8_nocache_eager", False)):
+        hits.clear()
+        row = bench.measure(variant, argv)
+        assert row["fp8_weight_cache"] is expect and hits, row
+        assert any(hits) is expect, (variant, sum(hits), len(hits))
 
 
 def test_child_past_its_timeout_is_an_error_row():

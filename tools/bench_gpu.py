@@ -33,11 +33,13 @@ Variants:
               matmuls in FP8 through torchao (megallama.parallel.fp8); head and embedding bf16
   ml_fp8_rowwise  the same with trainer.fp8=rowwise
   ml_fp8_eager    ml_fused_eager with trainer.fp8=tensorwise (on CPU, --tiny, torchao emulates)
+  ml_fp8_nocache_eager  ml_fp8_eager without the engine's per-step weight casts
+              (megallama.parallel.fp8.weights_fixed replaced by a no-op: every use casts afresh)
 FP8 variants report MFU against the bf16 peak (the model's FLOPs, whatever precision runs them).
 
-The real model and a real batch: ``--layers 32`` is the full Llama-2-7B, ``--ckpt`` turns on
-activation checkpointing (megallama: parallel.activation_checkpointing; transformers:
-gradient_checkpointing_enable) where the activations of 32 layers do not fit, and
+The real model and a real batch: ``--layers 32`` is the full Llama-2-7B, ``--ckpt [MODE]`` sets
+parallel.activation_checkpointing to none, selective or full (bare ``--ckpt``: full; transformers:
+gradient_checkpointing_enable, full only) where the activations of 32 layers do not fit, and
 ``--micro-batches N`` accumulates gradients over N micro-batches of one sequence per optimizer
 step (tokens/s counts all N). A variant that runs out of GPU memory is reported as OOM (with the
 memory it had reached), not as a failure of the command:
@@ -54,19 +56,23 @@ argv)`` times one variant for other tools (tools/gpu_check.py).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 H100_BF16_PEAK = 989e12  # dense bf16 FLOP/s of an H100 SXM
 ML_VARIANTS = ("ml_base", "ml_eager", "ml_compile", "ml_compile_mem", "ml_fused", "ml_fused_eager")
 COMPILED = ("ml_compile", "ml_compile_mem", "ml_fused")
 HF_VARIANTS = ("hf_eager", "hf_bf16", "hf_compile")
-FP8_RECIPE = {"ml_fp8": "tensorwise", "ml_fp8_rowwise": "rowwise", "ml_fp8_eager": "tensorwise"}
+FP8_RECIPE = {"ml_fp8": "tensorwise", "ml_fp8_rowwise": "rowwise", "ml_fp8_eager": "tensorwise",
+              "ml_fp8_nocache_eager": "tensorwise"}
+NO_WEIGHT_CACHE = ("ml_fp8_nocache_eager",)
 ML_VARIANTS += tuple(FP8_RECIPE)
 COMPILED += ("ml_fp8", "ml_fp8_rowwise")
 ML_VARIANTS += ("ml_distributed",)
@@ -86,7 +92,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--mem-budget", type=float, default=0.5, help="activation budget, ml_compile_mem")
     ap.add_argument("--micro-batches", type=int, default=1,
                     help="micro-batches (of one sequence) per optimizer step: gradient accumulation")
-    ap.add_argument("--ckpt", action="store_true", help="activation checkpointing (every variant)")
+    ap.add_argument("--ckpt", nargs="?", const="full", default="none",
+                    choices=("none", "selective", "full"),
+                    help="parallel.activation_checkpointing (every variant; bare: full)")
     ap.add_argument("--eager", action="store_true",
                     help="run the compiled variants without torch.compile (CPU smoke runs: "
                          "Inductor on a CPU costs ~40 s per process)")
@@ -117,6 +125,9 @@ def variants_of(args) -> list[str]:
     bad = [n for n in names if n not in ML_VARIANTS + HF_VARIANTS]
     if bad:
         raise SystemExit(f"unknown variants {bad}; choose from {ML_VARIANTS + HF_VARIANTS}")
+    if args.ckpt == "selective" and any(n.startswith("hf_") for n in names):
+        raise SystemExit("--ckpt selective: transformers has full checkpointing only; "
+                         "drop the hf_* variants or use --ckpt full")
     return names
 
 
@@ -343,6 +354,9 @@ def run_megallama(name: str, args, device) -> dict:
     times, losses = timed_loop(step, args, device, prof)
     out = summarise(name, args, times, losses, fpt, device)
     out["params"] = sum(p.numel() for p in params)
+    out["fp8"], out["fp8_weight_cache"] = cfg.trainer.fp8, (
+        cfg.trainer.fp8 != "none" and not cfg.parallel.compile_blocks
+        and name not in NO_WEIGHT_CACHE)  # compiled blocks bypass the cache
     if device.type == "cuda":  # weights + optimizer states + fp32 gradient buffer, between steps
         out["resident_between_steps_gib"] = torch.cuda.memory_allocated(device) / 2**30
     return out
@@ -368,7 +382,7 @@ def run_hf(name: str, args, device) -> dict:
     if bf16_params:
         model = model.to(torch.bfloat16)
     model.train()
-    if args.ckpt:  # transformers 5.x renames gradient_checkpointing_enable
+    if args.ckpt == "full":  # transformers 5.x renames gradient_checkpointing_enable
         getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
     fused = {"fused": True} if device.type == "cuda" else {}
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), eps=1e-5,
@@ -399,6 +413,22 @@ def run_hf(name: str, args, device) -> dict:
 
 
 # ---- driver --------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def weight_cache(on: bool) -> Iterator[None]:
+    """The engine's per-step FP8 weight casts (megallama.parallel.fp8.weights_fixed, entered by
+    Engine.train_step) left on, or replaced by a no-op for the block (every use casts afresh, as
+    before the cache): the harness's switch, the library has none."""
+    import megallama.engine.deepspeed_engine as engine
+
+    saved = engine.weights_fixed
+    if not on:
+        engine.weights_fixed = contextlib.nullcontext
+    try:
+        yield
+    finally:
+        engine.weights_fixed = saved
+
+
 def run_variant(name: str, args) -> dict:
     import torch
 
@@ -409,7 +439,11 @@ def run_variant(name: str, args) -> dict:
     torch.backends.cuda.matmul.allow_tf32 = True
     t0 = time.perf_counter()
     try:
-        out = run_megallama(name, args, device) if name.startswith("ml_") else run_hf(name, args, device)
+        if name.startswith("ml_"):
+            with weight_cache(name not in NO_WEIGHT_CACHE):
+                out = run_megallama(name, args, device)
+        else:
+            out = run_hf(name, args, device)
     except torch.OutOfMemoryError as exc:  # a result (this variant does not fit), not a crash
         reached = memory_stats(device).get("peak_mem_gib")
         return {"variant": name, "oom": True, "error": f"out of memory at {reached:.1f} GiB: "

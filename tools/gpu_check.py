@@ -1,9 +1,9 @@
 """One command that confirms on a real GPU what CI can only emulate, and times it.
 
-    python3 tools/gpu_check.py                  # on one GPU: checks + benchmarks, < 8 min on an H100
+    python3 tools/gpu_check.py                  # on one GPU: every part below but h200, < 8 min
     python3 tools/gpu_check.py --h200           # + the full Llama-2-7B (32 layers), bf16 and FP8
     python3 tools/gpu_check.py --parts h200     # the full-model part alone
-    python3 tools/gpu_check.py --smoke          # every path at tiny shapes on the CPU, in seconds
+    python3 tools/gpu_check.py --smoke          # every path at tiny shapes on the CPU
 
 Parts (``--parts``, comma list; ``--h200`` adds ``h200``):
   check  the correctness checks of tools/gpu_parity.py on CUDA tensors (seconds each): Triton
@@ -18,19 +18,27 @@ Parts (``--parts``, comma list; ``--h200`` adds ``h200``):
          against concat; each megallama variant's peak max_memory_allocated next to the planner's
          (megallama.training.planner, the figure megallama-plan prints, without its fixed 3 GiB for
          the CUDA context, which max_memory_allocated does not see);
+  recompute, fp8cache, preset  (tools/gpu_check_sections.py) at 7B widths, 8 layers, seq 4096,
+         2 micro-batches: the three activation_checkpointing modes; FP8 eager with and without the
+         per-step weight casts, and compiled; the 7B pretraining preset's slice against the
+         planner at dp 1 and at its dp 8. Every report also lists what needs more GPUs;
   h200   the full Llama-2-7B (--layers 32), ml_fused (bf16) and ml_fp8, 8 micro-batches, with the
          activation checkpointing of the planner's first choice for this card; where the planner
          says it does not fit (an 80 GiB H100), that is reported with the planner's bytes and
          nothing runs.
 
-Every benchmark runs in its own child process (clean peak statistics). ``--budget-s`` (default 450)
-bounds the run: a benchmark that would start after it is reported as not run. Writes one JSON line
-per check, benchmark and comparison to ``--out-dir``/<card>-<date>-gpu-check.jsonl (default
-docs/perf/; runs/gpu_check/ for --smoke) and prints the tables. Exit status 1 when a check fails or
-a benchmark errs (an out-of-memory benchmark is a result), 2 for bad options. ``--smoke``
-(= ``--device cpu``) runs it all on the CPU at tiny shapes: Triton under its interpreter,
-FlexAttention forward only, FP8 emulated, torch.compile with backend aot_eager in the block check
-and the benchmarks eager; its timings mean nothing and no target is judged.
+Order: check, bench at the first micro-batch count and documents, recompute, fp8cache, preset,
+bench at the other micro-batch counts, h200. Every benchmark runs in its own child process (clean
+peak statistics). ``--budget-s`` (default 450) bounds the run: a benchmark that would start after
+it is reported as not run. A part that raises is recorded (kind section_error, with its
+traceback's tail) and the run goes on. Appends one JSON line per check, benchmark, preset,
+needs-more-GPUs item and comparison to ``--out-dir``/<card>-<date>-gpu-check.jsonl (default
+docs/perf/; runs/gpu_check/ for --smoke), the tables to the .md beside it, and prints them.
+Exit status 1 when a check fails or a benchmark or a part errs (an out-of-memory benchmark is a
+result), 2 for bad options. ``--smoke`` (= ``--device cpu``) runs it all on the CPU at tiny
+shapes: Triton under its interpreter, FlexAttention forward only, FP8 emulated, torch.compile
+with backend aot_eager in the block check and the benchmarks eager; its timings mean nothing and
+no target is judged.
 """
 
 from __future__ import annotations
@@ -51,7 +59,8 @@ TOOLS = Path(__file__).resolve().parent
 REPO = TOOLS.parent
 GIB = 2**30
 ML = ("ml_fused", "ml_distributed", "ml_fp8", "ml_fp8_rowwise")
-PARTS = ("check", "bench", "h200")
+PARTS = ("check", "bench", "recompute", "fp8cache", "preset", "h200")
+DEFAULT_PARTS = "check,bench,recompute,fp8cache,preset"
 HF_DEFAULT = "hf_bf16"  # the fastest transformers variant of docs/perf/h100-2026-11-23.jsonl
 # Targets of the GPU issue: tokens/s ratio each comparison must reach at least (peak memory:
 # within 10% of the planner's, judged in comparisons())
@@ -71,7 +80,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (CI)")
     ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
                     help="cpu is --smoke")
-    ap.add_argument("--parts", default="check,bench", help=f"comma list of {', '.join(PARTS)}")
+    ap.add_argument("--parts", default=DEFAULT_PARTS, help=f"comma list of {', '.join(PARTS)}")
     ap.add_argument("--h200", action="store_true", help="add the full-model part (h200)")
     ap.add_argument("--checks", default="all", help="comma list of gpu_parity checks, or all")
     ap.add_argument("--micro-batches", default=None, help="comma list (default 1,8; smoke 1,2)")
@@ -145,42 +154,54 @@ class Clock:
 
 
 def bench_argv(args, micro_batches: int, packing: str = "concat", layers: int | None = None,
-               ckpt: bool = False) -> list[str]:
+               ckpt: str = "none", eager: bool = False) -> list[str]:
     """tools/bench_gpu.py's options for one benchmark: fewer steps than its defaults (the
     median of 8 after 3 warm-up steps, 4 after 2 at several micro-batches), tiny and eager for
-    --smoke."""
+    --smoke; ``ckpt``: parallel.activation_checkpointing; ``eager``: no torch.compile."""
     steps, warmup = (2, 1) if args.smoke else ((8, 3) if micro_batches == 1 else (4, 2))
     argv = ["--micro-batches", str(micro_batches), "--steps", str(steps), "--warmup", str(warmup),
             "--packing", packing]
     if args.smoke:
         argv += ["--tiny", "--eager"] + (["--doc-len", "8"] if packing == "documents" else [])
+    elif eager:
+        argv += ["--eager"]
     if layers:
         argv += ["--layers", str(layers)]
-    return argv + ["--ckpt"] * ckpt
+    return argv + (["--ckpt", ckpt] if ckpt != "none" else [])
 
 
-def bench_one(args, clock: Clock, variant: str, argv: list[str]) -> dict:
+def bench_one(args, clock: Clock, variant: str, argv: list[str], section: str = "bench") -> dict:
+    """One benchmark of tools/bench_gpu.py (within the budget), with the planner's peak beside a
+    megallama row (a planner that raises leaves planner_error, not a failed run)."""
     bench = tool("bench_gpu")
     row = clock.run(lambda a, t: bench.measure(variant, a, timeout=t), argv)
     parsed = bench.parse_args(argv)
-    label = {"kind": "bench", "variant": variant, "micro_batches": parsed.micro_batches,
-             "packing": parsed.packing, "bench_args": " ".join(argv)}
+    label = {"kind": "bench", "section": section, "variant": variant,
+             "micro_batches": parsed.micro_batches, "packing": parsed.packing,
+             "activation_checkpointing": parsed.ckpt, "bench_args": " ".join(argv)}
     if row is None:
         return {**label, "not_run": f"time budget of {args.budget_s:.0f} s spent"}
     row = {**label, **row}
     if variant.startswith("ml_") and "error" not in row:
-        row.update(tool("gpu_check_plan").planner_peak(variant, row, args.smoke))
+        try:
+            row.update(tool("gpu_check_plan").planner_peak(variant, row, args.smoke))
+        except Exception as exc:  # noqa: BLE001 -- the measurement stands without the plan
+            row["planner_error"] = f"{type(exc).__name__}: {exc}"[:300]
     print(f"[gpu_check] {variant} {' '.join(argv)}: "
           + (row.get("error") or f"{row['tokens_per_s']:.0f} tokens/s"), file=sys.stderr,
           flush=True)
     return row
 
 
-def bench_part(args, clock: Clock, hf: str) -> list[dict]:
-    first, *more = args.micro_batches
-    todo = [(v, bench_argv(args, first)) for v in (*ML, hf)]
-    todo.append(("ml_fused", bench_argv(args, first, "documents")))
-    todo += [(v, bench_argv(args, mb)) for mb in more for v in (*ML, hf)]
+def bench_part(args, clock: Clock, hf: str, first: bool) -> list[dict]:
+    """``first``: the variants at the first micro-batch count and documents packing; else the
+    variants at the other counts (run after the other sections, so the budget cuts these)."""
+    mb1, *more = args.micro_batches
+    if first:
+        todo = [(v, bench_argv(args, mb1)) for v in (*ML, hf)]
+        todo.append(("ml_fused", bench_argv(args, mb1, "documents")))
+    else:
+        todo = [(v, bench_argv(args, mb)) for mb in more for v in (*ML, hf)]
     return [bench_one(args, clock, v, argv) for v, argv in todo]
 
 
@@ -193,15 +214,16 @@ def h200_part(args, clock: Clock, capacity_gib: float) -> list[dict]:
         plan = plans.full_model_plan(cfg, variant, seq, mb, capacity_gib)
         if plan["fits"]:
             argv = bench_argv(args, mb, layers=layers, ckpt=plan["activation_checkpointing"])
-            plan.update({k: v for k, v in bench_one(args, clock, variant, argv).items()
+            plan.update({k: v for k, v in bench_one(args, clock, variant, argv, "h200").items()
                          if k not in plan})
-        rows.append({**plan, "kind": "full_model"})
+        rows.append({"section": "h200", **plan, "kind": "full_model"})
     return rows
 
 
 def find(rows: list[dict], want: dict) -> dict | None:
-    """The benchmark row with every field of ``want`` that has a throughput."""
+    """The benchmark row of the bench part with every field of ``want`` that has a throughput."""
     return next((r for r in rows if r.get("kind") == "bench" and "tokens_per_s" in r
+                 and r.get("section", "bench") == "bench"
                  and all(r.get(k) == v for k, v in want.items())), None)
 
 
@@ -237,63 +259,17 @@ def comparisons(rows: list[dict], args, hf: str) -> list[dict]:
             out.append(compare(rows, "documents / concat", {**fused, "packing": "documents"},
                                fused, args.smoke))
     for r in rows:
-        if r.get("peak_over_planner") is not None:
+        if r["kind"] in ("bench", "full_model") and r.get("peak_over_planner") is not None:
             met = None if args.smoke else abs(r["peak_over_planner"] - 1) <= 0.10
-            out.append({"kind": "comparison", "comparison": f"{r['variant']} peak / planner",
+            where = f"{r.get('section', r['kind'])} {r.get('activation_checkpointing', '')}"
+            out.append({"kind": "comparison", "section": r.get("section"),
+                        "comparison": f"{r['variant']} peak / planner [{where.strip()}]",
                         "micro_batches": r["micro_batches"], "packing": r.get("packing"),
                         "ratio": r["peak_over_planner"], "target": "1 +- 0.10", "met": met})
     return out
 
 
 # ---- output ----------------------------------------------------------------------------------
-def _num(x: Any, fmt: str) -> str:
-    return "-" if x is None else format(x, fmt)
-
-
-def _worst(r: dict) -> str:
-    """A check's largest error field, or why it did not pass."""
-    if r.get("skipped") or r.get("error"):
-        return r.get("skipped") or r["error"]
-    errs = {k: v for k, v in r.items() if isinstance(v, float) and ("err" in k or "diff" in k)
-            and not k.startswith(("sdpa_", "causal_only"))}
-    if not errs:
-        return ""
-    key = max(errs, key=errs.get)
-    return f"worst {key} {errs[key]:.2e}"
-
-
-def tables(rows: list[dict], card: str) -> str:
-    lines = [f"== correctness ({card}) =="]
-    for r in (r for r in rows if r["kind"] == "check"):
-        status = {True: "PASS", False: "FAIL", None: "SKIP"}[r["ok"]]
-        lines.append(f"{r['check']:<18} {status:<5} {r['seconds']:>7.1f} s  {_worst(r)}")
-    lines.append(f"== speed and memory ({card}) ==")
-    lines.append(f"{'variant':<15} {'mb':>2} {'packing':<9} {'tokens/s':>9} {'MFU':>6} "
-                 f"{'step ms':>8} {'peak GiB':>8} {'planner':>8} {'ratio':>6}")
-    for r in (r for r in rows if r["kind"] in ("bench", "full_model")):
-        head = f"{r['variant']:<15} {r.get('micro_batches', '-'):>2} {r.get('packing', '-'):<9}"
-        if "tokens_per_s" not in r:
-            why = r.get("not_run") or ("OOM " if r.get("oom") else "ERROR ") + r.get("error", "")
-            lines.append(f"{head} {why}")
-            continue
-        lines.append(f"{head} {r['tokens_per_s']:>9.0f} {r['mfu']:>6.3f} "
-                     f"{r['step_ms_median']:>8.1f} {_num(r.get('peak_mem_gib'), '8.2f')} "
-                     f"{_num(r.get('planner_peak_gib'), '8.2f')} "
-                     f"{_num(r.get('peak_over_planner'), '6.2f')}"
-                     + (f"  ({r['layers']} layers" + (", checkpointing)" if
-                        r["activation_checkpointing"] else ")") if r["kind"] == "full_model"
-                        else ""))
-    lines.append("== comparisons (met: - on a CPU or with a side missing) ==")
-    for r in (r for r in rows if r["kind"] == "comparison"):
-        value = r.get("tokens_per_s_ratio", r.get("ratio"))
-        lines.append(f"{r['comparison']:<32} mb {r['micro_batches']:>2} {_num(value, '7.3f')} "
-                     f"target {r['target'] if r['target'] is not None else '-'}  met "
-                     f"{'-' if r['met'] is None else r['met']}"
-                     + (f"  max |dloss| {r['loss_max_abs_diff']:.2e}"
-                        if r.get("loss_max_abs_diff") is not None else ""))
-    return "\n".join(lines)
-
-
 def git_commit() -> str | None:
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
@@ -314,25 +290,56 @@ def write(rows: list[dict], path: Path, argv: list[str], card: str) -> None:
 
 
 # ---- main ------------------------------------------------------------------------------------
+def check_part(args, device) -> list[dict]:
+    parity, rows = tool("gpu_parity"), []
+    names = list(parity.CHECKS) if args.checks == "all" else args.checks.split(",")
+    for name in names:
+        rows.append({"kind": "check", **parity.run_check(name, device, args.smoke)})
+        print(f"[gpu_check] {name}: {rows[-1]['ok']} ({rows[-1]['seconds']} s)",
+              file=sys.stderr, flush=True)
+    return rows
+
+
 def run_parts(args, device, card: str) -> list[dict]:
+    """The parts in their order (check, bench at the first micro-batch count, the sections,
+    bench at the others, h200), each guarded: one that raises leaves a section_error row and
+    the next one runs. Then what needs more GPUs, and the comparisons."""
     import torch
 
-    clock, rows = Clock(args.budget_s), []
-    if "check" in args.parts:
-        parity = tool("gpu_parity")
-        names = list(parity.CHECKS) if args.checks == "all" else args.checks.split(",")
-        for name in names:
-            rows.append({"kind": "check", **parity.run_check(name, device, args.smoke)})
-            print(f"[gpu_check] {name}: {rows[-1]['ok']} ({rows[-1]['seconds']} s)",
-                  file=sys.stderr, flush=True)
+    clock, rows, sections = Clock(args.budget_s), [], tool("gpu_check_sections")
     hf = best_hf(card_slug(card), card) if args.hf == "best" else args.hf
-    if "bench" in args.parts:
-        rows += bench_part(args, clock, hf)
-    if "h200" in args.parts:
-        capacity = args.gpu_mem_gib or (torch.cuda.get_device_properties(device).total_memory
-                                        / GIB if device.type == "cuda" else 80.0)
-        rows += h200_part(args, clock, capacity)
-    return rows + (comparisons(rows, args, hf) if {"bench", "h200"} & set(args.parts) else [])
+
+    def bench(section: str, variant: str, argv: list[str]) -> dict:
+        return bench_one(args, clock, variant, argv, section)
+
+    def argv_of(micro_batches: int, **kw) -> list[str]:
+        return bench_argv(args, micro_batches, **kw)
+
+    def capacity() -> float:
+        return args.gpu_mem_gib or (torch.cuda.get_device_properties(device).total_memory / GIB
+                                    if device.type == "cuda" else 80.0)
+
+    todo = [("check", lambda: check_part(args, device)),
+            ("bench", lambda: bench_part(args, clock, hf, first=True))]
+    todo += [(name, lambda name=name: sections.run_section(name, bench, argv_of, rows,
+                                                           args.smoke))
+             for name in sections.SECTIONS]
+    todo += [("bench", lambda: bench_part(args, clock, hf, first=False)),
+             ("h200", lambda: h200_part(args, clock, capacity()))]
+    for name, part in todo:
+        if name in args.parts:
+            try:
+                rows += part()
+            except Exception as exc:  # noqa: BLE001 -- recorded; the other parts still run
+                rows.append(sections.section_error(name, exc))
+                print(f"[gpu_check] part {name} failed: {rows[-1]['error']}", file=sys.stderr,
+                      flush=True)
+    rows += sections.multi_gpu_rows()
+    try:
+        rows += comparisons(rows, args, hf) if {"bench", "h200"} & set(args.parts) else []
+    except Exception as exc:  # noqa: BLE001
+        rows.append(sections.section_error("comparisons", exc))
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -362,10 +369,16 @@ def main(argv: list[str] | None = None) -> int:
     path = args.out_dir / f"{card_slug(card)}-{time.strftime('%Y-%m-%d', time.gmtime())}-gpu-check.jsonl"
     rows = run_parts(args, device, card)
     write(rows, path, argv, card)
-    print(tables(rows, card))
-    print(f"{len(rows)} records appended to {path}")
-    failed = [r for r in rows if r.get("ok") is False
-              or (r["kind"] in ("bench", "full_model") and r.get("error") and not r.get("oom"))]
+    text = tool("gpu_check_report").tables(rows, card)
+    with open(path.with_suffix(".md"), "a") as f:  # the same tables, for a reader
+        f.write(f"## tools/gpu_check.py {' '.join(argv)}\n\n{card}, "
+                f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}, commit {git_commit()}"
+                f"\n\n```\n{text}\n```\n\n")
+    print(text)
+    print(f"{len(rows)} records appended to {path} (tables: {path.with_suffix('.md')})")
+    failed = [r for r in rows if r.get("ok") is False or r["kind"] == "section_error"
+              or (r["kind"] in ("bench", "full_model", "preset") and r.get("error")
+                  and not r.get("oom"))]
     return 1 if failed else 0
 
 
