@@ -509,7 +509,8 @@ def test_fp8_estimate_adds_activations_and_cast_workspace(capsys):
     plain, fp8 = (planner.estimate(cfg, lay, fp8=f, **kw) for f in ("none", "tensorwise"))
     tokens, h, f = 4096, 4096, 11008 // 2
     # under SP each column group keeps one fp8 copy of its sequence shard for its bf16 shard
-    per_block = (2 - 4) * (tokens // 2) * h + tokens * h // 2 + (1 - 2) * tokens * f + 56
+    # and one fp32 input scale per group: 44 bytes of scales (7 weights, 2 groups, wo, w2)
+    per_block = (2 - 4) * (tokens // 2) * h + tokens * h // 2 + (1 - 2) * tokens * f + 44
     cast = 9 * tokens * f  # the largest operand cast: w2's input [T, f/t] (and w1/w3's gradients)
     assert fp8.activations - plain.activations == 32 * per_block + cast
     assert (fp8.weights, fp8.gradients, fp8.master, fp8.optimizer) == \
@@ -608,7 +609,9 @@ def test_every_gpu_preset_is_the_planners_first_choice(capsys, tmp_path):
 def test_tp_comm_counts_sp_regathers_sent_not_exposed():
     """Under SP the column linears re-gather their saved shard in backward (2 all-gathers per
     block, fp8 bytes under FP8 tensorwise) behind the grad-input gemms and reduce-scatter the
-    input gradient behind the grad-weight gemms: sent, not exposed. llama2_7b, tp 2, one stage."""
+    input gradient behind the grad-weight gemms: sent, not exposed. FP8 tensorwise also
+    all-gathers the fp8 cast of the shard in forward (2 per block, 2 more when full recomputation
+    re-runs the forward): 1 byte per element, sent and exposed. llama2_7b, tp 2, one stage."""
     cfg, lay = preset("llama2_7b"), planner.Layout(tp=2, pp=1, dp=1)
     kw = {"seq_len": 4096, "global_batch": 4, "zero_stage": 0}
     off, on, fp8 = (planner.estimate(cfg, lay, sequence_parallel=sp, fp8=f, **kw)
@@ -617,7 +620,19 @@ def test_tp_comm_counts_sp_regathers_sent_not_exposed():
     assert off.tp_comm == off.exposed_comm == 4 * (8 * 32 + 4) * unit
     assert on.tp_comm == off.tp_comm + 4 * 2 * 32 * unit
     assert on.exposed_comm == 4 * (6 * 32 + 4) * unit
-    assert fp8.tp_comm == on.tp_comm - 4 * 2 * 32 * unit // 2  # 1-byte re-gathers
+    half = 4 * 2 * 32 * unit // 2  # 2 gathers per block of 32, 4 micro-batches, at 1 byte
+    assert fp8.tp_comm == on.tp_comm - half - half  # 1-byte re-gathers and forward gathers
+    assert fp8.exposed_comm == on.exposed_comm - half  # the forward gathers block
+    # full recomputation: its re-run forward gathers fp8 too
+    on_full, fp8_full = (planner.estimate(cfg, lay, sequence_parallel=True, fp8=f,
+                                          activation_checkpointing="full", **kw)
+                          for f in ("none", "tensorwise"))
+    assert on_full.tp_comm == on.tp_comm + 4 * 4 * 32 * unit
+    assert fp8_full.tp_comm == on_full.tp_comm - 3 * half
+    assert fp8_full.exposed_comm == on_full.exposed_comm - 2 * half
+    # rowwise gathers the bf16 shard both ways
+    rowwise = planner.estimate(cfg, lay, sequence_parallel=True, fp8="rowwise", **kw)
+    assert (rowwise.tp_comm, rowwise.exposed_comm) == (on.tp_comm, on.exposed_comm)
 
 
 def test_tied_model_at_pp2_plans_the_last_stages_copy_and_its_gradient_sum():

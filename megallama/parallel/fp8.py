@@ -29,9 +29,10 @@ operand, and for a rowwise scale when its reduced axis is the sharded one. In th
 | row | weight | K | MAX | MAX (per row, over K) | local (per k, over N) for grad input |
 | row | grad output | no (identical on every rank) | local | -- | local |
 
-Sequence parallelism adds nothing: the linears always see the whole sequence (``enter``
+Sequence parallelism adds one reduction: the linears always see the whole sequence (``enter``
 all-gathers it before the column-parallel matmuls; the row-parallel output is reduce-scattered and
-its gradient all-gathered), so T is never split. Data and pipeline parallelism add nothing either
+its gradient all-gathered), but tensorwise casts a column group's input shard before gathering
+it (:mod:`megallama.parallel.sequence_linears`), so that input's amax is MAX-reduced over T. Data and pipeline parallelism add nothing either
 (each DP rank scales its own micro-batch, as a tp = 1 replica would; each stage converts its own
 layers). The amaxes a pass needs reduced go in one all-reduce (a scalar or a row per operand):
 tensorwise issues one per column-parallel linear in forward (weight) and one in backward (grad
@@ -42,7 +43,9 @@ so its cast and the MAX-reduction of its amax happen once, in the first micro-ba
 linear's weight amax rides in its input's all-reduce): per step, tensorwise issues ``5 L`` weight
 reductions (column) plus, per micro-batch, ``2 L`` (row inputs) and ``5 L`` (column grad outputs)
 for ``L`` blocks, where each micro-batch used to issue ``12 L``; weight casts drop from
-``14 L`` per micro-batch to ``7 L`` per step (tests/distributed/test_step_collectives.py).
+``14 L`` per micro-batch to ``7 L`` per step (tests/distributed/test_step_collectives.py). Under
+SP (eager) a column group's input amax is reduced in every forward, the group's weight amaxes
+riding in it: ``2 L + 2 L`` per forward and ``5 L`` per backward, ``9 L`` per micro-batch.
 
 With these reductions every scale at tp = 2 is bit for bit tp = 1's, and a linear on identical
 inputs equals tp = 1 to fp32 round-off (2e-7; without the reductions tensorwise is 2.5e-2 off).
@@ -207,18 +210,20 @@ def activation_delta_bytes(cfg: ModelConfig, *, tokens: int, tp: int, element: i
     own fp8 copy (the forward cast, reused by the grad-weight gemm) instead of a reference to the
     bf16 input it shares with other consumers; rowwise keeps the bf16 input (its grad-weight cast
     scales along the other axis), so it changes nothing. Under ``sequence_parallel`` each group
-    (wq/wk/wv, w1/w3) keeps one fp8 copy of its sequence shard instead of the bf16 shard
+    (wq/wk/wv, w1/w3) keeps one fp8 copy of its sequence shard instead of the bf16 shard, and
+    one input scale, which it cast the shard with before gathering it
     (:mod:`megallama.parallel.sequence_linears`)."""
     if recipe != "tensorwise":
         return 0
     h, e = cfg.dim, element
     hq, ffn = cfg.n_heads * cfg.head_dim // tp, cfg.ffn_hidden_dim // tp
-    inputs = (2 - 2 * e) * (tokens // tp) * h if sequence_parallel and tp > 1 else \
+    sp = sequence_parallel and tp > 1
+    inputs = (2 - 2 * e) * (tokens // tp) * h if sp else \
         (5 - 2 * e) * tokens * h  # wq/wk/wv, w1/w3: 5 fp8 copies replace 2 bf16 inputs
     return (inputs
             + tokens * hq             # wo: an fp8 copy beside SDPA's output (SDPA keeps that)
             + (1 - e) * tokens * ffn  # w2: an fp8 copy replaces the SwiGLU product
-            + SCALES_PER_BLOCK)
+            + SCALES_PER_BLOCK - (3 * 4 if sp else 0))  # SP: 2 input scales for the 5 linears
 
 
 def cast_workspace_bytes(cfg: ModelConfig, *, tokens: int, tp: int, recipe: str) -> int:

@@ -14,11 +14,15 @@ memory) plus, for tensorwise, its forward scale, so backward re-casts it without
 Within a training step (:func:`megallama.parallel.fp8.weights_fixed`) the weight's cast -- scale
 and fp8 copy -- is made once, in the first micro-batch, and every later forward, recomputed
 forward and backward of the step reuses it (bit-identical: the weight does not change).
+Under sequence parallelism tensorwise casts the input's sequence shard with the whole input's
+scale before the all-gather (:func:`sharded_input_forward`), which then moves fp8 bytes.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.distributed._functional_collectives as funcol
@@ -111,6 +115,44 @@ def _tensorwise(cast: CastConfig) -> bool:
             and cast.scaling_granularity is ScalingGranularity.TENSORWISE)
 
 
+def casts_input_once(config: Float8LinearConfig) -> bool:
+    """Whether the recipe casts a linear's input once, dynamic tensorwise, for both the forward
+    and the grad-weight gemm (torchao's ``tensorwise``): then the fp8 copy is what backward
+    keeps, and under SP the sequence shard can be cast before it is gathered
+    (:func:`sharded_input_forward`)."""
+    ci = config.cast_config_input
+    return _tensorwise(ci) and config.cast_config_input_for_grad_weight == ci
+
+
+def _forward_scales(items: list[tuple[torch.Tensor, CastConfig, int | None, int | None]],
+                    weights: list[torch.Tensor], spec: Float8Matmul) -> tuple[list, list]:
+    """The scales of the input casts ``items`` and, per weight, its forward cast made earlier in
+    this step (:func:`megallama.parallel.fp8.weights_fixed`) or else (the scale to make it with,
+    None): the amaxes of the weights not yet cast join the items' all-reduce (one collective)."""
+    c = spec.config
+    ax_w = _axis(c.cast_config_weight, 0)
+    casts: list = [fp8.cached_cast(w, "forward") for w in weights]
+    todo = [i for i, cast in enumerate(casts) if cast is None]
+    items = items + [(weights[i].t(), c.cast_config_weight, ax_w, spec.sharding.weight_t)
+                     for i in todo]
+    scales = _scales(items, spec.group, c.round_scales_to_power_of_2)
+    for i, scale in zip(todo, scales[len(items) - len(todo):], strict=True):
+        casts[i] = (scale, None)  # to be cast with this scale (:func:`_weight_cast`)
+    return scales[:len(items) - len(todo)], casts
+
+
+def _weight_cast(weight: torch.Tensor, cast: tuple, spec: Float8Matmul) -> tuple:
+    """(scale, fp8 copy of ``weight.t()``): ``cast`` if made earlier in this step, else -- a
+    (scale, None) of :func:`_forward_scales` -- made here with that scale, kept for the step."""
+    if cast[1] is not None:
+        return cast
+    c = spec.config
+    made = (cast[0], _cast(weight.t(), cast[0], c.cast_config_weight, spec.mm, WEIGHT,
+                           _axis(c.cast_config_weight, 0)))
+    fp8.store_cast(weight, "forward", made)
+    return made
+
+
 @dataclass(frozen=True)
 class Float8Matmul:
     """``x @ weight.T`` of one TP linear in FP8 (the callable a TP layer's ``fp8_matmul`` holds)."""
@@ -133,31 +175,34 @@ class _Float8TPMatmul(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, spec: Float8Matmul) -> torch.Tensor:
-        c, sh, mm = spec.config, spec.sharding, spec.mm
-        x2, w_t = x.reshape(-1, x.shape[-1]), weight.t()
-        ax_in, ax_w = _axis(c.cast_config_input, -1), _axis(c.cast_config_weight, 0)
-        items = [(x2, c.cast_config_input, ax_in, sh.input)]
-        cached = fp8.cached_cast(weight, "forward")  # this step's cast (fp8.weights_fixed)
-        if cached is None:  # the weight's amax joins the input's all-reduce
-            items.append((w_t, c.cast_config_weight, ax_w, sh.weight_t))
-        s_in, *s_w = _scales(items, spec.group, c.round_scales_to_power_of_2)
-        if cached is None:
-            cached = (s_w[0], _cast(w_t, s_w[0], c.cast_config_weight, mm, WEIGHT, ax_w))
-            fp8.store_cast(weight, "forward", cached)
-        s_w, w8 = cached
-        x8 = _cast(x2, s_in, c.cast_config_input, mm, INPUT, ax_in)
+        c, sh = spec.config, spec.sharding
+        x2 = x.reshape(-1, x.shape[-1])
+        ax_in = _axis(c.cast_config_input, -1)
+        (s_in,), (w_cast,) = _forward_scales([(x2, c.cast_config_input, ax_in, sh.input)],
+                                             [weight], spec)
+        w_cast = _weight_cast(weight, w_cast, spec)
+        x8 = _cast(x2, s_in, c.cast_config_input, spec.mm, INPUT, ax_in)
+        return _Float8TPMatmul.gemm(ctx, x8, x2, x.shape, x.dtype, weight, w_cast, spec)
+
+    @staticmethod
+    def gemm(ctx, x8: torch.Tensor, x2: torch.Tensor | None, shape: torch.Size,
+             dtype: torch.dtype, weight: torch.Tensor, w_cast: tuple, spec: Float8Matmul
+             ) -> torch.Tensor:
+        """The forward gemm on the cast input ``x8`` [T, K] (``x2``: the high-precision input,
+        kept by recipes that cast it again for the grad-weight gemm; ``shape``: the input's);
+        saves what backward needs in ``ctx``."""
+        c = spec.config
+        s_w, w8 = w_cast
         out = torch.mm(x8, w8)
-        ctx.spec, ctx.shape, ctx.dtype = spec, x.shape, x.dtype
+        ctx.spec, ctx.shape, ctx.dtype = spec, shape, dtype
         ctx.param = weight  # the cache's key in backward (saved tensors come back as new objects)
         # tensorwise: the fp8 input serves the grad-weight gemm too; the weight's scale is saved
-        keep_fp8 = _tensorwise(c.cast_config_input) and \
-            c.cast_config_input_for_grad_weight == c.cast_config_input
-        ctx.keep_fp8 = keep_fp8
+        ctx.keep_fp8 = keep_fp8 = casts_input_once(c)
         w_scale = s_w if _tensorwise(c.cast_config_weight) and \
             c.cast_config_weight_for_grad_input == c.cast_config_weight else None
         saved = (x8._data, x8._scale) if keep_fp8 else (x2, None)
         ctx.save_for_backward(*saved, weight, w_scale)
-        return out.reshape(*x.shape[:-1], out.shape[-1])
+        return out.reshape(*shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
@@ -218,3 +263,36 @@ class _Float8TPMatmul(torch.autograd.Function):
                              c.round_scales_to_power_of_2)
             x8 = _cast(x_saved, s_i, ci, mm, INPUT, ax_i)
         return torch.mm(go8_gw.t(), x8)
+
+
+class PendingGather(Protocol):
+    """A launched all-gather, what :func:`sharded_input_forward`'s ``gather`` returns."""
+
+    def wait(self) -> torch.Tensor: ...
+
+
+def sharded_input_forward(ctxs: list, x: torch.Tensor, weights: list[torch.Tensor],
+                          spec: Float8Matmul, gather: Callable[[torch.Tensor], PendingGather]
+                          ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Forward of column-parallel linears that share an input of which this rank holds the
+    sequence shard ``x`` [b, s/t, K] (SP; :func:`casts_input_once` recipes): the shard's amax is
+    MAX-reduced over the TP group -- the amax of the whole input -- in one all-reduce with the
+    amaxes of the weights not yet cast this step; the shard is cast with that scale and
+    ``gather(fp8 shard)`` all-gathers the fp8 bytes ([b, s, K], 1 byte per element, half of
+    bf16's) while the weights are cast; then one gemm per weight (``ctxs``: one autograd ctx per
+    linear, as :meth:`_Float8TPMatmul.forward` fills). The cast is element-wise with one scale,
+    so it commutes with the gather: bit-identical to casting the gathered input. Returns the
+    outputs, this rank's fp8 shard [b, s/t, K] and its scale."""
+    c = spec.config
+    x2 = x.reshape(-1, x.shape[-1])
+    # tensorwise: one scale for the whole input, whose rows (dim 0: the sequence) are sharded
+    (s_in,), w_casts = _forward_scales([(x2, c.cast_config_input, None, 0)], weights, spec)
+    shard8 = _cast(x2, s_in, c.cast_config_input, spec.mm, INPUT, None)._data.view(x.shape)
+    pending = gather(shard8)
+    w_casts = [_weight_cast(w, cast, spec) for w, cast in zip(weights, w_casts, strict=True)]
+    full = pending.wait()
+    x8 = Float8TrainingTensor(full.reshape(-1, full.shape[-1]), s_in, x.dtype, spec.mm, INPUT,
+                              None)
+    outs = [_Float8TPMatmul.gemm(ctx, x8, None, full.shape, x.dtype, w, cast, spec)
+            for ctx, w, cast in zip(ctxs, weights, w_casts, strict=True)]
+    return outs, shard8, s_in

@@ -13,14 +13,19 @@ behind the grad-input gemms as in Megatron-LM:
 4. wait for the gather; grad W_i = go_i^T x for each linear;
 5. wait for the reduce-scatter: this rank's shard of grad_input.
 
-FP8 (``trainer.fp8``, :mod:`megallama.parallel.fp8_matmul`): tensorwise casts the gathered input
-once per linear with the scale of the whole input -- the same bytes for every linear of a group
-(one tensor, one recipe), identical on every rank -- and keeps that fp8 copy for its grad-weight
-gemm; here the group keeps this rank's rows of the first copy (1 byte per element) and re-gathers
-those bytes, so backward multiplies by exactly the forward's fp8 input. Recipes that keep the
-high-precision input (rowwise) keep the shard as above; their grad-weight cast reads the whole
-input, and runs linear by linear (as autograd orders separate linears), so there the gather hides
-behind the first grad-input gemm only and the reduce-scatter behind the last grad-weight gemm.
+FP8 (``trainer.fp8``, :mod:`megallama.parallel.fp8_matmul`): tensorwise casts a linear's input
+with the scale of the whole input and keeps that fp8 copy for its grad-weight gemm -- the same
+bytes for every linear of a group (one tensor, one recipe), identical on every rank. So the group
+casts before it gathers (``fp8_matmul.sharded_input_forward``): the shard's amax is MAX-reduced
+over the TP group (the whole input's amax; one all-reduce, which also carries the amaxes of
+weights not yet cast this step), the shard is cast with that scale and the forward all-gather
+moves the fp8 bytes, 1 byte per element where bf16 moved 2 -- bit-identical to casting the
+gathered input, since the cast is element-wise with one scale. The group keeps its fp8 shard and
+re-gathers those bytes, so backward multiplies by exactly the forward's fp8 input. Recipes that
+keep the high-precision input (rowwise) gather and keep the bf16 shard as above; their
+grad-weight cast reads the whole input, and runs linear by linear (as autograd orders separate
+linears), so there the gather hides behind the first grad-input gemm only and the reduce-scatter
+behind the last grad-weight gemm.
 
 Inside ``torch.compile`` (``parallel.compile_blocks``) the group takes the plain path
 (``TensorParallel.enter``'s traceable all-gather, then each linear), and Inductor's partitioner
@@ -42,6 +47,11 @@ from megallama.parallel.mappings import SEQ_DIM, Group, group_size
 # the tensor forms (one buffer, no per-rank list); the *_single names from torch 2.13 on
 _all_gather_into = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter_from = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+# FP8 recipes that cast the input once, tensorwise (fp8_matmul.casts_input_once): cast the shard
+# with the whole input's scale and all-gather the fp8 bytes in forward. Tests set it False to run
+# the path before (all-gather the bf16 shard, cast the gathered input), which is bit-identical.
+fp8_gather = True
 
 # Tests set this to record backward's order: gather_start, grad_input, reduce_scatter_start,
 # gather_wait, grad_weight, reduce_scatter_wait (tests/distributed/test_sequence_linears.py).
@@ -125,33 +135,38 @@ class _Fp8Ctx:
         self.saved_tensors = tensors
 
 
-def _fp8_kernel():  # -> the FP8 matmul's autograd function (torchao: loaded only under FP8)
+def _fp8_kernels():  # -> megallama.parallel.fp8_matmul (torchao: loaded only under FP8)
     from megallama.parallel.fp8 import load_torchao  # fp8 imports layers, as this module does
-    return load_torchao()._Float8TPMatmul
+    return load_torchao()
 
 
 class _GatheredLinears(torch.autograd.Function):
-    """Forward: all-gather x, one matmul per weight; saves x's shard (or the shard of the fp8
-    copy) and re-gathers it in backward, overlapped with the grad-input gemms."""
+    """Forward: all-gather x (FP8 tensorwise: its fp8 cast), one matmul per weight; saves x's
+    shard (or its fp8 cast) and re-gathers it in backward, overlapped with the grad-input gemms."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, group: Group, fp8, *weights: torch.Tensor):  # noqa: ANN001
-        full = mappings.all_gather_tensor(x, SEQ_DIM, group)
         ctx.group, ctx.fp8, ctx.n = group, fp8, len(weights)
         if fp8 is None:
+            full = mappings.all_gather_tensor(x, SEQ_DIM, group)
             ctx.save_for_backward(x, *weights)
             return tuple(F.linear(full, w) for w in weights)
-        kernel, ctx.fp8_ctxs = _fp8_kernel(), [_Fp8Ctx() for _ in weights]
-        outs = tuple(kernel.forward(c, full, w, fp8) for c, w in zip(ctx.fp8_ctxs, weights,
-                                                                     strict=True))
-        first = ctx.fp8_ctxs[0]
-        # tensorwise: every linear's fp8 copy is the same bytes; keep this rank's rows of one
-        kept = _rows(first.saved_tensors[0], full.shape, group) if first.keep_fp8 else x
+        kernels, ctx.fp8_ctxs = _fp8_kernels(), [_Fp8Ctx() for _ in weights]
+        if fp8_gather and kernels.casts_input_once(fp8.config):  # tensorwise: gather fp8 bytes
+            outs, kept, _ = kernels.sharded_input_forward(ctx.fp8_ctxs, x, list(weights), fp8,
+                                                          lambda shard: _Gather(shard, group))
+        else:
+            full = mappings.all_gather_tensor(x, SEQ_DIM, group)
+            outs = [kernels._Float8TPMatmul.forward(c, full, w, fp8)
+                    for c, w in zip(ctx.fp8_ctxs, weights, strict=True)]
+            first = ctx.fp8_ctxs[0]
+            # tensorwise: every linear's fp8 copy is the same bytes; keep this rank's rows of one
+            kept = _rows(first.saved_tensors[0], full.shape, group) if first.keep_fp8 else x
         scales = [t for c in ctx.fp8_ctxs for t in (c.saved_tensors[1], c.saved_tensors[3])]
         for c in ctx.fp8_ctxs:
             c.saved_tensors = ()  # drop the full-length copies: only `kept` stays
         ctx.save_for_backward(kept, *weights, *scales)
-        return outs
+        return tuple(outs)
 
     @staticmethod
     def backward(ctx, *grads: torch.Tensor):
@@ -208,7 +223,7 @@ class _Halves:
 
     def __init__(self, ctx, grads, weights, scales) -> None:  # noqa: ANN001
         self.ctx, self.grads, self.weights, self.scales = ctx, grads, weights, scales
-        self.kernel = _fp8_kernel() if ctx.fp8 is not None else None
+        self.kernel = _fp8_kernels()._Float8TPMatmul if ctx.fp8 is not None else None
         self.interleaved = self.kernel is not None and not ctx.fp8_ctxs[0].keep_fp8
         self.go8: dict[int, torch.Tensor] = {}
 

@@ -55,7 +55,8 @@ def extra_compute(recomputed: float, bubble: float) -> float:
 
 
 def tp_comm_bytes(*, gas: int, blocks: int, ends: int, full: bool, sp: bool, tokens: int,
-                  h: int, tp: int, element: int, regather_element: int) -> tuple[int, int]:
+                  h: int, tp: int, element: int, regather_element: int,
+                  gather_element: int) -> tuple[int, int]:
     """(sent, exposed) TP bytes per step of a stage: ring collectives of a ``[tokens, h]``
     activation, in units of ``(t - 1)/t`` of it (an all-reduce 2, an all-gather or
     reduce-scatter 1). Per block and micro-batch: 2 all-reduces forward, 2 backward (under SP
@@ -64,15 +65,19 @@ def tp_comm_bytes(*, gas: int, blocks: int, ends: int, full: bool, sp: bool, tok
     (``ends`` of them on the stage). Under SP the column linears' backward also re-gathers their
     saved sequence shard (+2 gathers per block, of ``regather_element`` bytes), behind the
     grad-input gemms, and reduce-scatters the input gradient behind the grad-weight gemms
-    (:mod:`megallama.parallel.sequence_linears`): those 4 units are sent but not exposed.
+    (:mod:`megallama.parallel.sequence_linears`): those 4 units are sent but not exposed. The
+    column groups' forward all-gathers under SP (2 per block, 2 more under full recomputation)
+    move ``gather_element`` bytes per element (FP8 tensorwise: 1, the fp8 cast of the shard).
     Everything else blocks the compute stream."""
     if tp == 1:
         return 0, 0
     units = (8 + 4 * full) * blocks + 2 * ends
     unit = element * tokens * h * (tp - 1) // tp
+    gathers = (2 + 2 * full) * blocks if sp else 0  # the column groups' forward all-gathers
+    blocking = (units - gathers) * unit + gathers * gather_element * tokens * h * (tp - 1) // tp
     regather = 2 * blocks * regather_element * tokens * h * (tp - 1) // tp if sp else 0
     hidden = 2 * blocks * unit if sp else 0  # the column groups' input-gradient reduce-scatters
-    return gas * (units * unit + regather), gas * (units * unit - hidden)
+    return gas * (blocking + regather), gas * (blocking - hidden)
 
 
 def first_bucket_elements(cfg: ModelConfig, tp: int, stage_layers: list[str],

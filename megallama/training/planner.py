@@ -316,7 +316,8 @@ def _stage_estimate(x: _StepShape, s: int, mine: list[str]) -> MemoryEstimate:
     fixed = st.weights + st.master + st.adam + st.grads_keep + x.overhead + blocks * x.weight_casts
     tp_comm, tp_exposed = plan_ranking.tp_comm_bytes(
         gas=x.gas, blocks=blocks, ends=first + last, full=x.ckpt == "full", sp=x.sp,
-        tokens=tokens, h=h, tp=t, element=e, regather_element=x.regather_element)
+        tokens=tokens, h=h, tp=t, element=e, regather_element=x.regather_element,
+        gather_element=x.regather_element)  # FP8 tensorwise gathers fp8 bytes both ways
     dp_comm = dp_comm_bytes(params, lay.dp, x.precision, x.zero_stage, x.optim_impl)
     pp_comm = x.gas * x.sent * ((not first) + (not last))  # activations out, gradients back
     if cfg.tie_embeddings and lay.pp > 1 and (first or last):  # the tied gradient's sum

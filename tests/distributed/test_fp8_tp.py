@@ -99,35 +99,44 @@ def _compare(what: str, got, want, logits_tol: float, grads_tol: float) -> float
 
 
 @contextlib.contextmanager
-def _scales_spy(shapes: list[tuple[int, ...]], check: str | None = None) -> Iterator[None]:
+def _scales_spy(shapes: list[list[tuple[int, ...]]], check: str | None = None) -> Iterator[None]:
     """Watch every FP8 cast's scale computation run inside. Without ``check`` (a tp = 1 run),
-    record each operand's shape in ``shapes``. With it (the same model at tp = 2), check each
+    record each call's operand shapes in ``shapes``. With it (the same model at tp = 2), check each
     scale against tp = 1: the scale a rank uses must equal the one computed (torchao's
     ``tensor_to_amax`` and ``amax_to_scale``, as tp = 1 does) from the whole operand -- bit for
     bit (MAX is exact), or this rank's slice of it when the scales run along the split dimension.
     The whole operand is gathered over the TP group along the dimension where its shape is
-    smaller than at tp = 1 (found from the shapes, not from the code's own sharding tags)."""
+    smaller than at tp = 1 (found from the shapes, not from the code's own sharding tags). Under
+    SP a column group casts its input once for its k linears (one call of 1 + k operands where
+    tp = 1 makes k calls of input and weight)."""
     from torchao.float8.float8_utils import amax_to_scale, tensor_to_amax
     kernels = load_torchao()
-    real, seen, wrong = kernels._scales, [], []
+    real, seen, wrong, reference = kernels._scales, [], [], list(shapes)
+
+    def tp1_shapes(n: int) -> list[tuple[int, ...]]:
+        calls = [reference.pop(0)]
+        while n > len(calls[0]) + len(calls) - 1:  # a group: its input, then one weight per call
+            calls.append(reference.pop(0))
+        assert all(len(c) == 2 and c[0] == calls[0][0] for c in calls[1:]), calls
+        return calls[0] + [c[1] for c in calls[1:]]
 
     def scales(items, group, round_pow2):
         got = real(items, group, round_pow2)
-        for (t, cast, axis, _), scale in zip(items, got, strict=True):
-            if scale is None:
-                continue
-            seen.append(tuple(t.shape))
-            if check is None:
-                continue
-            split = [d for d, n in enumerate(shapes[len(seen) - 1]) if n != t.shape[d]]
+        used = [(item, scale) for item, scale in zip(items, got, strict=True) if scale is not None]
+        seen.append([tuple(t.shape) for (t, *_), _ in used])
+        if check is None:
+            return got
+        want_shapes = tp1_shapes(len(used))
+        for ((t, cast, axis, _), scale), shape in zip(used, want_shapes, strict=True):
+            split = [d for d, n in enumerate(shape) if n != t.shape[d]]
             full = all_gather_tensor(t.contiguous(), split[0], group) if split else t
-            assert full.shape == shapes[len(seen) - 1], (full.shape, shapes[len(seen) - 1])
+            assert full.shape == shape, (full.shape, shape)
             want = amax_to_scale(tensor_to_amax(full, False, None, cast.scaling_granularity,
                                                 axis), cast.target_dtype, round_pow2)
             if split and want.dim() == 2 and want.shape[split[0]] > 1:
                 want = want.chunk(group_size(group), split[0])[group_rank(group)]
             if not torch.equal(scale, want):
-                wrong.append(f"cast {len(seen)} of a {tuple(t.shape)} operand: scale "
+                wrong.append(f"cast of a {tuple(t.shape)} operand (call {len(seen)}): scale "
                              f"{scale.flatten()[:2].tolist()} != {want.flatten()[:2].tolist()}")
         return got
 
@@ -139,8 +148,9 @@ def _scales_spy(shapes: list[tuple[int, ...]], check: str | None = None) -> Iter
     if check is None:
         shapes[:] = seen
         return
-    assert len(seen) == len(shapes) > 0, f"{check}: {len(seen)} casts, {len(shapes)} at tp = 1"
-    assert not wrong, f"{check}: {len(wrong)} of {len(seen)} scales are not tp = 1's: {wrong[0]}"
+    n = sum(map(len, seen))
+    assert not reference and n > 0, f"{check}: {len(reference)} tp = 1 calls left unmatched"
+    assert not wrong, f"{check}: {len(wrong)} of {n} scales are not tp = 1's: {wrong[0]}"
 
 
 def _one_linear(column: bool, tp: TensorParallel, recipe: str) -> list[torch.Tensor]:
@@ -182,7 +192,7 @@ def _numerics_worker(rank: int, world: int) -> None:
     one = TensorParallel()
     for recipe in ("tensorwise", "rowwise"):
         _check_linears(topo.tensor_parallel(cfg.n_kv_heads, sequence_parallel=False), recipe)
-        shapes: list[tuple[int, ...]] = []
+        shapes: list[list[tuple[int, ...]]] = []
         with _scales_spy(shapes):
             exact_one = _run(cfg, one, recipe, torch.float32)
         plain_one = _run(cfg, one, "none", torch.float32)

@@ -117,8 +117,8 @@ def _check_saved_bytes(cfg, tp: TensorParallel, name: str) -> None:
             after = _saved(cfg, tp, mode, dtype, fp8)
             if fp8 == "none":
                 want = 0 if mode == "full" else 2 * e * (tokens - tokens // t) * h
-            else:  # 5 fp8 copies of the whole input -> 2 fp8 shards
-                want = (5 * tokens - 2 * tokens // t) * h
+            else:  # 5 fp8 copies of the whole input -> 2 fp8 shards; 5 input scales -> 2
+                want = (5 * tokens - 2 * tokens // t) * h + 3 * 4
             if tp.rank == 0:
                 print(f"saved bytes/block {name} t={t}+SP {dtype} fp8={fp8} {mode}: "
                       f"{before:,} -> {after:,}")

@@ -13,10 +13,11 @@ spawned processes, each call classified by who issued it:
 Formula, per step, on one rank of a stage with L blocks (tiny_gqa: L = 4, 2 KV heads), gas
 micro-batches: per micro-batch (ZeRO-2/3 of DeepSpeed) ``gas * (SP (2L + 1) + KV 2L)``; once per
 step (fused, distributed, DeepSpeed ZeRO-1 fp32 and bf16) one all-reduce per group used: SP -> the
-TP group, KV replicas -> the KV group. FP8 tensorwise, per step: 5 column weights per block cast
-once (their amax is their only shard-crossing one in forward) plus, per micro-batch, one per row
+TP group, KV replicas -> the KV group. FP8 tensorwise at tp + SP, per micro-batch: one per column
+group in forward (the sequence shard's input amax, cast before the fp8 all-gather; the group's
+weight amaxes join it in the first micro-batch, their casts are kept for the step), one per row
 linear in forward (input amax; the weight's joins the first) and one per column linear in
-backward (grad output): ``5L + gas (2L + 5L)``, where every micro-batch used to pay ``12L``.
+backward (grad output): ``gas (2L + 2L + 5L)``, where every micro-batch used to pay ``12L``.
 
 Parity: after 2 fp32 steps (clipping active) loss and grad norm equal the plain one-rank torch run
 (engine_cases.reference_train) within 1e-5 relative, every weight within 1e-4 of max |w| (the
@@ -174,7 +175,7 @@ def _fp8_counts(count: Count, tp: int, gas: int) -> None:
     count.reset()
     engine.train_step(batches)
     got = count.reset()
-    want = 5 * L + gas * 7 * L
+    want = gas * 9 * L  # was 5L + 7L gas before the forward gathered fp8 bytes
     what = f"fp8 tensorwise tp={tp} + SP gas={gas}"
     assert got["amax", tp] == want, f"{what}: {got['amax', tp]} amax all-reduces, formula {want}"
     assert casts["WEIGHT"] == 7 * L, f"{what}: {casts['WEIGHT']} weight casts, want {7 * L}"
