@@ -1,6 +1,7 @@
 """FP8 tensorwise under sequence parallelism all-gathers fp8 bytes in forward
-(megallama/parallel/sequence_linears.py, ``fp8_matmul.sharded_input_forward``), in one gloo
-launch at tp 2 + SP, ``tiny`` and ``tiny_gqa`` blocks in bf16:
+(megallama/parallel/sequence_linears.py, ``fp8_matmul.sharded_input_forward``), at tp 2 + SP
+(``tiny`` and ``tiny_gqa`` blocks in bf16) and at tp 4 + SP (``tiny_gqa``: its 2 KV heads
+replicated, wk/wv cast at every use), one gloo launch each:
 
 * bit-identical to the path before (``sequence_linears.fp8_gather = False``: all-gather the bf16
   shard, cast the gathered input): ``torch.equal`` of the output, the input gradient and every
@@ -12,8 +13,8 @@ launch at tp 2 + SP, ``tiny`` and ``tiny_gqa`` blocks in bf16:
   recomputed forward's), otherwise they are unchanged;
 * the amax all-reduces one block's forward issues (functional ``all_reduce`` wrapped): before
   ``5 + 2`` with the weights not yet cast this step (one per column weight, one per row linear)
-  and ``2`` with them cast; after ``2 + 2`` either way (one per column group: the shard's amax,
-  with the weights' amaxes when they are not yet cast);
+  and ``2`` with them cast (``4`` with replicated KV heads); after ``2 + 2`` either way (one
+  per column group: the shard's amax, with the weights' amaxes when they are not yet cast);
 * rowwise and bf16 keep the bf16 gather (their bytes unchanged); evaluation (no autograd)
   gathers fp8 too, with the same output.
 """
@@ -123,9 +124,12 @@ def _same(new, old, what: str) -> None:
             f"relative {(a.float() - b.float()).norm() / b.float().norm():.2e}"
 
 
-def _check(cfg, tp: TensorParallel, name: str, count: _Counted) -> None:
+def _check(cfg, tp: TensorParallel, name: str, count: _Counted, modes: tuple[str, ...]) -> None:
     t, e, shard = tp.size, 2, MICRO * SEQ // tp.size * cfg.dim
-    for mode in ("none", "selective", "full"):
+    # KV heads replicated over TP ranks (tp > n_kv_heads): wk/wv reach the matmul through
+    # copy_to_tp, not as the parameter the step's casts are keyed on, so they are cast every time
+    uncached = 2 if tp.kv_group is not None else 0
+    for mode in modes:
         for cached in (False, True):
             what = f"{name} t={t}+SP tensorwise {mode} cached={cached}"
             with _fp8_gather(False):
@@ -140,7 +144,7 @@ def _check(cfg, tp: TensorParallel, name: str, count: _Counted) -> None:
                           f"backward gather bytes {before[2]:,} -> {after[2]:,}")
                 assert (before[0], after[0]) == (2 * e * shard, 2 * shard), (what, before, after)
                 weights_cast = cached and mb > 0  # the step's casts, made in micro-batch 0
-                assert before[1] == (2 if weights_cast else 7), (what, mb, before)
+                assert before[1] == (2 + uncached if weights_cast else 7), (what, mb, before)
                 assert after[1] == 4, (what, mb, after)
                 saved = 2 * (e - 1) * shard if mode == "full" else 0
                 assert before[2] - after[2] == saved, (what, mb, before, after)
@@ -159,16 +163,20 @@ def _check(cfg, tp: TensorParallel, name: str, count: _Counted) -> None:
         assert [f[0] for f in new[2]] == [2 * e * shard] * 2, (name, recipe, new[2])
 
 
-def _worker(rank: int, world: int) -> None:
+def _worker(rank: int, world: int, names: tuple[str, ...], modes: tuple[str, ...]) -> None:
     count = _Counted()
     with count.wrapped():
-        for name in ("tiny", "tiny_gqa"):
+        for name in names:
             cfg = preset(name, vocab_size=128)
-            topo = build_topology(Grid(tp=2, dp=1),
-                                  kv_replicas=kv_replicas_for(cfg.n_kv_heads, 2))
+            topo = build_topology(Grid(tp=world, dp=1),
+                                  kv_replicas=kv_replicas_for(cfg.n_kv_heads, world))
             _check(cfg, topo.tensor_parallel(cfg.n_kv_heads, sequence_parallel=True), name,
-                   count)
+                   count, modes)
 
 
-def test_fp8_tensorwise_gathers_fp8_bytes_in_forward():
-    run_world(2, _worker)
+@pytest.mark.parametrize("world,names,modes", [
+    (2, ("tiny", "tiny_gqa"), ("none", "selective", "full")),
+    (4, ("tiny_gqa",), ("none", "full")),  # 2 KV heads over 4 ranks: wk/wv replicated
+], ids=["tp2", "tp4-kv"])
+def test_fp8_tensorwise_gathers_fp8_bytes_in_forward(world, names, modes):
+    run_world(world, _worker, names, modes)
