@@ -67,7 +67,7 @@ SAVED_AT = 2  # the resume tests save after this many steps
 
 def _engine(world: int, tp: int, pp: int, gas: int, *, sp: bool = False, precision: str = "fp32",
             impl: str = "distributed", global_batch: int | None = None, bucket_mb: float = 0.1,
-            ckpt: bool = False):
+            ckpt: bool | str = False):
     """An engine at (tp, pp, world / (tp pp)) with ``gas`` micro-batches per step (global batch
     4 * dp unless given)."""
     dp = world // (tp * pp)
@@ -92,7 +92,8 @@ def _close(got: list[float], want: list[float], tol: float, what: str) -> None:
         assert abs(g - w) <= tol * abs(w), f"{what} step {step}: {g} != {w} (rel tol {tol})"
 
 
-def _fp32(world: int, tp: int, pp: int, refs: dict, sp: bool = False, ckpt: bool = False) -> None:
+def _fp32(world: int, tp: int, pp: int, refs: dict, sp: bool = False,
+          ckpt: bool | str = False) -> None:
     """5 fp32 steps equal plain torch AdamW, with 1 and with 4 micro-batches per step."""
     for gas in (1, 4):
         engine, cfg, topo = _engine(world, tp, pp, gas, sp=sp, ckpt=ckpt)
@@ -359,6 +360,9 @@ def _worker_dp4(rank: int, world: int, refs: dict, ckpt: Path, cont: list[float]
     check_every_layout(world)  # grad_norm_cases: the norm against a float64 oracle
     for tp, pp, recompute in ((1, 1, False), (2, 1, False), (1, 2, True)):
         _fp32(world, tp, pp, refs, ckpt=recompute)
+    # SP shards re-gathered in backward, selective recomputation and the deferred parameter
+    # all-gather together (tp 2 x dp 2)
+    _fp32(world, 2, 1, refs, sp=True, ckpt="selective")
     _weights(world, 2, 1)
     _memory(world, 1, 1, "bf16", 2)   # dp 4
     _memory(world, 2, 2, "bf16", 2)   # dp 1
