@@ -32,7 +32,7 @@ from megallama.model.llama import Transformer, compile_blocks, layer_defs, make_
 from megallama.optim.distributed_adamw import DistributedAdamW
 from megallama.optim.fused_adamw import MasterWeightAdamW
 from megallama.optim.schedule import lr_at, param_groups
-from megallama.parallel.fp8 import convert_to_float8, weights_fixed
+from megallama.parallel.fp8 import convert_to_float8, step_casts, weights_fixed
 from megallama.parallel.topology import Topology
 
 # tokens [b, s], labels [b, s] (-100: no loss), and with packed documents segments [b, s]
@@ -149,6 +149,11 @@ class Engine:
         if not self.fused and tp_grads.sums_once_per_step(self.ds):
             self._partial_sum = tp_grads.PartialGradSum(self.ds, list(module.parameters()))
         self.module = module
+        # FP8 in compiled blocks: every weight cast once per step, before the first forward,
+        # into buffers the graphs read (eager blocks cast in the first micro-batch, weights_fixed);
+        # ZeRO-3 holds no whole weight outside a layer's forward, so its blocks cast every use
+        self._fp8_step_casts = module if cfg.trainer.fp8 != "none" and p.compile_blocks \
+            and p.zero_stage < 3 else None
         self._skipped_before = 0
         self.last_targets = 0  # target tokens of the last global batch trained or evaluated
         self._state_access: OptimizerStateAccess | None = None
@@ -299,7 +304,10 @@ class Engine:
             self._skipped_before = self.ds.skipped_steps
             return StepResult(float("nan"), None, lr, skipped=True, no_targets=True)
         self._weigh_tokens(self.last_targets, self.gas)
-        with weights_fixed():  # FP8: each weight cast (and its amax reduced) once per step
+        if self._fp8_step_casts is not None:
+            self.wait_for_weights()  # the casts read every weight now
+        # FP8: each weight cast (and its amax reduced) once per step
+        with weights_fixed(), step_casts(self._fp8_step_casts):
             if self.is_pipeline:
                 loss = self.ds.train_batch(data_iter=map(_pipeline_item, micro_batches))
             else:

@@ -46,6 +46,11 @@ for ``L`` blocks, where each micro-batch used to issue ``12 L``; weight casts dr
 ``14 L`` per micro-batch to ``7 L`` per step (tests/distributed/test_step_collectives.py). Under
 SP (eager) a column group's input amax is reduced in every forward, the group's weight amaxes
 riding in it: ``2 L + 2 L`` per forward and ``5 L`` per backward, ``9 L`` per micro-batch.
+Compiled blocks (``parallel.compile_blocks``) cannot fill a cache from inside a graph, so the
+engine casts every weight of the stage before the step's first forward (:func:`step_casts`),
+eagerly, with ONE all-reduce for all the weight amaxes that cross a shard, into buffers of each
+linear that the graphs take as inputs; the graphs then cast only inputs and gradients
+(tests/distributed/test_fp8_step_casts.py: bit-identical to casting at every use).
 
 With these reductions every scale at tp = 2 is bit for bit tp = 1's, and a linear on identical
 inputs equals tp = 1 to fp32 round-off (2e-7; without the reductions tensorwise is 2.5e-2 off).
@@ -139,8 +144,29 @@ def convert_to_float8(module: nn.Module, recipe: str, tp: TensorParallel, *,
             layer.fp8_matmul = row
         else:
             continue
+        layer.fp8_casts = kernels.StepCasts()  # empty until step_casts() fills it
         converted += 1
     return converted
+
+
+@contextlib.contextmanager
+def step_casts(module: nn.Module | None) -> Iterator[None]:
+    """One training step of ``module`` (its weights fixed until the optimizer step): every FP8
+    weight of it is cast now, outside any compiled region, with one amax MAX-all-reduce per TP
+    group for all of them, into each linear's :class:`~megallama.parallel.fp8_matmul.StepCasts`
+    buffers, which every forward, recomputed forward and backward of the step -- compiled blocks
+    included, which read them as graph inputs -- use instead of casting. On leaving, the casts
+    are marked stale: evaluation, generation and the next step's update cast afresh (the next
+    step recasts into the same buffers). ``None``, or a module without FP8 linears: nothing."""
+    layers = [m for m in module.modules() if getattr(m, "fp8_casts", None) is not None] \
+        if module is not None else []
+    if layers:
+        load_torchao().cast_weights(layers)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.fp8_casts.valid = False
 
 
 # ---- the weights' casts, once per step -----------------------------------------------------
@@ -161,8 +187,9 @@ def weights_fixed() -> Iterator[None]:
     before its optimizer step): each FP8 weight is cast, and its amax MAX-reduced over TP, once
     -- in the first micro-batch -- and the (bit-identical) cast reused by every later forward,
     recomputed forward and backward, as TransformerEngine's per-step weight cache. Leaving the
-    block drops the casts (the optimizer step then changes the weights). Outside it, and inside
-    ``torch.compile`` (``parallel.compile_blocks``), every use casts afresh."""
+    block drops the casts (the optimizer step then changes the weights). Outside it every use
+    casts afresh; inside ``torch.compile`` (``parallel.compile_blocks``) the cache is bypassed
+    and the casts :func:`step_casts` made before the step are used, else every use casts."""
     if _CASTS.entries is not None:  # nested: the outer block owns the cache
         yield
         return
@@ -230,7 +257,8 @@ def cast_workspace_bytes(cfg: ModelConfig, *, tokens: int, tp: int, recipe: str)
     """Transient bytes of one eager fp8 cast of the largest linear operand (an input, a gradient
     or a weight shard): torchao's cast holds an fp32 copy, then its scaled and its clamped fp32
     copies beside the fp8 result (9 bytes per element at the peak). The per-step weight casts
-    that eager training keeps (:func:`weights_fixed`) are :func:`weight_cache_bytes`."""
+    that training keeps (:func:`weights_fixed`, :func:`step_casts`) are
+    :func:`weight_cache_bytes`."""
     if recipe == "none":
         return 0
     h, ffn, hq = cfg.dim, cfg.ffn_hidden_dim // tp, cfg.n_heads * cfg.head_dim // tp
@@ -238,8 +266,10 @@ def cast_workspace_bytes(cfg: ModelConfig, *, tokens: int, tp: int, recipe: str)
 
 
 def weight_cache_bytes(cfg: ModelConfig, *, tp: int, recipe: str) -> int:
-    """Bytes one block's FP8 weight casts hold during a training step (:func:`weights_fixed`,
-    eager blocks only): an fp8 copy of each linear weight shard (tensorwise: the forward's,
+    """Bytes one block's FP8 weight casts hold during a training step (eager blocks:
+    :func:`weights_fixed`'s cache, freed after the step; compiled blocks: the
+    :func:`step_casts` buffers, kept between steps): an fp8 copy of each linear weight shard
+    (tensorwise: the forward's,
     reused by backward; rowwise: also the grad-input cast along the other axis, 2 bytes per
     parameter) and its scales (a scalar, or a row / column of fp32 amaxes)."""
     if recipe == "none":

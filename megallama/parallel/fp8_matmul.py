@@ -14,6 +14,9 @@ memory) plus, for tensorwise, its forward scale, so backward re-casts it without
 Within a training step (:func:`megallama.parallel.fp8.weights_fixed`) the weight's cast -- scale
 and fp8 copy -- is made once, in the first micro-batch, and every later forward, recomputed
 forward and backward of the step reuses it (bit-identical: the weight does not change).
+Compiled blocks cannot use that cache; for them :func:`cast_weights` (called by
+:func:`megallama.parallel.fp8.step_casts` before the step) makes every weight's casts at once,
+eagerly, into the layer's :class:`StepCasts` buffers, which the matmul takes as inputs.
 Under sequence parallelism tensorwise casts the input's sequence shard with the whole input's
 scale before the all-gather (:func:`sharded_input_forward`), which then moves fp8 bytes.
 """
@@ -153,6 +156,89 @@ def _weight_cast(weight: torch.Tensor, cast: tuple, spec: Float8Matmul) -> tuple
     return made
 
 
+def _float8(data: torch.Tensor, scale: torch.Tensor, cast: CastConfig, mm: LinearMMConfig,
+            axis: int | None, dtype: torch.dtype) -> Float8TrainingTensor:
+    """The weight cast ``_cast(weight.t(), scale, cast, mm, WEIGHT, axis)`` made earlier:
+    ``data`` its fp8 bits (as ``weight.t()``'s view), ``dtype`` the weight's."""
+    return Float8TrainingTensor(data, scale, dtype, mm, WEIGHT, axis)
+
+
+def _given_casts(step: tuple[torch.Tensor, ...], dtype: torch.dtype, spec: Float8Matmul
+                 ) -> tuple[tuple, tuple]:
+    """The forward's (scale, fp8 copy of ``weight.t()``) and backward's (scale, data) of a
+    layer's :meth:`StepCasts.tensors`: tensorwise backward reuses the forward's cast."""
+    cw = spec.config.cast_config_weight
+    w_cast = (step[0], _float8(step[1].t(), step[0], cw, spec.mm, _axis(cw, 0), dtype))
+    return w_cast, tuple(step[2:4] if len(step) > 2 else step[:2])
+
+
+def _weight_roles(c: Float8LinearConfig) -> list[tuple[tuple[str, str], CastConfig, int | None]]:
+    """The weight casts one step needs, as (buffer names, cast, amax axis of ``weight.t()``):
+    the forward's; and the grad-input gemm's unless it is the forward's (tensorwise)."""
+    cw, cg = c.cast_config_weight, c.cast_config_weight_for_grad_input
+    roles = [(("scale", "data"), cw, _axis(cw, 0))]
+    if not (_tensorwise(cw) and cg == cw):
+        roles.append((("grad_scale", "grad_data"), cg, _axis(cg, -1)))
+    return roles
+
+
+class StepCasts(torch.nn.Module):
+    """One FP8 linear's weight casts for the current training step, as buffers -- so a compiled
+    block reads them as graph inputs (updated in place each step: no recompilation) instead of
+    casting the weight, and MAX-reducing its amax, at every use. Non-persistent (never in a
+    checkpoint) and empty until the first :func:`cast_weights`; used only while ``valid``
+    (:func:`megallama.parallel.fp8.step_casts` sets it for one step)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.valid = False
+        for name in ("scale", "data", "grad_scale", "grad_data"):
+            self.register_buffer(name, None, persistent=False)
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """(scale, data[, grad_scale, grad_data]): data in the weight's [N, K] layout."""
+        if self.grad_data is None:
+            return self.scale, self.data
+        return self.scale, self.data, self.grad_scale, self.grad_data
+
+    def store(self, names: tuple[str, str], scale: torch.Tensor, data: torch.Tensor) -> None:
+        """Write a cast into its buffers, in place when they fit (the compiled graphs keep
+        reading the same tensors), else as new ones (the first step)."""
+        for name, t in zip(names, (scale, data), strict=True):
+            buf = getattr(self, name)
+            if buf is None or (buf.shape, buf.dtype, buf.device) != (t.shape, t.dtype, t.device):
+                setattr(self, name, t.contiguous())
+            else:
+                buf.copy_(t)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors() if t is not None)
+
+
+@torch.no_grad()
+def cast_weights(layers: list[torch.nn.Module]) -> None:
+    """Cast every weight of ``layers`` (converted linears: ``fp8_matmul``, ``fp8_casts``) into
+    its :class:`StepCasts`, as the first use in a step would cast it (same amaxes, scales and
+    bits), with ONE MAX all-reduce per TP group for all the amaxes that cross a shard."""
+    batches: dict[tuple[int, int], list] = {}
+    for layer in layers:
+        spec = layer.fp8_matmul
+        batches.setdefault((id(spec.group), id(spec.config)), []).append(layer)
+    for batch in batches.values():
+        spec = batch[0].fp8_matmul
+        roles = _weight_roles(spec.config)
+        items = [(layer.weight.t(), cast, axis, layer.fp8_matmul.sharding.weight_t)
+                 for layer in batch for _, cast, axis in roles]
+        scales = iter(_scales(items, spec.group, spec.config.round_scales_to_power_of_2))
+        for layer in batch:
+            for names, cast, axis in roles:
+                scale = next(scales)
+                assert scale is not None, "FP8 weight casts with scaling disabled"
+                f8 = _cast(layer.weight.t(), scale, cast, layer.fp8_matmul.mm, WEIGHT, axis)
+                layer.fp8_casts.store(names, scale, f8._data.t())
+            layer.fp8_casts.valid = True
+
+
 @dataclass(frozen=True)
 class Float8Matmul:
     """``x @ weight.T`` of one TP linear in FP8 (the callable a TP layer's ``fp8_matmul`` holds)."""
@@ -165,8 +251,11 @@ class Float8Matmul:
     def mm(self) -> LinearMMConfig:
         return mm_config(self.config)
 
-    def __call__(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return _Float8TPMatmul.apply(x, weight, self)
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor,
+                 casts: StepCasts | None = None) -> torch.Tensor:
+        """``casts``: the layer's casts of this step (:class:`StepCasts`), used while valid."""
+        step = casts.tensors() if casts is not None and casts.valid else ()
+        return _Float8TPMatmul.apply(x, weight, self, *step)
 
 
 class _Float8TPMatmul(torch.autograd.Function):
@@ -174,23 +263,34 @@ class _Float8TPMatmul(torch.autograd.Function):
     reductions of :func:`_scales` (and the tensorwise casts shared between gemms)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, spec: Float8Matmul) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, spec: Float8Matmul,
+                *step: torch.Tensor) -> torch.Tensor:
+        """``step``: the weight's casts made before this step's first forward
+        (:meth:`StepCasts.tensors`), or nothing: then cast here (or taken from
+        :func:`megallama.parallel.fp8.weights_fixed`'s cache)."""
         c, sh = spec.config, spec.sharding
         x2 = x.reshape(-1, x.shape[-1])
         ax_in = _axis(c.cast_config_input, -1)
-        (s_in,), (w_cast,) = _forward_scales([(x2, c.cast_config_input, ax_in, sh.input)],
-                                             [weight], spec)
-        w_cast = _weight_cast(weight, w_cast, spec)
+        ctx.n_step, back = len(step), None
+        if step:
+            (s_in,) = _scales([(x2, c.cast_config_input, ax_in, sh.input)], spec.group,
+                              c.round_scales_to_power_of_2)
+            w_cast, back = _given_casts(step, weight.dtype, spec)
+        else:
+            (s_in,), (w_cast,) = _forward_scales([(x2, c.cast_config_input, ax_in, sh.input)],
+                                                 [weight], spec)
+            w_cast = _weight_cast(weight, w_cast, spec)
         x8 = _cast(x2, s_in, c.cast_config_input, spec.mm, INPUT, ax_in)
-        return _Float8TPMatmul.gemm(ctx, x8, x2, x.shape, x.dtype, weight, w_cast, spec)
+        return _Float8TPMatmul.gemm(ctx, x8, x2, x.shape, x.dtype, weight, w_cast, spec, back)
 
     @staticmethod
     def gemm(ctx, x8: torch.Tensor, x2: torch.Tensor | None, shape: torch.Size,
-             dtype: torch.dtype, weight: torch.Tensor, w_cast: tuple, spec: Float8Matmul
-             ) -> torch.Tensor:
+             dtype: torch.dtype, weight: torch.Tensor, w_cast: tuple, spec: Float8Matmul,
+             back: tuple | None = None) -> torch.Tensor:
         """The forward gemm on the cast input ``x8`` [T, K] (``x2``: the high-precision input,
         kept by recipes that cast it again for the grad-weight gemm; ``shape``: the input's);
-        saves what backward needs in ``ctx``."""
+        saves what backward needs in ``ctx`` (``back``: the step's (scale, data) of the
+        weight's grad-input cast, :func:`_given_casts`)."""
         c = spec.config
         s_w, w8 = w_cast
         out = torch.mm(x8, w8)
@@ -201,25 +301,29 @@ class _Float8TPMatmul(torch.autograd.Function):
         w_scale = s_w if _tensorwise(c.cast_config_weight) and \
             c.cast_config_weight_for_grad_input == c.cast_config_weight else None
         saved = (x8._data, x8._scale) if keep_fp8 else (x2, None)
-        ctx.save_for_backward(*saved, weight, w_scale)
+        ctx.save_for_backward(*saved, weight, w_scale, *(back or ()))
         return out.reshape(*shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        x_saved, x_scale, weight, w_scale = ctx.saved_tensors  # read once (checkpointing)
-        grad_x, go8_gw = _Float8TPMatmul.grad_input(ctx, grad_out, weight, w_scale)
+        # read once (checkpointing); ``back``: the step's grad-input cast of the weight, if given
+        x_saved, x_scale, weight, w_scale, *back = ctx.saved_tensors
+        grad_x, go8_gw = _Float8TPMatmul.grad_input(ctx, grad_out, weight, w_scale,
+                                                    tuple(back) or None)
         grad_w = None
         if ctx.needs_input_grad[1]:
             grad_w = _Float8TPMatmul.grad_weight(ctx, go8_gw, x_saved, x_scale)
-        return grad_x, grad_w, None
+        return (grad_x, grad_w, None) + (None,) * getattr(ctx, "n_step", 0)
 
     @staticmethod
     def grad_input(ctx, grad_out: torch.Tensor, weight: torch.Tensor,
-                   w_scale: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor]:
+                   w_scale: torch.Tensor | None, back: tuple | None = None
+                   ) -> tuple[torch.Tensor | None, torch.Tensor]:
         """Backward's first half, which reads no saved input: the grad-output casts (one
         all-reduce of the amaxes that cross a shard) and the grad-input gemm (None unless
         ``ctx.needs_input_grad[0]``); returns it and the grad output cast for the grad-weight
-        gemm. Sequence parallelism re-gathers the input meanwhile (parallel/sequence_linears.py)."""
+        gemm. Sequence parallelism re-gathers the input meanwhile (parallel/sequence_linears.py).
+        ``back``: the step's (scale, data) of the weight's grad-input cast (:class:`StepCasts`)."""
         spec = ctx.spec
         c, sh, mm, pow2 = spec.config, spec.sharding, spec.mm, spec.config.round_scales_to_power_of_2
         go = grad_out.reshape(-1, grad_out.shape[-1])
@@ -230,7 +334,8 @@ class _Float8TPMatmul(torch.autograd.Function):
         share_go = _tensorwise(cg) and cgw == cg
         # tensorwise: the forward's cast (same scale and recipe); rowwise: its own, once a step
         role = "forward" if w_scale is not None else "grad_input"
-        w_cached = fp8.cached_cast(ctx.param, role)
+        w_cached = fp8.cached_cast(ctx.param, role) if back is None else \
+            (back[0], _float8(back[1].t(), back[0], cw, mm, ax_w, weight.dtype))
         items = [(go, cg, ax_g, sh.grad_output)]
         items += [] if w_scale is not None or w_cached is not None else [(w_t, cw, ax_w, sh.weight_t)]
         items += [] if share_go else [(go, cgw, ax_gw, sh.grad_output)]

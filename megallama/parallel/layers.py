@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -90,13 +91,15 @@ def full_tensor(t: torch.Tensor, param: nn.Parameter, tp: TensorParallel) -> tor
     return full
 
 
-Matmul = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x, weight) -> x @ weight.T
+# (x, weight, the layer's per-step weight casts or None) -> x @ weight.T
+Matmul = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
 
 
-def _linear(x: torch.Tensor, weight: torch.Tensor, fp8_matmul: Matmul | None) -> torch.Tensor:
+def _linear(x: torch.Tensor, weight: torch.Tensor, fp8_matmul: Matmul | None,
+            casts: nn.Module | None) -> torch.Tensor:
     """``x @ weight.T``: in bf16/fp32, or through the FP8 matmul :mod:`megallama.parallel.fp8`
-    gave the layer (``trainer.fp8``)."""
-    return F.linear(x, weight) if fp8_matmul is None else fp8_matmul(x, weight)
+    gave the layer (``trainer.fp8``), with the step's weight casts ``casts`` when made."""
+    return F.linear(x, weight) if fp8_matmul is None else fp8_matmul(x, weight, casts)
 
 
 class ColumnParallelLinear(nn.Module):
@@ -124,9 +127,10 @@ class ColumnParallelLinear(nn.Module):
         partial_grads.mark(self.weight, self.replica_group)
         mark_tensor_parallel(self.weight, 0, tp.size, replicas, tp.rank)
         self.fp8_matmul: Matmul | None = None  # set by megallama.parallel.fp8.convert_to_float8
+        self.fp8_casts: nn.Module | None = None  # its per-step weight casts (idem)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _linear(x, self.matmul_weight(), self.fp8_matmul)
+        return _linear(x, self.matmul_weight(), self.fp8_matmul, self.fp8_casts)
 
     def matmul_weight(self) -> torch.Tensor:
         """The weight as the matmul uses it (KV replicas: gradient summed over the replicas);
@@ -146,9 +150,10 @@ class RowParallelLinear(nn.Module):
         self.weight = nn.Parameter(shard(full, 1, tp.rank, tp.size))
         mark_tensor_parallel(self.weight, 1, tp.size)
         self.fp8_matmul: Matmul | None = None  # set by megallama.parallel.fp8.convert_to_float8
+        self.fp8_casts: nn.Module | None = None  # its per-step weight casts (idem)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _linear(x, self.weight, self.fp8_matmul)
+        return _linear(x, self.weight, self.fp8_matmul, self.fp8_casts)
 
 
 class VocabParallelEmbedding(nn.Module):

@@ -24,6 +24,8 @@ Parity: after 2 fp32 steps (clipping active) loss and grad norm equal the plain 
 tolerance test_updated_weights.py measured for summation order). FP8: gradients of gas micro-batches
 inside ``weights_fixed`` (cached casts) are bit-identical to the uncached ones, at tp 2 + SP
 (tensorwise; rowwise under full recomputation), and the casts hold ``fp8.weight_cache_bytes``.
+Compiled blocks (Inductor, tp 2 + SP, gas 2): the engine casts each weight once per step outside
+the graphs (``fp8.step_casts``, one amax all-reduce), 3 steps equal to casting at every use.
 """
 
 from __future__ import annotations
@@ -83,7 +85,8 @@ class Count:
             return plain(tensor, *args, **kwargs)
 
         def all_reduce_functional(tensor, op, group, *args, **kwargs):
-            self._note(tensor, group)
+            if not torch.compiler.is_compiling():  # run eagerly (a graph's are not seen)
+                self._note(tensor, group)
             return functional(tensor, op, group, *args, **kwargs)
         dist.all_reduce, funcol.all_reduce = all_reduce, all_reduce_functional
 
@@ -208,6 +211,48 @@ def _cached_equals_uncached(model_cfg, tp, recipe: str, ckpt: str, batches, what
     assert same, f"{what}: gradients with cached weight casts differ from uncached ones"
 
 
+def _fp8_compiled(count: Count, tp: int) -> str:
+    """FP8 tensorwise at tp + SP in compiled blocks (Inductor), fused optimizer, gas 2: per
+    step the engine casts each weight once, outside the graphs, with ONE amax all-reduce
+    (``fp8.step_casts``); 3 steps' losses and norms, an evaluation after them and the final
+    weights are torch.equal to compiled blocks casting at every use (``_fp8_step_casts`` None)."""
+    kernels, runs = load_torchao(), []
+    cast = kernels._cast
+    casts: Counter = Counter()
+
+    def counted_cast(t, scale, c, mm, role, axis):  # eager only: no side effect in a trace
+        if not torch.compiler.is_compiling():
+            casts[role.name] += scale is not None
+        return cast(t, scale, c, mm, role, axis)
+    kernels._cast = counted_cast
+    for step_casts in (False, True):
+        torch._dynamo.reset()
+        cfg = make_config(tp=tp, zero=0, sp=True, micro=2, global_batch=4)
+        cfg.trainer.precision, cfg.trainer.fp8 = "bf16", "tensorwise"
+        cfg.parallel.compile_blocks = True
+        engine = Engine(cfg, build_topology(Grid.from_world(tp, tp=tp, pp=1),
+                                            kv_replicas_for(2, tp)), torch.device("cpu"))
+        if not step_casts:
+            engine._fp8_step_casts = None  # the path before: casts inside the graphs
+        out = []
+        for step in range(3):
+            count.reset()
+            casts.clear()
+            result = engine.train_step(rank_micro_batches(step, cfg, 0, 1))
+            out.append((result.loss, result.grad_norm))
+            got = count.reset()["amax", tp], casts["WEIGHT"]
+            want = (1, 7 * L) if step_casts else (0, 0)
+            assert got == want, f"fp8 compiled step_casts={step_casts} step {step}: amax " \
+                                f"all-reduces, weight casts outside the graphs {got}, want {want}"
+        out.append(engine.eval_loss(rank_micro_batches(5, cfg, 0, 1)))
+        runs.append((out, [p.detach().clone() for p in engine.module.parameters()]))
+    kernels._cast = cast
+    assert runs[0][0] == runs[1][0], f"fp8 compiled: losses, norms, eval {runs[0][0]} {runs[1][0]}"
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1], strict=True))
+    return f"fp8 compiled tp={tp} + SP: 1 amax all-reduce and {7 * L} weight casts per step " \
+           f"outside the graphs; 3 steps equal casting every use: {runs[1][0]}"
+
+
 @contextmanager
 def _nothing():
     yield
@@ -220,6 +265,8 @@ def _worker(rank: int, world: int, layouts, fp8_gas) -> None:
     rows = [_layout(count, world, *layout) for layout in layouts]
     for gas in fp8_gas:
         _fp8_counts(count, world, gas)
+    if fp8_gas:
+        rows.append(_fp8_compiled(count, world))
     if rank == 0:
         print("\n".join(rows))
 
