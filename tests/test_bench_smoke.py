@@ -203,7 +203,7 @@ def _check_sections(rows: list[dict], comps: dict) -> None:
         assert comps[f"{mode} / none peak", 2]["planner"] < 1
     fp8 = {r["variant"]: r for r in section("fp8cache")}
     assert list(fp8) == ["ml_fp8_eager", "ml_fp8_nocache_eager", "ml_fp8"]
-    # ml_fp8 runs eager under --smoke, so with the cache (compiled, on a GPU, it bypasses it)
+    # ml_fp8 runs eager under --smoke, with the cache (compiled, on a GPU: fp8.step_casts)
     assert [fp8[v]["fp8_weight_cache"] for v in fp8] == [True, False, True]
     assert [fp8[v]["compiled"] for v in fp8] == [False, False, False]
     assert all(r["planner_weight_cache_gib"] > 0 for r in fp8.values())

@@ -355,8 +355,8 @@ def run_megallama(name: str, args, device) -> dict:
     out = summarise(name, args, times, losses, fpt, device)
     out["params"] = sum(p.numel() for p in params)
     out["fp8"], out["fp8_weight_cache"] = cfg.trainer.fp8, (
-        cfg.trainer.fp8 != "none" and not cfg.parallel.compile_blocks
-        and name not in NO_WEIGHT_CACHE)  # compiled blocks bypass the cache
+        cfg.trainer.fp8 != "none"
+        and name not in NO_WEIGHT_CACHE)  # compiled blocks: fp8.step_casts, once per step too
     if device.type == "cuda":  # weights + optimizer states + fp32 gradient buffer, between steps
         out["resident_between_steps_gib"] = torch.cuda.memory_allocated(device) / 2**30
     return out

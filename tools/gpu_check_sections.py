@@ -8,7 +8,7 @@
              recomputed FLOPs for the same shape;
   fp8cache   FP8 tensorwise at the same shape with the fused optimizer: eager with the per-step
              weight casts (fp8.weights_fixed), eager without them (bench_gpu's
-             ml_fp8_nocache_eager), and compiled (the cache bypassed): step time, peak, the
+             ml_fp8_nocache_eager), and compiled (fp8.step_casts): step time, peak, the
              peak's difference against fp8.weight_cache_bytes x layers, and the losses (the
              cache is bit-identical on CPU);
   preset     each planner-chosen preset that one GPU can hold a slice of (tp = pp = 1: the 7B
