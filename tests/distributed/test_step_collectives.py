@@ -214,9 +214,10 @@ def _cached_equals_uncached(model_cfg, tp, recipe: str, ckpt: str, batches, what
 def _fp8_compiled(count: Count, tp: int) -> str:
     """FP8 tensorwise at tp + SP in compiled blocks (Inductor), fused optimizer, gas 2: per
     step the engine casts each weight once, outside the graphs, with ONE amax all-reduce
-    (``fp8.step_casts``); 3 steps' losses and norms, an evaluation after them and the final
-    weights are torch.equal to compiled blocks casting at every use (``_fp8_step_casts`` None)."""
-    kernels, runs = load_torchao(), []
+    (``fp8.step_casts``), and no graph is compiled after the first step; 3 steps' losses and
+    norms, an evaluation after them and the final weights are torch.equal to compiled blocks
+    casting at every use (``_fp8_step_casts`` None)."""
+    kernels, runs, graphs = load_torchao(), [], []
     cast = kernels._cast
     casts: Counter = Counter()
 
@@ -244,13 +245,16 @@ def _fp8_compiled(count: Count, tp: int) -> str:
             want = (1, 7 * L) if step_casts else (0, 0)
             assert got == want, f"fp8 compiled step_casts={step_casts} step {step}: amax " \
                                 f"all-reduces, weight casts outside the graphs {got}, want {want}"
+            graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+        assert graphs[-1] == graphs[-3], f"fp8 compiled: graphs per step {graphs[-3:]}"
         out.append(engine.eval_loss(rank_micro_batches(5, cfg, 0, 1)))
         runs.append((out, [p.detach().clone() for p in engine.module.parameters()]))
     kernels._cast = cast
     assert runs[0][0] == runs[1][0], f"fp8 compiled: losses, norms, eval {runs[0][0]} {runs[1][0]}"
     assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1], strict=True))
     return f"fp8 compiled tp={tp} + SP: 1 amax all-reduce and {7 * L} weight casts per step " \
-           f"outside the graphs; 3 steps equal casting every use: {runs[1][0]}"
+           f"outside the graphs; graphs {graphs[-3:]} after steps 1-3; 3 steps equal casting " \
+           f"every use: {runs[1][0]}"
 
 
 @contextmanager
