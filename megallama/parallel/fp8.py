@@ -113,6 +113,13 @@ def load_torchao() -> ModuleType:
         return importlib.import_module("megallama.parallel.fp8_matmul")
 
 
+def load_weight_casts() -> ModuleType:
+    """:mod:`megallama.parallel.fp8_weight_casts` (the per-step weight casts of compiled blocks;
+    torchao, as :func:`load_torchao`)."""
+    load_torchao()
+    return importlib.import_module("megallama.parallel.fp8_weight_casts")
+
+
 def float8_config(recipe: str, *, emulate: bool):  # -> torchao.float8.Float8LinearConfig
     """torchao's ``Float8LinearConfig`` of a recipe name (``tensorwise`` or ``rowwise``)."""
     if recipe not in RECIPES:
@@ -144,7 +151,7 @@ def convert_to_float8(module: nn.Module, recipe: str, tp: TensorParallel, *,
             layer.fp8_matmul = row
         else:
             continue
-        layer.fp8_casts = kernels.StepCasts()  # empty until step_casts() fills it
+        layer.fp8_casts = load_weight_casts().StepCasts()  # empty until step_casts() fills it
         converted += 1
     return converted
 
@@ -153,7 +160,7 @@ def convert_to_float8(module: nn.Module, recipe: str, tp: TensorParallel, *,
 def step_casts(module: nn.Module | None) -> Iterator[None]:
     """One training step of ``module`` (its weights fixed until the optimizer step): every FP8
     weight of it is cast now, outside any compiled region, with one amax MAX-all-reduce per TP
-    group for all of them, into each linear's :class:`~megallama.parallel.fp8_matmul.StepCasts`
+    group for all of them, into each linear's :class:`~megallama.parallel.fp8_weight_casts.StepCasts`
     buffers, which every forward, recomputed forward and backward of the step -- compiled blocks
     included, which read them as graph inputs -- use instead of casting. On leaving, the casts
     are marked stale: evaluation, generation and the next step's update cast afresh (the next
@@ -161,7 +168,7 @@ def step_casts(module: nn.Module | None) -> Iterator[None]:
     layers = [m for m in module.modules() if getattr(m, "fp8_casts", None) is not None] \
         if module is not None else []
     if layers:
-        load_torchao().cast_weights(layers)
+        load_weight_casts().cast_weights(layers)
     try:
         yield
     finally:

@@ -14,9 +14,10 @@ memory) plus, for tensorwise, its forward scale, so backward re-casts it without
 Within a training step (:func:`megallama.parallel.fp8.weights_fixed`) the weight's cast -- scale
 and fp8 copy -- is made once, in the first micro-batch, and every later forward, recomputed
 forward and backward of the step reuses it (bit-identical: the weight does not change).
-Compiled blocks cannot use that cache; for them :func:`cast_weights` (called by
+Compiled blocks cannot use that cache; for them
+:func:`megallama.parallel.fp8_weight_casts.cast_weights` (called by
 :func:`megallama.parallel.fp8.step_casts` before the step) makes every weight's casts at once,
-eagerly, into the layer's :class:`StepCasts` buffers, which the matmul takes as inputs.
+eagerly, into the layer's ``StepCasts`` buffers, which the matmul takes as inputs.
 Under sequence parallelism tensorwise casts the input's sequence shard with the whole input's
 scale before the all-gather (:func:`sharded_input_forward`), which then moves fp8 bytes.
 """
@@ -25,7 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 import torch.distributed._functional_collectives as funcol
@@ -46,6 +47,9 @@ from torchao.float8.float8_utils import amax_to_scale, tensor_to_amax
 
 from megallama.parallel import fp8
 from megallama.parallel.mappings import Group, group_size
+
+if TYPE_CHECKING:
+    from megallama.parallel.fp8_weight_casts import StepCasts
 
 INPUT, WEIGHT, GRAD_OUTPUT = GemmInputRole.INPUT, GemmInputRole.WEIGHT, GemmInputRole.GRAD_OUTPUT
 
@@ -170,73 +174,6 @@ def _given_casts(step: tuple[torch.Tensor, ...], dtype: torch.dtype, spec: Float
     cw = spec.config.cast_config_weight
     w_cast = (step[0], _float8(step[1].t(), step[0], cw, spec.mm, _axis(cw, 0), dtype))
     return w_cast, tuple(step[2:4] if len(step) > 2 else step[:2])
-
-
-def _weight_roles(c: Float8LinearConfig) -> list[tuple[tuple[str, str], CastConfig, int | None]]:
-    """The weight casts one step needs, as (buffer names, cast, amax axis of ``weight.t()``):
-    the forward's; and the grad-input gemm's unless it is the forward's (tensorwise)."""
-    cw, cg = c.cast_config_weight, c.cast_config_weight_for_grad_input
-    roles = [(("scale", "data"), cw, _axis(cw, 0))]
-    if not (_tensorwise(cw) and cg == cw):
-        roles.append((("grad_scale", "grad_data"), cg, _axis(cg, -1)))
-    return roles
-
-
-class StepCasts(torch.nn.Module):
-    """One FP8 linear's weight casts for the current training step, as buffers -- so a compiled
-    block reads them as graph inputs (updated in place each step: no recompilation) instead of
-    casting the weight, and MAX-reducing its amax, at every use. Non-persistent (never in a
-    checkpoint) and empty until the first :func:`cast_weights`; used only while ``valid``
-    (:func:`megallama.parallel.fp8.step_casts` sets it for one step)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.valid = False
-        for name in ("scale", "data", "grad_scale", "grad_data"):
-            self.register_buffer(name, None, persistent=False)
-
-    def tensors(self) -> tuple[torch.Tensor, ...]:
-        """(scale, data[, grad_scale, grad_data]): data in the weight's [N, K] layout."""
-        if self.grad_data is None:
-            return self.scale, self.data
-        return self.scale, self.data, self.grad_scale, self.grad_data
-
-    def store(self, names: tuple[str, str], scale: torch.Tensor, data: torch.Tensor) -> None:
-        """Write a cast into its buffers, in place when they fit (the compiled graphs keep
-        reading the same tensors), else as new ones (the first step)."""
-        for name, t in zip(names, (scale, data), strict=True):
-            buf = getattr(self, name)
-            if buf is None or (buf.shape, buf.dtype, buf.device) != (t.shape, t.dtype, t.device):
-                setattr(self, name, t.contiguous())
-            else:
-                buf.copy_(t)
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors() if t is not None)
-
-
-@torch.no_grad()
-def cast_weights(layers: list[torch.nn.Module]) -> None:
-    """Cast every weight of ``layers`` (converted linears: ``fp8_matmul``, ``fp8_casts``) into
-    its :class:`StepCasts`, as the first use in a step would cast it (same amaxes, scales and
-    bits), with ONE MAX all-reduce per TP group for all the amaxes that cross a shard."""
-    batches: dict[tuple[int, int], list] = {}
-    for layer in layers:
-        spec = layer.fp8_matmul
-        batches.setdefault((id(spec.group), id(spec.config)), []).append(layer)
-    for batch in batches.values():
-        spec = batch[0].fp8_matmul
-        roles = _weight_roles(spec.config)
-        items = [(layer.weight.t(), cast, axis, layer.fp8_matmul.sharding.weight_t)
-                 for layer in batch for _, cast, axis in roles]
-        scales = iter(_scales(items, spec.group, spec.config.round_scales_to_power_of_2))
-        for layer in batch:
-            for names, cast, axis in roles:
-                scale = next(scales)
-                assert scale is not None, "FP8 weight casts with scaling disabled"
-                f8 = _cast(layer.weight.t(), scale, cast, layer.fp8_matmul.mm, WEIGHT, axis)
-                layer.fp8_casts.store(names, scale, f8._data.t())
-            layer.fp8_casts.valid = True
 
 
 @dataclass(frozen=True)

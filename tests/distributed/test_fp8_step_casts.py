@@ -131,7 +131,7 @@ def _model_checks(cfg, tp: TensorParallel, recipe: str, counts: Counts) -> str:
     # forward's scale; rowwise casts along the other axis), 2 per linear of the traced block
     assert traced[0] - traced[1] == 14, f"{what}: fp8 casts in the graphs {traced}"
     assert new[-1][4] == new[0][4], f"{what}: {new[-1][4] - new[0][4]} graphs after step 1"
-    held = sum(m.nbytes() for m in model.modules() if isinstance(m, counts.kernels.StepCasts))
+    held = sum(m.nbytes() for m in model.modules() if isinstance(m, fp8.load_weight_casts().StepCasts))
     assert held == L * fp8.weight_cache_bytes(cfg, tp=tp.size, recipe=recipe), (what, held)
     assert list(model.state_dict()) == keys, f"{what}: the casts reached the state dict"
     return f"{what}: fp8 casts traced into the block graph {traced[0]} -> {traced[1]}; " \
