@@ -59,6 +59,7 @@ def test_epochs_over_a_blend_count_its_samples(root):
 def test_blend_does_not_depend_on_the_run_length(root):
     short, _ = build_datasets(_config(root, ["a", "b"], ["va"], steps=100))
     long, _ = build_datasets(_config(root, ["a", "b"], ["va"], steps=200))
+    assert len(short) == len(long), (len(short), len(long))  # sized from the data, not the run
     saved = DataSampler(len(short), 4, 0, 1, seed=1).state_dict()
     DataSampler(len(long), 4, 0, 1, seed=1).load_state_dict(saved)  # an extended run resumes
 
