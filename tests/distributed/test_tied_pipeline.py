@@ -217,36 +217,41 @@ def _stored_once(path: Path, dim: int) -> None:
         assert held == VOCAB * dim, f"{d}: tok_embeddings.weight stored with {held} elements"
 
 
+def _steps(engine: Engine, cfg, topo, first: int, n: int = 2) -> list[float]:
+    return [engine.train_step(rank_micro_batches(s, cfg, topo.dp_rank, topo.grid.dp)).loss
+            for s in range(first, first + n)]
+
+
+def _hop(rank: int, world: int, src: Engine, src_cfg, dst_cfg, tmp: Path, first: int) -> Engine:
+    """Save ``src`` after ``first`` steps and train it 2 more; a run resumed from the save at
+    ``dst_cfg``'s layout must give the same 2 losses (the second one shows the loaded optimizer
+    state and the tied sum survived an update). Returns the resumed engine."""
+    what = f"pp {src_cfg.parallel.pp} -> pp {dst_cfg.parallel.pp}"
+    path = tmp / f"{what.replace(' ', '')}_{first}"
+    saved = _save(src, src.topo, src_cfg, path)
+    if rank == 0:
+        _stored_once(path, src_cfg.model.dim)
+    want = _steps(src, src_cfg, src.topo, first)
+    dst, topo = _engine(dst_cfg, world)
+    _resume(dst, dst_cfg, path, saved)
+    got = _steps(dst, dst_cfg, topo, first)
+    if SHOW:
+        print(f"{what}: steps {first + 1}, {first + 2} loss "
+              f"{', '.join(f'{g / w - 1:+.2e}' for g, w in zip(got, want, strict=True))}",
+              flush=True)
+    for i, (g, w) in enumerate(zip(got, want, strict=True)):
+        assert abs(g - w) <= LOSS_TOL * w, f"{what}: step {first + i + 1} loss {g} != {w}"
+    if dst_cfg.parallel.pp > 1:
+        _check_copies_identical(dst, f"resumed at pp {dst_cfg.parallel.pp}, 2 steps later")
+    return dst
+
+
 def _cross_pp(rank: int, world: int, pp2: Engine, tmp: Path) -> None:
     """``pp2``: the (2, 2, 1) DeepSpeed run after 2 steps. pp 2 -> (2, 1, 2) fused -> pp 2 again
-    at (1, 2, 2) distributed: each resume's next loss equals the saved run's."""
-    cfg2 = tied_config(2, 2, "deepspeed")
-    topo2 = pp2.topo
-    saved = _save(pp2, topo2, cfg2, tmp / "from_pp2")
-    if rank == 0:
-        _stored_once(tmp / "from_pp2", cfg2.model.dim)
-    step3 = pp2.train_step(rank_micro_batches(2, cfg2, topo2.dp_rank, topo2.grid.dp)).loss
-    del pp2
-    cfg1 = tied_config(2, 1, "fused")
-    pp1, topo1 = _engine(cfg1, world)
-    _resume(pp1, cfg1, tmp / "from_pp2", saved)
-    got = pp1.train_step(rank_micro_batches(2, cfg1, topo1.dp_rank, topo1.grid.dp)).loss
-    if SHOW:
-        print(f"pp 2 -> pp 1: step 3 loss {got / step3 - 1:+.2e}", flush=True)
-    assert abs(got - step3) <= LOSS_TOL * step3, f"pp 2 -> pp 1: step 3 loss {got} != {step3}"
-    saved = _save(pp1, topo1, cfg1, tmp / "from_pp1")
-    if rank == 0:
-        _stored_once(tmp / "from_pp1", cfg1.model.dim)
-    step4 = pp1.train_step(rank_micro_batches(3, cfg1, topo1.dp_rank, topo1.grid.dp)).loss
-    del pp1
-    cfg3 = tied_config(1, 2, "distributed")
-    again, topo3 = _engine(cfg3, world)
-    _resume(again, cfg3, tmp / "from_pp1", saved)
-    _check_copies_identical(again, "resumed at pp 2")
-    got = again.train_step(rank_micro_batches(3, cfg3, topo3.dp_rank, topo3.grid.dp)).loss
-    if SHOW:
-        print(f"pp 1 -> pp 2: step 4 loss {got / step4 - 1:+.2e}", flush=True)
-    assert abs(got - step4) <= LOSS_TOL * step4, f"pp 1 -> pp 2: step 4 loss {got} != {step4}"
+    at (1, 2, 2) distributed: each resumed run's next 2 losses equal the saved run's."""
+    pp1 = _hop(rank, world, pp2, tied_config(2, 2, "deepspeed"), tied_config(2, 1, "fused"),
+               tmp, 2)
+    _hop(rank, world, pp1, tied_config(2, 1, "fused"), tied_config(1, 2, "distributed"), tmp, 4)
 
 
 def _worker(rank: int, world: int, tmp: str) -> None:
